@@ -1,0 +1,1 @@
+"""Weight import/export between the official PyTorch layouts and hita_jax parameters."""
