@@ -1,0 +1,13 @@
+"""Hita-U tokenizer (official `configs/hita_vqgan_ultra.yaml`: Hita-V + the VFM head).
+
+Usage: --config=configs/tokenizer_u.py        full size
+       --config=configs/tokenizer_u.py:tiny   CPU-sized variant
+"""
+from hita_jax import config_lib
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, tiny=False, runlocal=False)
+  tiny = a.tiny or a.runlocal
+  config = config_lib.base_tokenizer_config('U', tiny=tiny)
+  return config

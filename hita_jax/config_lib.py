@@ -1,0 +1,97 @@
+"""Shared config helpers: argument parsing (big_vision style) and the size table of each family.
+
+Config files in `configs/` are `get_config(arg)` functions; `arg` is a comma-separated list such as
+`tiny` or `variant=U,tiny`. Sizes live in one table per family, here.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections as mlc
+
+from hita_jax.models.dinov2 import DINOV2_VARIANTS, DinoV2Config
+from hita_jax.models.tokenizer import TokenizerConfig
+
+
+def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
+  """'tiny,variant=U' -> ConfigDict(tiny=True, variant='U', ...). Flags without '=' become True;
+  values are typed from the defaults. Unknown names are an error that lists the valid ones."""
+  out = mlc.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'unknown config argument {key!r}; valid: {sorted(defaults)}')
+    if not _:
+      out[key] = True
+      continue
+    ref = defaults[key]
+    if isinstance(ref, bool):
+      out[key] = value.lower() in ('1', 'true', 'yes', 'on')
+    elif ref is None:
+      out[key] = value
+    else:
+      out[key] = type(ref)(value)
+  return out
+
+
+def _dinov2_dict(c: DinoV2Config) -> dict:
+  return dataclasses.asdict(c)
+
+
+# One table for the tokenizer family. Full-size entries are the official Hita-V / Hita-U
+# (configs/hita_vqgan{,_ultra}.yaml + vq_train.py flags: z 512, code dims 8/12, 336 px).
+TOKENIZER_SIZES = {
+    'V': dict(vfm=False),
+    'U': dict(vfm=True),
+}
+# CPU-sized variant: same structure, small widths, a 2-layer DINOv2 with registers.
+TINY_TOKENIZER = dict(
+    image_size=64, pos_grid=4, ch=32, ch_mult=(1, 1, 2, 4), encoder_res_blocks=1, decoder_res_blocks=1,
+    dim=64, codebook_size=256, num_holistic=16, depth=1, num_heads=4, head_dim=16, mlp_dim=128,
+    shift_k=4, vfm_out_dim=48, vfm_grid=4,
+    dinov2=_dinov2_dict(DinoV2Config(embed_dim=48, depth=2, num_heads=3, img_size=56)),
+    dinov2_input_size=56,
+)
+
+
+def tokenizer_model_config(variant: str = 'V', tiny: bool = False, **overrides) -> mlc.ConfigDict:
+  if variant not in TOKENIZER_SIZES:
+    raise ValueError(f'unknown tokenizer variant {variant!r}; valid: {sorted(TOKENIZER_SIZES)}')
+  base = dataclasses.asdict(TokenizerConfig(dinov2=DINOV2_VARIANTS['vitl14_reg4']))
+  base.update(TOKENIZER_SIZES[variant])
+  if tiny:
+    base.update(TINY_TOKENIZER)
+  base.update(overrides)
+  base['ch_mult'] = tuple(base['ch_mult'])
+  return mlc.ConfigDict(base)
+
+
+def tokenizer_config_from(cfg: mlc.ConfigDict) -> TokenizerConfig:
+  """ConfigDict `tokenizer` section -> TokenizerConfig (errors name unknown keys)."""
+  d = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+  return TokenizerConfig.from_dict(d)
+
+
+def mesh_and_rules(config: mlc.ConfigDict) -> None:
+  """Default mesh (all devices on `data`) and logical rules, overridable per config."""
+  config.mesh = [('data', -1), ('fsdp', 1), ('tensor', 1)]
+  config.logical_axis_rules = [
+      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
+      ('vocab', 'tensor'), ('conv_out', 'fsdp'), ('conv_in', None), ('norm', None),
+      ('layers', None)]
+
+
+def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
+  """The tokenizer family's config: model, weights to start from, mesh. Training, data and loss
+  settings are added by the tokenizer trainer's config section."""
+  config = mlc.ConfigDict()
+  config.task = 'train_tokenizer'
+  config.seed = 0
+  config.tokenizer = tokenizer_model_config(variant, tiny=tiny)
+  config.tokenizer_variant = variant
+  # Weights to start from: an official checkpoint (.pt/.safetensors/.npz) or a hita_jax export,
+  # and Meta's DINOv2 (.pth or a Hugging Face directory). None = random init.
+  config.init = mlc.ConfigDict({'tokenizer': None, 'tokenizer_key': 'ema', 'dinov2': None})
+  mesh_and_rules(config)
+  return config

@@ -1,0 +1,129 @@
+"""One device mesh from the config, logical axis names -> mesh axes, params born sharded.
+
+Parameters carry logical axis names (`out_sharding` metadata, e.g. ('embed', 'mlp')); the config's
+`logical_axis_rules` map each name to mesh axes. A dimension stays replicated when its mesh axes are
+already used by another dimension of the same array or do not divide it, so one rule table serves
+tiny CPU models and full-size pods alike.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+Rules = Sequence[tuple[str, Any]]
+
+# Sensible defaults: batch over data x fsdp, weights' model dims over fsdp, heads/mlp over tensor.
+DEFAULT_RULES: tuple = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('conv_out', 'fsdp'),
+    ('conv_in', None),
+    ('norm', None),
+    ('layers', None),
+)
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """`axes` like [('data', -1), ('fsdp', 1), ('tensor', 1)]; one -1 takes the remaining devices.
+  Axis types are Auto (GSPMD-style propagation), which the logical-rules style needs."""
+  devices = list(jax.devices() if devices is None else devices)
+  names = [a for a, _ in axes]
+  sizes = [int(s) for _, s in axes]
+  if len(set(names)) != len(names):
+    raise ValueError(f'mesh axis names must be unique: {names}')
+  if sizes.count(-1) > 1:
+    raise ValueError(f'at most one mesh axis may be -1: {list(axes)}')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f'{len(devices)} devices cannot be split as {list(axes)}')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f'mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, '
+                     f'{len(devices)} available; use -1 for one axis to fill')
+  try:
+    from jax.experimental import mesh_utils
+    dev = mesh_utils.create_device_mesh(sizes, devices=devices)
+  except Exception:  # e.g. CPU device counts the topology helper does not know
+    dev = np.asarray(devices).reshape(sizes)
+  return Mesh(dev, tuple(names), axis_types=(AxisType.Auto,) * len(names))
+
+
+def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules: Rules) -> P:
+  """Logical axis names of one array -> PartitionSpec on `mesh` (see module docstring)."""
+  if not names:
+    return P()
+  table = dict(rules)
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(names, shape):
+    axes = table.get(name) if name is not None else None
+    if axes is None:
+      out.append(None)
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+    while axes and dim % math.prod(mesh.shape[a] for a in axes):
+      axes = axes[:-1]
+    if not axes:
+      out.append(None)
+      continue
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+  """A State of NamedShardings mirroring `state` (abstract or concrete)."""
+  flat = []
+  for path, var in nnx.to_flat_state(state):
+    names = var.get_metadata().get('out_sharding')
+    spec = logical_to_spec(names, var.shape, mesh, rules)
+    flat.append((path, var.replace(NamedSharding(mesh, spec))))
+  return nnx.from_flat_state(flat)
+
+
+def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
+  """Builds the module with every variable born sharded on `mesh` (no full copy on one device)."""
+  abstract = nnx.eval_shape(make_module)
+  graphdef, abs_state = nnx.split(abstract)
+  shardings = state_shardings(abs_state, mesh, rules)
+
+  def init():
+    return nnx.split(make_module())[1]
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
+  """Moves an existing module's variables onto `mesh` following the rules (in place)."""
+  state = nnx.state(module)
+  nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
+  return module
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
+  """Sharding of a (batch, ...) input: batch over the `batch` rule's axes, the rest replicated."""
+  axes = dict(rules).get('batch', ('data', 'fsdp'))
+  axes = (axes,) if isinstance(axes, str) else tuple(a for a in axes if a in mesh.shape)
+  return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+
+
+def fraction_sharded(state: nnx.State) -> float:
+  """Fraction of parameter elements that are split over at least one mesh axis (MaxText check)."""
+  total = sharded = 0
+  for x in jax.tree.leaves(state):
+    total += x.size
+    if hasattr(x, 'sharding') and not x.sharding.is_fully_replicated:
+      sharded += x.size
+  return sharded / max(total, 1)

@@ -1,0 +1,118 @@
+"""Reading a golden-fixture directory in the format of `shared/fixtures/official/`: model configs
+from its JSON files, weights through the converters, per-array tolerances from its README."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file
+
+from hita_jax.convert.dinov2 import load_dinov2
+from hita_jax.convert.tokenizer import load_official_tokenizer
+from hita_jax.models.dinov2 import DinoV2, DinoV2Config
+from hita_jax.models.tokenizer import Tokenizer, TokenizerConfig
+
+
+def dinov2_config_from_json(d: dict) -> DinoV2Config:
+  if str(d.get('act', 'GELU(erf)')).lower() not in ('gelu(erf)', 'gelu'):
+    raise ValueError(f"unsupported DINOv2 activation {d.get('act')}")
+  if d.get('ffn_layer', 'mlp') != 'mlp':
+    raise ValueError(f"unsupported DINOv2 ffn_layer {d.get('ffn_layer')}")
+  return DinoV2Config(
+      embed_dim=d['embed_dim'], depth=d['depth'], num_heads=d['num_heads'],
+      mlp_ratio=d.get('mlp_ratio', 4.0), patch_size=d.get('patch_size', 14),
+      img_size=d.get('img_size', 518), num_register_tokens=d.get('num_register_tokens', 0),
+      layer_norm_eps=d.get('layer_norm_eps', 1e-6),
+      interpolate_antialias=d.get('interpolate_antialias', False),
+      interpolate_offset=d.get('interpolate_offset', 0.1), qkv_bias=d.get('qkv_bias', True))
+
+
+def tokenizer_config_from_json(j: dict) -> TokenizerConfig:
+  """Official VQModel description (fixture JSON) -> TokenizerConfig."""
+  vq, cnn = j['vq_model_args'], j.get('cnn', {})
+  enc = j['transformer_config']['encoder_config']['params']
+  dec = j['transformer_config']['decoder_config']['params']
+  der = j.get('derived', {})
+  if enc.get('layer_type', 'normal') != 'normal':
+    raise ValueError(f"unsupported layer_type {enc.get('layer_type')}")
+  if not vq.get('codebook_l2_norm', True):
+    raise ValueError('only l2-normalised codebooks are supported (as the official models)')
+  dino = dinov2_config_from_json(j['dinov2'])
+  vfm = bool(dec.get('enable_vfm_recon', False))
+  return TokenizerConfig(
+      image_size=der.get('input_size', enc['image_size']),
+      pos_grid=enc['image_size'] // enc['patch_size'],
+      ch=cnn.get('ch', 128), ch_mult=tuple(cnn.get('ch_mult', vq['encoder_ch_mult'])),
+      encoder_res_blocks=cnn.get('encoder_num_res_blocks', 2),
+      decoder_res_blocks=cnn.get('decoder_num_res_blocks', 3),
+      cnn_dropout=vq.get('dropout_p', 0.0), dim=vq['z_channels'],
+      codebook_size=vq['codebook_size'], patch_code_dim=vq['codebook_embed_dim'],
+      holistic_code_dim=vq['codebook_slots_embed_dim'], num_holistic=enc['n_carrier'],
+      depth=enc['depth'], num_heads=enc['num_head'], head_dim=enc.get('dim_head', 64),
+      mlp_dim=enc['mlp_dim'], dropout=enc.get('dropout', 0.0), shift_k=dec.get('shift_k', 4),
+      vfm=vfm, vfm_out_dim=der.get('vfm_out_dim') or 1024, vfm_grid=der.get('vfm_grid') or 16,
+      beta=vq.get('commit_loss_beta', 0.25), entropy_loss_ratio=vq.get('entropy_loss_ratio', 0.0),
+      dinov2=dino, dinov2_input_size=der.get('dinov2_input_size', 224))
+
+
+def build_tokenizer(fixtures: str, name: str) -> tuple[Tokenizer, dict]:
+  with open(os.path.join(fixtures, f'{name}.json')) as f:
+    j = json.load(f)
+  cfg = tokenizer_config_from_json(j)
+  model = Tokenizer(cfg, rngs=nnx.Rngs(0))
+  load_official_tokenizer(model, load_file(os.path.join(fixtures, j.get('weights', f'{name}.safetensors'))))
+  dw = os.path.join(fixtures, j.get('dinov2_weights', 'dinov2.safetensors'))
+  load_dinov2(model.dinov2, load_file(dw))
+  model.eval()
+  return model, j
+
+
+def build_dinov2(fixtures: str) -> tuple[DinoV2, dict]:
+  with open(os.path.join(fixtures, 'dinov2.json')) as f:
+    j = json.load(f)
+  model = DinoV2(dinov2_config_from_json(j), rngs=nnx.Rngs(0))
+  load_dinov2(model, load_file(os.path.join(fixtures, j.get('weights', 'dinov2.safetensors'))))
+  model.eval()
+  return model, j
+
+
+def readme_tolerances(fixtures: str) -> dict[str, dict[str, float]]:
+  """{array: {'stage': atol, 'end-to-end': atol}} from the README's array tables."""
+  path = os.path.join(fixtures, 'README.md')
+  if not os.path.exists(path):
+    return {}
+  out: dict[str, dict[str, float]] = {}
+  header = None
+  for line in open(path):
+    if not line.startswith('|'):
+      header = None
+      continue
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if 'atol (stage)' in cells:
+      header = cells
+      continue
+    if header is None or not cells or not cells[0].startswith('`'):
+      continue
+    name = cells[0].strip('`')
+    row = dict(zip(header, cells))
+    tol = {}
+    for kind in ('stage', 'end-to-end'):
+      v = row.get(f'atol ({kind})', '')
+      try:
+        tol[kind] = float(v.replace('+-', '').replace('±', ''))
+      except ValueError:
+        pass  # 'exact where margin >= 1e-3' and similar rules are applied by the checker
+    out[name] = tol
+  return out
+
+
+def tokenizer_names(fixtures: str) -> list[str]:
+  return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(fixtures, 'tokenizer_*.json')))
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}

@@ -1,0 +1,243 @@
+"""Checks hita_jax against golden outputs of the official PyTorch code.
+
+    python -m hita_jax.tools.parity --fixtures ../shared/fixtures/official
+
+Works on any directory in the format of `shared/fixtures/official/`: every model it describes is
+rebuilt from its JSON, loaded through the converters and run on the saved inputs. One line per
+compared array (max abs / max relative error, or code-index agreement), then `PASS` or `FAIL`.
+Files the directory lacks are skipped and reported; the exit status is non-zero on failure.
+
+Tolerances: where the fixture README gives an atol for an array, |got - ref| <= atol + 1e-5 |ref|
+(its suggested rule); otherwise the max error relative to the array's max magnitude must be <= 1e-4.
+Decoded images must also be within 1e-3 max abs, uint8 images within +-1.
+Code ids must match where the recorded margin is >= 1e-3 and be the best or runner-up below it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hita_jax.models.dinov2 import preprocess_for_dinov2
+from hita_jax.resize import to_uint8_eval, torch_bicubic_resize
+from hita_jax.tools import fixtures as fx
+
+REL_TOL = 1e-4
+README_RTOL = 1e-5
+IMAGE_ATOL = 1e-3
+MARGIN = 1e-3
+VFM_ALIASES = ('recon_latent', 'vfm_recon', 'vfm_prediction', 'recon_vfm', 'vfm_pred', 'vfm_out')
+LATENT_ALIASES = ('latent', 'dinov2_latent', 'dinov2_patch_tokens', 'dinov2_patch_features')
+
+
+class Report:
+
+  def __init__(self, tolerances):
+    self.tol = tolerances
+    self.failed = []
+    self.n = 0
+
+  def line(self, text, ok):
+    self.n += 1
+    print(('  ok   ' if ok else '  FAIL ') + text, flush=True)
+    if not ok:
+      self.failed.append(text.split()[0])
+
+  def skip(self, what, why):
+    print(f'  skip {what}: {why}', flush=True)
+
+  def array(self, name, got, ref, *, kind='end-to-end', image=False, label=None):
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    label = label or name
+    if got.shape != ref.shape:
+      self.line(f'{label} shape {got.shape} != reference {ref.shape}', False)
+      return
+    err = np.abs(got - ref)
+    max_abs = float(err.max()) if err.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    rel = max_abs / scale if scale else max_abs
+    atol = self.tol.get(name, {}).get(kind)
+    if atol is not None:  # the README's per-array tolerance replaces the generic one
+      ok = bool(np.all(err <= atol + README_RTOL * np.abs(ref)))
+      crit = f'abs<={atol:g}+{README_RTOL:g}*|ref| (README)'
+    else:
+      ok = rel <= REL_TOL
+      crit = f'rel<={REL_TOL:g}'
+    if image:
+      ok = ok and max_abs <= IMAGE_ATOL
+      crit += f', max_abs<={IMAGE_ATOL:g}'
+    self.line(f'{label:34s} {str(ref.shape):18s} max_abs={max_abs:.2e} max_rel={rel:.2e} [{crit}]', ok)
+
+  def uint8(self, name, got, ref, tol=1):
+    diff = np.abs(np.asarray(got, np.int32) - np.asarray(ref, np.int32))
+    self.line(f'{name:34s} {str(ref.shape):18s} max_int_diff={int(diff.max())} '
+              f'n_diff={int((diff > 0).sum())} [<= {tol}]', bool(diff.max() <= tol))
+
+  def indices(self, name, got, ref, margin=None, second=None):
+    got, ref = np.asarray(got).reshape(ref.shape), np.asarray(ref)
+    if margin is None:
+      ok = bool(np.array_equal(got, ref))
+      self.line(f'{name:34s} {str(ref.shape):18s} equal={int((got == ref).sum())}/{ref.size} '
+                f'[exact]', ok)
+      return
+    hi = margin >= MARGIN
+    exact_hi = bool(np.all(got[hi] == ref[hi]))
+    lo_ok = np.all((got[~hi] == ref[~hi]) | (second is not None and (got[~hi] == second[~hi])))
+    self.line(f'{name:34s} {str(ref.shape):18s} equal={int((got == ref).sum())}/{ref.size} '
+              f'(margin>=1e-3: {int((got[hi] == ref[hi]).sum())}/{int(hi.sum())} equal; '
+              f'{int((~hi).sum())} low-margin best-or-runner-up: {bool(lo_ok)})',
+              exact_hi and bool(lo_ok))
+
+
+def nchw(x):
+  return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def check_dinov2(d: str, rep: Report):
+  path = os.path.join(d, 'dinov2_io.npz')
+  if not os.path.exists(os.path.join(d, 'dinov2.json')) or not os.path.exists(path):
+    rep.skip('dinov2', 'dinov2.json or dinov2_io.npz missing')
+    return
+  print('[dinov2]')
+  model, _ = fx.build_dinov2(d)
+  io = fx.load_npz(path)
+  if 'dinov2_input' in io:
+    x_in = jnp.asarray(io['dinov2_input']).transpose(0, 2, 3, 1)
+    if os.path.exists(os.path.join(d, 'inputs.npz')):
+      images = jnp.asarray(fx.load_npz(os.path.join(d, 'inputs.npz'))['images']).transpose(0, 2, 3, 1)
+      rep.array('dinov2_input', nchw(preprocess_for_dinov2(images, x_in.shape[1])),
+                io['dinov2_input'])
+    gh = x_in.shape[1] // model.cfg.patch_size
+    gw = x_in.shape[2] // model.cfg.patch_size
+    if 'dinov2_pos_embed_interp' in io:
+      rep.array('dinov2_pos_embed_interp', model.interpolated_pos_embed(gh, gw)[None],
+                io['dinov2_pos_embed_interp'])
+    if 'dinov2_features' in io:
+      rep.array('dinov2_features', model.features(x_in), io['dinov2_features'], kind='stage',
+                label='dinov2_features (stage)')
+      if os.path.exists(os.path.join(d, 'inputs.npz')):
+        rep.array('dinov2_features', model.features(preprocess_for_dinov2(images, x_in.shape[1])),
+                  io['dinov2_features'], label='dinov2_features (end-to-end)')
+
+
+def check_tokenizer(d: str, name: str, rep: Report):
+  io_path = os.path.join(d, f'{name}_io.npz')
+  in_path = os.path.join(d, 'inputs.npz')
+  if not os.path.exists(io_path) or not os.path.exists(in_path):
+    rep.skip(name, f'{name}_io.npz or inputs.npz missing')
+    return
+  print(f'[{name}]')
+  model, _ = fx.build_tokenizer(d, name)
+  ref = fx.load_npz(io_path)
+  images = jnp.asarray(fx.load_npz(in_path)['images']).transpose(0, 2, 3, 1)
+  b = images.shape[0]
+  known = set()
+
+  def have(*names):
+    known.update(names)
+    return all(n in ref for n in names)
+
+  # Encoder side, end to end from the images.
+  pre_hol, pre_patch, aux = model.encode_pre_quant(images, return_intermediates=True)
+  gh, gw = aux['cnn_encoder_out'].shape[1:3]
+  enc = {
+      'cnn_encoder_out': nchw(aux['cnn_encoder_out']),
+      'proj_features': aux['proj_features'],
+      'e_trans_out': aux['e_trans_out'],
+      'e_causal_holistic': aux['e_causal_holistic'],
+      'e_causal_patch': np.asarray(aux['e_causal_patch']).reshape(b, gh * gw, -1),
+      'prequant_patch': nchw(pre_patch),
+      'prequant_holistic': pre_hol,
+      'enc_pos_embed_interp': model.holistic_encoder.patch_pos_embed(gh, gw)[None],
+      'dec_pos_embed_interp': model.fusion_decoder.patch_pos_embed(gh, gw)[None],
+  }
+  for k, v in enc.items():
+    if have(k):
+      rep.array(k, v, ref[k])
+  for alias in LATENT_ALIASES:
+    if have(alias):
+      rep.array(alias, aux['dinov2_features'][:, 1:], ref[alias])
+  _, hol_idx, _ = model.holistic_quantizer(pre_hol)
+  _, patch_idx, _ = model.patch_quantizer(pre_patch)
+  for kind, idx in (('patch', patch_idx), ('holistic', hol_idx)):
+    if have(f'{kind}_indices'):
+      known.update({f'{kind}_index_margin', f'{kind}_index_second'})
+      rep.indices(f'{kind}_indices', idx, ref[f'{kind}_indices'], ref.get(f'{kind}_index_margin'),
+                  ref.get(f'{kind}_index_second'))
+
+  # Decoder side, stage by stage from the saved code ids (a flipped id changes everything after).
+  if not have('patch_indices', 'holistic_indices'):
+    rep.skip(f'{name} decoder', 'no saved code ids')
+    return
+  hol_ids = jnp.asarray(ref['holistic_indices'], jnp.int32)
+  patch_ids = jnp.asarray(ref['patch_indices'], jnp.int32).reshape(b, gh, gw)
+  hol_q = model.holistic_quantizer.lookup(hol_ids)
+  patch_q = model.patch_quantizer.lookup(patch_ids)
+  recon, inter = model.decode_latents(hol_q, patch_q, return_intermediates=True)
+  dec = {
+      'dequant_patch': nchw(patch_q), 'dequant_holistic': hol_q,
+      'postquant_patch': nchw(inter['postquant_patch']),
+      'postquant_holistic': inter['postquant_holistic'],
+      'fusion_out': inter['fusion_out'], 'decoder_cnn_input': nchw(inter['decoder_cnn_input']),
+  }
+  for k, v in dec.items():
+    if have(k):
+      rep.array(k, v, ref[k], kind='stage')
+  if have('recon'):
+    rep.array('recon', nchw(recon), ref['recon'], kind='stage', image=True,
+              label='recon (from saved code ids)')
+    if 'decoder_cnn_input' in ref:
+      rep.array('recon', nchw(model.cnn_decoder(jnp.asarray(ref['decoder_cnn_input']).transpose(0, 2, 3, 1))),
+                ref['recon'], kind='stage', image=True, label='recon (CNN decoder stage)')
+  if have('recon_eval_resized'):
+    size = ref['recon_eval_resized'].shape[-2:]
+    rep.array('recon_eval_resized', nchw(torch_bicubic_resize(recon, size)),
+              ref['recon_eval_resized'], kind='stage', image=True)
+  if have('recon_eval_uint8'):
+    size = ref['recon_eval_uint8'].shape[1:3]
+    rep.uint8('recon_eval_uint8', to_uint8_eval(torch_bicubic_resize(recon, size)),
+              ref['recon_eval_uint8'])
+  if model.cfg.vfm:
+    for alias in VFM_ALIASES:
+      if have(alias):
+        rep.array(alias, model.vfm_prediction(hol_q), ref[alias], kind='stage')
+  for k in sorted(set(ref) - known):
+    rep.skip(f'{name}_io.npz:{k}', 'array not known to this tool')
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--fixtures', required=True, help='directory in the format of shared/fixtures/official')
+  args = p.parse_args(argv)
+  d = args.fixtures
+  if not os.path.isdir(d):
+    print(f'error: fixture directory {d} does not exist', file=sys.stderr)
+    return 2
+  rep = Report(fx.readme_tolerances(d))
+  with jax.default_matmul_precision('float32'):
+    check_dinov2(d, rep)
+    names = fx.tokenizer_names(d)
+    if not names:
+      rep.skip('tokenizer', 'no tokenizer_*.json')
+    for name in names:
+      check_tokenizer(d, name, rep)
+  for f in ('gpt.json', 'losses.json'):
+    if os.path.exists(os.path.join(d, f)):
+      rep.skip(f, 'this version has no checker for it yet (GPT and loss parity arrive with their models)')
+  if rep.n == 0:
+    print('FAIL: nothing was compared')
+    return 1
+  if rep.failed:
+    print(f'FAIL: {len(rep.failed)} of {rep.n} comparisons failed: {", ".join(rep.failed)}')
+    return 1
+  print(f'PASS: {rep.n} comparisons')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
