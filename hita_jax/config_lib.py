@@ -95,3 +95,16 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
   config.init = mlc.ConfigDict({'tokenizer': None, 'tokenizer_key': 'ema', 'dinov2': None})
   mesh_and_rules(config)
   return config
+
+
+def load_config(spec: str) -> mlc.ConfigDict:
+  """'configs/tokenizer_v.py:tiny' -> the ConfigDict its get_config('tiny') returns."""
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(':')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config file not found: {path}')
+  mod_spec = importlib.util.spec_from_file_location('_hita_config', path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)

@@ -26,19 +26,31 @@ def torch_bicubic_matrix(n_in: int, n_out: int, *, align_corners: bool = False,
   """`F.interpolate(mode='bicubic', antialias=False)` along one axis as an (n_out, n_in) matrix.
 
   With `scale_factor` given (and align_corners=False) PyTorch maps coordinates with 1/scale_factor,
-  not n_in/n_out; the official pos-embed interpolation relies on that.
+  not n_in/n_out; the official pos-embed interpolation relies on that. Source coordinates and tap
+  weights are computed in float32 in the same order as PyTorch's CPU kernel (its `opmath_t`), so
+  the matrix entries are the ones PyTorch uses.
   """
+  f32 = np.float32
   if align_corners:
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    scale = f32(n_in - 1) / f32(n_out - 1) if n_out > 1 else f32(0.0)
   else:
-    scale = 1.0 / scale_factor if scale_factor else n_in / n_out
+    scale = f32(1.0 / scale_factor) if scale_factor else f32(n_in) / f32(n_out)
+  A = f32(a)
+
+  def cc1(x):  # |x| <= 1
+    return ((A + f32(2)) * x - (A + f32(3))) * x * x + f32(1)
+
+  def cc2(x):  # 1 < |x| < 2
+    return ((A * x - f32(5) * A) * x + f32(8) * A) * x - f32(4) * A
+
   m = np.zeros((n_out, n_in), np.float64)
   for d in range(n_out):
-    src = scale * d if align_corners else scale * (d + 0.5) - 0.5
-    f = math.floor(src)
-    t = src - f
-    for k in range(-1, 3):
-      m[d, min(max(f + k, 0), n_in - 1)] += _cubic(np.float64(t - k), a)
+    src = scale * f32(d) if align_corners else scale * (f32(d) + f32(0.5)) - f32(0.5)
+    idx = min(int(np.floor(src)), n_in - 1)
+    t = min(max(f32(src - f32(idx)), f32(0)), f32(1))
+    w = (cc2(t + f32(1)), cc1(t), cc1(f32(1) - t), cc2(f32(1) - t + f32(1)))
+    for k in range(4):
+      m[d, min(max(idx - 1 + k, 0), n_in - 1)] += float(w[k])
   return m
 
 

@@ -99,3 +99,77 @@ def export_official_tokenizer(model: Tokenizer) -> dict[str, np.ndarray]:
   """hita_jax tokenizer -> official state dict (without DINOv2, as `vq_train.py` saves it)."""
   return mapping.export_params(model, TOKENIZER_RULES, filt=tokenizer_filter(),
                                transforms=_EXPORT_TRANSFORMS)
+
+
+def build_tokenizer(tokenizer_cfg, *, tokenizer_ckpt: str | None = None, key: str = 'ema',
+                    dinov2: str | None = None, rngs_seed: int = 0) -> Tokenizer:
+  """A Tokenizer for `tokenizer_cfg` (TokenizerConfig), optionally loaded from an official
+  checkpoint (.pt/.pth/.safetensors/.npz) or a hita_jax params export, and DINOv2 weights."""
+  import os
+  from hita_jax.checkpoint import load_params
+  from hita_jax.convert.dinov2 import load_dinov2_source
+  from hita_jax.convert.torch_files import load_state_dict_file
+  model = Tokenizer(tokenizer_cfg, rngs=nnx.Rngs(rngs_seed))
+  if tokenizer_ckpt:
+    if os.path.isdir(tokenizer_ckpt):  # a hita_jax export (DINOv2 included)
+      load_params(tokenizer_ckpt, model, filt=EXPORT_FILTER)
+    else:
+      load_official_tokenizer(model, load_state_dict_file(tokenizer_ckpt, key=key))
+  if dinov2:
+    load_dinov2_source(model.dinov2, dinov2)
+  return model
+
+
+# A hita_jax tokenizer export holds the official parameters, the usage buffers and DINOv2.
+EXPORT_FILTER = nnx.Any(nnx.Param, nnx.PathContains('usage'))
+
+
+def main(argv=None):
+  import argparse
+  import dataclasses
+  import os
+  from hita_jax import config_lib
+  from hita_jax.checkpoint import save_params
+  p = argparse.ArgumentParser(description='Official Hita tokenizer checkpoints <-> hita_jax.')
+  sub = p.add_subparsers(dest='cmd', required=True)
+  imp = sub.add_parser('import', help='official checkpoint -> hita_jax params export (Orbax)')
+  imp.add_argument('--config', required=True, help='e.g. configs/tokenizer_v.py')
+  imp.add_argument('--checkpoint', required=True, help='hita-tok.pt / .safetensors / .npz')
+  imp.add_argument('--key', default='ema', help="entry of a training checkpoint (default 'ema')")
+  imp.add_argument('--dinov2', help="Meta's dinov2_vitl14_reg4_pretrain.pth or a Hugging Face dir")
+  imp.add_argument('--out', required=True)
+  imp.add_argument('--overwrite', action='store_true')
+  exp = sub.add_parser('export', help='hita_jax params export -> official key layout')
+  exp.add_argument('--config', required=True)
+  exp.add_argument('--params', required=True, help='hita_jax params export directory')
+  exp.add_argument('--out', required=True, help='.safetensors or .npz')
+  exp.add_argument('--overwrite', action='store_true')
+  a = p.parse_args(argv)
+  config = config_lib.load_config(a.config)
+  cfg = config_lib.tokenizer_config_from(config.tokenizer)
+  if a.cmd == 'import':
+    if not a.dinov2:
+      print('warning: no --dinov2 given; the export holds randomly initialised DINOv2 weights')
+    model = build_tokenizer(cfg, tokenizer_ckpt=a.checkpoint, key=a.key, dinov2=a.dinov2)
+    save_params(a.out, model, filt=EXPORT_FILTER, overwrite=a.overwrite,
+                config={'tokenizer': dataclasses.asdict(cfg)},
+                metadata={'source': os.path.abspath(a.checkpoint), 'key': a.key,
+                          'dinov2': a.dinov2 and os.path.abspath(a.dinov2)})
+    print(f'wrote {a.out}')
+  else:
+    if os.path.exists(a.out) and not a.overwrite:
+      p.error(f'{a.out} exists; pass --overwrite to replace it')
+    model = build_tokenizer(cfg, tokenizer_ckpt=a.params, dinov2=None)
+    sd = export_official_tokenizer(model)
+    if a.out.endswith('.safetensors'):
+      from safetensors.numpy import save_file
+      save_file(sd, a.out)
+    elif a.out.endswith('.npz'):
+      np.savez(a.out, **sd)
+    else:
+      p.error('--out must end in .safetensors or .npz')
+    print(f'wrote {len(sd)} tensors to {a.out}')
+
+
+if __name__ == '__main__':
+  main()

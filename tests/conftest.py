@@ -1,0 +1,43 @@
+"""Test setup: 8 fake CPU devices (set before JAX starts), parsed absl flags, fixture locations."""
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import jax  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+try:  # grain and other absl users read flags; parse defaults once
+  flags.FLAGS(sys.argv[:1])
+except flags.Error:
+  pass
+
+
+def _shared_dir(*parts):
+  env = os.environ.get('HITA_SHARED')
+  base = env or os.path.join(os.path.dirname(ROOT), 'shared')
+  return os.path.join(base, *parts)
+
+
+OFFICIAL_FIXTURES = _shared_dir('fixtures', 'official')
+
+
+@pytest.fixture(scope='session')
+def official_fixtures():
+  if not os.path.isdir(OFFICIAL_FIXTURES):
+    pytest.skip(f'golden fixtures not found at {OFFICIAL_FIXTURES} (set HITA_SHARED)')
+  return OFFICIAL_FIXTURES
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: long-running test, excluded from the default run')

@@ -1,0 +1,101 @@
+"""Tokenizer behaviour on tiny random models: API, shapes, the last-k readout, losses, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hita_jax.models.tokenizer import trainable_filter
+from tests.utils import random_images, tiny_tokenizer
+
+
+@pytest.fixture(scope='module')
+def model_v():
+  m = tiny_tokenizer('V')
+  m.eval()
+  return m
+
+
+def test_encode_decode_shapes(model_v):
+  x = random_images()
+  hol, patch = model_v.encode(x)
+  cfg = model_v.cfg
+  g = cfg.grid(64)
+  assert hol.shape == (2, cfg.num_holistic) and hol.dtype == jnp.int32
+  assert patch.shape == (2, g * g)
+  assert int(hol.max()) < cfg.codebook_size and int(patch.min()) >= 0
+  rec = model_v.decode(hol, patch)
+  assert rec.shape == x.shape and np.isfinite(np.asarray(rec)).all()
+  # eval forward == decode(encode(x)) up to the straight-through rounding
+  out = model_v(x)
+  np.testing.assert_array_equal(out['patch_codes'], patch)
+  np.testing.assert_allclose(out['recon'], rec, atol=1e-4)
+
+
+def test_last_k_patch_codes_are_dead(model_v):
+  """The fusion decoder reads outputs [S-k, S-k+N): the last k patch codes never reach the image,
+  while the first holistic code and an earlier patch code do (spec section 2.6)."""
+  hol, patch = model_v.encode(random_images(seed=1))
+  base = np.asarray(model_v.decode(hol, patch))
+  k = model_v.cfg.shift_k
+  n = patch.shape[1]
+  changed_tail = patch.at[:, n - k:].set((patch[:, n - k:] + 7) % model_v.cfg.codebook_size)
+  np.testing.assert_array_equal(np.asarray(model_v.decode(hol, changed_tail)), base)
+  changed_mid = patch.at[:, n - k - 1].set((patch[:, n - k - 1] + 7) % model_v.cfg.codebook_size)
+  assert np.abs(np.asarray(model_v.decode(hol, changed_mid)) - base).max() > 1e-4
+  changed_hol = hol.at[:, 0].set((hol[:, 0] + 7) % model_v.cfg.codebook_size)
+  assert np.abs(np.asarray(model_v.decode(changed_hol, patch)) - base).max() > 1e-4
+
+
+def test_training_forward_losses_and_gradients():
+  m = tiny_tokenizer('U')
+  m.train()
+  x = random_images(seed=2)
+  graphdef, params, rest = nnx.split(m, trainable_filter(), ...)
+
+  def loss_fn(p, r):
+    model = nnx.merge(graphdef, p, r, copy=True)  # fresh Variables inside the trace
+    out = model(x)
+    cos = jnp.sum(out['vfm_prediction'] * out['dinov2_patch_features'], -1) / (
+        jnp.linalg.norm(out['vfm_prediction'], axis=-1) *
+        jnp.linalg.norm(out['dinov2_patch_features'], axis=-1))
+    return (jnp.mean((out['recon'] - x) ** 2) + out['vq'] + out['commit'] + jnp.mean(1 - cos)), out
+
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+  assert np.isfinite(float(loss))
+  assert out['vfm_prediction'].shape == (2, m.cfg.vfm_grid ** 2, m.cfg.vfm_out_dim)
+  assert float(out['vq']) > 0 and np.isclose(float(out['commit']), 0.25 * float(out['vq']), rtol=1e-5)
+  g = nnx.to_flat_state(grads)
+  norms = {'.'.join(map(str, p)): float(jnp.linalg.norm(v[...])) for p, v in g}
+  assert all(np.isfinite(list(norms.values())))
+  # gradients reach the CNN encoder through the straight-through estimator and both codebooks
+  assert norms['cnn_encoder.conv_in.kernel'] > 0
+  assert norms['patch_quantizer.codebook'] > 0 and norms['holistic_quantizer.codebook'] > 0
+  assert norms['holistic_encoder.holistic_tokens'] > 0
+  assert not any('dinov2' in k for k in norms)  # frozen: not a trainable parameter
+
+
+def test_code_usage_updates_only_in_training():
+  m = tiny_tokenizer('V')
+  x = random_images(seed=3)
+  m.eval()
+  m(x)
+  assert float(m.patch_quantizer.usage_fraction()) == pytest.approx(1 / m.cfg.codebook_size)
+  m.train()
+  out = m(x)
+  used = np.unique(np.concatenate([[0], np.asarray(out['patch_codes']).ravel()]))
+  assert float(m.patch_quantizer.usage_fraction()) == pytest.approx(len(used) / m.cfg.codebook_size)
+
+
+@pytest.mark.parametrize('shape,match', [((2, 64, 64), 'NHWC'), ((2, 3, 64, 64), 'NHWC'),
+                                         ((2, 60, 64, 3), 'multiple')])
+def test_bad_image_shapes_are_explained(model_v, shape, match):
+  with pytest.raises(ValueError, match=match):
+    model_v.encode(np.zeros(shape, np.float32))
+
+
+def test_other_input_size_interpolates_position_tables(model_v):
+  """A 96-px input gives a 12x12 grid: the 4x4 tables are bicubically resized (official path)."""
+  hol, patch = model_v.encode(random_images(b=1, size=96))
+  assert patch.shape == (1, 144)
+  assert model_v.decode(hol, patch).shape == (1, 96, 96, 3)
