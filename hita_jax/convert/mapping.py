@@ -112,5 +112,5 @@ def export_params(module: nnx.Module, rules, *, filt=nnx.Variable,
         arr = fn(arr)
     if official_shapes and key in official_shapes:
       arr = arr.reshape(official_shapes[key])
-    out[key] = arr
+    out[key] = np.ascontiguousarray(arr)  # writers such as safetensors need C order
   return out
