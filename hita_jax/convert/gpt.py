@@ -1,0 +1,137 @@
+"""Official Hita GPT checkpoints (`autoregressive/models/gpt.py` Transformer) <-> hita_jax `GPT`.
+
+| official key (plain state dict, `checkpoint['ema']`) | hita_jax                         |
+|------------------------------------------------------|----------------------------------|
+| `cls_embedding.embedding_table.weight` (C+1, d)       | `class_embedding` (row C = null) |
+| `tok_embeddings.weight` (V, d)                        | `patch_embedding`                |
+| `slot_embeddings.weight` (V, d)                       | `holistic_embedding`             |
+| `slot_pos.weight` (S, d)                              | `holistic_pos`                   |
+| `layers.i.attention.wqkv.weight` (3d, d)              | `blocks.wqkv[i]` (d, 3d)         |
+| `layers.i.attention.wo.weight`                        | `blocks.wo[i]` (transposed)      |
+| `layers.i.feed_forward.{w1,w3,w2}.weight`             | `blocks.{w1,w3,w2}[i]` (transposed) |
+| `layers.i.{attention_norm,ffn_norm}.weight`           | `blocks.{attention_norm,ffn_norm}.weight[i]` |
+| `norm.weight`                                         | `norm.weight`                    |
+| `output.weight` (2V, d): [holistic head; patch head]  | `head` (d, 2V)                   |
+
+Layer weights are stacked along a leading layer axis on our side.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from flax import nnx
+
+from hita_jax.models.gpt import GPT, GPTConfig
+
+_TOP = {
+    'cls_embedding.embedding_table.weight': ('class_embedding', False),
+    'tok_embeddings.weight': ('patch_embedding', False),
+    'slot_embeddings.weight': ('holistic_embedding', False),
+    'slot_pos.weight': ('holistic_pos', False),
+    'norm.weight': ('norm.weight', False),
+    'output.weight': ('head', True),
+}
+_LAYER = {
+    'attention.wqkv.weight': ('wqkv', True),
+    'attention.wo.weight': ('wo', True),
+    'feed_forward.w1.weight': ('w1', True),
+    'feed_forward.w3.weight': ('w3', True),
+    'feed_forward.w2.weight': ('w2', True),
+    'attention_norm.weight': ('attention_norm.weight', False),
+    'ffn_norm.weight': ('ffn_norm.weight', False),
+}
+# Buffers some official code paths leave in a state dict; never parameters.
+_IGNORED = re.compile(r'(^|\.)(freqs_cis|causal_mask|kv_cache\.[kv]_cache)$')
+
+
+def _var(module, dotted):
+  obj = module
+  for part in dotted.split('.'):
+    obj = getattr(obj, part)
+  return obj
+
+
+_HEADS_BY_DIM = {768: 12, 1024: 16, 1280: 20, 1536: 24, 1920: 32, 2560: 40}  # official sizes
+
+
+def config_from_state_dict(sd: dict[str, np.ndarray], **overrides) -> GPTConfig:
+  """Infers the GPT architecture from an official state dict (width, depth, vocab, S, classes).
+  The head count is not stored; it is taken from the official size table unless given."""
+  n_cls, dim = sd['cls_embedding.embedding_table.weight'].shape
+  layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r'layers\.(\d+)\.', k)))
+  n_head = overrides.pop('n_head', None) or _HEADS_BY_DIM.get(dim)
+  if n_head is None:
+    raise ValueError(f'cannot infer n_head for width {dim} (not an official size); pass n_head')
+  cfg = dict(dim=dim, n_layer=layers, n_head=n_head, vocab_size=sd['tok_embeddings.weight'].shape[0],
+             num_holistic=sd['slot_pos.weight'].shape[0], num_classes=n_cls - 1)
+  cfg.update(overrides)
+  out = GPTConfig(**cfg)
+  ffn = sd['layers.0.feed_forward.w1.weight'].shape[0]
+  if out.ffn_hidden != ffn:
+    raise ValueError(f'state dict FFN width {ffn} != {out.ffn_hidden} implied by width {dim}')
+  return out
+
+
+def load_official_gpt(model: GPT, sd: dict[str, np.ndarray], *, strict: bool = True) -> dict:
+  """Loads an official GPT state dict into `model` in place."""
+  used, missing = set(), []
+  for key, (ours, transpose) in _TOP.items():
+    if key not in sd:
+      missing.append(key)
+      continue
+    var = _var(model, ours)
+    arr = np.asarray(sd[key], np.float32)
+    arr = arr.T if transpose else arr
+    if arr.shape != var.shape:
+      raise ValueError(f'{key}: shape {sd[key].shape} does not fit the config ({var.shape})')
+    var[...] = arr
+    used.add(key)
+  n = model.cfg.n_layer
+  for suffix, (ours, transpose) in _LAYER.items():
+    var = _var(model.blocks, ours)
+    stacked = np.zeros(var.shape, np.float32)
+    for i in range(n):
+      key = f'layers.{i}.{suffix}'
+      if key not in sd:
+        missing.append(key)
+        continue
+      arr = np.asarray(sd[key], np.float32)
+      arr = arr.T if transpose else arr
+      if arr.shape != stacked.shape[1:]:
+        raise ValueError(f'{key}: shape {sd[key].shape} does not fit the config ({stacked.shape[1:]})')
+      stacked[i] = arr
+      used.add(key)
+    var[...] = stacked
+  unexpected = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
+  if strict and (missing or unexpected):
+    raise KeyError(f'GPT checkpoint does not match the config: missing {missing[:8]} ({len(missing)}), '
+                   f'unexpected {unexpected[:8]} ({len(unexpected)}). Check the model size and '
+                   'the tokenizer-dependent sizes (vocab, holistic tokens, classes).')
+  return {'missing': missing, 'unexpected': unexpected}
+
+
+def export_official_gpt(model: GPT) -> dict[str, np.ndarray]:
+  out = {}
+  for key, (ours, transpose) in _TOP.items():
+    arr = np.asarray(_var(model, ours)[...])
+    out[key] = np.ascontiguousarray(arr.T if transpose else arr)
+  for suffix, (ours, transpose) in _LAYER.items():
+    stacked = np.asarray(_var(model.blocks, ours)[...])
+    for i in range(model.cfg.n_layer):
+      out[f'layers.{i}.{suffix}'] = np.ascontiguousarray(stacked[i].T if transpose else stacked[i])
+  return out
+
+
+def build_gpt(cfg: GPTConfig, ckpt: str | None = None, *, key: str = 'ema') -> GPT:
+  """A GPT for `cfg`, optionally loaded from an official file or a hita_jax params export."""
+  import os
+  from hita_jax.checkpoint import load_params
+  from hita_jax.convert.torch_files import load_state_dict_file
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  if ckpt:
+    if os.path.isdir(ckpt):
+      load_params(ckpt, model)
+    else:
+      load_official_gpt(model, load_state_dict_file(ckpt, key=key))
+  return model

@@ -1,0 +1,403 @@
+"""Hita's AR generator: a LlamaGen-style Llama (RMSNorm, SwiGLU, no biases) over
+[class, q_0..q_{S-1}, z_0..z_{N-2}] that predicts [q_0..q_{S-1}, z_0..z_{N-1}].
+
+Hita's additions to LlamaGen (spec section 4): a second input table for holistic codes, a 2xV
+output head (first half holistic), and a learned holistic position embedding added to q and k in
+every layer for the first S positions, while patch tokens use 2D RoPE (official table offset: the
+zero row lands on position S, q_{S-1}, whose q and k become 0).
+
+Layer parameters are stacked along a leading `layers` axis; `scan_layers` picks lax.scan or an
+unrolled loop over them, `remat` a rematerialisation policy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from hita_jax.models.layers import attention, named
+from hita_jax.models.rope import apply_rope, gpt_position_tables
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def find_multiple(n: int, k: int) -> int:
+  return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  dim: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  multiple_of: int = 256
+  ffn_dim_multiplier: float | None = None
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-5
+  initializer_range: float = 0.02
+  vocab_size: int = 16384          # per codebook (holistic and patch tables / heads)
+  num_holistic: int = 128
+  grid: int = 21                   # patch grid; block_size = grid**2
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1  # also decides whether the null-class row exists
+  cls_token_num: int = 1
+  token_dropout: float = 0.1
+  attn_dropout: float = 0.0
+  resid_dropout: float = 0.1
+  ffn_dropout: float = 0.1
+  drop_path_rate: float = 0.0
+  dtype: str = 'float32'           # compute dtype; params are fp32
+  attn_impl: str = 'xla'           # 'xla' (reference) or 'cudnn' (flash attention on GPU)
+  remat: str = 'none'              # 'none' | 'minimal' | 'dots' | 'full'
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    if self.dim % self.n_head:
+      raise ValueError(f'dim {self.dim} is not divisible by n_head {self.n_head}')
+    if self.cls_token_num != 1:
+      raise ValueError('class-conditional Hita uses exactly one class token (cls_token_num=1)')
+    if self.attn_impl not in ('xla', 'cudnn'):
+      raise ValueError(f"attn_impl must be 'xla' or 'cudnn', got {self.attn_impl!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_head
+
+  @property
+  def ffn_hidden(self) -> int:
+    h = int(2 * 4 * self.dim / 3)
+    if self.ffn_dim_multiplier is not None:
+      h = int(self.ffn_dim_multiplier * h)
+    return find_multiple(h, self.multiple_of)
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid * self.grid
+
+  @property
+  def seq_len(self) -> int:
+    """Input length of a full sequence: class + S holistic + (N - 1) patch tokens = S + N."""
+    return self.num_holistic + self.num_patches
+
+  @property
+  def null_class(self) -> int:
+    return self.num_classes
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'GPTConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+      raise ValueError(f'unknown gpt config keys {sorted(unknown)}; valid keys: {sorted(known)}')
+    return cls(**d)
+
+
+# Official sizes (autoregressive/models/gpt.py GPT_models); vocab/S/grid come from the tokenizer.
+GPT_SIZES = {
+    'B': dict(dim=768, n_layer=12, n_head=12),
+    'L': dict(dim=1024, n_layer=24, n_head=16),
+    'XL': dict(dim=1280, n_layer=36, n_head=20),
+    'XXL': dict(dim=1536, n_layer=48, n_head=24),
+    '2B': dict(dim=1920, n_layer=48, n_head=32),
+    'XXXL': dict(dim=2560, n_layer=48, n_head=40),
+}
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'minimal': jax.checkpoint_policies.save_only_these_names('qkv', 'attn_out', 'mlp_hidden'),
+}
+
+
+def dropout(x, rate: float, key):
+  """Inverted dropout; `key=None` or rate 0 is the identity (eval / deterministic)."""
+  if key is None or rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def drop_path(x, rate: float, key):
+  """Stochastic depth per sample (timm DropPath)."""
+  if key is None or rate <= 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Official RMSNorm: normalise in fp32, cast back, then scale."""
+
+  def __init__(self, dim: int, eps: float):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=('norm',))
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+    return y * self.weight[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm Llama block: h = x + Attn(RMSNorm(x)); out = h + SwiGLU(RMSNorm(h))."""
+
+  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, hd = cfg.dim, cfg.head_dim
+    init = named(nnx.initializers.normal(cfg.initializer_range), ('embed', 'heads'))
+    self.attention_norm = RMSNorm(d, cfg.norm_eps)
+    self.wqkv = nnx.Param(nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (d, 3 * d)),
+                          out_sharding=('embed', 'heads'))
+    self.wo = nnx.Param(nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (d, d)),
+                        out_sharding=('heads', 'embed'))
+    self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+    f = cfg.ffn_hidden
+    self.w1 = nnx.Param(nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (d, f)),
+                        out_sharding=('embed', 'mlp'))
+    self.w3 = nnx.Param(nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (d, f)),
+                        out_sharding=('embed', 'mlp'))
+    self.w2 = nnx.Param(nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (f, d)),
+                        out_sharding=('mlp', 'embed'))
+    del init, hd
+
+  def _mm(self, x, w):
+    return jnp.einsum('...i,io->...o', x, w[...].astype(x.dtype))
+
+  def qkv(self, x, pos_add, cos, sin):
+    """Projections with Hita's position treatment: + holistic pos (first S positions) then RoPE."""
+    b, t, d = x.shape
+    h, hd = self.cfg.n_head, self.cfg.head_dim
+    qkv = checkpoint_name(self._mm(self.attention_norm(x), self.wqkv), 'qkv')
+    q, k, v = (a.reshape(b, t, h, hd) for a in jnp.split(qkv, 3, axis=-1))
+    add = pos_add.reshape(pos_add.shape[:-1] + (h, hd)).astype(q.dtype)
+    if add.ndim == 3:
+      add = add[None]
+    q = apply_rope(q + add, cos, sin)
+    k = apply_rope(k + add, cos, sin)
+    return q, k, v
+
+  def finish(self, x, o, keys):
+    """Output projection, residuals and the FFN. keys: (resid, ffn, drop_path) dropout keys."""
+    b, t = o.shape[:2]
+    cfg = self.cfg
+    o = checkpoint_name(self._mm(o.reshape(b, t, -1), self.wo), 'attn_out')
+    h = x + drop_path(dropout(o, cfg.resid_dropout, keys[0]), cfg.drop_path_rate, keys[2])
+    y = self.ffn_norm(h)
+    hidden = checkpoint_name(jax.nn.silu(self._mm(y, self.w1)) * self._mm(y, self.w3), 'mlp_hidden')
+    out = dropout(self._mm(hidden, self.w2), cfg.ffn_dropout, keys[1])
+    return h + drop_path(out, cfg.drop_path_rate, keys[3])
+
+  def __call__(self, x, pos_add, cos, sin, key=None):
+    """Full causal sequence (training / teacher forcing)."""
+    keys = list(jax.random.split(key, 5)) if key is not None else [None] * 5
+    q, k, v = self.qkv(x, pos_add, cos, sin)
+    t = x.shape[1]
+    if self.cfg.attn_impl == 'cudnn' and (key is None or self.cfg.attn_dropout <= 0):
+      pad = (-t) % 64  # cuDNN flash attention rejects lengths such as 457/569; causal => pad is inert
+      pq, pk, pv = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+      o = jax.nn.dot_product_attention(pq, pk, pv, is_causal=True, implementation='cudnn')[:, :t]
+    else:
+      mask = jnp.tril(jnp.ones((t, t), bool))
+      drop = (functools.partial(dropout, rate=self.cfg.attn_dropout, key=keys[4])
+              if keys[4] is not None and self.cfg.attn_dropout > 0 else None)
+      o = attention(q, k, v, mask=mask, impl='xla', dropout=drop)
+    return self.finish(x, o, keys)
+
+  def decode(self, x, pos_add, cos, sin, k_cache, v_cache, pos):
+    """One position `pos` (scalar) for all batch rows, with this layer's (B, T_max, H, hd) cache."""
+    q, k, v = self.qkv(x, pos_add, cos, sin)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
+    mask = (jnp.arange(k_cache.shape[1]) <= pos)[None, None, None, :]
+    o = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask, impl='xla')
+    return self.finish(x, o, [None] * 4), k_cache, v_cache
+
+
+class GPT(nnx.Module):
+
+  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, v = cfg.dim, cfg.vocab_size
+    normal = nnx.initializers.normal(cfg.initializer_range)
+    n_cls = cfg.num_classes + (1 if cfg.class_dropout_prob > 0 else 0)
+    self.class_embedding = nnx.Param(normal(rngs.params(), (n_cls, d)), out_sharding=(None, 'embed'))
+    self.patch_embedding = nnx.Param(normal(rngs.params(), (v, d)), out_sharding=('vocab', 'embed'))
+    self.holistic_embedding = nnx.Param(normal(rngs.params(), (v, d)), out_sharding=('vocab', 'embed'))
+    self.holistic_pos = nnx.Param(normal(rngs.params(), (cfg.num_holistic, d)),
+                                  out_sharding=(None, 'embed'))
+
+    @nnx.split_rngs(splits=cfg.n_layer)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.n_layer,
+              transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(r):
+      return Block(cfg, rngs=r)
+
+    self.blocks = make_blocks(rngs)
+    self.norm = RMSNorm(d, cfg.norm_eps)
+    # Zero-initialised 2V head: [:, :V] holistic, [:, V:] patch (official `output`).
+    self.head = nnx.Param(jnp.zeros((d, 2 * v), jnp.float32), out_sharding=('embed', 'vocab'))
+
+  # -- helpers --------------------------------------------------------------------------------
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.cfg.dtype]
+
+  def position_tables(self, length: int):
+    cfg = self.cfg
+    is_hol, cos, sin = gpt_position_tables(cfg.num_holistic, cfg.grid, cfg.head_dim, cfg.rope_base,
+                                           max(length, cfg.num_holistic + 1))
+    return is_hol[:length], jnp.asarray(cos[:length]), jnp.asarray(sin[:length])
+
+  def pos_add(self, length: int):
+    """(length, dim): the holistic position embedding for p < S, zero elsewhere."""
+    s = self.cfg.num_holistic
+    table = self.holistic_pos[...].astype(self.compute_dtype)
+    if length <= s:
+      return table[:length]
+    return jnp.concatenate([table, jnp.zeros((length - s, self.cfg.dim), table.dtype)], axis=0)
+
+  def logits(self, h):
+    h = self.norm(h)
+    return jnp.einsum('...d,dv->...v', h, self.head[...].astype(h.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def drop_labels(self, labels, key):
+    if key is None or self.cfg.class_dropout_prob <= 0:
+      return labels
+    drop = jax.random.uniform(key, labels.shape) < self.cfg.class_dropout_prob
+    return jnp.where(drop, self.cfg.null_class, labels)
+
+  def _layer_loop(self, x, fn, keys=None):
+    """Applies fn(block, x, key) over the stacked layers (scan or unrolled), with remat."""
+    graphdef, state = nnx.split(self.blocks)
+    policy = REMAT_POLICIES[self.cfg.remat]
+
+    def body(x, layer_state, key):
+      return fn(nnx.merge(graphdef, layer_state, copy=True), x, key)
+    if self.cfg.remat != 'none':
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
+    if self.cfg.scan_layers:
+      def step(x, xs):
+        layer_state, key = xs
+        return body(x, layer_state, key), None
+      x, _ = jax.lax.scan(step, x, (state, keys))
+      return x
+    for i in range(self.cfg.n_layer):
+      layer_state = jax.tree.map(lambda a: a[i], state)
+      x = body(x, layer_state, None if keys is None else keys[i])
+    return x
+
+  # -- full sequence --------------------------------------------------------------------------
+  def embed_sequence(self, labels, holistic_codes, patch_codes):
+    """[class, q_0..q_{S-1}, z_0..z_{n-2}] embeddings for n given patch codes."""
+    dt = self.compute_dtype
+    cls = jnp.take(self.class_embedding[...], labels, axis=0)[:, None]
+    hol = jnp.take(self.holistic_embedding[...], holistic_codes, axis=0)
+    pat = jnp.take(self.patch_embedding[...], patch_codes[:, :-1], axis=0)
+    return jnp.concatenate([cls, hol, pat], axis=1).astype(dt)
+
+  def __call__(self, labels, holistic_codes, patch_codes, *, rng=None):
+    """Teacher-forced logits (B, S + n, 2V) in fp32; row p predicts token p of cat(q, z).
+    `rng` turns on the training-time randomness (label drop, token/resid/FFN dropout)."""
+    if holistic_codes.shape[1] != self.cfg.num_holistic:
+      raise ValueError(f'expected {self.cfg.num_holistic} holistic codes, got {holistic_codes.shape}')
+    if patch_codes.shape[1] > self.cfg.num_patches:
+      raise ValueError(f'at most {self.cfg.num_patches} patch codes, got {patch_codes.shape[1]}')
+    keys = jax.random.split(rng, 3) if rng is not None else [None] * 3
+    labels = self.drop_labels(labels, keys[0])
+    x = dropout(self.embed_sequence(labels, holistic_codes, patch_codes), self.cfg.token_dropout, keys[1])
+    t = x.shape[1]
+    _, cos, sin = self.position_tables(t)
+    add = self.pos_add(t)
+    layer_keys = jax.random.split(keys[2], self.cfg.n_layer) if keys[2] is not None else None
+    x = self._layer_loop(x, lambda blk, h, key: blk(h, add, cos, sin, key), layer_keys)
+    return self.logits(x)
+
+  def split_logits(self, logits):
+    """(B, T, 2V) -> holistic logits of rows < S and patch logits of rows >= S."""
+    s, v = self.cfg.num_holistic, self.cfg.vocab_size
+    return logits[:, :s, :v], logits[:, s:, v:]
+
+  def loss(self, labels, holistic_codes, patch_codes, *, rng=None):
+    """Official loss terms: (CE over holistic positions, CE over patch positions), each a mean."""
+    logits = self(labels, holistic_codes, patch_codes, rng=rng)
+    lh, lp = self.split_logits(logits)
+    return cross_entropy(lh, holistic_codes), cross_entropy(lp, patch_codes)
+
+  # -- incremental decoding ---------------------------------------------------------------------
+  def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
+    cfg = self.cfg
+    t = find_multiple(max_len or cfg.seq_len, 8)
+    shape = (cfg.n_layer, batch, t, cfg.n_head, cfg.head_dim)
+    dt = dtype or self.compute_dtype
+    return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
+
+  def embed_step(self, labels, tokens, pos, *, legacy_pos128_embedding: bool = False):
+    """Input embedding at position `pos`: the class at 0, else the previous token through the
+    holistic table (pos <= S) or the patch table. `legacy_pos128_embedding` reproduces the released
+    sampler, which feeds q_{S-1} at pos = S through the patch table (spec section 5)."""
+    s = self.cfg.num_holistic
+    cls = jnp.take(self.class_embedding[...], labels, axis=0)
+    hol = jnp.take(self.holistic_embedding[...], tokens, axis=0)
+    pat = jnp.take(self.patch_embedding[...], tokens, axis=0)
+    use_hol = (pos < s) if legacy_pos128_embedding else (pos <= s)
+    x = jnp.where(pos == 0, cls, jnp.where(use_hol, hol, pat))
+    return x[:, None].astype(self.compute_dtype)
+
+  def decode_step(self, x, cache, pos):
+    """x (B, 1, dim) at scalar position `pos` -> (head-selected logits (B, V) fp32, cache)."""
+    cfg = self.cfg
+    is_hol, cos, sin = self.position_tables(cache['k'].shape[2])
+    cos_p = jax.lax.dynamic_slice_in_dim(cos, pos, 1)
+    sin_p = jax.lax.dynamic_slice_in_dim(sin, pos, 1)
+    add_all = self.pos_add(cache['k'].shape[2])
+    add_p = jax.lax.dynamic_slice_in_dim(add_all, pos, 1)
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(carry, xs):
+      h, i = carry
+      layer_state, kc, vc = xs
+      blk = nnx.merge(graphdef, layer_state, copy=True)
+      h, kc, vc = blk.decode(h, add_p, cos_p, sin_p, kc, vc, pos)
+      return (h, i + 1), (kc, vc)
+
+    if cfg.scan_layers:
+      (x, _), (k, v) = jax.lax.scan(body, (x, 0), (state, cache['k'], cache['v']))
+      cache = {'k': k, 'v': v}
+    else:
+      k, v = cache['k'], cache['v']
+      for i in range(cfg.n_layer):
+        layer_state = jax.tree.map(lambda a: a[i], state)
+        blk = nnx.merge(graphdef, layer_state, copy=True)
+        x, kc, vc = blk.decode(x, add_p, cos_p, sin_p, k[i], v[i], pos)
+        k = k.at[i].set(kc)
+        v = v.at[i].set(vc)
+      cache = {'k': k, 'v': v}
+    logits = self.logits(x)[:, 0]
+    v_ = cfg.vocab_size
+    logits = jnp.where(pos < cfg.num_holistic, logits[:, :v_], logits[:, v_:])
+    return logits, cache
+
+
+def cross_entropy(logits, targets):
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1))
+
+
+def gpt_config_from(cfg) -> GPTConfig:
+  d = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+  return GPTConfig.from_dict(d)
+
+
+def count_params(cfg: GPTConfig) -> int:
+  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+  return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
