@@ -108,3 +108,50 @@ def load_config(spec: str) -> mlc.ConfigDict:
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
   return mod.get_config(arg or None)
+
+
+# Per-size recipe defaults for the AR generator (official train_c2i.py / README): epochs on
+# Hita-V (B/L also have 300-epoch releases), global batch 256, lr 1e-4 constant.
+AR_RECIPES = {
+    'B': dict(epochs=300), 'L': dict(epochs=300), 'XL': dict(epochs=50),
+    'XXL': dict(epochs=50), '2B': dict(epochs=50),
+}
+TINY_GPT = dict(dim=64, n_layer=2, n_head=4)
+
+
+def gpt_model_config(size: str, tokenizer: mlc.ConfigDict, *, tiny: bool = False,
+                     num_classes: int = 1000) -> mlc.ConfigDict:
+  """GPT config for `size`; vocab, holistic count and grid come from the tokenizer config."""
+  from hita_jax.models.gpt import GPT_SIZES, GPTConfig
+  if size not in GPT_SIZES:
+    raise ValueError(f'unknown GPT size {size!r}; valid: {sorted(GPT_SIZES)}')
+  d = dataclasses.asdict(GPTConfig())
+  d.update(GPT_SIZES[size])
+  if tiny:
+    d.update(TINY_GPT)
+  grid = tokenizer.image_size // (2 ** (len(tokenizer.ch_mult) - 1))
+  d.update(vocab_size=tokenizer.codebook_size, num_holistic=tokenizer.num_holistic, grid=grid,
+           num_classes=num_classes)
+  return mlc.ConfigDict(d)
+
+
+def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
+  """The user-facing recipe `configs/hita_<size>.py`: tokenizer + GPT + official AR training and
+  sampling hyper-parameters. Args: `tiny` (CPU-sized), `variant=U` (Hita-U tokenizer)."""
+  a = parse_arg(arg, tiny=False, runlocal=False, variant='V')
+  tiny = a.tiny or a.runlocal
+  config = base_tokenizer_config(a.variant, tiny=tiny)
+  config.task = 'train_ar'
+  config.gpt_size = size
+  config.gpt = gpt_model_config(size, config.tokenizer, tiny=tiny, num_classes=10 if tiny else 1000)
+  config.init.gpt = None
+  config.init.gpt_key = 'ema'
+  config.ar = mlc.ConfigDict(dict(
+      lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip=1.0, ema_decay=0.9999,
+      global_batch_size=8 if tiny else 256, epochs=1 if tiny else AR_RECIPES[size]['epochs'],
+      class_dropout_prob=0.1, token_dropout=0.1, compute_dtype='bfloat16'))
+  config.sample = mlc.ConfigDict(dict(
+      cfg_scale=1.5, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
+      legacy_pos128_embedding=False, num_images=50000, per_device_batch=32, eval_size=256,
+      seed=0))
+  return config

@@ -116,3 +116,35 @@ def tokenizer_names(fixtures: str) -> list[str]:
 def load_npz(path: str) -> dict[str, np.ndarray]:
   with np.load(path, allow_pickle=False) as z:
     return {k: z[k] for k in z.files}
+
+
+def gpt_config_from_json(j: dict):
+  """Official ModelArgs (fixture JSON) -> GPTConfig (dropouts off: fixtures are deterministic)."""
+  import math
+  from hita_jax.models.gpt import GPTConfig
+  a = j['model_args']
+  if a.get('n_kv_head') not in (None, a['n_head']):
+    raise ValueError('grouped-query attention is not part of the official Hita GPT')
+  if a.get('model_type', 'c2i') != 'c2i':
+    raise ValueError(f"only class-conditional models are supported, got {a.get('model_type')}")
+  grid = math.isqrt(a['block_size'])
+  if grid * grid != a['block_size']:
+    raise ValueError(f"block_size {a['block_size']} is not a square grid")
+  return GPTConfig(
+      dim=a['dim'], n_layer=a['n_layer'], n_head=a['n_head'], multiple_of=a.get('multiple_of', 256),
+      ffn_dim_multiplier=a.get('ffn_dim_multiplier'), rope_base=a.get('rope_base', 10000),
+      norm_eps=a.get('norm_eps', 1e-5), vocab_size=a['vocab_size'], num_holistic=a['num_slots'],
+      grid=grid, num_classes=a['num_classes'], class_dropout_prob=a.get('class_dropout_prob', 0.1),
+      cls_token_num=a.get('cls_token_num', 1), token_dropout=0.0, attn_dropout=0.0,
+      resid_dropout=0.0, ffn_dropout=0.0, drop_path_rate=0.0)
+
+
+def build_gpt(fixtures: str):
+  from hita_jax.convert.gpt import load_official_gpt
+  from hita_jax.models.gpt import GPT
+  with open(os.path.join(fixtures, 'gpt.json')) as f:
+    j = json.load(f)
+  model = GPT(gpt_config_from_json(j), rngs=nnx.Rngs(0))
+  load_official_gpt(model, load_file(os.path.join(fixtures, j.get('weights', 'gpt.safetensors'))))
+  model.eval()
+  return model, j

@@ -210,6 +210,69 @@ def check_tokenizer(d: str, name: str, rep: Report):
     rep.skip(f'{name}_io.npz:{k}', 'array not known to this tool')
 
 
+def check_gpt(d: str, rep: Report):
+  io_path = os.path.join(d, 'gpt_io.npz')
+  if not os.path.exists(os.path.join(d, 'gpt.json')) or not os.path.exists(io_path):
+    rep.skip('gpt', 'gpt.json or gpt_io.npz missing')
+    return
+  import re
+  from hita_jax.sample import codes_to_images, generate
+  print('[gpt]')
+  model, j = fx.build_gpt(d)
+  ref = fx.load_npz(io_path)
+  known = {'labels', 'holistic_codes', 'patch_codes'}
+  labels = jnp.asarray(ref['labels'], jnp.int32)
+  q = jnp.asarray(ref['holistic_codes'], jnp.int32)
+  z = jnp.asarray(ref['patch_codes'], jnp.int32)
+  seq = jnp.concatenate([q, z], axis=1)
+  if 'train_logits' in ref:
+    known.add('train_logits')
+    rep.array('train_logits', model(labels, q, z), ref['train_logits'])
+  lh, lp = model.loss(labels, q, z)
+  for k, v in (('train_loss_holistic', lh), ('train_loss_patch', lp)):
+    if k in ref:
+      known.add(k)
+      rep.array(k, v, ref[k])
+  gen = j.get('generate_kwargs', {})
+  scale = float(j.get('cfg_scale', 1.5))
+  forced = np.ones(seq.shape, bool)
+  teacher = {'kv_logits': (1.0, True), 'kv_logits_fixed': (1.0, False), 'cfg_logits': (scale, True)}
+  for k, (s, legacy) in teacher.items():
+    if k in ref:
+      known.add(k)
+      _, logits = generate(model, labels, jax.random.key(0), cfg_scale=s, legacy_pos128_embedding=legacy,
+                           prefix_codes=seq, prefix_mask=forced, return_logits=True)
+      rep.array(k, logits, ref[k])
+  sampled = {}
+  for k in sorted(ref):
+    m = re.fullmatch(r'greedy_cfg([0-9.]+)(_fixed)?', k)
+    if not m:
+      continue
+    known.add(k)
+    out = generate(model, labels, jax.random.key(0), cfg_scale=float(m.group(1)),
+                   cfg_interval=int(gen.get('cfg_interval', -1)),
+                   temperature=float(gen.get('temperature', 1.0)), top_k=int(gen.get('top_k', 1)),
+                   top_p=float(gen.get('top_p', 1.0)), legacy_pos128_embedding=not m.group(2))
+    sampled[k] = out
+    rep.indices(k, out, ref[k])
+  for k in sorted(ref):
+    m = re.fullmatch(r'(greedy_cfg[0-9.]+(?:_fixed)?)_decoded_eval_uint8', k)
+    if not m:
+      continue
+    known.add(k)
+    names = fx.tokenizer_names(d)
+    if not names:
+      rep.skip(k, 'no tokenizer in the fixtures to decode with')
+      continue
+    name = 'tokenizer_v' if 'tokenizer_v' in names else names[0]
+    tok, _ = fx.build_tokenizer(d, name)
+    # decode the official generation (a flipped code would change the whole image)
+    codes = jnp.asarray(ref[m.group(1)], jnp.int32)
+    rep.uint8(k, codes_to_images(tok, codes, eval_size=ref[k].shape[1]), ref[k])
+  for k in sorted(set(ref) - known):
+    rep.skip(f'gpt_io.npz:{k}', 'array not known to this tool')
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--fixtures', required=True, help='directory in the format of shared/fixtures/official')
@@ -226,9 +289,9 @@ def main(argv=None):
       rep.skip('tokenizer', 'no tokenizer_*.json')
     for name in names:
       check_tokenizer(d, name, rep)
-  for f in ('gpt.json', 'losses.json'):
-    if os.path.exists(os.path.join(d, f)):
-      rep.skip(f, 'this version has no checker for it yet (GPT and loss parity arrive with their models)')
+    check_gpt(d, rep)
+  if os.path.exists(os.path.join(d, 'losses.json')):
+    rep.skip('losses.json', 'this version has no checker for the tokenizer losses yet')
   if rep.n == 0:
     print('FAIL: nothing was compared')
     return 1

@@ -1,0 +1,12 @@
+"""Hita with GPT-L: Hita-V tokenizer (Hita-U with `variant=U`) + GPT-L, official AR training and
+sampling hyper-parameters (train_c2i.py / test_net.py).
+
+Usage: --config=configs/hita_l.py            full size
+       --config=configs/hita_l.py:variant=U  on the Hita-U tokenizer
+       --config=configs/hita_l.py:tiny       CPU-sized variant
+"""
+from hita_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.hita_recipe('L', arg)
