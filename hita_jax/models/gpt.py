@@ -356,11 +356,12 @@ class GPT(nnx.Module):
   def decode_step(self, x, cache, pos):
     """x (B, 1, dim) at scalar position `pos` -> (head-selected logits (B, V) fp32, cache)."""
     cfg = self.cfg
-    is_hol, cos, sin = self.position_tables(cache['k'].shape[2])
+    _, cos, sin = self.position_tables(cache['k'].shape[2])
     cos_p = jax.lax.dynamic_slice_in_dim(cos, pos, 1)
     sin_p = jax.lax.dynamic_slice_in_dim(sin, pos, 1)
-    add_all = self.pos_add(cache['k'].shape[2])
-    add_p = jax.lax.dynamic_slice_in_dim(add_all, pos, 1)
+    s = cfg.num_holistic
+    row = jax.lax.dynamic_slice_in_dim(self.holistic_pos[...], jnp.minimum(pos, s - 1), 1)
+    add_p = jnp.where(pos < s, row, 0).astype(self.compute_dtype)
     graphdef, state = nnx.split(self.blocks)
 
     def body(carry, xs):

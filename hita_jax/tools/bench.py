@@ -1,0 +1,150 @@
+"""Throughput benchmarks on the current accelerator (results for docs/PERFORMANCE.md).
+
+    python -m hita_jax.tools.bench gpt_train --size B --batch 64 [--attn cudnn] [--remat none]
+    python -m hita_jax.tools.bench sample --size B --batch 64 --cfg 1.5
+
+Random weights and codes at the official full size (vocab 16384, 128 holistic + 441 patch tokens,
+1000 classes). Training: bf16 compute, fp32 params, AdamW(0.9, 0.95, wd 0.05 on >=2-D), clip 1.0,
+one jitted step with donated state. Sampling: bf16 weights and KV cache, the jitted sampler.
+Each result is printed as one JSON line (and appended to $OUT/bench.jsonl when $OUT is set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hita_jax import flops
+from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
+
+
+def env_info():
+  import flax
+  return {'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
+          'device': jax.devices()[0].device_kind, 'n_devices': jax.device_count(),
+          'python': platform.python_version()}
+
+
+def full_size_config(size: str, **kw) -> GPTConfig:
+  return GPTConfig(**GPT_SIZES[size], vocab_size=16384, num_holistic=128, grid=21, num_classes=1000, **kw)
+
+
+def adamw(lr=1e-4, wd=0.05):
+  mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=wd, mask=mask))
+
+
+def bench_gpt_train(size, batch, attn='cudnn', remat='none', scan=False, warmup=3, iters=10):
+  cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan)
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = adamw()
+  opt_state = tx.init(params)
+  r = np.random.RandomState(0)
+  labels = jnp.asarray(r.randint(0, cfg.num_classes, batch))
+  q = jnp.asarray(r.randint(0, cfg.vocab_size, (batch, cfg.num_holistic)))
+  z = jnp.asarray(r.randint(0, cfg.vocab_size, (batch, cfg.num_patches)))
+
+  @_jit_donating
+  def step(params, opt_state, key):
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p, copy=True)
+      lh, lp = m.loss(labels, q, z, rng=key)
+      return lh + lp
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  for i in range(warmup):
+    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
+  float(loss)
+  compile_and_warm = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for i in range(iters):
+    params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, 100 + i))
+  float(loss)
+  dt = (time.perf_counter() - t0) / iters
+  t = cfg.seq_len
+  tok_s = batch * t / dt
+  peak = flops.device_peak_flops() or 989e12
+  out = dict(bench='gpt_train', size=size, batch=batch, attn=attn, remat=remat, scan=scan,
+             step_s=dt, images_s=batch / dt, tokens_s=tok_s,
+             mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, t), peak),
+             mfu_causal=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, t, causal=True), peak),
+             loss=float(loss), warmup_s=compile_and_warm)
+  out.update(_mem())
+  return out
+
+
+def _jit_donating(fn):
+  return jax.jit(fn, donate_argnums=(0, 1))
+
+
+def bench_sample(size, batch, cfg_scale=1.5, repeats=2):
+  from hita_jax.sample import generate
+  cfg = full_size_config(size, dtype='bfloat16')
+  model = GPT(cfg, rngs=nnx.Rngs(0))
+  model.head[...] = jax.random.normal(jax.random.key(1), model.head.shape) * 0.02  # as the anchor
+  model.eval()
+  state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                       nnx.state(model))
+  labels = jnp.asarray(np.random.RandomState(0).randint(0, cfg.num_classes, batch))
+  t0 = time.perf_counter()
+  generate(model, labels, jax.random.key(0), cfg_scale=cfg_scale, state=state).block_until_ready()
+  first = time.perf_counter() - t0
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    generate(model, labels, jax.random.key(i + 1), cfg_scale=cfg_scale, state=state).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  dt = float(np.median(times))
+  out = dict(bench='sample', size=size, batch=batch, cfg=cfg_scale, tokens=cfg.seq_len, seconds=dt,
+             images_s=batch / dt, first_call_s=first)
+  out.update(_mem())
+  return out
+
+
+def _mem():
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+    return {'peak_mem_gb': stats.get('peak_bytes_in_use', 0) / 2 ** 30}
+  except Exception:
+    return {}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('what', choices=['gpt_train', 'sample'])
+  p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
+  p.add_argument('--batch', type=int, default=64)
+  p.add_argument('--attn', default='cudnn', choices=['xla', 'cudnn'])
+  p.add_argument('--remat', default='none')
+  p.add_argument('--scan', action='store_true')
+  p.add_argument('--cfg', type=float, default=1.5)
+  p.add_argument('--iters', type=int, default=10)
+  a = p.parse_args(argv)
+  if a.what == 'gpt_train':
+    res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters)
+  else:
+    res = bench_sample(a.size, a.batch, a.cfg)
+  res.update(env_info())
+  line = json.dumps(res)
+  print(line, flush=True)
+  if os.environ.get('OUT'):
+    with open(os.path.join(os.environ['OUT'], 'bench.jsonl'), 'a') as f:
+      f.write(line + '\n')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,221 @@
+"""GPT: official parameter counts, RoPE layout, KV cache vs full forward, scan/remat equivalence,
+conversion round trip, sampler behaviour (compile once, filters, prefix forcing, sharding)."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hita_jax import sharding
+from hita_jax.convert.gpt import config_from_state_dict, export_official_gpt, load_official_gpt
+from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig, count_params
+from hita_jax.models.rope import gpt_position_tables, rope_2d_table
+from hita_jax.sample import filter_logits, generate
+from tests.conftest import ROOT
+
+
+def tiny_cfg(**kw):
+  base = dict(dim=64, n_layer=2, n_head=4, vocab_size=32, num_holistic=6, grid=4, num_classes=5,
+              token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+  base.update(kw)
+  return GPTConfig(**base)
+
+
+def random_gpt(cfg, seed=0):
+  """A GPT with a non-zero head (the official init zeroes it, which would hide bugs)."""
+  m = GPT(cfg, rngs=nnx.Rngs(seed))
+  m.head[...] = jax.random.normal(jax.random.key(seed + 1), m.head.shape) * 0.05
+  m.eval()
+  return m
+
+
+def codes(cfg, b=2, seed=0):
+  r = np.random.RandomState(seed)
+  return (jnp.asarray(r.randint(0, cfg.num_classes, b)),
+          jnp.asarray(r.randint(0, cfg.vocab_size, (b, cfg.num_holistic))),
+          jnp.asarray(r.randint(0, cfg.vocab_size, (b, cfg.num_patches))))
+
+
+@pytest.mark.parametrize('size,expected', [('B', 136_152_576), ('L', 376_596_480), ('XL', 816_806_400),
+                                           ('XXL', 1_461_500_928), ('2B', 2_251_549_440)])
+def test_official_parameter_counts(size, expected):
+  assert count_params(GPTConfig(**GPT_SIZES[size])) == expected
+
+
+def test_rope_head_dim_60_has_15_plus_15_frequencies():
+  t = rope_2d_table(21, 60)
+  assert t.shape == (442, 30, 2)
+  assert np.all(t[0] == 0)  # the official zero row
+  # pair 0 rotates by the row index, pair 15 by the column index (both with freq 1)
+  row, col = 2, 5
+  np.testing.assert_allclose(t[1 + row * 21 + col, 0], [np.cos(row), np.sin(row)], atol=1e-6)
+  np.testing.assert_allclose(t[1 + row * 21 + col, 15], [np.cos(col), np.sin(col)], atol=1e-6)
+  is_hol, cos, sin = gpt_position_tables(128, 21, 60, 10000.0, 569)
+  assert is_hol[:128].all() and not is_hol[128:].any()
+  assert np.all(cos[128] == 0) and np.all(sin[128] == 0)  # q_{S-1}: q = k = 0
+  assert np.all(cos[:128] == 1) and np.all(sin[:128] == 0)
+
+
+@pytest.mark.parametrize('kw', [{}, {'n_head': 2}, {'grid': 5, 'num_holistic': 3}])
+def test_kv_cache_equals_full_forward_fixed_mode(kw):
+  cfg = tiny_cfg(**kw)
+  m = random_gpt(cfg)
+  labels, q, z = codes(cfg)
+  full = np.asarray(m(labels, q, z))
+  s, v = cfg.num_holistic, cfg.vocab_size
+  head_selected = np.concatenate([full[:, :s, :v], full[:, s:, v:]], axis=1)
+  seq = jnp.concatenate([q, z], 1)
+  out, logits = generate(m, labels, jax.random.key(0), cfg_scale=1.0, prefix_codes=seq,
+                         prefix_mask=np.ones(seq.shape[1], bool), return_logits=True)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(seq))
+  np.testing.assert_allclose(np.asarray(logits), head_selected, atol=2e-5)
+  # the released sampler's quirk changes patch logits only
+  _, legacy = generate(m, labels, jax.random.key(0), cfg_scale=1.0, legacy_pos128_embedding=True,
+                       prefix_codes=seq, prefix_mask=np.ones(seq.shape[1], bool), return_logits=True)
+  legacy = np.asarray(legacy)
+  np.testing.assert_allclose(legacy[:, :s], head_selected[:, :s], atol=2e-5)
+  assert np.abs(legacy[:, s:] - head_selected[:, s:]).max() > 1e-3
+
+
+def test_scan_and_remat_match_unrolled():
+  cfg = tiny_cfg(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)
+  labels, q, z = codes(cfg)
+  results = []
+  for scan, remat in [(False, 'none'), (True, 'none'), (False, 'full'), (True, 'minimal'), (False, 'dots')]:
+    m = random_gpt(dataclasses.replace(cfg, scan_layers=scan, remat=remat))
+    graphdef, params = nnx.split(m)
+
+    def loss(p):
+      mm = nnx.merge(graphdef, p, copy=True)
+      lh, lp = mm.loss(labels, q, z, rng=jax.random.key(3))
+      return lh + lp
+    l, g = jax.value_and_grad(loss)(params)
+    results.append((float(l), jax.tree.leaves(g)))
+  for l, g in results[1:]:
+    assert l == pytest.approx(results[0][0], rel=1e-5)
+    for a, b in zip(g, results[0][1]):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_only_with_rng():
+  cfg = tiny_cfg(token_dropout=0.5, resid_dropout=0.5, ffn_dropout=0.5)
+  m = random_gpt(cfg)
+  labels, q, z = codes(cfg)
+  a, b = m(labels, q, z), m(labels, q, z)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c = m(labels, q, z, rng=jax.random.key(0))
+  assert np.abs(np.asarray(c) - np.asarray(a)).max() > 1e-3
+
+
+def test_label_dropout_uses_null_class():
+  cfg = tiny_cfg(class_dropout_prob=0.5)
+  m = random_gpt(cfg)
+  dropped = m.drop_labels(jnp.zeros(1000, jnp.int32), jax.random.key(0))
+  assert set(np.unique(np.asarray(dropped))) == {0, cfg.num_classes}
+  assert 0.4 < float(np.mean(np.asarray(dropped) == cfg.num_classes)) < 0.6
+
+
+def test_export_import_round_trip_and_config_inference():
+  cfg = tiny_cfg()
+  src = random_gpt(cfg, seed=1)
+  sd = export_official_gpt(src)
+  assert sd['layers.1.attention.wqkv.weight'].shape == (192, 64)
+  assert sd['output.weight'].shape == (64, 64) and sd['cls_embedding.embedding_table.weight'].shape == (6, 64)
+  dst = GPT(cfg, rngs=nnx.Rngs(9))
+  assert load_official_gpt(dst, sd) == {'missing': [], 'unexpected': []}
+  for a, b in zip(jax.tree.leaves(nnx.state(src)), jax.tree.leaves(nnx.state(dst))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  inferred = config_from_state_dict(sd, n_head=4, grid=4)
+  assert (inferred.dim, inferred.n_layer, inferred.vocab_size, inferred.num_holistic,
+          inferred.num_classes) == (64, 2, 32, 6, 5)
+  with pytest.raises(KeyError, match='does not match'):
+    load_official_gpt(GPT(tiny_cfg(n_layer=3), rngs=nnx.Rngs(0)), sd)
+
+
+def test_sampler_compiles_once_per_shape():
+  from hita_jax.sample import _generate
+  cfg = tiny_cfg()
+  m = random_gpt(cfg)
+  labels = jnp.asarray([1, 2])
+  _generate.clear_cache()
+  generate(m, labels, jax.random.key(0), cfg_scale=1.5)
+  n = _generate._cache_size()
+  for i, scale in enumerate([2.0, 3.5, 1.7]):  # new scale values and keys: no recompilation
+    generate(m, labels, jax.random.key(i + 1), cfg_scale=scale)
+  assert _generate._cache_size() == n == 1
+  generate(m, jnp.asarray([1, 2, 3]), jax.random.key(0), cfg_scale=1.5)  # new batch: one more
+  assert _generate._cache_size() == 2
+
+
+def test_filters_and_sampling_statistics():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  f = np.asarray(filter_logits(logits, top_k=2))
+  assert np.isfinite(f[0, :2]).all() and (f[0, 2:] < -1e30).all()
+  f = np.asarray(filter_logits(logits, top_p=0.7))  # keeps 0.5 and 0.3 (mass before 0.3 is 0.5)
+  assert (f[0, :2] > -1e30).all() and (f[0, 2:] < -1e30).all()
+  f = np.asarray(filter_logits(logits, top_p=0.4))
+  assert f[0, 0] > -1e30 and (f[0, 1:] < -1e30).all()
+  from hita_jax.sample import sample_token
+  keys = jax.random.split(jax.random.key(0), 4000)
+  toks = np.asarray(jax.vmap(lambda k: sample_token(k, logits)[0])(keys))
+  np.testing.assert_allclose(np.bincount(toks, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_prefix_forcing_and_cfg_interval():
+  cfg = tiny_cfg()
+  m = random_gpt(cfg)
+  labels = jnp.asarray([0, 3])
+  n = cfg.num_holistic + cfg.num_patches
+  prefix = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, n))
+  mask = np.zeros(n, bool)
+  mask[:cfg.num_holistic + 5] = True
+  out = np.asarray(generate(m, labels, jax.random.key(1), cfg_scale=2.0, prefix_codes=prefix,
+                            prefix_mask=mask, top_k=4))
+  np.testing.assert_array_equal(out[:, mask], prefix[:, mask])
+  assert out.max() < cfg.vocab_size
+  # cfg_interval=-1 guides every step; a huge interval is the same, interval 0 differs
+  a = generate(m, labels, jax.random.key(1), cfg_scale=4.0, top_k=1)
+  b = generate(m, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, cfg_interval=10_000)
+  c = generate(m, labels, jax.random.key(1), cfg_scale=4.0, top_k=1, cfg_interval=0)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_sharded_sampler_matches_single_device():
+  cfg = tiny_cfg(n_head=4, dim=64)
+  m = random_gpt(cfg, seed=4)
+  labels = jnp.asarray([0, 1, 2, 3, 4, 0, 1, 2])
+  ref = np.asarray(generate(m, labels, jax.random.key(0), cfg_scale=1.5, top_k=1))
+  mesh = sharding.make_mesh([('data', 2), ('fsdp', 2), ('tensor', 2)])
+  sharding.shard_module(m, mesh, sharding.DEFAULT_RULES)
+  assert m.blocks.w1[...].sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', 'tensor')
+  lab = jax.device_put(labels, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES, 1))
+  got = np.asarray(generate(m, lab, jax.random.key(0), cfg_scale=1.5, top_k=1))
+  np.testing.assert_array_equal(got, ref)
+
+
+def test_gpt_import_cli_sets_legacy_sampler_flag(tmp_path):
+  from safetensors.numpy import save_file
+  from hita_jax import config_lib
+  from hita_jax.convert.gpt import legacy_flag_from_export
+  from hita_jax.models.gpt import gpt_config_from
+  config = config_lib.load_config(f'{ROOT}/configs/hita_b.py:tiny')
+  model = random_gpt(gpt_config_from(config.gpt), seed=2)
+  sd = export_official_gpt(model)
+  save_file(sd, str(tmp_path / 'GPT-B.safetensors'))
+  run = lambda *a: subprocess.run([sys.executable, '-m', 'hita_jax.convert.gpt', *a], cwd=ROOT,
+                                  capture_output=True, text=True)
+  r = run('import', '--config', f'{ROOT}/configs/hita_b.py:tiny', '--checkpoint',
+          str(tmp_path / 'GPT-B.safetensors'), '--out', str(tmp_path / 'gpt'))
+  assert r.returncode == 0, r.stderr
+  assert legacy_flag_from_export(str(tmp_path / 'gpt'))
+  r = run('export', '--config', f'{ROOT}/configs/hita_b.py:tiny', '--params', str(tmp_path / 'gpt'),
+          '--out', str(tmp_path / 'back.npz'))
+  assert r.returncode == 0, r.stderr
+  back = np.load(tmp_path / 'back.npz')
+  assert all(np.array_equal(back[k], sd[k]) for k in sd)
