@@ -61,7 +61,7 @@ def test_rope_head_dim_60_has_15_plus_15_frequencies():
   assert np.all(cos[:128] == 1) and np.all(sin[:128] == 0)
 
 
-@pytest.mark.parametrize('kw', [{}, {'n_head': 2}, {'grid': 5, 'num_holistic': 3}])
+@pytest.mark.parametrize('kw', [{}, {'n_head': 2}, {'grid': 5, 'num_holistic': 3}, {'scan_layers': True}])
 def test_kv_cache_equals_full_forward_fixed_mode(kw):
   cfg = tiny_cfg(**kw)
   m = random_gpt(cfg)

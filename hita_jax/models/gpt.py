@@ -335,11 +335,19 @@ class GPT(nnx.Module):
 
   # -- incremental decoding ---------------------------------------------------------------------
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
+    """KV cache: per layer (B, T_max, H, hd) arrays. Unrolled layers keep one array per layer so
+    each step writes one position in place and attends over its own buffer (no per-layer slicing
+    copies of a stacked cache, which dominated decode time); scanned layers keep a stacked array
+    in the carry, written in place at (layer, pos)."""
     cfg = self.cfg
     t = find_multiple(max_len or cfg.seq_len, 8)
-    shape = (cfg.n_layer, batch, t, cfg.n_head, cfg.head_dim)
+    shape = (batch, t, cfg.n_head, cfg.head_dim)
     dt = dtype or self.compute_dtype
-    return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
+    if cfg.scan_layers:
+      full = (cfg.n_layer,) + shape
+      return {'k': jnp.zeros(full, dt), 'v': jnp.zeros(full, dt)}
+    return {'k': tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layer)),
+            'v': tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layer))}
 
   def embed_step(self, labels, tokens, pos, *, legacy_pos128_embedding: bool = False):
     """Input embedding at position `pos`: the class at 0, else the previous token through the
@@ -356,7 +364,8 @@ class GPT(nnx.Module):
   def decode_step(self, x, cache, pos):
     """x (B, 1, dim) at scalar position `pos` -> (head-selected logits (B, V) fp32, cache)."""
     cfg = self.cfg
-    _, cos, sin = self.position_tables(cache['k'].shape[2])
+    t_max = (cache['k'][0] if isinstance(cache['k'], tuple) else cache['k'][0]).shape[1]
+    _, cos, sin = self.position_tables(t_max)
     cos_p = jax.lax.dynamic_slice_in_dim(cos, pos, 1)
     sin_p = jax.lax.dynamic_slice_in_dim(sin, pos, 1)
     s = cfg.num_holistic
@@ -364,28 +373,32 @@ class GPT(nnx.Module):
     add_p = jnp.where(pos < s, row, 0).astype(self.compute_dtype)
     graphdef, state = nnx.split(self.blocks)
 
-    def body(carry, xs):
-      h, i = carry
-      layer_state, kc, vc = xs
-      blk = nnx.merge(graphdef, layer_state, copy=True)
-      h, kc, vc = blk.decode(h, add_p, cos_p, sin_p, kc, vc, pos)
-      return (h, i + 1), (kc, vc)
-
     if cfg.scan_layers:
-      (x, _), (k, v) = jax.lax.scan(body, (x, 0), (state, cache['k'], cache['v']))
+      def body(carry, layer_state):
+        h, i, k_all, v_all = carry
+        blk = nnx.merge(graphdef, layer_state, copy=True)
+        kc = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
+        vc = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
+        h, kc, vc = blk.decode(h, add_p, cos_p, sin_p, kc, vc, pos)
+        k_new = jax.lax.dynamic_slice_in_dim(kc, pos, 1, axis=1)[None]
+        v_new = jax.lax.dynamic_slice_in_dim(vc, pos, 1, axis=1)[None]
+        k_all = jax.lax.dynamic_update_slice(k_all, k_new, (i, 0, pos, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v_new, (i, 0, pos, 0, 0))
+        return (h, i + 1, k_all, v_all), None
+      (x, _, k, v), _ = jax.lax.scan(body, (x, 0, cache['k'], cache['v']), state)
       cache = {'k': k, 'v': v}
     else:
-      k, v = cache['k'], cache['v']
+      ks, vs = list(cache['k']), list(cache['v'])
       for i in range(cfg.n_layer):
         layer_state = jax.tree.map(lambda a: a[i], state)
         blk = nnx.merge(graphdef, layer_state, copy=True)
-        x, kc, vc = blk.decode(x, add_p, cos_p, sin_p, k[i], v[i], pos)
-        k = k.at[i].set(kc)
-        v = v.at[i].set(vc)
-      cache = {'k': k, 'v': v}
-    logits = self.logits(x)[:, 0]
+        x, ks[i], vs[i] = blk.decode(x, add_p, cos_p, sin_p, ks[i], vs[i], pos)
+      cache = {'k': tuple(ks), 'v': tuple(vs)}
+    # Only the head half this position needs: holistic below S, patch from S on.
     v_ = cfg.vocab_size
-    logits = jnp.where(pos < cfg.num_holistic, logits[:, :v_], logits[:, v_:])
+    head = jax.lax.dynamic_slice_in_dim(self.head[...], jnp.where(pos < s, 0, v_), v_, axis=1)
+    h = self.norm(x)[:, 0]
+    logits = jnp.einsum('bd,dv->bv', h, head.astype(h.dtype), preferred_element_type=jnp.float32)
     return logits, cache
 
 
