@@ -213,12 +213,20 @@ class Block(nnx.Module):
     return self.finish(x, o, keys)
 
   def decode(self, x, pos_add, cos, sin, k_cache, v_cache, pos):
-    """One position `pos` (scalar) for all batch rows, with this layer's (B, T_max, H, hd) cache."""
-    q, k, v = self.qkv(x, pos_add, cos, sin)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, pos, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, pos, 0, 0))
-    mask = (jnp.arange(k_cache.shape[1]) <= pos)[None, None, None, :]
-    o = attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=mask, impl='xla')
+    """One position `pos` (scalar) for all batch rows with this layer's (B, H, T_max, hd) cache.
+    Heads-major cache layout: the two attention products contract over hd / T with (B, H) as
+    batch dimensions, so XLA never transposes the cache."""
+    q, k, v = self.qkv(x, pos_add, cos, sin)                    # (B, 1, H, hd)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
+                                           (0, 0, pos, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                           (0, 0, pos, 0))
+    scale = self.cfg.head_dim ** -0.5
+    logits = jnp.einsum('bhd,bhtd->bht', q[:, 0], k_cache.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(jnp.arange(k_cache.shape[2]) <= pos, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+    o = jnp.einsum('bht,bhtd->bhd', probs, v_cache).astype(x.dtype)[:, None]
     return self.finish(x, o, [None] * 4), k_cache, v_cache
 
 
@@ -335,13 +343,13 @@ class GPT(nnx.Module):
 
   # -- incremental decoding ---------------------------------------------------------------------
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
-    """KV cache: per layer (B, T_max, H, hd) arrays. Unrolled layers keep one array per layer so
+    """KV cache: per layer (B, H, T_max, hd) arrays. Unrolled layers keep one array per layer so
     each step writes one position in place and attends over its own buffer (no per-layer slicing
     copies of a stacked cache, which dominated decode time); scanned layers keep a stacked array
     in the carry, written in place at (layer, pos)."""
     cfg = self.cfg
     t = find_multiple(max_len or cfg.seq_len, 8)
-    shape = (batch, t, cfg.n_head, cfg.head_dim)
+    shape = (batch, cfg.n_head, t, cfg.head_dim)
     dt = dtype or self.compute_dtype
     if cfg.scan_layers:
       full = (cfg.n_layer,) + shape
@@ -364,7 +372,7 @@ class GPT(nnx.Module):
   def decode_step(self, x, cache, pos):
     """x (B, 1, dim) at scalar position `pos` -> (head-selected logits (B, V) fp32, cache)."""
     cfg = self.cfg
-    t_max = (cache['k'][0] if isinstance(cache['k'], tuple) else cache['k'][0]).shape[1]
+    t_max = cache['k'][0].shape[-2]
     _, cos, sin = self.position_tables(t_max)
     cos_p = jax.lax.dynamic_slice_in_dim(cos, pos, 1)
     sin_p = jax.lax.dynamic_slice_in_dim(sin, pos, 1)
@@ -380,10 +388,10 @@ class GPT(nnx.Module):
         kc = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
         vc = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
         h, kc, vc = blk.decode(h, add_p, cos_p, sin_p, kc, vc, pos)
-        k_new = jax.lax.dynamic_slice_in_dim(kc, pos, 1, axis=1)[None]
-        v_new = jax.lax.dynamic_slice_in_dim(vc, pos, 1, axis=1)[None]
-        k_all = jax.lax.dynamic_update_slice(k_all, k_new, (i, 0, pos, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, v_new, (i, 0, pos, 0, 0))
+        k_new = jax.lax.dynamic_slice_in_dim(kc, pos, 1, axis=2)[None]
+        v_new = jax.lax.dynamic_slice_in_dim(vc, pos, 1, axis=2)[None]
+        k_all = jax.lax.dynamic_update_slice(k_all, k_new, (i, 0, 0, pos, 0))
+        v_all = jax.lax.dynamic_update_slice(v_all, v_new, (i, 0, 0, pos, 0))
         return (h, i + 1, k_all, v_all), None
       (x, _, k, v), _ = jax.lax.scan(body, (x, 0, cache['k'], cache['v']), state)
       cache = {'k': k, 'v': v}
