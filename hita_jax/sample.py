@@ -66,13 +66,14 @@ def _generate(graphdef, state, labels, key, cfg_scale, prefix_codes, prefix_mask
   seq = jnp.zeros((b, length), jnp.int32)
   v = model.cfg.vocab_size
   logit_buf = jnp.zeros((b, length, v) if return_logits else (0,), jnp.float32)
+  weights = model.decode_weights()  # loop invariants, sliced once
 
   def body(p, carry):
     cache, seq, key, logit_buf = carry
     prev = jax.lax.dynamic_slice_in_dim(seq, jnp.maximum(p - 1, 0), 1, axis=1)[:, 0]
     tokens = jnp.concatenate([prev, prev]) if use_cfg else prev
     x = model.embed_step(lab, tokens, p, legacy_pos128_embedding=legacy_pos128_embedding)
-    logits, cache = model.decode_step(x, cache, p)
+    logits, cache = model.decode_step(x, cache, p, weights)
     if use_cfg:
       cond, uncond = logits[:b], logits[b:]
       guided = uncond + (cond - uncond) * cfg_scale

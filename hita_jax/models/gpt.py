@@ -369,9 +369,23 @@ class GPT(nnx.Module):
     x = jnp.where(pos == 0, cls, jnp.where(use_hol, hol, pat))
     return x[:, None].astype(self.compute_dtype)
 
-  def decode_step(self, x, cache, pos):
-    """x (B, 1, dim) at scalar position `pos` -> (head-selected logits (B, V) fp32, cache)."""
+  def decode_weights(self):
+    """Loop-invariant views of the weights for `decode_step`, made once outside a decode loop:
+    per-layer slices of the stacked layers (slicing inside the loop made XLA copy every layer's
+    weights at every step) and the two head halves (so a step multiplies by one half only)."""
+    graphdef, state = nnx.split(self.blocks)
+    v = self.cfg.vocab_size
+    head = self.head[...]
+    layers = state if self.cfg.scan_layers else [
+        jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.cfg.n_layer)]
+    return {'graphdef': graphdef, 'layers': layers, 'head': (head[:, :v], head[:, v:])}
+
+  def decode_step(self, x, cache, pos, weights=None):
+    """x (B, 1, dim) at scalar position `pos` -> (head-selected logits (B, V) fp32, cache).
+    Pass `weights=self.decode_weights()` computed outside the decode loop."""
     cfg = self.cfg
+    w = weights or self.decode_weights()
+    graphdef = w['graphdef']
     t_max = cache['k'][0].shape[-2]
     _, cos, sin = self.position_tables(t_max)
     cos_p = jax.lax.dynamic_slice_in_dim(cos, pos, 1)
@@ -379,7 +393,6 @@ class GPT(nnx.Module):
     s = cfg.num_holistic
     row = jax.lax.dynamic_slice_in_dim(self.holistic_pos[...], jnp.minimum(pos, s - 1), 1)
     add_p = jnp.where(pos < s, row, 0).astype(self.compute_dtype)
-    graphdef, state = nnx.split(self.blocks)
 
     if cfg.scan_layers:
       def body(carry, layer_state):
@@ -393,20 +406,19 @@ class GPT(nnx.Module):
         k_all = jax.lax.dynamic_update_slice(k_all, k_new, (i, 0, 0, pos, 0))
         v_all = jax.lax.dynamic_update_slice(v_all, v_new, (i, 0, 0, pos, 0))
         return (h, i + 1, k_all, v_all), None
-      (x, _, k, v), _ = jax.lax.scan(body, (x, 0, cache['k'], cache['v']), state)
+      (x, _, k, v), _ = jax.lax.scan(body, (x, 0, cache['k'], cache['v']), w['layers'])
       cache = {'k': k, 'v': v}
     else:
       ks, vs = list(cache['k']), list(cache['v'])
-      for i in range(cfg.n_layer):
-        layer_state = jax.tree.map(lambda a: a[i], state)
+      for i, layer_state in enumerate(w['layers']):
         blk = nnx.merge(graphdef, layer_state, copy=True)
         x, ks[i], vs[i] = blk.decode(x, add_p, cos_p, sin_p, ks[i], vs[i], pos)
       cache = {'k': tuple(ks), 'v': tuple(vs)}
-    # Only the head half this position needs: holistic below S, patch from S on.
-    v_ = cfg.vocab_size
-    head = jax.lax.dynamic_slice_in_dim(self.head[...], jnp.where(pos < s, 0, v_), v_, axis=1)
     h = self.norm(x)[:, 0]
-    logits = jnp.einsum('bd,dv->bv', h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+    mm = lambda head: jnp.einsum('bd,dv->bv', h, head.astype(h.dtype),
+                                 preferred_element_type=jnp.float32)
+    # Holistic head below S, patch head from S on; only one of them is computed.
+    logits = jax.lax.cond(pos < s, lambda: mm(w['head'][0]), lambda: mm(w['head'][1]))
     return logits, cache
 
 
