@@ -220,3 +220,56 @@ def pick_state_dict(obj: Any, *, key: str | None = 'ema', path: str = '<checkpoi
         k = k[len(p):]
     out[k] = np.array(v)  # own the memory (readers return views of storages)
   return out
+
+
+class _ScriptObject:
+  """Inert stand-in for a TorchScript module object: it only records its pickled state."""
+
+  def __init__(self, *args):
+    self.state = None
+
+  def __setstate__(self, state):
+    self.state = state
+
+
+class _TorchScriptUnpickler(_RestrictedUnpickler):
+  """TorchScript archives pickle module objects of `__torch__.*` classes; they become inert data
+  holders (their code is never imported or run). Everything else is as restricted as above."""
+
+  def find_class(self, module, name):
+    if module == '__torch__' or module.startswith('__torch__.'):
+      return type(name, (_ScriptObject,), {})
+    if module == 'torch.jit._pickle' and name.startswith('build_'):
+      return lambda x: x
+    return super().find_class(module, name)
+
+
+def load_torchscript_arrays(path: str) -> dict[str, np.ndarray]:
+  """All tensors held by a TorchScript file's modules, as {dotted attribute path: array}."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'TorchScript file not found: {path}')
+  try:
+    with zipfile.ZipFile(path) as z:
+      pkl = next((n for n in z.namelist() if n.endswith('/data.pkl')), None)
+      if pkl is None:
+        raise CheckpointFormatError(f'{path}: no data.pkl; not a TorchScript archive')
+      prefix = pkl[:-len('data.pkl')]
+
+      def load_storage(key, dtype, numel):
+        return np.frombuffer(z.read(f'{prefix}data/{key}'), dtype=dtype)[:numel]
+
+      root = _TorchScriptUnpickler(io.BytesIO(z.read(pkl)), load_storage).load()
+  except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError) as e:
+    raise CheckpointFormatError(f'{path}: cannot read as TorchScript ({e})') from e
+  out: dict[str, np.ndarray] = {}
+
+  def walk(obj, prefix):
+    state = obj.state if isinstance(obj, _ScriptObject) else obj
+    if isinstance(state, dict):
+      for k, v in state.items():
+        if isinstance(v, np.ndarray):
+          out[prefix + str(k)] = np.array(v)
+        elif isinstance(v, (_ScriptObject, dict)):
+          walk(v, f'{prefix}{k}.')
+  walk(root, '')
+  return out

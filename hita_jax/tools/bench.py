@@ -2,6 +2,7 @@
 
     python -m hita_jax.tools.bench gpt_train --size B --batch 64 [--attn cudnn] [--remat none]
     python -m hita_jax.tools.bench sample --size B --batch 64 --cfg 1.5
+    python -m hita_jax.tools.bench inception --batch 500
 
 Random weights and codes at the official full size (vocab 16384, 128 holistic + 441 patch tokens,
 1000 classes). Training: bf16 compute, fp32 params, AdamW(0.9, 0.95, wd 0.05 on >=2-D), clip 1.0,
@@ -115,6 +116,26 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2):
   return out
 
 
+def bench_inception(batch, repeats=5):
+  """pool3 (+ sFID features and logits) of uint8 256x256 images at `batch`, random weights
+  (speed only), fp32 at HIGHEST precision as in evaluation, ADM preprocessing included."""
+  from hita_jax.evaluation import InceptionRunner, load_inception_weights
+  runner = InceptionRunner(load_inception_weights('random'), batch_size=batch)
+  images = np.random.RandomState(0).randint(0, 256, (batch, 256, 256, 3)).astype(np.uint8)
+  t0 = time.perf_counter()
+  runner(images)
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    runner(images)
+    times.append(time.perf_counter() - t0)
+  dt = float(np.median(times))
+  out = dict(bench='inception_pool3', batch=batch, seconds=dt, images_s=batch / dt, first_call_s=first)
+  out.update(_mem())
+  return out
+
+
 def _mem():
   try:
     stats = jax.devices()[0].memory_stats() or {}
@@ -125,7 +146,7 @@ def _mem():
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('what', choices=['gpt_train', 'sample'])
+  p.add_argument('what', choices=['gpt_train', 'sample', 'inception'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='cudnn', choices=['xla', 'cudnn'])
@@ -136,8 +157,10 @@ def main(argv=None):
   a = p.parse_args(argv)
   if a.what == 'gpt_train':
     res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters)
-  else:
+  elif a.what == 'sample':
     res = bench_sample(a.size, a.batch, a.cfg)
+  else:
+    res = bench_inception(a.batch)
   res.update(env_info())
   line = json.dumps(res)
   print(line, flush=True)
