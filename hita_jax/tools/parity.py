@@ -273,6 +273,98 @@ def check_gpt(d: str, rep: Report):
     rep.skip(f'gpt_io.npz:{k}', 'array not known to this tool')
 
 
+def check_losses(d: str, rep: Report):
+  need = ('losses.json', 'losses_io.npz', 'inputs.npz', 'tokenizer_v_io.npz')
+  missing = [f for f in need if not os.path.exists(os.path.join(d, f))]
+  if missing:
+    rep.skip('losses', f'{", ".join(missing)} missing')
+    return
+  import json
+  from flax import nnx
+  from safetensors.numpy import load_file
+  from hita_jax import losses
+  from hita_jax.convert.losses import load_official_lpips, load_official_patchgan
+  from hita_jax.models.discriminator import PatchGAN
+  from hita_jax.models.lpips import LPIPS
+  from hita_jax.models.quantizer import VectorQuantizer, l2_normalize
+  print('[losses]')
+  with open(os.path.join(d, 'losses.json')) as f:
+    j = json.load(f)
+  ref = fx.load_npz(os.path.join(d, 'losses_io.npz'))
+  vals = j.get('values', {})
+  images = jnp.asarray(fx.load_npz(os.path.join(d, 'inputs.npz'))['images']).transpose(0, 2, 3, 1)
+  tok_io = fx.load_npz(os.path.join(d, 'tokenizer_v_io.npz'))
+  recon = jnp.asarray(tok_io['recon']).transpose(0, 2, 3, 1)
+  # LPIPS (eval mode: dropout off); random VGG16 stored bit-packed, real linear heads
+  raw = load_file(os.path.join(d, j['lpips'].get('weights', 'lpips.safetensors')))
+  sd = {}
+  for k, v in raw.items():
+    pk = j['lpips'].get('vgg16_packing', {}).get(k)
+    if pk:
+      bits = np.unpackbits(v, bitorder=pk.get('bitorder', 'little'), count=pk['numel'])
+      v = ((bits.astype(np.float32) * 2 - 1) * np.float32(pk['scale'])).reshape(pk['shape'])
+    sd[k] = v
+  lp = load_official_lpips(LPIPS(rngs=nnx.Rngs(0)), sd)
+  total, per = lp(images, recon, per_layer=True)
+  if 'lpips' in ref:
+    rep.array('lpips', np.asarray(total).reshape(ref['lpips'].shape), ref['lpips'], kind='stage')
+  if 'lpips_per_layer' in ref:
+    rep.array('lpips_per_layer', per, ref['lpips_per_layer'], kind='stage')
+  # PatchGAN: eval logits, then one train-mode call disc(recon, images) (fake first, then real)
+  pg = j['patchgan']
+  disc = PatchGAN(in_channels=pg.get('input_nc', 3), ndf=pg['ndf'], n_layers=pg['n_layers'],
+                  rngs=nnx.Rngs(0))
+  load_official_patchgan(disc, load_file(os.path.join(d, pg.get('weights', 'patchgan.safetensors'))))
+  disc.eval()
+  fake_e, real_e = disc(recon), disc(images)
+  disc.train()
+  fake_t, real_t = disc(recon), disc(images)
+  out = {'disc_logits_fake_eval': fake_e, 'disc_logits_real_eval': real_e,
+         'disc_logits_fake_train': fake_t, 'disc_logits_real_train': real_t}
+  for k, v in out.items():
+    if k in ref:
+      rep.array(k, nchw(v), ref[k], kind='stage')
+  for i, norm in enumerate(disc.norms):
+    for ours, theirs in (('mean', 'running_mean'), ('var', 'running_var')):
+      k = f'disc_after_train_step.main.{3 + 3 * i}.{theirs}'
+      if k in ref:
+        rep.array(k, getattr(norm, ours)[...], ref[k], kind='stage')
+  # Scalar losses (per-quantizer losses from the saved pre-quant vectors, training formulas)
+  kw = j.get('vqloss_kwargs', {})
+  dw = kw.get('disc_weight', 0.5)
+  w_adv = float(losses.adversarial_weight(j.get('global_step', 0), kw.get('disc_start', 0), dw))
+  scalars = {
+      'lpips_mean': jnp.mean(total),
+      'hinge_d_loss_eval': losses.hinge_d_loss(real_e, fake_e),
+      'softplus_g_loss_eval': losses.softplus_g_loss(fake_e),
+      'hinge_d_loss_train': losses.hinge_d_loss(real_t, fake_t),
+      'softplus_g_loss_train': losses.softplus_g_loss(fake_t),
+      'rec_loss_2xmse': losses.reconstruction_loss(images, recon),
+  }
+  beta = 0.25
+  for kind, key, shape in (('patch', 'prequant_patch', None), ('holistic', 'prequant_holistic', None)):
+    if key not in tok_io:
+      continue
+    z = jnp.asarray(tok_io[key])
+    z = z.transpose(0, 2, 3, 1) if z.ndim == 4 else z
+    codebook = load_file(os.path.join(d, 'tokenizer_v.safetensors'))[
+        ('quantize' if kind == 'patch' else 'slot_quantize') + '.embedding.weight']
+    q = VectorQuantizer(codebook.shape[0], codebook.shape[1], beta=beta, rngs=nnx.Rngs(0))
+    q.codebook[...] = codebook
+    _, _, l = q(z)
+    scalars[f'{kind}_vq_loss'] = l['vq']
+    scalars[f'{kind}_commit_loss'] = l['commit']
+  if all(k in scalars for k in ('patch_vq_loss', 'holistic_vq_loss')):
+    scalars['vqloss_generator_total_eval'] = (
+        scalars['rec_loss_2xmse'] + scalars['lpips_mean'] + w_adv * scalars['softplus_g_loss_eval']
+        + scalars['patch_vq_loss'] + scalars['holistic_vq_loss'] + scalars['patch_commit_loss']
+        + scalars['holistic_commit_loss'])
+  scalars['vqloss_discriminator_total_eval'] = w_adv * scalars['hinge_d_loss_eval']
+  for k, v in scalars.items():
+    if k in vals:
+      rep.array(k, np.float32(v), np.float32(vals[k]))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--fixtures', required=True, help='directory in the format of shared/fixtures/official')
@@ -290,8 +382,7 @@ def main(argv=None):
     for name in names:
       check_tokenizer(d, name, rep)
     check_gpt(d, rep)
-  if os.path.exists(os.path.join(d, 'losses.json')):
-    rep.skip('losses.json', 'this version has no checker for the tokenizer losses yet')
+    check_losses(d, rep)
   if rep.n == 0:
     print('FAIL: nothing was compared')
     return 1

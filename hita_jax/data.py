@@ -1,0 +1,244 @@
+"""Image data for the tokenizer (and, later, code extraction), with grain.
+
+Sources (all random access, decoded in `map` so grain workers do the work):
+* `ShapesSource`: the embedded default, generated procedurally (no download): 10 shape classes with
+  random colours, a random texture, position and scale on a random background. Holistic tokens get
+  something global to capture (colour/texture), patch tokens something local (the shape).
+* `ImageFolderSource`: `root/<class>/*.{jpg,png,...}`, sorted; classes are sub-folder names.
+* `TfdsSource`: a tfds dataset prepared as ArrayRecord (`tfds.data_source`, e.g. `imagenet2012`
+  built from the manual download), images kept as encoded bytes.
+
+Corrupt or unreadable images never stop training: the element is replaced by the next readable one
+and carries `skipped` (how many files were passed over), which the trainer sums and reports.
+Augmentation is the official one: ADM `random_crop_arr` (shorter side to a random size in
+[S, 1.25 S], BOX halving then BICUBIC, random S crop) and a horizontal flip with p = 0.5; evaluation
+uses the ADM centre crop. The index space is sharded per process; iterators are checkpointable.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff')
+SHAPE_CLASSES = ('circle', 'square', 'triangle', 'cross', 'ring', 'diamond', 'hbars', 'vbars',
+                 'checker', 'star')
+
+
+# -- sources --------------------------------------------------------------------------------------
+
+class ShapesSource:
+  """Procedural labelled images: deterministic per index, `num_records` of them."""
+
+  def __init__(self, num_records: int = 10000, size: int = 64, seed: int = 0):
+    self.num_records, self.size, self.seed = num_records, size, seed
+
+  def __len__(self):
+    return self.num_records
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    index = int(index) % self.num_records
+    label = index % len(SHAPE_CLASSES)
+    rng = np.random.default_rng((self.seed, index))
+    return {'image': render_shape(label, rng, self.size), 'label': np.int32(label)}
+
+
+def render_shape(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
+  s = size
+  yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+  bg = rng.uniform(0, 1, 3)
+  fg = rng.uniform(0, 1, 3)
+  while np.abs(fg - bg).sum() < 0.6:  # keep the shape visible
+    fg = rng.uniform(0, 1, 3)
+  tex = rng.integers(0, 3)
+  freq = rng.uniform(6, 14)
+  if tex == 1:    # stripes
+    texture = 0.85 + 0.15 * np.sign(np.sin(2 * np.pi * freq * (xx + yy)))
+  elif tex == 2:  # noise
+    texture = 0.8 + 0.2 * rng.uniform(0, 1, (s, s))
+  else:
+    texture = np.ones((s, s), np.float32)
+  r = rng.uniform(0.18, 0.32)
+  cy, cx = rng.uniform(r + 0.05, 1 - r - 0.05, 2)
+  dy, dx = yy - cy, xx - cx
+  name = SHAPE_CLASSES[label]
+  if name == 'circle':
+    m = dy ** 2 + dx ** 2 < r ** 2
+  elif name == 'square':
+    m = (np.abs(dy) < r * 0.85) & (np.abs(dx) < r * 0.85)
+  elif name == 'triangle':
+    m = (dy < r * 0.8) & (dy > -r) & (np.abs(dx) < (dy + r) * 0.6)
+  elif name == 'cross':
+    w = r * 0.35
+    m = ((np.abs(dy) < w) & (np.abs(dx) < r)) | ((np.abs(dx) < w) & (np.abs(dy) < r))
+  elif name == 'ring':
+    d2 = dy ** 2 + dx ** 2
+    m = (d2 < r ** 2) & (d2 > (0.55 * r) ** 2)
+  elif name == 'diamond':
+    m = np.abs(dy) + np.abs(dx) < r
+  elif name == 'hbars':
+    m = (np.abs(dy) < r) & (np.abs(dx) < r) & (np.sin(np.pi * 3 * dy / r) > 0)
+  elif name == 'vbars':
+    m = (np.abs(dy) < r) & (np.abs(dx) < r) & (np.sin(np.pi * 3 * dx / r) > 0)
+  elif name == 'checker':
+    m = (np.abs(dy) < r) & (np.abs(dx) < r) & ((np.floor(3 * dy / r) + np.floor(3 * dx / r)) % 2 == 0)
+  else:  # star
+    ang = np.arctan2(dy, dx)
+    rad = r * (0.55 + 0.45 * np.cos(5 * ang))
+    m = dy ** 2 + dx ** 2 < rad ** 2
+  img = np.where(m[..., None], fg[None, None] * texture[..., None], bg[None, None])
+  img = img + rng.normal(0, 0.02, img.shape)
+  return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+class ImageFolderSource:
+  """`root/<class>/<image>`: records are (path, label); the image is read in `decode`."""
+
+  def __init__(self, root: str):
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f'image folder not found: {root} (expected root/<class>/<images>)')
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+      raise ValueError(f'{root} has no class sub-folders (expected root/<class>/<images>)')
+    self.classes = classes
+    self.records = []
+    for label, c in enumerate(classes):
+      for dirpath, _, files in os.walk(os.path.join(root, c)):
+        for f in sorted(files):
+          if f.lower().endswith(IMAGE_EXTS):
+            self.records.append((os.path.join(dirpath, f), label))
+    self.records.sort()
+    if not self.records:
+      raise ValueError(f'{root} holds no images with extensions {IMAGE_EXTS}')
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path, label = self.records[int(index)]
+    return {'path': path, 'label': np.int32(label)}
+
+
+class TfdsSource:
+  """A tfds ArrayRecord dataset (`tfds build NAME --file_format=array_record`), encoded images."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None):
+    import tensorflow_datasets as tfds
+    try:
+      self.src = tfds.data_source(name, split=split, data_dir=data_dir,
+                                  decoders={'image': tfds.decode.SkipDecoding()})
+    except Exception as e:
+      raise RuntimeError(f'tfds dataset {name}:{split} is not available as ArrayRecord under '
+                         f'{data_dir or "$TFDS_DATA_DIR"} ({e}); prepare it with `tfds build {name} '
+                         '--file_format=array_record` (ImageNet needs the manual download)') from e
+
+  def __len__(self):
+    return len(self.src)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    r = self.src[int(index)]
+    return {'bytes': r['image'], 'label': np.int32(r.get('label', 0))}
+
+
+# -- decoding and augmentation ----------------------------------------------------------------------
+
+def _open(record) -> Image.Image:
+  if 'image' in record:
+    return Image.fromarray(np.asarray(record['image']))
+  if 'path' in record:
+    with open(record['path'], 'rb') as f:
+      data = f.read()
+  else:
+    data = record['bytes']
+  img = Image.open(io.BytesIO(data))
+  img.load()
+  return img.convert('RGB')
+
+
+def random_crop_arr(pil_image: Image.Image, image_size: int, rng: np.random.Generator,
+                    min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> np.ndarray:
+  """ADM `random_crop_arr` (the official augmentation)."""
+  lo = math.ceil(image_size / max_crop_frac)
+  hi = math.ceil(image_size / min_crop_frac)
+  smaller = int(rng.integers(lo, hi + 1))
+  while min(*pil_image.size) >= 2 * smaller:
+    pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+  scale = smaller / min(*pil_image.size)
+  pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+  arr = np.array(pil_image)
+  y = int(rng.integers(0, arr.shape[0] - image_size + 1))
+  x = int(rng.integers(0, arr.shape[1] - image_size + 1))
+  return arr[y:y + image_size, x:x + image_size]
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+  from hita_jax.evaluation import center_crop_arr as adm_center_crop
+  return adm_center_crop(pil_image, image_size)
+
+
+class DecodeAugment(grain.transforms.RandomMap):
+  """record -> {'image': uint8 (S, S, 3), 'label', 'skipped'}; unreadable files are replaced by the
+  next readable record of the source."""
+
+  def __init__(self, source, image_size: int, train: bool, max_tries: int = 64):
+    self.source, self.size, self.train, self.max_tries = source, image_size, train, max_tries
+
+  def random_map(self, element, rng: np.random.Generator):
+    record, index = element
+    skipped = 0
+    for attempt in range(self.max_tries):
+      try:
+        img = _open(record)
+        break
+      except Exception:  # corrupt / unreadable: never fatal
+        skipped += 1
+        record = self.source[(index + attempt + 1) % len(self.source)]
+    else:
+      raise RuntimeError(f'{self.max_tries} consecutive unreadable images near index {index}')
+    if self.train:
+      arr = random_crop_arr(img, self.size, rng)
+      if rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    else:
+      arr = center_crop_arr(img, self.size)
+    return {'image': np.ascontiguousarray(arr, np.uint8), 'label': np.int32(record['label']),
+            'skipped': np.int32(skipped)}
+
+
+def make_source(cfg) -> Any:
+  kind = cfg.source
+  if kind == 'shapes':
+    return ShapesSource(cfg.get('num_records', 10000), cfg.get('shapes_size', cfg.image_size),
+                        cfg.get('seed', 0))
+  if kind == 'folder':
+    return ImageFolderSource(cfg.path)
+  if kind == 'tfds':
+    return TfdsSource(cfg.name, cfg.split, cfg.get('data_dir') or None)
+  raise ValueError(f"data.source must be 'shapes', 'folder' or 'tfds', got {kind!r}")
+
+
+def make_image_dataset(cfg, *, image_size: int, global_batch: int, seed: int, train: bool = True,
+                       process_index: int = 0, process_count: int = 1):
+  """A checkpointable iterator of per-process batches {'image': uint8 (b, S, S, 3), 'label',
+  'skipped'} with b = global_batch / process_count."""
+  if global_batch % process_count:
+    raise ValueError(f'global batch {global_batch} is not divisible by {process_count} processes')
+  source = make_source(cfg)
+  ds = grain.MapDataset.source(source)
+  ds = ds.map_with_index(lambda i, r: (r, i))
+  if train:
+    ds = ds.shuffle(seed=seed).repeat()
+  ds = ds[process_index::process_count]
+  ds = ds.seed(seed).random_map(DecodeAugment(source, image_size, train))
+  ds = ds.batch(global_batch // process_count, drop_remainder=True)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.get('num_threads', 2),
+                                               prefetch_buffer_size=cfg.get('prefetch', 4)))
+  workers = cfg.get('num_workers', 0)
+  if workers:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(it_ds), source

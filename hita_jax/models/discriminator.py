@@ -1,0 +1,63 @@
+"""PatchGAN discriminator (pix2pix `NLayerDiscriminator`, as Hita-V trains with it), NHWC.
+
+conv4 s2 -> LeakyReLU(0.2) -> [conv4 (no bias) -> BatchNorm -> LeakyReLU] x n (stride 2, last
+stride 1) -> conv4 s1 to one logit per patch (40 x 40 at 336 px). BatchNorm follows PyTorch
+exactly: training normalises with the biased batch variance and updates the running statistics
+with momentum 0.1 and the *unbiased* variance; eval uses the running statistics.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class TorchBatchNorm(nnx.Module):
+
+  def __init__(self, c: int, *, eps: float = 1e-5, momentum: float = 0.1, rngs: nnx.Rngs):
+    self.eps, self.momentum = eps, momentum
+    self.scale = nnx.Param(1.0 + 0.02 * jax.random.normal(rngs.params(), (c,)))  # official init
+    self.bias = nnx.Param(jnp.zeros((c,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((c,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((c,), jnp.float32))
+    self.use_running_average = False  # flipped by model.eval()
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      mean = jnp.mean(x, axis=(0, 1, 2))
+      var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+      n = x.shape[0] * x.shape[1] * x.shape[2]
+      m = self.momentum
+      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * n / max(n - 1, 1)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+def _conv(cin, cout, stride, bias, rngs):
+  return nnx.Conv(cin, cout, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
+                  use_bias=bias, param_dtype=jnp.float32,
+                  kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+class PatchGAN(nnx.Module):
+
+  def __init__(self, *, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, rngs: nnx.Rngs):
+    convs, norms = [_conv(in_channels, ndf, 2, True, rngs)], []
+    mult = 1
+    for n in range(1, n_layers + 1):
+      prev, mult = mult, min(2 ** n, 8)
+      convs.append(_conv(ndf * prev, ndf * mult, 2 if n < n_layers else 1, False, rngs))
+      norms.append(TorchBatchNorm(ndf * mult, rngs=rngs))
+    convs.append(_conv(ndf * mult, 1, 1, True, rngs))
+    self.convs = nnx.List(convs)
+    self.norms = nnx.List(norms)
+
+  def __call__(self, x):
+    """(B, H, W, 3) in [-1, 1] -> patch logits (B, H', W', 1) in fp32."""
+    h = jax.nn.leaky_relu(self.convs[0](x.astype(jnp.float32)), 0.2)
+    for conv, norm in zip(self.convs[1:-1], self.norms):
+      h = jax.nn.leaky_relu(norm(conv(h)), 0.2)
+    return self.convs[-1](h)

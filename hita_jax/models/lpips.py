@@ -1,0 +1,65 @@
+"""LPIPS (v0.1, VGG16 backbone), the tokenizer's perceptual loss, NHWC.
+
+Inputs in [-1, 1]. ScalingLayer `(x - shift) / scale`; VGG16 features tapped after relu1_2,
+relu2_2, relu3_3, relu4_3, relu5_3; each tap unit-normalised over channels (`f / (||f|| + 1e-10)`),
+squared difference, Dropout(0.5) then a 1x1 conv to 1 channel without bias (the linear heads),
+spatial mean, summed over the 5 taps. The official training loop leaves the LPIPS module in train
+mode, so the head dropout is active during tokenizer training (pass `dropout_rng`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+VGG16_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512)
+TAP_CHANNELS = (64, 128, 256, 512, 512)
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+
+
+class LPIPS(nnx.Module):
+
+  def __init__(self, *, rngs: nnx.Rngs, dropout: float = 0.5):
+    convs = []
+    cin = 3
+    for v in VGG16_CFG:
+      if v == 'M':
+        continue
+      convs.append(nnx.Conv(cin, v, (3, 3), padding='SAME', param_dtype=jnp.float32, rngs=rngs))
+      cin = v
+    self.convs = nnx.List(convs)
+    self.lins = nnx.List([nnx.Param(jnp.full((c,), 1.0 / c, jnp.float32)) for c in TAP_CHANNELS])
+    self.shift = nnx.Variable(jnp.asarray(SHIFT, jnp.float32))
+    self.scale = nnx.Variable(jnp.asarray(SCALE, jnp.float32))
+    self.dropout = dropout
+
+  def features(self, x):
+    """The 5 VGG16 taps (relu1_2 ... relu5_3) of [-1, 1] NHWC images."""
+    h = (x.astype(jnp.float32) - self.shift[...]) / self.scale[...]
+    taps, ci = [], 0
+    for v in VGG16_CFG + ('M',):
+      if v == 'M':
+        taps.append(h)
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+        continue
+      h = jax.nn.relu(self.convs[ci](h))
+      ci += 1
+    return taps[:5]
+
+  def __call__(self, x, y, *, dropout_rng=None, per_layer: bool = False):
+    """Distance per image pair (B,) (and (B, 5) per-layer terms with per_layer=True)."""
+    terms = []
+    keys = jax.random.split(dropout_rng, 5) if dropout_rng is not None else [None] * 5
+    for i, (fx, fy) in enumerate(zip(self.features(x), self.features(y))):
+      nx = fx / (jnp.sqrt(jnp.sum(fx * fx, axis=-1, keepdims=True)) + 1e-10)
+      ny = fy / (jnp.sqrt(jnp.sum(fy * fy, axis=-1, keepdims=True)) + 1e-10)
+      d = (nx - ny) ** 2
+      if keys[i] is not None and self.dropout > 0:
+        keep = jax.random.bernoulli(keys[i], 1.0 - self.dropout, d.shape)
+        d = jnp.where(keep, d / (1.0 - self.dropout), 0.0)
+      terms.append(jnp.mean(jnp.einsum('bhwc,c->bhw', d, self.lins[i][...],
+                                       precision='highest'), axis=(1, 2)))
+    per = jnp.stack(terms, axis=1)
+    total = jnp.sum(per, axis=1)
+    return (total, per) if per_layer else total
