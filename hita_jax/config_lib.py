@@ -106,7 +106,7 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
   # batch 256) from 1e-7 then constant, clip 1.0, EMA 0.9999, bf16, 50 epochs (~250k steps).
   config.train = mlc.ConfigDict(dict(
       global_batch_size=8 if tiny else 256, num_steps=300 if tiny else 250_000,
-      lr=1e-4 if not tiny else 3e-4, b1=0.9, b2=0.95, warmup_steps=20 if tiny else 20_000,
+      lr=1e-4 if not tiny else 3e-4, b1=0.9, b2=0.95, adam_eps=1e-8, warmup_steps=20 if tiny else 20_000,
       warmup_init_lr=1e-7, lr_decay='constant', grad_clip=1.0, ema_decay=0.99 if tiny else 0.9999,
       compute_dtype='float32' if tiny else 'bfloat16', log_every=10 if tiny else 100,
       image_every=100 if tiny else 5000, ckpt_every=100 if tiny else 5000, keep_checkpoints=3,

@@ -84,8 +84,9 @@ def build(config, mesh):
 
   tr = config.train
   sched = train_utils.lr_schedule(tr.lr, tr.warmup_steps, tr.warmup_init_lr, tr.lr_decay, tr.num_steps)
-  tx_g = optax.chain(optax.clip_by_global_norm(tr.grad_clip), optax.adam(sched, b1=tr.b1, b2=tr.b2))
-  tx_d = optax.chain(optax.clip_by_global_norm(tr.grad_clip), optax.adam(tr.lr, b1=tr.b1, b2=tr.b2))
+  eps = tr.get('adam_eps', 1e-8)
+  tx_g = optax.chain(optax.clip_by_global_norm(tr.grad_clip), optax.adam(sched, b1=tr.b1, b2=tr.b2, eps=eps))
+  tx_d = optax.chain(optax.clip_by_global_norm(tr.grad_clip), optax.adam(tr.lr, b1=tr.b1, b2=tr.b2, eps=eps))
 
   g_def, g_params, g_rest = nnx.split(tok, trainable_filter(), ...)
   d_def, d_params, d_stats = nnx.split(disc, nnx.Param, ...)
@@ -181,12 +182,34 @@ def export_ema(parts, state, directory, config):
               config={'tokenizer': cfg}, metadata={'step': int(state['step']), 'weights': 'ema'})
 
 
+def validate(config):
+  """Fail early, naming the key, on values the step would only reject deep inside jit."""
+  lc, tr = config.loss, config.train
+  checks = [('loss.disc_loss', lc.disc_loss, sorted(losses.D_LOSSES)),
+            ('loss.gen_loss', lc.gen_loss, sorted(losses.G_LOSSES)),
+            ('train.lr_decay', tr.lr_decay, ['constant', 'cosine']),
+            ('train.compute_dtype', tr.compute_dtype, ['float32', 'bfloat16', 'float16']),
+            ('data.source', config.data.source, ['shapes', 'folder', 'tfds'])]
+  for key, value, valid in checks:
+    if value not in valid:
+      raise ValueError(f'config.{key}={value!r} is not valid; choose one of {valid}')
+  for key in ('global_batch_size', 'num_steps', 'log_every', 'ckpt_every', 'image_every'):
+    if tr[key] <= 0:
+      raise ValueError(f'config.train.{key} must be positive, got {tr[key]}')
+
+
 def run(config, workdir: str):
+  validate(config)
   tr = config.train
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
   rules = [tuple(r) for r in config.logical_axis_rules]
   parts, state, lp_state, sched = build(config, mesh)
   batch_sh = sharding.batch_sharding(mesh, rules, 4)
+  n_shards = int(np.prod([mesh.shape[a] for a in (batch_sh.spec[0] or ())] if isinstance(
+      batch_sh.spec[0], tuple) else [mesh.shape[batch_sh.spec[0]]] if batch_sh.spec[0] else [1]))
+  if tr.global_batch_size % n_shards:
+    raise ValueError(f'train.global_batch_size={tr.global_batch_size} must be a multiple of the '
+                     f'{n_shards} batch shards of mesh {dict(mesh.shape)}')
   data_iter, source = data.make_image_dataset(
       config.data, image_size=parts.cfg.image_size, global_batch=tr.global_batch_size,
       seed=config.seed, train=True, process_index=jax.process_index(),
