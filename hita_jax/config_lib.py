@@ -105,7 +105,7 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
   # Official vq_train.py: batch 256, lr 1e-4, Adam(0.9, 0.95), 4 warm-up epochs (~20k steps at
   # batch 256) from 1e-7 then constant, clip 1.0, EMA 0.9999, bf16, 50 epochs (~250k steps).
   config.train = mlc.ConfigDict(dict(
-      global_batch_size=8 if tiny else 256, num_steps=300 if tiny else 250_000,
+      global_batch_size=8 if tiny else 256, num_steps=200 if tiny else 250_000,
       lr=1e-4 if not tiny else 3e-4, b1=0.9, b2=0.95, adam_eps=1e-8, warmup_steps=20 if tiny else 20_000,
       warmup_init_lr=1e-7, lr_decay='constant', grad_clip=1.0, ema_decay=0.99 if tiny else 0.9999,
       compute_dtype='float32' if tiny else 'bfloat16', log_every=10 if tiny else 100,
