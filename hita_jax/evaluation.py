@@ -26,7 +26,6 @@ import time
 from typing import Any, Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 

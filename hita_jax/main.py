@@ -5,7 +5,6 @@ by name). The resolved config is written to `<workdir>/config.json`.
 """
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')

@@ -8,7 +8,6 @@ einsum; the matrices are constants under jit.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax.numpy as jnp
 import numpy as np

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file, save_file
 
 from hita_jax.convert.dinov2 import export_dinov2

@@ -1,7 +1,6 @@
 """GPT: official parameter counts, RoPE layout, KV cache vs full forward, scan/remat equivalence,
 conversion round trip, sampler behaviour (compile once, filters, prefix forcing, sharding)."""
 import dataclasses
-import os
 import subprocess
 import sys
 

@@ -22,6 +22,7 @@ import re
 import numpy as np
 from flax import nnx
 
+from hita_jax.convert import mapping
 from hita_jax.models.gpt import GPT, GPTConfig
 
 _TOP = {
@@ -145,26 +146,14 @@ def legacy_flag_from_export(directory: str) -> bool:
 
 
 def main(argv=None):
-  import argparse
   import dataclasses
   import os
   from hita_jax import config_lib
   from hita_jax.checkpoint import save_params
   from hita_jax.convert.torch_files import load_state_dict_file
   from hita_jax.models.gpt import gpt_config_from
-  p = argparse.ArgumentParser(description='Official Hita GPT checkpoints <-> hita_jax.')
-  sub = p.add_subparsers(dest='cmd', required=True)
-  imp = sub.add_parser('import', help='official checkpoint -> hita_jax params export (Orbax)')
-  imp.add_argument('--config', required=True, help='e.g. configs/hita_b.py')
-  imp.add_argument('--checkpoint', required=True, help='GPT-B-50e.pt / .safetensors / .npz')
-  imp.add_argument('--key', default='ema', help="entry of a training checkpoint (default 'ema')")
-  imp.add_argument('--out', required=True)
-  imp.add_argument('--overwrite', action='store_true')
-  exp = sub.add_parser('export', help='hita_jax params export -> official key layout')
-  exp.add_argument('--config', required=True)
-  exp.add_argument('--params', required=True)
-  exp.add_argument('--out', required=True, help='.safetensors or .npz')
-  exp.add_argument('--overwrite', action='store_true')
+  p, _ = mapping.cli_parser('Official Hita GPT checkpoints <-> hita_jax.',
+                           'GPT-B-50e.pt / .safetensors / .npz', 'e.g. configs/hita_b.py')
   a = p.parse_args(argv)
   config = config_lib.load_config(a.config)
   cfg = gpt_config_from(config.gpt)
@@ -177,16 +166,11 @@ def main(argv=None):
                 metadata={'source': os.path.abspath(a.checkpoint), 'key': a.key})
     print(f'wrote {a.out} (sample.legacy_pos128_embedding = True)')
   else:
-    if os.path.exists(a.out) and not a.overwrite:
-      p.error(f'{a.out} exists; pass --overwrite to replace it')
     sd = export_official_gpt(build_gpt(cfg, a.params))
-    if a.out.endswith('.safetensors'):
-      from safetensors.numpy import save_file
-      save_file(sd, a.out)
-    elif a.out.endswith('.npz'):
-      np.savez(a.out, **sd)
-    else:
-      p.error('--out must end in .safetensors or .npz')
+    try:
+      mapping.write_state_dict(a.out, sd, overwrite=a.overwrite)
+    except (FileExistsError, ValueError) as e:
+      p.error(str(e))
     print(f'wrote {len(sd)} tensors to {a.out}')
 
 

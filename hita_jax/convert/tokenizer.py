@@ -125,25 +125,13 @@ EXPORT_FILTER = nnx.Any(nnx.Param, nnx.PathContains('usage'))
 
 
 def main(argv=None):
-  import argparse
   import dataclasses
   import os
   from hita_jax import config_lib
   from hita_jax.checkpoint import save_params
-  p = argparse.ArgumentParser(description='Official Hita tokenizer checkpoints <-> hita_jax.')
-  sub = p.add_subparsers(dest='cmd', required=True)
-  imp = sub.add_parser('import', help='official checkpoint -> hita_jax params export (Orbax)')
-  imp.add_argument('--config', required=True, help='e.g. configs/tokenizer_v.py')
-  imp.add_argument('--checkpoint', required=True, help='hita-tok.pt / .safetensors / .npz')
-  imp.add_argument('--key', default='ema', help="entry of a training checkpoint (default 'ema')")
+  p, imp = mapping.cli_parser('Official Hita tokenizer checkpoints <-> hita_jax.',
+                             'hita-tok.pt / .safetensors / .npz', 'e.g. configs/tokenizer_v.py')
   imp.add_argument('--dinov2', help="Meta's dinov2_vitl14_reg4_pretrain.pth or a Hugging Face dir")
-  imp.add_argument('--out', required=True)
-  imp.add_argument('--overwrite', action='store_true')
-  exp = sub.add_parser('export', help='hita_jax params export -> official key layout')
-  exp.add_argument('--config', required=True)
-  exp.add_argument('--params', required=True, help='hita_jax params export directory')
-  exp.add_argument('--out', required=True, help='.safetensors or .npz')
-  exp.add_argument('--overwrite', action='store_true')
   a = p.parse_args(argv)
   config = config_lib.load_config(a.config)
   cfg = config_lib.tokenizer_config_from(config.tokenizer)
@@ -157,17 +145,12 @@ def main(argv=None):
                           'dinov2': a.dinov2 and os.path.abspath(a.dinov2)})
     print(f'wrote {a.out}')
   else:
-    if os.path.exists(a.out) and not a.overwrite:
-      p.error(f'{a.out} exists; pass --overwrite to replace it')
     model = build_tokenizer(cfg, tokenizer_ckpt=a.params, dinov2=None)
     sd = export_official_tokenizer(model)
-    if a.out.endswith('.safetensors'):
-      from safetensors.numpy import save_file
-      save_file(sd, a.out)
-    elif a.out.endswith('.npz'):
-      np.savez(a.out, **sd)
-    else:
-      p.error('--out must end in .safetensors or .npz')
+    try:
+      mapping.write_state_dict(a.out, sd, overwrite=a.overwrite)
+    except (FileExistsError, ValueError) as e:
+      p.error(str(e))
     print(f'wrote {len(sd)} tensors to {a.out}')
 
 

@@ -157,11 +157,8 @@ def load_torch_checkpoint(path: str, *, use_torch: bool | None = None) -> Any:
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint not found: {path}')
   if use_torch is None:
-    try:
-      import torch  # noqa: F401
-      use_torch = True
-    except ImportError:
-      use_torch = False
+    import importlib.util
+    use_torch = importlib.util.find_spec('torch') is not None
   try:
     if use_torch:
       return _torch_load(path)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hita_jax.models.layers import attention, named
+from hita_jax.models.layers import attention
 from hita_jax.models.rope import apply_rope, gpt_position_tables
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -152,8 +152,7 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    d, hd = cfg.dim, cfg.head_dim
-    init = named(nnx.initializers.normal(cfg.initializer_range), ('embed', 'heads'))
+    d = cfg.dim
     self.attention_norm = RMSNorm(d, cfg.norm_eps)
     self.wqkv = nnx.Param(nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (d, 3 * d)),
                           out_sharding=('embed', 'heads'))
@@ -167,7 +166,6 @@ class Block(nnx.Module):
                         out_sharding=('embed', 'mlp'))
     self.w2 = nnx.Param(nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (f, d)),
                         out_sharding=('mlp', 'embed'))
-    del init, hd
 
   def _mm(self, x, w):
     return jnp.einsum('...i,io->...o', x, w[...].astype(x.dtype))

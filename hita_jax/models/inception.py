@@ -9,7 +9,6 @@ Runs in fp32 at HIGHEST matmul precision (no TF32/bf16): metric networks must be
 """
 from __future__ import annotations
 
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hita_jax.models.layers import named
 
 
 class CodeUsage(nnx.Variable):

@@ -286,7 +286,7 @@ def check_losses(d: str, rep: Report):
   from hita_jax.convert.losses import load_official_lpips, load_official_patchgan
   from hita_jax.models.discriminator import PatchGAN
   from hita_jax.models.lpips import LPIPS
-  from hita_jax.models.quantizer import VectorQuantizer, l2_normalize
+  from hita_jax.models.quantizer import VectorQuantizer
   print('[losses]')
   with open(os.path.join(d, 'losses.json')) as f:
     j = json.load(f)
