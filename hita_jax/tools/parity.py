@@ -203,6 +203,12 @@ def check_tokenizer(d: str, name: str, rep: Report):
     rep.uint8('recon_eval_uint8', to_uint8_eval(torch_bicubic_resize(recon, size)),
               ref['recon_eval_uint8'])
   if model.cfg.vfm:
+    from hita_jax.models.holistic import pos_table_for_grid
+    fd = model.fusion_decoder
+    for alias in ('vfm_pos_embed_interp', 'vfm_position_embedding'):
+      if have(alias):
+        rep.array(alias, pos_table_for_grid(fd.position_embedding[...], fd.pos_grid,
+                                            (fd.vfm_grid, fd.vfm_grid))[None], ref[alias])
     for alias in VFM_ALIASES:
       if have(alias):
         rep.array(alias, model.vfm_prediction(hol_q), ref[alias], kind='stage')
