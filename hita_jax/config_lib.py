@@ -168,14 +168,16 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
   config.task = 'train_ar'
   config.gpt_size = size
   config.gpt = gpt_model_config(size, config.tokenizer, tiny=tiny, num_classes=10 if tiny else 1000)
-  config.init.gpt = None
   config.init.gpt_key = 'ema'
   config.ar = mlc.ConfigDict(dict(
       lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip=1.0, ema_decay=0.9999,
       global_batch_size=8 if tiny else 256, epochs=1 if tiny else AR_RECIPES[size]['epochs'],
       class_dropout_prob=0.1, token_dropout=0.1, compute_dtype='bfloat16'))
+  config.init.gpt = mlc.FieldReference(None, field_type=str)
+  # test_net.py: cfg 1.5, temperature 1, no top-k/top-p, decode at 336 then bicubic to 256.
+  # legacy_pos128_embedding is switched on automatically for official checkpoints.
   config.sample = mlc.ConfigDict(dict(
       cfg_scale=1.5, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
       legacy_pos128_embedding=False, num_images=50000, per_device_batch=32, eval_size=256,
-      seed=0))
+      classes='balanced', save_png=True, seed=0))
   return config

@@ -24,7 +24,7 @@ TASKS = {
     'train_tokenizer': 'hita_jax.trainers.tokenizer',
     'extract_codes': None,
     'train_ar': None,
-    'sample': None,
+    'sample': 'hita_jax.sampling',
 }
 
 

@@ -1,0 +1,110 @@
+"""The `sample` task: N class-conditional images with the jitted KV-cache sampler, written as PNGs
+and as an ADM-compatible `.npz` (`arr_0` uint8 N x 256 x 256 x 3, `arr_1` the labels, as the
+guided-diffusion sample scripts save them), resumable.
+
+Images are produced in chunks of one global batch; chunk i uses the key `fold_in(seed, i)` and the
+labels of its global indices, so a rerun after an interruption skips the chunks already on disk
+(each is written atomically) and produces exactly the images an uninterrupted run would.
+Classes are balanced (`i % num_classes`, in a seeded order) or drawn at random as `test_net.py`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from hita_jax import config_lib, sharding
+
+
+def labels_for(num_images: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
+  if mode == 'balanced':
+    labels = np.arange(num_images) % num_classes
+    return np.random.default_rng(seed).permutation(labels).astype(np.int32)
+  if mode == 'random':
+    return np.random.default_rng(seed).integers(0, num_classes, num_images).astype(np.int32)
+  raise ValueError(f"sample.classes must be 'balanced' or 'random', got {mode!r}")
+
+
+def _atomic_savez(path: str, **arrays):
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def run(config, workdir: str):
+  from hita_jax.convert.gpt import build_gpt, legacy_flag_from_export
+  from hita_jax.convert.tokenizer import build_tokenizer
+  from hita_jax.models.gpt import gpt_config_from
+  from hita_jax.sample import codes_to_images, generate
+  sc = config.sample
+  init = config.init
+  if not init.gpt or not init.tokenizer:
+    raise ValueError('the sample task needs --config.init.gpt=<GPT export or official .pt> and '
+                     '--config.init.tokenizer=<tokenizer export or official .pt>')
+  mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+  rules = [tuple(r) for r in config.logical_axis_rules]
+  gcfg = gpt_config_from(config.gpt)
+  gpt = build_gpt(gcfg, init.gpt, key=init.gpt_key)
+  gpt.eval()
+  legacy = sc.legacy_pos128_embedding or (os.path.isdir(init.gpt) and legacy_flag_from_export(init.gpt)) \
+      or not os.path.isdir(init.gpt)  # official files always follow the released sampler
+  tcfg = config_lib.tokenizer_config_from(config.tokenizer)
+  tok = build_tokenizer(tcfg, tokenizer_ckpt=init.tokenizer, key=init.tokenizer_key)
+  tok.eval()
+  sharding.shard_module(gpt, mesh, rules)
+  n_dev = mesh.devices.size
+  batch = sc.per_device_batch * n_dev
+  labels = labels_for(sc.num_images, gcfg.num_classes, sc.classes, sc.seed)
+  out_dir = os.path.join(workdir, 'samples')
+  chunk_dir = os.path.join(out_dir, 'chunks')
+  os.makedirs(chunk_dir, exist_ok=True)
+  if sc.save_png:
+    os.makedirs(os.path.join(out_dir, 'png'), exist_ok=True)
+  n_chunks = -(-sc.num_images // batch)
+  lab_sh = sharding.batch_sharding(mesh, rules, 1)
+  key = jax.random.key(sc.seed)
+  t0, done_now = time.time(), 0
+  print(f'sampling {sc.num_images} images in {n_chunks} chunks of {batch} '
+        f'(cfg {sc.cfg_scale}, legacy_pos128_embedding={bool(legacy)})', flush=True)
+  for c in range(n_chunks):
+    path = os.path.join(chunk_dir, f'chunk_{c:06d}.npz')
+    if os.path.exists(path):
+      continue
+    lab = labels[c * batch:(c + 1) * batch]
+    real = len(lab)
+    lab = np.concatenate([lab, np.zeros(batch - real, np.int32)])  # fixed compiled shape
+    codes = generate(gpt, jax.device_put(jnp.asarray(lab), lab_sh), jax.random.fold_in(key, c),
+                     cfg_scale=sc.cfg_scale, cfg_interval=sc.cfg_interval, temperature=sc.temperature,
+                     top_k=sc.top_k, top_p=sc.top_p, legacy_pos128_embedding=bool(legacy))
+    images = np.asarray(codes_to_images(tok, codes, eval_size=sc.eval_size or None))[:real]
+    if jax.process_index() == 0:
+      if sc.save_png:
+        for i, img in enumerate(images):
+          Image.fromarray(img).save(os.path.join(out_dir, 'png', f'{c * batch + i:06d}.png'))
+      _atomic_savez(path, images=images, labels=lab[:real])
+    done_now += real
+    el = time.time() - t0
+    left = sc.num_images - min((c + 1) * batch, sc.num_images)
+    print(f'  chunk {c + 1}/{n_chunks}: {done_now / el:.2f} img/s, ETA {left / max(done_now / el, 1e-9):.0f}s',
+          flush=True)
+  chunks = sorted(glob.glob(os.path.join(chunk_dir, 'chunk_*.npz')))
+  if len(chunks) != n_chunks:
+    raise RuntimeError(f'expected {n_chunks} chunks in {chunk_dir}, found {len(chunks)}')
+  imgs, labs = [], []
+  for p in chunks:
+    with np.load(p) as z:
+      imgs.append(z['images'])
+      labs.append(z['labels'])
+  arr, lab = np.concatenate(imgs), np.concatenate(labs)
+  if len(arr) != sc.num_images or not np.array_equal(lab, labels):
+    raise RuntimeError(f'{chunk_dir} holds chunks of another run (count or labels differ); '
+                       'use a fresh workdir')
+  final = os.path.join(workdir, 'samples.npz')
+  _atomic_savez(final, arr_0=arr, arr_1=lab)
+  print(f'wrote {final}: {arr.shape} uint8, labels in arr_1', flush=True)
+  return final
