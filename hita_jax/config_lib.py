@@ -170,9 +170,15 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
   config.gpt = gpt_model_config(size, config.tokenizer, tiny=tiny, num_classes=10 if tiny else 1000)
   config.init.gpt_key = 'ema'
   config.ar = mlc.ConfigDict(dict(
-      lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.05, grad_clip=1.0, ema_decay=0.9999,
+      lr=1e-4, b1=0.9, b2=0.95, adam_eps=1e-8, weight_decay=0.05, grad_clip=1.0, ema_decay=0.9999,
       global_batch_size=8 if tiny else 256, epochs=1 if tiny else AR_RECIPES[size]['epochs'],
-      class_dropout_prob=0.1, token_dropout=0.1, compute_dtype='bfloat16'))
+      class_dropout_prob=0.1, token_dropout=0.1, compute_dtype='float32' if tiny else 'bfloat16',
+      num_steps=200 if tiny else 1_500_000, log_every=10 if tiny else 100,
+      ckpt_every=100 if tiny else 5000, keep_checkpoints=3, sample_every=0 if tiny else 20_000,
+      grid_classes=10, grid_per_class=4 if tiny else 8,
+      codes_dir=''))  # '' = codes on the fly by the frozen tokenizer (official); else extract_codes output
+  config.extract = mlc.ConfigDict(dict(output_dir='', flip=False, batch_size=16 if tiny else 256,
+                                       examples_per_shard=256 if tiny else 10_000, max_examples=0))
   config.init.gpt = mlc.FieldReference(None, field_type=str)
   # test_net.py: cfg 1.5, temperature 1, no top-k/top-p, decode at 336 then bicubic to 256.
   # legacy_pos128_embedding is switched on automatically for official checkpoints.

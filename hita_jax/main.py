@@ -22,8 +22,8 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
 TASKS = {
     'evaluate': 'hita_jax.evaluation',
     'train_tokenizer': 'hita_jax.trainers.tokenizer',
-    'extract_codes': None,
-    'train_ar': None,
+    'extract_codes': 'hita_jax.extract',
+    'train_ar': 'hita_jax.trainers.ar',
     'sample': 'hita_jax.sampling',
 }
 

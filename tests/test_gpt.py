@@ -218,3 +218,22 @@ def test_gpt_import_cli_sets_legacy_sampler_flag(tmp_path):
   assert r.returncode == 0, r.stderr
   back = np.load(tmp_path / 'back.npz')
   assert all(np.array_equal(back[k], sd[k]) for k in sd)
+
+
+def test_mfu_accounting_matches_the_official_anchor():
+  """The anchor (shared/bench) measured GPT-B at 234089 tokens/s = 17.128 % MFU, GPT-L at 93419 =
+  20.96 %; our FLOP count must reproduce its convention exactly, and N_matmul must be the model's
+  layer + head parameter count."""
+  from hita_jax import flops
+  b = GPTConfig(**GPT_SIZES['B'])
+  assert flops.mfu(234089.469382175, flops.gpt_train_flops_per_token(b, 569)) == pytest.approx(
+      0.1712806658567718, rel=1e-9)
+  lcfg = GPTConfig(**GPT_SIZES['L'])
+  assert flops.mfu(93419.31141281781, flops.gpt_train_flops_per_token(lcfg, 569)) == pytest.approx(
+      0.20961390107434, rel=1e-9)
+  m = nnx.eval_shape(lambda: GPT(b, rngs=nnx.Rngs(0)))
+  n_layers_head = sum(int(np.prod(v.shape)) for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))
+                      if p[0] in ('blocks', 'head'))
+  assert flops.gpt_matmul_params(b) == n_layers_head == 110_118_912
+  causal = flops.gpt_train_flops_per_token(b, 569, causal=True)
+  assert flops.gpt_train_flops_per_token(b, 569) - causal == 6 * 12 * 768 * 569
