@@ -110,3 +110,30 @@ class Progress:
     if jax.process_index() == 0:
       print(f'step {step}/{self.total}  {rate * self.per_step:.1f} {self.unit}/s  '
             f'ETA {eta / 60:.1f} min  {extra}', flush=True)
+
+
+def resume(mngr, state, data_iter, workdir: str):
+  """Restores the latest checkpoint of this workdir (state and data iterator), if any."""
+  if mngr.latest_step() is None:
+    return state, 0
+  start = int(mngr.latest_step())
+  state = restore_checkpoint(mngr, start, state, data_iter)
+  print(f'resumed from step {start} ({os.path.join(workdir, "checkpoints")})', flush=True)
+  return state, start
+
+
+def mean_metrics(acc: list, step: int) -> dict[str, float]:
+  """Averages the per-step metric dicts gathered since the last log; stops on NaN/Inf."""
+  m = jax.device_get(acc)
+  scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+  if not all(np.isfinite(v) for v in scalars.values()):
+    raise FloatingPointError(f'non-finite metrics at step {step}: {scalars}')
+  return scalars
+
+
+def log_jsonl(workdir: str, step: int, scalars: dict):
+  """Machine-readable metrics next to the TensorBoard events (process 0)."""
+  import json
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': step, **scalars}) + '\n')

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 
@@ -143,11 +142,7 @@ def run(config, workdir: str):
   it = make_data(config, parts, jax.process_index(), jax.process_count())
   mngr = train_utils.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=ar.ckpt_every,
                                         keep=ar.keep_checkpoints, best_metric='loss')
-  start = 0
-  if mngr.latest_step() is not None:
-    start = int(mngr.latest_step())
-    state = train_utils.restore_checkpoint(mngr, start, state, it)
-    print(f'resumed from step {start}', flush=True)
+  state, start = train_utils.resume(mngr, state, it, workdir)
   step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,))
   nd = lambda k: 4 if k == 'image' else 2 if k in ('holistic_codes', 'patch_codes') else 1
   shardings = {k: sharding.batch_sharding(mesh, rules, nd(k))
@@ -169,21 +164,17 @@ def run(config, workdir: str):
       state, metrics = step_fn(state, tok_state, batch, rng)
       acc.append(metrics)
       if step % ar.log_every == 0 or step == ar.num_steps:
-        m = jax.device_get(acc)
+        n = len(acc)
+        scalars = train_utils.mean_metrics(acc, step)
         acc = []
-        scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-        if not all(np.isfinite(v) for v in scalars.values()):
-          raise FloatingPointError(f'non-finite metrics at step {step}: {scalars}')
-        dt = (time.time() - t_last) / len(m)
+        dt = (time.time() - t_last) / n
         t_last = time.time()
         tok_s = ar.global_batch_size * tokens / dt
         scalars.update(step_time_s=dt, tokens_per_s=tok_s, images_per_s=ar.global_batch_size / dt)
         if peak:
           scalars['mfu'] = flops.mfu(tok_s / jax.device_count(), fl, peak)
         writer.write_scalars(step, scalars)
-        if jax.process_index() == 0:
-          with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps({'step': step, **scalars}) + '\n')
+        train_utils.log_jsonl(workdir, step, scalars)
         progress(step, f"loss {scalars['loss']:.4f} (holistic {scalars['loss_holistic']:.3f}, "
                        f"patch {scalars['loss_patch']:.3f})")
       if ar.sample_every and (step % ar.sample_every == 0 or step == ar.num_steps):

@@ -217,11 +217,7 @@ def run(config, workdir: str):
 
   mngr = train_utils.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=tr.ckpt_every,
                                         keep=tr.keep_checkpoints, best_metric='g_loss')
-  start = 0
-  if mngr.latest_step() is not None:
-    start = int(mngr.latest_step())
-    state = train_utils.restore_checkpoint(mngr, start, state, data_iter)
-    print(f'resumed from step {start} ({os.path.join(workdir, "checkpoints")})', flush=True)
+  state, start = train_utils.resume(mngr, state, data_iter, workdir)
 
   step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,))
   from clu import metric_writers
@@ -243,20 +239,16 @@ def run(config, workdir: str):
       state, metrics = step_fn(state, lp_state, batch, rng)
       acc.append(metrics)
       if step % tr.log_every == 0 or step == tr.num_steps:
-        m = jax.device_get(acc)
+        n = len(acc)
+        scalars = train_utils.mean_metrics(acc, step)
         acc = []
-        scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-        if not all(np.isfinite(v) for v in scalars.values()):
-          raise FloatingPointError(f'non-finite metrics at step {step}: {scalars}')
         dt = time.time() - t_last
         t_last = time.time()
         scalars.update({k: float(v) for k, v in jax.device_get(codebook_usage(parts, state)).items()})
-        scalars.update(lr=float(sched(step)), images_per_s=len(m) * tr.global_batch_size / dt,
-                       step_time_s=dt / len(m), skipped_images=skipped_total)
+        scalars.update(lr=float(sched(step)), images_per_s=n * tr.global_batch_size / dt,
+                       step_time_s=dt / n, skipped_images=skipped_total)
         writer.write_scalars(step, scalars)
-        if jax.process_index() == 0:  # machine-readable log next to the TensorBoard events
-          with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps({'step': step, **scalars}) + '\n')
+        train_utils.log_jsonl(workdir, step, scalars)
         progress(step, f"g_loss {scalars['g_loss']:.4f} rec {scalars['rec_loss']:.4f} "
                        f"d_loss {scalars['d_loss']:.4f} skipped {skipped_total}")
         if skipped_total:
