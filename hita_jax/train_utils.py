@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +42,7 @@ def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]
 
 def checkpoint_manager(directory: str, *, every: int, keep: int, best_metric: str | None = None,
                        async_save: bool = True) -> ocp.CheckpointManager:
+  import grain
   from orbax.checkpoint import checkpoint_managers as cm
   policies = [cm.LatestN(keep)]
   if best_metric:  # keeps the step with the smallest metric (BestN sorts ascending)
@@ -60,12 +60,14 @@ def checkpoint_manager(directory: str, *, every: int, keep: int, best_metric: st
 
 
 def save_checkpoint(mngr, step: int, state, data_iter, metrics: dict | None = None, force=False):
+  import grain
   return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  data=grain.checkpoint.CheckpointSave(data_iter)),
                    metrics=metrics, force=force)
 
 
 def restore_checkpoint(mngr, step: int, abstract_state, data_iter):
+  import grain
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         abstract_state)
   out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),

@@ -136,6 +136,40 @@ def bench_inception(batch, repeats=5):
   return out
 
 
+def bench_ar_trainer(size, batch, steps=20, attn='cudnn'):
+  """The `train_ar` trainer's own jitted step (AdamW, EMA, dropout, label drop) on synthetic codes."""
+  from hita_jax import config_lib, sharding
+  from hita_jax.trainers import ar
+  config = config_lib.hita_recipe(size, None)
+  config.ar.codes_dir = 'synthetic'
+  config.ar.global_batch_size = batch
+  config.gpt.attn_impl = attn
+  mesh = sharding.make_mesh([('data', -1)])
+  parts, state, _ = ar.build(config, mesh)
+  it = ar.make_data(config, parts)
+  step = jax.jit(lambda s, b, r: ar.train_step(parts, config, s, None, b, r), donate_argnums=(0,))
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  for i in range(3):
+    state, m = step(state, {k: jnp.asarray(v) for k, v in next(it).items()}, key)
+  float(m['loss'])
+  warm = time.perf_counter() - t0
+  batches = [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(steps)]
+  t0 = time.perf_counter()
+  for b in batches:
+    state, m = step(state, b, key)
+  float(m['loss'])
+  dt = (time.perf_counter() - t0) / steps
+  t = parts.cfg.seq_len
+  tok_s = batch * t / dt
+  peak = flops.device_peak_flops() or 989e12
+  out = dict(bench='train_ar_step', size=size, batch=batch, attn=attn, step_s=dt, images_s=batch / dt,
+             tokens_s=tok_s, mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(parts.cfg, t), peak),
+             loss=float(m['loss']), warmup_s=warm)
+  out.update(_mem())
+  return out
+
+
 def _mem():
   try:
     stats = jax.devices()[0].memory_stats() or {}
@@ -146,7 +180,7 @@ def _mem():
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('what', choices=['gpt_train', 'sample', 'inception'])
+  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'inception'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='cudnn', choices=['xla', 'cudnn'])
@@ -157,6 +191,8 @@ def main(argv=None):
   a = p.parse_args(argv)
   if a.what == 'gpt_train':
     res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters)
+  elif a.what == 'ar_trainer':
+    res = bench_ar_trainer(a.size, a.batch, attn=a.attn)
   elif a.what == 'sample':
     res = bench_sample(a.size, a.batch, a.cfg)
   else:

@@ -13,14 +13,13 @@ import functools
 import os
 import time
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from hita_jax import config_lib, data, flops, sharding, train_utils
+from hita_jax import config_lib, flops, sharding, train_utils
 from hita_jax.checkpoint import save_params
 from hita_jax.models.gpt import GPT, gpt_config_from
 
@@ -98,9 +97,29 @@ def train_step(parts: Parts, config, state, tok_state, batch, rng):
                'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params)}
 
 
+class SyntheticCodes:
+  """Uniformly random codes and labels (throughput runs; `ar.codes_dir='synthetic'`)."""
+
+  def __init__(self, cfg, batch: int, seed: int):
+    self.cfg, self.batch, self.rng = cfg, batch, np.random.default_rng(seed)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    c, b = self.cfg, self.batch
+    return {'label': self.rng.integers(0, c.num_classes, b).astype(np.int32),
+            'holistic_codes': self.rng.integers(0, c.vocab_size, (b, c.num_holistic)).astype(np.int32),
+            'patch_codes': self.rng.integers(0, c.vocab_size, (b, c.num_patches)).astype(np.int32)}
+
+
 def make_data(config, parts: Parts, process_index=0, process_count=1):
   ar = config.ar
   local = ar.global_batch_size // process_count
+  if ar.codes_dir == 'synthetic':
+    return SyntheticCodes(parts.cfg, local, config.seed + process_index)
+  import grain
+  from hita_jax import data
   if ar.codes_dir:
     from hita_jax.extract import CodesSource
     src = CodesSource(ar.codes_dir)
