@@ -75,7 +75,8 @@ def tokenizer_config_from(cfg: mlc.ConfigDict) -> TokenizerConfig:
 
 def mesh_and_rules(config: mlc.ConfigDict) -> None:
   """Default mesh (all devices on `data`) and logical rules, overridable per config."""
-  config.mesh = [('data', -1), ('fsdp', 1), ('tensor', 1)]
+  # name=size list; one -1 takes the remaining devices (e.g. --config.mesh=data=2,fsdp=4,tensor=1)
+  config.mesh = 'data=-1,fsdp=1,tensor=1'
   config.logical_axis_rules = [
       ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
       ('vocab', 'tensor'), ('conv_out', 'fsdp'), ('conv_in', None), ('norm', None),

@@ -46,7 +46,7 @@ def run(config, workdir: str):
   if not init.gpt or not init.tokenizer:
     raise ValueError('the sample task needs --config.init.gpt=<GPT export or official .pt> and '
                      '--config.init.tokenizer=<tokenizer export or official .pt>')
-  mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+  mesh = sharding.make_mesh(config.mesh)
   rules = [tuple(r) for r in config.logical_axis_rules]
   gcfg = gpt_config_from(config.gpt)
   gpt = build_gpt(gcfg, init.gpt, key=init.gpt_key)

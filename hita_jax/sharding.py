@@ -31,9 +31,24 @@ DEFAULT_RULES: tuple = (
 )
 
 
-def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """`axes` like [('data', -1), ('fsdp', 1), ('tensor', 1)]; one -1 takes the remaining devices.
-  Axis types are Auto (GSPMD-style propagation), which the logical-rules style needs."""
+def parse_mesh_spec(spec) -> list[tuple[str, int]]:
+  """'data=-1,fsdp=4,tensor=1' (the config / command-line form) or [('data', -1), ...]."""
+  if isinstance(spec, str):
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(','))):
+      name, sep, size = part.partition('=')
+      if not sep:
+        raise ValueError(f'mesh spec {spec!r}: expected name=size items, e.g. data=-1,fsdp=4')
+      out.append((name.strip(), int(size)))
+    return out
+  return [(str(a), int(s)) for a, s in spec]
+
+
+def make_mesh(axes, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """`axes` like 'data=-1,fsdp=1,tensor=1' or [('data', -1), ('fsdp', 1)]; one -1 takes the
+  remaining devices. Axis types are Auto (GSPMD-style propagation), which the logical-rules style
+  needs."""
+  axes = parse_mesh_spec(axes)
   devices = list(jax.devices() if devices is None else devices)
   names = [a for a, _ in axes]
   sizes = [int(s) for _, s in axes]

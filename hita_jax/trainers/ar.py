@@ -155,7 +155,7 @@ def sample_grid(parts: Parts, params, config, tok_state, key):
 
 def run(config, workdir: str):
   ar = config.ar
-  mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+  mesh = sharding.make_mesh(config.mesh)
   rules = [tuple(r) for r in config.logical_axis_rules]
   parts, state, tok_state = build(config, mesh)
   it = make_data(config, parts, jax.process_index(), jax.process_count())

@@ -201,7 +201,7 @@ def validate(config):
 def run(config, workdir: str):
   validate(config)
   tr = config.train
-  mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+  mesh = sharding.make_mesh(config.mesh)
   rules = [tuple(r) for r in config.logical_axis_rules]
   parts, state, lp_state, sched = build(config, mesh)
   batch_sh = sharding.batch_sharding(mesh, rules, 4)
