@@ -21,10 +21,8 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hita_jax.models.layers import attention
+from hita_jax.models.layers import DTYPES, attention
 from hita_jax.models.rope import apply_rope, gpt_position_tables
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 def find_multiple(n: int, k: int) -> int:

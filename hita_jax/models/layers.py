@@ -9,6 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 Dtype = Any
+# Config strings -> compute dtypes (params are always fp32).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 DEFAULT_INIT = nnx.initializers.lecun_normal()
 
 

@@ -13,10 +13,8 @@ from flax import nnx
 from hita_jax.models.cnn import CNNDecoder, CNNEncoder
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config, preprocess_for_dinov2
 from hita_jax.models.holistic import FusionDecoder, HolisticEncoder
-from hita_jax.models.layers import conv, dense
+from hita_jax.models.layers import DTYPES, conv, dense
 from hita_jax.models.quantizer import VectorQuantizer
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
