@@ -142,3 +142,16 @@ def fraction_sharded(state: nnx.State) -> float:
     if hasattr(x, 'sharding') and not x.sharding.is_fully_replicated:
       sharded += x.size
   return sharded / max(total, 1)
+
+
+def commit_to_mesh(tree, mesh: Mesh):
+  """Leaves not yet laid out on `mesh` (e.g. a step counter from `jnp.zeros`, optimizer state of
+  `jax.jit(tx.init)` on one device) are replicated on it. A jitted step returns NamedShardings;
+  inputs with any other sharding would make its second call compile again."""
+  rep = NamedSharding(mesh, P())
+
+  def put(x):
+    if isinstance(x, jax.Array) and not (isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh):
+      return jax.device_put(x, rep)
+    return x
+  return jax.tree.map(put, tree)

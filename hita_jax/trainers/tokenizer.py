@@ -79,7 +79,8 @@ def build(config, mesh):
       lambda: PatchGAN(ndf=lc.disc_ndf, n_layers=lc.disc_layers, rngs=nnx.Rngs(config.seed + 2)),
       mesh, rules)
   disc.train()
-  lp = load_lpips(lc.lpips_weights)
+  # perceptual_weight 0 (the CPU demo): no LPIPS network, no weights to locate.
+  lp = load_lpips(lc.lpips_weights) if lc.perceptual_weight else LPIPS(rngs=nnx.Rngs(0))
   sharding.shard_module(lp, mesh, rules)
 
   tr = config.train
@@ -98,6 +99,8 @@ def build(config, mesh):
       'ema': jax.tree.map(jnp.copy, g_params),
   }
   parts = Parts(g_def, d_def, tx_g, tx_d, lp_def, tcfg)
+  state = sharding.commit_to_mesh(state, mesh)
+  lp_state = sharding.commit_to_mesh(lp_state, mesh)
   return parts, state, lp_state, sched
 
 
@@ -109,6 +112,8 @@ def train_step(parts: Parts, config, state, lp_state, batch, rng):
   rng = jax.random.fold_in(rng, step)
   k_lpips, k_tok = jax.random.split(rng)
   lp = nnx.merge(parts.lpips_def, lp_state, copy=True)
+  # Terms with weight 0 are not computed at all (the CPU demo trains on MSE + VQ terms only).
+  use_perc, use_disc = bool(lc.perceptual_weight), bool(lc.disc_weight)
   adv_w = losses.adversarial_weight(step, lc.disc_start, lc.disc_weight)
   d_adv_fn = losses.D_LOSSES[lc.disc_loss]
   g_adv_fn = losses.G_LOSSES[lc.gen_loss]
@@ -118,10 +123,12 @@ def train_step(parts: Parts, config, state, lp_state, batch, rng):
     out = tok(x)
     recon = out['recon'].astype(jnp.float32)
     disc = nnx.merge(parts.d_def, jax.lax.stop_gradient(state['d_params']), d_stats, copy=True)
-    logits_fake = disc(recon)  # train mode: batch statistics, running stats updated (official)
     rec = losses.reconstruction_loss(x, recon)
-    perc = jnp.mean(lp(x, recon, dropout_rng=k_lpips if lc.lpips_dropout else None))
-    g_adv = g_adv_fn(logits_fake)
+    zero = jnp.zeros((), jnp.float32)
+    perc = (jnp.mean(lp(x, recon, dropout_rng=k_lpips if lc.lpips_dropout else None))
+            if use_perc else zero)
+    # train mode: batch statistics, running stats updated (official)
+    g_adv = g_adv_fn(disc(recon)) if use_disc else zero
     loss = (lc.reconstruction_weight * rec + lc.perceptual_weight * perc + adv_w * g_adv
             + out['vq'] + out['commit'] + out['entropy'])
     metrics = {'rec_loss': rec, 'perceptual_loss': perc, 'g_adv_loss': g_adv, 'vq_loss': out['vq'],
@@ -140,6 +147,9 @@ def train_step(parts: Parts, config, state, lp_state, batch, rng):
 
   def d_loss_fn(d_params, d_stats):
     disc = nnx.merge(parts.d_def, d_params, d_stats, copy=True)
+    if not use_disc:
+      zero = jnp.zeros((), jnp.float32) + 0.0 * optax.global_norm(d_params)
+      return zero, (nnx.state(disc, nnx.Not(nnx.Param)), zero, zero)
     logits_fake = disc(jax.lax.stop_gradient(recon))
     logits_real = disc(x)
     loss = adv_w * d_adv_fn(logits_real, logits_fake)
