@@ -178,7 +178,9 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
       ckpt_every=100 if tiny else 5000, keep_checkpoints=3, sample_every=0 if tiny else 20_000,
       grid_classes=10, grid_per_class=4 if tiny else 8,
       codes_dir=''))  # '' = codes on the fly by the frozen tokenizer (official); else extract_codes output
-  config.extract = mlc.ConfigDict(dict(output_dir='', flip=False, batch_size=16 if tiny else 256,
+  # views: 'center', 'flip' (+ mirror image) or 'ten_crop' (LlamaGen; crop_range 1.1).
+  config.extract = mlc.ConfigDict(dict(output_dir='', views='center', crop_range=1.1,
+                                       batch_size=16 if tiny else 256,
                                        examples_per_shard=256 if tiny else 10_000, max_examples=0))
   config.init.gpt = mlc.FieldReference(None, field_type=str)
   # test_net.py: cfg 1.5, temperature 1, no top-k/top-p, decode at 336 then bicubic to 256.

@@ -4,6 +4,8 @@ Sources (all random access, decoded in `map` so grain workers do the work):
 * `ShapesSource`: the embedded default, generated procedurally (no download): 10 shape classes with
   random colours, a random texture, position and scale on a random background. Holistic tokens get
   something global to capture (colour/texture), patch tokens something local (the shape).
+  `style='flat'` (the CPU demo) draws larger untextured shapes in one of 6 colours on a dark or a
+  light background, which a minutes-long CPU run can learn to tokenize and generate.
 * `ImageFolderSource`: `root/<class>/*.{jpg,png,...}`, sorted; classes are sub-folder names.
 * `TfdsSource`: a tfds dataset prepared as ArrayRecord (`tfds.data_source`, e.g. `imagenet2012`
   built from the manual download), images kept as encoded bytes.
@@ -35,8 +37,11 @@ SHAPE_CLASSES = ('circle', 'square', 'triangle', 'cross', 'ring', 'diamond', 'hb
 class ShapesSource:
   """Procedural labelled images: deterministic per index, `num_records` of them."""
 
-  def __init__(self, num_records: int = 10000, size: int = 64, seed: int = 0):
-    self.num_records, self.size, self.seed = num_records, size, seed
+  def __init__(self, num_records: int = 10000, size: int = 64, seed: int = 0,
+               style: str = 'textured'):
+    if style not in SHAPE_STYLES:
+      raise ValueError(f'shapes style {style!r} is not one of {SHAPE_STYLES}')
+    self.num_records, self.size, self.seed, self.style = num_records, size, seed, style
 
   def __len__(self):
     return self.num_records
@@ -45,17 +50,29 @@ class ShapesSource:
     index = int(index) % self.num_records
     label = index % len(SHAPE_CLASSES)
     rng = np.random.default_rng((self.seed, index))
-    return {'image': render_shape(label, rng, self.size), 'label': np.int32(label)}
+    return {'image': render_shape(label, rng, self.size, self.style), 'label': np.int32(label)}
 
 
-def render_shape(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
+SHAPE_STYLES = ('textured', 'flat')
+FLAT_BACKGROUNDS = np.array([[0.08, 0.08, 0.1], [0.95, 0.95, 0.92]])
+FLAT_COLOURS = np.array([[0.9, 0.1, 0.1], [0.1, 0.7, 0.2], [0.15, 0.3, 0.95], [0.95, 0.8, 0.1],
+                         [0.6, 0.2, 0.8], [0.1, 0.75, 0.85]])
+
+
+def render_shape(label: int, rng: np.random.Generator, size: int, style: str = 'textured') -> np.ndarray:
   s = size
   yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
-  bg = rng.uniform(0, 1, 3)
-  fg = rng.uniform(0, 1, 3)
-  while np.abs(fg - bg).sum() < 0.6:  # keep the shape visible
+  if style == 'flat':
+    bg = FLAT_BACKGROUNDS[rng.integers(len(FLAT_BACKGROUNDS))]
+    fg = FLAT_COLOURS[rng.integers(len(FLAT_COLOURS))]
+    r = rng.uniform(0.28, 0.38)
+  else:
+    bg = rng.uniform(0, 1, 3)
     fg = rng.uniform(0, 1, 3)
-  tex = rng.integers(0, 3)
+    while np.abs(fg - bg).sum() < 0.6:  # keep the shape visible
+      fg = rng.uniform(0, 1, 3)
+    r = None
+  tex = rng.integers(0, 3) if style == 'textured' else 0
   freq = rng.uniform(6, 14)
   if tex == 1:    # stripes
     texture = 0.85 + 0.15 * np.sign(np.sin(2 * np.pi * freq * (xx + yy)))
@@ -63,7 +80,7 @@ def render_shape(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
     texture = 0.8 + 0.2 * rng.uniform(0, 1, (s, s))
   else:
     texture = np.ones((s, s), np.float32)
-  r = rng.uniform(0.18, 0.32)
+  r = rng.uniform(0.18, 0.32) if r is None else r
   cy, cx = rng.uniform(r + 0.05, 1 - r - 0.05, 2)
   dy, dx = yy - cy, xx - cx
   name = SHAPE_CLASSES[label]
@@ -92,7 +109,7 @@ def render_shape(label: int, rng: np.random.Generator, size: int) -> np.ndarray:
     rad = r * (0.55 + 0.45 * np.cos(5 * ang))
     m = dy ** 2 + dx ** 2 < rad ** 2
   img = np.where(m[..., None], fg[None, None] * texture[..., None], bg[None, None])
-  img = img + rng.normal(0, 0.02, img.shape)
+  img = img + rng.normal(0, 0.02 if style == 'textured' else 0.01, img.shape)
   return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
@@ -160,6 +177,18 @@ def _open(record) -> Image.Image:
   return img.convert('RGB')
 
 
+def open_readable(source, index: int, record=None, max_tries: int = 64):
+  """(PIL image, label, skipped) of record `index`, or of the next readable record when it is
+  corrupt or unreadable (`skipped` counts the records passed over)."""
+  record = source[index] if record is None else record
+  for attempt in range(max_tries):
+    try:
+      return _open(record), int(record['label']), attempt
+    except Exception:  # corrupt / unreadable: never fatal
+      record = source[(index + attempt + 1) % len(source)]
+  raise RuntimeError(f'{max_tries} consecutive unreadable images near index {index}')
+
+
 def random_crop_arr(pil_image: Image.Image, image_size: int, rng: np.random.Generator,
                     min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> np.ndarray:
   """ADM `random_crop_arr` (the official augmentation)."""
@@ -190,23 +219,14 @@ class DecodeAugment(grain.transforms.RandomMap):
 
   def random_map(self, element, rng: np.random.Generator):
     record, index = element
-    skipped = 0
-    for attempt in range(self.max_tries):
-      try:
-        img = _open(record)
-        break
-      except Exception:  # corrupt / unreadable: never fatal
-        skipped += 1
-        record = self.source[(index + attempt + 1) % len(self.source)]
-    else:
-      raise RuntimeError(f'{self.max_tries} consecutive unreadable images near index {index}')
+    img, label, skipped = open_readable(self.source, index, record, self.max_tries)
     if self.train:
       arr = random_crop_arr(img, self.size, rng)
       if rng.random() < 0.5:
         arr = arr[:, ::-1]
     else:
       arr = center_crop_arr(img, self.size)
-    return {'image': np.ascontiguousarray(arr, np.uint8), 'label': np.int32(record['label']),
+    return {'image': np.ascontiguousarray(arr, np.uint8), 'label': np.int32(label),
             'skipped': np.int32(skipped)}
 
 
@@ -214,7 +234,7 @@ def make_source(cfg) -> Any:
   kind = cfg.source
   if kind == 'shapes':
     return ShapesSource(cfg.get('num_records', 10000), cfg.get('shapes_size', cfg.image_size),
-                        cfg.get('seed', 0))
+                        cfg.get('seed', 0), cfg.get('shapes_style', 'textured'))
   if kind == 'folder':
     return ImageFolderSource(cfg.path)
   if kind == 'tfds':

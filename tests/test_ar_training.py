@@ -38,7 +38,7 @@ def codes_dir(tokenizer_export, tmp_path_factory):
   r = subprocess.run([sys.executable, '-m', 'hita_jax.main', f'--config={ROOT}/configs/hita_b.py:tiny',
                       f'--workdir={w}', '--config.task=extract_codes',
                       f'--config.init.tokenizer={tokenizer_export}', '--config.extract.max_examples=48',
-                      '--config.extract.examples_per_shard=32', '--config.extract.flip=True'],
+                      '--config.extract.examples_per_shard=32', '--config.extract.views=flip'],
                      cwd=ROOT, env=ENV, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
   return str(w / 'codes')
@@ -56,11 +56,12 @@ def test_extraction_writes_shards_and_manifest(codes_dir):
   files = sorted(os.listdir(codes_dir))
   assert files == ['codes-00000-00000.array_record', 'codes-00000-00001.array_record', 'manifest.json']
   src = extract.CodesSource(codes_dir)
-  assert len(src) == 96  # 48 images + their flips
+  assert len(src) == 48  # one record per image, holding the image and its mirror image
   rec = src[0]
-  assert rec['holistic_codes'].shape == (16,) and rec['patch_codes'].shape == (64,)
+  assert rec['holistic_codes'].shape == (2, 16) and rec['patch_codes'].shape == (2, 64)
   manifest = json.load(open(os.path.join(codes_dir, 'manifest.json')))
-  assert manifest['flip'] and manifest['tokenizer_checkpoint'].endswith('export')
+  assert manifest['views'] == 'flip' and manifest['num_views'] == 2
+  assert manifest['tokenizer_checkpoint'].endswith('export')
 
 
 def test_pre_extracted_and_on_the_fly_agree(tokenizer_export, codes_dir):
@@ -74,7 +75,7 @@ def test_pre_extracted_and_on_the_fly_agree(tokenizer_export, codes_dir):
   images = np.stack([it['image'] for it in items])
   labels = np.asarray([it['label'] for it in items], np.int32)
   src = extract.CodesSource(codes_dir)  # the first 8 records are these 8 images, in order
-  pre = {k: np.stack([src[i][k] for i in range(8)]) for k in ('holistic_codes', 'patch_codes')}
+  pre = {k: np.stack([src[i][k][0] for i in range(8)]) for k in ('holistic_codes', 'patch_codes')}
   fly = jax.jit(lambda b: ar.codes_from_batch(parts, tok_state, b))(
       {'image': jnp.asarray(images), 'label': jnp.asarray(labels)})
   np.testing.assert_array_equal(np.asarray(fly[1]), pre['holistic_codes'])
@@ -101,7 +102,8 @@ def test_one_step_on_1_and_8_devices_agree(tokenizer_export, codes_dir, axes):
   config = _config(tokenizer_export, codes_dir)
   config.ar.adam_eps = 1e-3  # see test_tokenizer_training: keeps Adam's first step smooth in g
   src = extract.CodesSource(codes_dir)
-  batch = {k: np.stack([src[i][k] for i in range(8)]).astype(np.int32)
+  recs = [extract.pick_view(src[i], np.random.default_rng(i)) for i in range(8)]
+  batch = {k: np.stack([r[k] for r in recs]).astype(np.int32)
            for k in ('label', 'holistic_codes', 'patch_codes')}
   m1, p1 = _one_step(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]), batch)
   m8, p8 = _one_step(config, sharding.make_mesh(axes), batch)

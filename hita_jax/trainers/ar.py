@@ -65,6 +65,8 @@ def build(config, mesh):
     tok.eval()
     sharding.shard_module(tok, mesh, rules)
     tok_def, tok_state = nnx.split(tok)
+  state = sharding.commit_to_mesh(state, mesh)
+  tok_state = None if tok_state is None else sharding.commit_to_mesh(tok_state, mesh)
   return Parts(gpt_def, tx, tok_def, gcfg), state, tok_state
 
 
@@ -121,9 +123,10 @@ def make_data(config, parts: Parts, process_index=0, process_count=1):
   import grain
   from hita_jax import data
   if ar.codes_dir:
-    from hita_jax.extract import CodesSource
+    from hita_jax.extract import CodesSource, pick_view
     src = CodesSource(ar.codes_dir)
     ds = grain.MapDataset.source(src).shuffle(seed=config.seed).repeat()[process_index::process_count]
+    ds = ds.seed(config.seed + process_index).random_map(pick_view)  # one view (crop/flip) per read
     ds = ds.batch(local, drop_remainder=True)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
   it, _ = data.make_image_dataset(config.data, image_size=config.tokenizer.image_size,
