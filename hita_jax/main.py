@@ -1,7 +1,8 @@
 """Entry point: `python -m hita_jax.main --config=configs/<file>.py[:arg] --workdir=DIR`.
 
 The config's `task` picks what runs. Overrides: `--config.key=value` (unknown keys are rejected
-by name). The resolved config is written to `<workdir>/config.json`.
+by name). The resolved config is written to `<workdir>/config.json`. Logging is at WARNING
+(progress lines are printed); `--verbosity=0` shows the INFO logs of Orbax, CLU and absl.
 """
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ TASKS = {
     'extract_codes': 'hita_jax.extract',
     'train_ar': 'hita_jax.trainers.ar',
     'sample': 'hita_jax.sampling',
+    'demo': 'hita_jax.demo',
 }
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # quiet Orbax/CLU INFO lines; progress lines stay
+    logging.set_verbosity(logging.WARNING)
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or workdir is None:
     raise app.UsageError('--config=configs/<file>.py[:arg] and --workdir=DIR are required')

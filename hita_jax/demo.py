@@ -1,0 +1,262 @@
+"""The `demo` task: Hita end to end on a CPU in minutes (`configs/demo.py`).
+
+Stages, each in its own sub-directory of the workdir and each resumable (a rerun skips what is done):
+  1. `tokenizer/`  train a small Hita tokenizer on the embedded shapes data (train_tokenizer task);
+                   its EMA export (`tokenizer/export/ema`) is the style-transfer-ready tokenizer.
+  2. `codes/`      extract (holistic, patch, label) codes with it (extract_codes task).
+  3. `ar/`         train a small class-conditional AR model on the codes (train_ar task).
+  4. outputs       `samples.png` (one row per class, CFG sampling from the EMA model),
+                   `reconstructions.png` (real images over their reconstructions),
+                   `style_transfer.png` (holistic codes of one image + patch codes of another),
+                   `demo_report.json` (class accuracy of the samples under a shape classifier
+                   trained on the real data, so class dependence is measured, not eyeballed).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hita_jax import config_lib, data, train_utils
+
+# -- a small shape classifier (measures class dependence of the samples) ----------------------------
+
+
+def shape_evidence(images_u8: np.ndarray, inset: int = 3) -> np.ndarray:
+  """Colour-invariant input for the classifier: per-pixel distance from the image's background
+  colour, thresholded to a binary mask, without the outer `inset` pixels (decoders trained briefly leave a thin
+  coloured frame there). The background colour is the median of the remaining image's border.
+  (N, H, W, 3) uint8 -> (N, H - 2 inset, W - 2 inset, 1) f32."""
+  x = images_u8.astype(np.float32) / 255.0
+  i = min(inset, x.shape[1] // 4)
+  inner = x[:, i:x.shape[1] - i, i:x.shape[2] - i]
+  ring = np.concatenate([inner[:, 0], inner[:, -1], inner[:, :, 0], inner[:, :, -1]], axis=1)
+  bg = np.median(ring, axis=1)[:, None, None]
+  d = np.abs(inner - bg).sum(-1, keepdims=True)  # the frame is left out
+  d = d / np.maximum(d.max(axis=(1, 2, 3), keepdims=True), 1e-3)
+  return (d > 0.3).astype(np.float32)  # a binary shape mask: blur-tolerant
+
+
+class ShapeClassifier(nnx.Module):
+  """Three 3x3 conv layers, global average pooling, a linear head."""
+
+  def __init__(self, num_classes: int, width: int = 32, *, rngs: nnx.Rngs):
+    self.convs = nnx.List([nnx.Conv(cin, cout, (3, 3), rngs=rngs) for cin, cout in
+                           ((1, width), (width, width), (width, 2 * width))])
+    self.head = nnx.Linear(2 * width, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    for i, conv in enumerate(self.convs):
+      x = jax.nn.relu(conv(x))
+      if i < len(self.convs) - 1:
+        x = nnx.max_pool(x, (2, 2), (2, 2))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *, steps: int = 400,
+                     batch: int = 64, seed: int = 0) -> ShapeClassifier:
+  """Trains on the real images, each blurred by a random Gaussian (sigma 0 to 1.5 px) so that the
+  judge accepts the soft edges of a small decoder (the classes differ in shape, not sharpness)."""
+  from scipy.ndimage import gaussian_filter
+  model = ShapeClassifier(num_classes, rngs=nnx.Rngs(seed))
+  opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+  rng = np.random.default_rng(seed)
+  sigmas = rng.uniform(0.0, 1.5, len(images))
+  blurred = np.stack([gaussian_filter(im.astype(np.float32), (s, s, 0)) for im, s in zip(images, sigmas)])
+  feats = np.concatenate([shape_evidence(images), shape_evidence(np.clip(blurred, 0, 255).astype(np.uint8))])
+  labels = np.concatenate([labels, labels])
+
+  @nnx.jit
+  def step(model, opt, x, y):
+    def loss_fn(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  for _ in range(steps):
+    idx = rng.integers(0, len(feats), batch)
+    step(model, opt, jnp.asarray(feats[idx]), jnp.asarray(labels[idx]))
+  return model
+
+
+def classify(model: ShapeClassifier, images: np.ndarray, batch: int = 256) -> np.ndarray:
+  feats = shape_evidence(images)
+  fn = nnx.jit(lambda m, x: jnp.argmax(m(x), -1))
+  return np.concatenate([np.asarray(fn(model, jnp.asarray(feats[i:i + batch])))
+                         for i in range(0, len(feats), batch)])
+
+
+# -- stages ------------------------------------------------------------------------------------------
+
+
+def _stage_config(config, task: str):
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    c.task = task
+  return c
+
+
+def _done(path: str) -> bool:
+  return os.path.exists(path)
+
+
+def _upscale(grid: np.ndarray, factor: int) -> np.ndarray:
+  return np.repeat(np.repeat(grid, factor, 0), factor, 1) if factor > 1 else grid
+
+
+def run(config, workdir: str):
+  from hita_jax import extract, sampling  # noqa: F401  (sampling: labels helper)
+  from hita_jax.trainers import ar as ar_trainer
+  from hita_jax.trainers import tokenizer as tok_trainer
+  dm = config.demo
+  t0 = time.time()
+  times = {}
+  os.makedirs(workdir, exist_ok=True)
+
+  # 1. tokenizer
+  tok_dir = os.path.join(workdir, 'tokenizer')
+  tok_export = os.path.join(tok_dir, 'export', 'ema')
+  if not _done(os.path.join(tok_dir, 'train_summary.json')):
+    print('[demo 1/4] training the tokenizer', flush=True)
+    tok_trainer.run(_stage_config(config, 'train_tokenizer'), tok_dir)
+  times['tokenizer_s'] = time.time() - t0
+
+  # 2. codes
+  codes_dir = os.path.join(workdir, 'codes')
+  c = _stage_config(config, 'extract_codes')
+  with c.unlocked():
+    c.init.tokenizer = tok_export
+    c.extract.output_dir = codes_dir
+  if not _done(os.path.join(codes_dir, 'manifest.json')):
+    print('[demo 2/4] extracting codes', flush=True)
+    extract.run(c, codes_dir)
+  times['extract_s'] = time.time() - t0 - sum(times.values())
+
+  # 3. AR model
+  ar_dir = os.path.join(workdir, 'ar')
+  gpt_export = os.path.join(ar_dir, 'export', 'ema')
+  c = _stage_config(config, 'train_ar')
+  with c.unlocked():
+    c.init.tokenizer = tok_export
+    c.ar.codes_dir = codes_dir
+  if not _done(os.path.join(gpt_export, 'config.json')):
+    print('[demo 3/4] training the AR model', flush=True)
+    ar_trainer.run(c, ar_dir)
+  times['ar_s'] = time.time() - t0 - sum(times.values())
+
+  # 4. pictures and the class-dependence measurement
+  print('[demo 4/4] sampling, reconstructions, style transfer, class check', flush=True)
+  report = make_outputs(config, workdir, tok_export, gpt_export)
+  times['outputs_s'] = time.time() - t0 - sum(times.values())
+  report['seconds'] = {k: round(v, 1) for k, v in times.items()}
+  report['seconds']['total_s'] = round(time.time() - t0, 1)
+  with open(os.path.join(workdir, 'demo_report.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  print(f"demo done in {report['seconds']['total_s'] / 60:.1f} min: {workdir}/samples.png "
+        f"(class accuracy of samples {report['sample_class_accuracy']:.2f}, of real held-out images "
+        f"{report['real_class_accuracy']:.2f})", flush=True)
+  return report
+
+
+def held_out_images(config, image_size: int, n: int):
+  """`n` centre-cropped real images and labels. For the procedural shapes these are indices past
+  the training records (never seen by the tokenizer or the AR model); for other sources the first
+  `n` records."""
+  dc = config.data
+  if dc.source == 'shapes':
+    train_n = dc.get('num_records', 10000)
+    src = data.ShapesSource(train_n + n, dc.get('shapes_size', image_size), dc.get('seed', 0),
+                            dc.get('shapes_style', 'textured'))
+    idx = np.arange(train_n, train_n + n)
+  else:
+    src = data.make_source(dc)
+    idx = np.arange(min(n, len(src)))
+  dec = data.DecodeAugment(src, image_size, train=False)
+  items = [dec.random_map((src[int(i)], int(i)), np.random.default_rng(0)) for i in idx]
+  return (np.stack([it['image'] for it in items]),
+          np.array([int(it['label']) for it in items], np.int32))
+
+
+def make_outputs(config, workdir: str, tok_export: str, gpt_export: str) -> dict:
+  from hita_jax.convert.gpt import build_gpt
+  from hita_jax.convert.tokenizer import build_tokenizer
+  from hita_jax.models.gpt import gpt_config_from
+  from hita_jax.sample import codes_to_images, generate
+  dm, sc = config.demo, config.sample
+  tcfg = config_lib.tokenizer_config_from(config.tokenizer)
+  tok = build_tokenizer(tcfg, tokenizer_ckpt=tok_export)
+  tok.eval()
+  gcfg = gpt_config_from(config.gpt)
+  gpt = build_gpt(gcfg, gpt_export)
+  gpt.eval()
+  n_cls, per = gcfg.num_classes, dm.samples_per_class
+  scale = dm.png_scale
+
+  # Class-conditional samples: one row per class (the first `grid_columns` of each class).
+  labels = np.repeat(np.arange(n_cls, dtype=np.int32), per)
+  codes = generate(gpt, labels, jax.random.key(sc.seed), cfg_scale=sc.cfg_scale, top_k=sc.top_k,
+                   top_p=sc.top_p, temperature=sc.temperature)
+  decode = jax.jit(lambda st, c: codes_to_images(nnx.merge(tok_graph, st), c, eval_size=None))
+  tok_graph, tok_state = nnx.split(tok)
+  samples = np.concatenate([np.asarray(decode(tok_state, codes[i:i + 100]))
+                            for i in range(0, len(labels), 100)])
+  cols = min(dm.grid_columns, per)
+  grid_imgs = samples.reshape(n_cls, per, *samples.shape[1:])[:, :cols].reshape(-1, *samples.shape[1:])
+  train_utils.save_png(os.path.join(workdir, 'samples.png'),
+                       _upscale(train_utils.image_grid(grid_imgs, rows=n_cls), scale))
+
+  # Real data: a classifier trained on it, held-out images for its own accuracy and the
+  # reconstruction / style-transfer pictures (held-out indices, never seen by the classifier).
+  real, real_labels = held_out_images(config, tcfg.image_size, dm.classifier_train_images +
+                                      dm.classifier_test_images)
+  n_train = dm.classifier_train_images
+  clf = train_classifier(real[:n_train], real_labels[:n_train], n_cls, steps=dm.classifier_steps,
+                         seed=config.seed)
+  real_acc = float(np.mean(classify(clf, real[n_train:]) == real_labels[n_train:]))
+  pred = classify(clf, samples)
+  per_class = [float(np.mean(pred[labels == k] == k)) for k in range(n_cls)]
+  sample_acc = float(np.mean(pred == labels))
+
+  # Reconstructions: one held-out image per class (top row) over its reconstruction.
+  test_imgs, test_labels = real[n_train:], real_labels[n_train:]
+  pick = np.array([np.flatnonzero(test_labels == k)[0] for k in range(n_cls)
+                   if np.any(test_labels == k)])
+  shown = test_imgs[pick]
+  encode = jax.jit(lambda st, x: nnx.merge(tok_graph, st).encode(x.astype(jnp.float32) / 127.5 - 1.0))
+  hol, patch = encode(tok_state, jnp.asarray(shown))
+  recon = np.asarray(decode(tok_state, jnp.concatenate([hol, patch], axis=1)))
+  mse = float(np.mean((recon.astype(np.float32) - shown.astype(np.float32)) ** 2))
+  psnr = float(10 * np.log10(255.0 ** 2 / max(mse, 1e-9)))
+  train_utils.save_png(os.path.join(workdir, 'reconstructions.png'),
+                       _upscale(train_utils.image_grid(np.concatenate([shown, recon]), rows=2), scale))
+
+  # Style transfer (zero-shot, spec section 6, inferred recipe): decode the patch codes of each
+  # content image (rows) with the holistic codes of each style image (columns).
+  k = min(len(shown), dm.style_images)
+  content, style = shown[:k], shown[::-1][:k]
+  hol_c, patch_c = encode(tok_state, jnp.asarray(content))
+  hol_s, _ = encode(tok_state, jnp.asarray(style))
+  mixed = jnp.concatenate([jnp.repeat(hol_s[None], k, 0).reshape(k * k, -1),
+                           jnp.repeat(patch_c, k, 0)], axis=1)
+  mixed_imgs = np.asarray(decode(tok_state, mixed))
+  header = np.concatenate([np.full_like(style[:1], 255), style])       # corner + style images
+  body = np.concatenate([np.concatenate([content[i:i + 1], mixed_imgs[i * k:(i + 1) * k]])
+                         for i in range(k)])
+  train_utils.save_png(os.path.join(workdir, 'style_transfer.png'),
+                       _upscale(train_utils.image_grid(np.concatenate([header, body]), rows=k + 1), scale))
+
+  return {'sample_class_accuracy': sample_acc, 'sample_class_accuracy_per_class': per_class,
+          'real_class_accuracy': real_acc, 'num_samples': int(len(labels)),
+          'cfg_scale': float(sc.cfg_scale), 'reconstruction_psnr_db': psnr,
+          'tokenizer': tok_export, 'gpt': gpt_export,
+          'classes': list(data.SHAPE_CLASSES[:n_cls]) if config.data.source == 'shapes' else None}

@@ -1,0 +1,76 @@
+"""The CPU demo (`configs/demo.py`): its class-dependence measurement and the whole run.
+
+The demo runs are `slow`: `python3 -m pytest -q -m slow tests/test_demo.py` (CI runs them after
+the default suite)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hita_jax import data, demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, 'XLA_FLAGS': ''}  # one CPU device, like a user's first run
+
+
+def _shapes(start, n, size=32):
+  src = data.ShapesSource(start + n, size, 0, 'flat')
+  items = [src[i] for i in range(start, start + n)]
+  return np.stack([it['image'] for it in items]), np.array([it['label'] for it in items], np.int32)
+
+
+def test_shape_classifier_separates_classes_and_detects_class_independence():
+  x, y = _shapes(0, 1500)
+  xt, yt = _shapes(5000, 300)
+  clf = demo.train_classifier(x, y, 10, steps=250, seed=0)
+  assert np.mean(demo.classify(clf, xt) == yt) >= 0.95
+  # Pictures that do not depend on their label score near chance (so >= 80 % means something).
+  shuffled = np.random.default_rng(0).permutation(yt)
+  assert np.mean(demo.classify(clf, xt) == shuffled) < 0.3
+  # Colour-invariant evidence: recolouring an image does not change the prediction.
+  np.testing.assert_array_equal(demo.classify(clf, xt[:50]), demo.classify(clf, 255 - xt[:50]))
+
+
+def _run_demo(workdir, *args):
+  cmd = [sys.executable, '-m', 'hita_jax.main', '--config=configs/demo.py' + (f':{args[0]}' if args else ''),
+         f'--workdir={workdir}']
+  r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  with open(os.path.join(workdir, 'demo_report.json')) as f:
+    return json.load(f), r.stdout
+
+
+def _check_pictures(workdir, report):
+  grid = np.asarray(Image.open(os.path.join(workdir, 'samples.png')))
+  assert grid.shape == (10 * 32 * 4, 10 * 32 * 4, 3)  # one row per class, 10 columns, 4x scale
+  rec = np.asarray(Image.open(os.path.join(workdir, 'reconstructions.png')))
+  assert rec.shape == (2 * 32 * 4, 10 * 32 * 4, 3)
+  st = np.asarray(Image.open(os.path.join(workdir, 'style_transfer.png')))
+  assert st.shape == (6 * 32 * 4, 6 * 32 * 4, 3)
+  assert os.path.exists(os.path.join(workdir, 'tokenizer', 'export', 'ema', 'config.json'))
+  assert report['num_samples'] == 200 and len(report['sample_class_accuracy_per_class']) == 10
+
+
+@pytest.mark.slow
+def test_demo_fast_variant_runs_every_stage(tmp_path):
+  report, out = _run_demo(tmp_path, 'fast')
+  _check_pictures(tmp_path, report)
+  assert 0.0 <= report['sample_class_accuracy'] <= 1.0
+  # A rerun finds every stage done and only redraws the pictures.
+  report2, out2 = _run_demo(tmp_path, 'fast')
+  assert 'training the tokenizer' not in out2 and 'training the AR model' not in out2
+  assert report2['sample_class_accuracy'] == report['sample_class_accuracy']
+
+
+@pytest.mark.slow
+def test_demo_samples_are_recognisably_their_class(tmp_path):
+  report, _ = _run_demo(tmp_path)
+  _check_pictures(tmp_path, report)
+  print(json.dumps(report, indent=1))
+  assert report['real_class_accuracy'] >= 0.95  # the judge itself works
+  assert report['sample_class_accuracy'] >= 0.8, report
+  assert min(report['sample_class_accuracy_per_class']) >= 0.5, report
