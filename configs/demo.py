@@ -1,4 +1,4 @@
-"""Hita end to end on a CPU in about 10 minutes: a small tokenizer, code extraction, a small AR
+"""Hita end to end on a CPU in about 12 minutes: a small tokenizer, code extraction, a small AR
 model, class-conditional samples (`hita_jax/demo.py`).
 
 Usage: python -m hita_jax.main --config=configs/demo.py --workdir=runs/demo

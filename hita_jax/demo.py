@@ -14,8 +14,6 @@ Stages, each in its own sub-directory of the workdir and each resumable (a rerun
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
 import json
 import os
 import time
@@ -115,10 +113,9 @@ def _upscale(grid: np.ndarray, factor: int) -> np.ndarray:
 
 
 def run(config, workdir: str):
-  from hita_jax import extract, sampling  # noqa: F401  (sampling: labels helper)
+  from hita_jax import extract
   from hita_jax.trainers import ar as ar_trainer
   from hita_jax.trainers import tokenizer as tok_trainer
-  dm = config.demo
   t0 = time.time()
   times = {}
   os.makedirs(workdir, exist_ok=True)
