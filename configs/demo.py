@@ -2,7 +2,8 @@
 model, class-conditional samples (`hita_jax/demo.py`).
 
 Usage: python -m hita_jax.main --config=configs/demo.py --workdir=runs/demo
-       --config=configs/demo.py:fast        a ~2-minute smoke run (pictures not yet recognisable)
+       --config=configs/demo.py:fast        a ~3-minute smoke run (pictures not yet recognisable;
+                                            `tiny` / `runlocal` are the same)
 
 Everything comes from the repository: the data are the embedded procedural shapes (10 classes,
 32 px, flat colours), DINOv2 is a tiny randomly initialised (frozen) tower, and the loss is
@@ -22,7 +23,8 @@ DEMO_GPT = dict(dim=128, n_layer=4, n_head=4)
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, fast=False, tokenizer_steps=0, ar_steps=0)
+  a = config_lib.parse_arg(arg, fast=False, tiny=False, runlocal=False, tokenizer_steps=0, ar_steps=0)
+  a.fast = a.fast or a.tiny or a.runlocal  # the demo is CPU-sized already; tiny = the smoke run
   config = config_lib.hita_recipe('B', 'tiny')
   config.task = 'demo'
   config.tokenizer.update(DEMO_TOKENIZER)

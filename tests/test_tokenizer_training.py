@@ -52,6 +52,7 @@ def test_cpu_training_run_writes_everything_and_losses_fall(tmp_path):
   assert os.path.exists(os.path.join(w, 'config.json'))
 
 
+@pytest.mark.slow  # ~2.5 min; the AR trainer's SIGKILL test covers the shared resume code by default
 def test_sigkill_resume_gives_the_same_next_step(tmp_path):
   common = ['--config.train.num_steps=6', '--config.train.log_every=1', '--config.train.ckpt_every=3',
             '--config.train.image_every=100']
