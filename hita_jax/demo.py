@@ -87,25 +87,38 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
   return model
 
 
+@nnx.jit
+def _predict(model: ShapeClassifier, x):
+  return jnp.argmax(model(x), -1)
+
+
 def classify(model: ShapeClassifier, images: np.ndarray, batch: int = 256) -> np.ndarray:
   feats = shape_evidence(images)
-  fn = nnx.jit(lambda m, x: jnp.argmax(m(x), -1))
-  return np.concatenate([np.asarray(fn(model, jnp.asarray(feats[i:i + batch])))
+  return np.concatenate([np.asarray(_predict(model, jnp.asarray(feats[i:i + batch])))
                          for i in range(0, len(feats), batch)])
 
 
 # -- stages ------------------------------------------------------------------------------------------
 
 
-def _stage_config(config, task: str):
+def _stage_config(config, task: str, **set_values):
+  """A copy of the demo config for one stage's task; `set_values` like {'init.tokenizer': path}."""
   c = copy.deepcopy(config)
   with c.unlocked():
     c.task = task
+    for dotted, value in set_values.items():
+      section, key = dotted.split('.')
+      c[section][key] = value
   return c
 
 
-def _done(path: str) -> bool:
-  return os.path.exists(path)
+def _stage(label: str, done_marker: str, fn, times: dict, key: str):
+  """Runs `fn` unless `done_marker` exists (a finished earlier run); records its seconds."""
+  t = time.time()
+  if not os.path.exists(done_marker):
+    print(label, flush=True)
+    fn()
+  times[key] = time.time() - t
 
 
 def _upscale(grid: np.ndarray, factor: int) -> np.ndarray:
@@ -120,41 +133,25 @@ def run(config, workdir: str):
   times = {}
   os.makedirs(workdir, exist_ok=True)
 
-  # 1. tokenizer
-  tok_dir = os.path.join(workdir, 'tokenizer')
+  tok_dir, codes_dir, ar_dir = (os.path.join(workdir, d) for d in ('tokenizer', 'codes', 'ar'))
   tok_export = os.path.join(tok_dir, 'export', 'ema')
-  if not _done(os.path.join(tok_dir, 'train_summary.json')):
-    print('[demo 1/4] training the tokenizer', flush=True)
-    tok_trainer.run(_stage_config(config, 'train_tokenizer'), tok_dir)
-  times['tokenizer_s'] = time.time() - t0
-
-  # 2. codes
-  codes_dir = os.path.join(workdir, 'codes')
-  c = _stage_config(config, 'extract_codes')
-  with c.unlocked():
-    c.init.tokenizer = tok_export
-    c.extract.output_dir = codes_dir
-  if not _done(os.path.join(codes_dir, 'manifest.json')):
-    print('[demo 2/4] extracting codes', flush=True)
-    extract.run(c, codes_dir)
-  times['extract_s'] = time.time() - t0 - sum(times.values())
-
-  # 3. AR model
-  ar_dir = os.path.join(workdir, 'ar')
   gpt_export = os.path.join(ar_dir, 'export', 'ema')
-  c = _stage_config(config, 'train_ar')
-  with c.unlocked():
-    c.init.tokenizer = tok_export
-    c.ar.codes_dir = codes_dir
-  if not _done(os.path.join(gpt_export, 'config.json')):
-    print('[demo 3/4] training the AR model', flush=True)
-    ar_trainer.run(c, ar_dir)
-  times['ar_s'] = time.time() - t0 - sum(times.values())
+  _stage('[demo 1/4] training the tokenizer', os.path.join(tok_dir, 'train_summary.json'),
+         lambda: tok_trainer.run(_stage_config(config, 'train_tokenizer'), tok_dir), times, 'tokenizer_s')
+  _stage('[demo 2/4] extracting codes', os.path.join(codes_dir, 'manifest.json'),
+         lambda: extract.run(_stage_config(config, 'extract_codes', **{
+             'init.tokenizer': tok_export, 'extract.output_dir': codes_dir}), codes_dir),
+         times, 'extract_s')
+  _stage('[demo 3/4] training the AR model', os.path.join(gpt_export, 'config.json'),
+         lambda: ar_trainer.run(_stage_config(config, 'train_ar', **{
+             'init.tokenizer': tok_export, 'ar.codes_dir': codes_dir}), ar_dir),
+         times, 'ar_s')
 
   # 4. pictures and the class-dependence measurement
   print('[demo 4/4] sampling, reconstructions, style transfer, class check', flush=True)
+  t = time.time()
   report = make_outputs(config, workdir, tok_export, gpt_export)
-  times['outputs_s'] = time.time() - t0 - sum(times.values())
+  times['outputs_s'] = time.time() - t
   report['seconds'] = {k: round(v, 1) for k, v in times.items()}
   report['seconds']['total_s'] = round(time.time() - t0, 1)
   with open(os.path.join(workdir, 'demo_report.json'), 'w') as f:
@@ -203,8 +200,8 @@ def make_outputs(config, workdir: str, tok_export: str, gpt_export: str) -> dict
   labels = np.repeat(np.arange(n_cls, dtype=np.int32), per)
   codes = generate(gpt, labels, jax.random.key(sc.seed), cfg_scale=sc.cfg_scale, top_k=sc.top_k,
                    top_p=sc.top_p, temperature=sc.temperature)
-  decode = jax.jit(lambda st, c: codes_to_images(nnx.merge(tok_graph, st), c, eval_size=None))
   tok_graph, tok_state = nnx.split(tok)
+  decode = jax.jit(lambda st, c: codes_to_images(nnx.merge(tok_graph, st), c, eval_size=None))
   samples = np.concatenate([np.asarray(decode(tok_state, codes[i:i + 100]))
                             for i in range(0, len(labels), 100)])
   cols = min(dm.grid_columns, per)
