@@ -1,7 +1,9 @@
-"""Params-only checkpoints (Orbax): what converters write and what later stages (training init,
-sampling, evaluation) read. A directory holds `params/` (Orbax) and `config.json`.
+"""Orbax checkpoints, both kinds:
 
-Training-state checkpoints (optimizer, EMA, data iterator, resume) live with the trainers.
+* params exports: what converters and trainers write and what later stages (training init,
+  sampling, evaluation) read; a directory holds `params/` (Orbax) and `config.json`;
+* training states: the whole train state (params, optimizers, EMA) with the grain data iterator,
+  async saves, latest-N + best retention, and resume from the latest step of a workdir.
 """
 from __future__ import annotations
 
@@ -75,3 +77,47 @@ def load_params(directory: str, module: nnx.Module, *, filt=nnx.Param) -> nnx.Mo
   nnx.replace_by_pure_dict(state, _restore_keys(restored, like))
   nnx.update(module, state)
   return module
+
+
+# -- training states ------------------------------------------------------------------------------
+
+def checkpoint_manager(directory: str, *, every: int, keep: int, best_metric: str | None = None,
+                       async_save: bool = True) -> ocp.CheckpointManager:
+  """Latest `keep` steps (+ the one with the smallest `best_metric`), the state and the data iterator
+  of each."""
+  import grain  # grain's checkpoint handler: only where training states are written
+  from orbax.checkpoint import checkpoint_managers as cm
+  policies = [cm.LatestN(keep)]
+  if best_metric:  # keeps the step with the smallest metric (BestN sorts ascending)
+    policies.append(cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=1))
+  options = ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=async_save,
+      save_decision_policy=cm.save_decision_policy.FixedIntervalPolicy(every),
+      preservation_policy=cm.AnyPreservationPolicy(policies),
+      best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode='min')
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'data': grain.checkpoint.CheckpointHandler()},
+      options=options)
+
+
+def save_train_state(mngr, step: int, state, data_iter, metrics: dict | None = None):
+  import grain
+  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 data=grain.checkpoint.CheckpointSave(data_iter)),
+                   metrics=metrics, force=True)
+
+
+def resume(mngr, state, data_iter):
+  """Restores the latest training state of `mngr` (and the data iterator, in place), if any;
+  returns (state, step)."""
+  import grain
+  if mngr.latest_step() is None:
+    return state, 0
+  start = int(mngr.latest_step())
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  out = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                    data=grain.checkpoint.CheckpointRestore(data_iter)))
+  print(f'resumed from step {start} ({mngr.directory})', flush=True)
+  return out['state'], start

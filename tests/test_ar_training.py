@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hita_jax import config_lib, extract, sharding
+from hita_jax import config_lib, sharding
 from hita_jax.checkpoint import save_params
-from hita_jax.convert.tokenizer import EXPORT_FILTER
+from hita_jax.data import codes, sources
+from hita_jax.pretrained import TOKENIZER_EXPORT_FILTER as EXPORT_FILTER
 from hita_jax.models.tokenizer import Tokenizer
-from hita_jax.trainers import ar
+from hita_jax.tasks import train_ar as ar
 from tests.conftest import ROOT
 
 ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
@@ -37,8 +38,8 @@ def codes_dir(tokenizer_export, tmp_path_factory):
   w = tmp_path_factory.mktemp('extract')
   r = subprocess.run([sys.executable, '-m', 'hita_jax.main', f'--config={ROOT}/configs/hita_b.py:tiny',
                       f'--workdir={w}', '--config.task=extract_codes',
-                      f'--config.init.tokenizer={tokenizer_export}', '--config.extract.max_examples=48',
-                      '--config.extract.examples_per_shard=32', '--config.extract.views=flip'],
+                      f'--config.init.tokenizer={tokenizer_export}', '--config.extract_codes.max_examples=48',
+                      '--config.extract_codes.examples_per_shard=32', '--config.extract_codes.views=flip'],
                      cwd=ROOT, env=ENV, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
   return str(w / 'codes')
@@ -47,15 +48,15 @@ def codes_dir(tokenizer_export, tmp_path_factory):
 def _config(tokenizer_export, codes=''):
   config = config_lib.load_config(f'{ROOT}/configs/hita_b.py:tiny')
   config.init.tokenizer = tokenizer_export
-  config.ar.codes_dir = codes
-  config.ar.global_batch_size = 8
+  config.train_ar.codes_dir = codes
+  config.train_ar.global_batch_size = 8
   return config
 
 
 def test_extraction_writes_shards_and_manifest(codes_dir):
   files = sorted(os.listdir(codes_dir))
   assert files == ['codes-00000-00000.array_record', 'codes-00000-00001.array_record', 'manifest.json']
-  src = extract.CodesSource(codes_dir)
+  src = codes.CodesSource(codes_dir)
   assert len(src) == 48  # one record per image, holding the image and its mirror image
   rec = src[0]
   assert rec['holistic_codes'].shape == (2, 16) and rec['patch_codes'].shape == (2, 64)
@@ -68,13 +69,12 @@ def test_pre_extracted_and_on_the_fly_agree(tokenizer_export, codes_dir):
   config = _config(tokenizer_export)
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
   parts, state, tok_state = ar.build(config, mesh)
-  from hita_jax import data
-  source = data.make_source(config.data)
-  dec = data.DecodeAugment(source, config.tokenizer.image_size, train=False)
+  source = sources.make_source(config.data)
+  dec = sources.DecodeAugment(source, config.tokenizer.image_size, train=False)
   items = [dec.random_map((source[i], i), np.random.default_rng(0)) for i in range(8)]
   images = np.stack([it['image'] for it in items])
   labels = np.asarray([it['label'] for it in items], np.int32)
-  src = extract.CodesSource(codes_dir)  # the first 8 records are these 8 images, in order
+  src = codes.CodesSource(codes_dir)  # the first 8 records are these 8 images, in order
   pre = {k: np.stack([src[i][k][0] for i in range(8)]) for k in ('holistic_codes', 'patch_codes')}
   fly = jax.jit(lambda b: ar.codes_from_batch(parts, tok_state, b))(
       {'image': jnp.asarray(images), 'label': jnp.asarray(labels)})
@@ -100,9 +100,9 @@ def _one_step(config, mesh, batch):
                          ids=['dp', 'fsdp', 'fsdp_tensor'])
 def test_one_step_on_1_and_8_devices_agree(tokenizer_export, codes_dir, axes):
   config = _config(tokenizer_export, codes_dir)
-  config.ar.adam_eps = 1e-3  # see test_tokenizer_training: keeps Adam's first step smooth in g
-  src = extract.CodesSource(codes_dir)
-  recs = [extract.pick_view(src[i], np.random.default_rng(i)) for i in range(8)]
+  config.train_ar.adam_eps = 1e-3  # see test_tokenizer_training: keeps Adam's first step smooth in g
+  src = codes.CodesSource(codes_dir)
+  recs = [codes.pick_view(src[i], np.random.default_rng(i)) for i in range(8)]
   batch = {k: np.stack([r[k] for r in recs]).astype(np.int32)
            for k in ('label', 'holistic_codes', 'patch_codes')}
   m1, p1 = _one_step(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]), batch)
@@ -115,9 +115,9 @@ def test_one_step_on_1_and_8_devices_agree(tokenizer_export, codes_dir, axes):
 
 def _cmd(w, tok, codes, steps):
   return [sys.executable, '-m', 'hita_jax.main', f'--config={ROOT}/configs/hita_b.py:tiny',
-          f'--workdir={w}', f'--config.init.tokenizer={tok}', f'--config.ar.codes_dir={codes}',
-          f'--config.ar.num_steps={steps}', '--config.ar.log_every=1', '--config.ar.ckpt_every=3',
-          '--config.ar.global_batch_size=8']
+          f'--workdir={w}', f'--config.init.tokenizer={tok}', f'--config.train_ar.codes_dir={codes}',
+          f'--config.train_ar.num_steps={steps}', '--config.train_ar.log_every=1', '--config.train_ar.ckpt_every=3',
+          '--config.train_ar.global_batch_size=8']
 
 
 def test_resume_after_sigkill(tokenizer_export, codes_dir, tmp_path):

@@ -38,7 +38,7 @@ def test_tokenizer_export_import_is_bit_exact(variant):
 
 def test_official_fixture_round_trip(official_fixtures):
   from safetensors.numpy import load_file
-  from hita_jax.tools.fixtures import build_tokenizer
+  from hita_jax.tools.fixtures import tokenizer_from_fixture as build_tokenizer
   model, _ = build_tokenizer(official_fixtures, 'tokenizer_v')
   sd = load_file(os.path.join(official_fixtures, 'tokenizer_v.safetensors'))
   out = export_official_tokenizer(model)

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hita_jax import data, demo
+from hita_jax.data import sources
+from hita_jax.tasks import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'XLA_FLAGS': ''}  # one CPU device, like a user's first run
 
 
 def _shapes(start, n, size=32):
-  src = data.ShapesSource(start + n, size, 0, 'flat')
+  src = sources.ShapesSource(start + n, size, 0, 'flat')
   items = [src[i] for i in range(start, start + n)]
   return np.stack([it['image'] for it in items]), np.array([it['label'] for it in items], np.int32)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from hita_jax import eval_metrics
+from hita_jax.metrics import adm
 
 
 def _feats(n, d, seed, shift=0.0):
@@ -43,58 +43,58 @@ def ref_pr(ref, sample, k=3):
 
 def test_fid_matches_transcription_and_self_is_zero():
   a, b = _feats(300, 16, 0), _feats(250, 16, 1, shift=0.3)
-  s_a = eval_metrics.FIDStatistics.from_activations(a)
-  s_b = eval_metrics.FIDStatistics.from_activations(b)
+  s_a = adm.FIDStatistics.from_activations(a)
+  s_b = adm.FIDStatistics.from_activations(b)
   assert s_a.frechet_distance(s_b) == pytest.approx(ref_fid(a, b), rel=1e-6, abs=1e-6)
   assert abs(s_a.frechet_distance(s_a)) < 1e-6
   # sFID is the same formula on the spatial features
   sa, sb = _feats(200, 28, 2), _feats(200, 28, 3, shift=-0.1)
-  got = eval_metrics.FIDStatistics.from_activations(sa).frechet_distance(
-      eval_metrics.FIDStatistics.from_activations(sb))
+  got = adm.FIDStatistics.from_activations(sa).frechet_distance(
+      adm.FIDStatistics.from_activations(sb))
   assert got == pytest.approx(ref_fid(sa, sb), rel=1e-6, abs=1e-6)
 
 
 def test_fid_singular_fallback_and_shape_check():
   a = _feats(5, 16, 4)  # fewer samples than dims: singular covariances
-  s = eval_metrics.FIDStatistics.from_activations(a)
-  assert np.isfinite(s.frechet_distance(eval_metrics.FIDStatistics.from_activations(_feats(5, 16, 5))))
+  s = adm.FIDStatistics.from_activations(a)
+  assert np.isfinite(s.frechet_distance(adm.FIDStatistics.from_activations(_feats(5, 16, 5))))
   with pytest.raises(ValueError, match='different sizes'):
-    s.frechet_distance(eval_metrics.FIDStatistics.from_activations(_feats(5, 8, 5)))
+    s.frechet_distance(adm.FIDStatistics.from_activations(_feats(5, 8, 5)))
 
 
 def test_inception_score_matches_transcription():
   logits = np.random.RandomState(0).randn(12000, 50) * 3
-  assert eval_metrics.inception_score(logits) == pytest.approx(ref_is(logits), rel=1e-6)
-  assert eval_metrics.inception_score(np.zeros((100, 10))) == pytest.approx(1.0)
+  assert adm.inception_score(logits) == pytest.approx(ref_is(logits), rel=1e-6)
+  assert adm.inception_score(np.zeros((100, 10))) == pytest.approx(1.0)
 
 
 def test_precision_recall_matches_transcription():
   ref, sample = _feats(400, 8, 6), _feats(300, 8, 7, shift=0.5)
-  est = eval_metrics.ManifoldEstimator(row_batch_size=128, col_batch_size=96, distance_dtype='float32')
+  est = adm.ManifoldEstimator(row_batch_size=128, col_batch_size=96, distance_dtype='float32')
   p, r = est.precision_recall(ref, sample)
   rp, rr = ref_pr(ref, sample)
   assert p == pytest.approx(rp, abs=1e-6) and r == pytest.approx(rr, abs=1e-6)
   assert 0 < p < 1 and 0 < r < 1
   # ADM's float16 distances agree up to a few borderline points
-  p16, r16 = eval_metrics.ManifoldEstimator(distance_dtype='float16').precision_recall(ref, sample)
+  p16, r16 = adm.ManifoldEstimator(distance_dtype='float16').precision_recall(ref, sample)
   assert abs(p16 - rp) < 0.02 and abs(r16 - rr) < 0.02
-  assert eval_metrics.ManifoldEstimator().precision_recall(ref, ref) == (1.0, 1.0)
+  assert adm.ManifoldEstimator().precision_recall(ref, ref) == (1.0, 1.0)
 
 
 def test_reference_batch_round_trip(tmp_path):
   imgs = np.random.RandomState(0).randint(0, 256, (6, 8, 8, 3)).astype(np.uint8)
   pool, spatial = _feats(6, 4, 1), _feats(6, 3, 2)
-  eval_metrics.write_reference_batch(str(tmp_path / 'ref.npz'), imgs, pool, spatial)
-  np.testing.assert_array_equal(eval_metrics.read_images_npz(str(tmp_path / 'ref.npz')), imgs)
-  stats = eval_metrics.read_statistics(str(tmp_path / 'ref.npz'))
+  adm.write_reference_batch(str(tmp_path / 'ref.npz'), imgs, pool, spatial)
+  np.testing.assert_array_equal(adm.read_images_npz(str(tmp_path / 'ref.npz')), imgs)
+  stats = adm.read_statistics(str(tmp_path / 'ref.npz'))
   assert set(stats) == {'mu', 'sigma', 'mu_s', 'sigma_s'}
   np.testing.assert_allclose(stats['sigma'], np.cov(pool, rowvar=False))
   np.savez(tmp_path / 'bad.npz', arr_0=imgs.astype(np.float32))
   with pytest.raises(ValueError, match='uint8'):
-    eval_metrics.read_images_npz(str(tmp_path / 'bad.npz'))
+    adm.read_images_npz(str(tmp_path / 'bad.npz'))
   with pytest.raises(KeyError, match='arr_0'):
     np.savez(tmp_path / 'nokey.npz', x=imgs)
-    eval_metrics.read_images_npz(str(tmp_path / 'nokey.npz'))
+    adm.read_images_npz(str(tmp_path / 'nokey.npz'))
   (tmp_path / 'corrupt.npz').write_bytes(b'garbage')
   with pytest.raises(ValueError, match='corrupt.npz'):
-    eval_metrics.read_images_npz(str(tmp_path / 'corrupt.npz'))
+    adm.read_images_npz(str(tmp_path / 'corrupt.npz'))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hita_jax import evaluation
+from hita_jax.data import images
+from hita_jax.metrics import image as image_metrics
 from tests.conftest import ROOT
 
 
@@ -67,7 +68,7 @@ def test_tokenizer_metrics_on_a_folder_with_a_corrupt_file(tmp_path):
 
 def test_center_crop_matches_adm():
   img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (500, 700, 3)).astype(np.uint8))
-  out = evaluation.center_crop_arr(img, 64)
+  out = images.center_crop_arr(img, 64)
   assert out.shape == (64, 64, 3) and out.dtype == np.uint8
 
 
@@ -76,6 +77,6 @@ def test_psnr_ssim_match_skimage():
   r = np.random.RandomState(0)
   a = r.rand(40, 48, 3).astype(np.float32)
   b = np.clip(a + r.randn(*a.shape).astype(np.float32) * 0.05, 0, 1)
-  assert evaluation.psnr(a, b) == pytest.approx(metrics.peak_signal_noise_ratio(a, b), rel=1e-5)
+  assert image_metrics.psnr(a, b) == pytest.approx(metrics.peak_signal_noise_ratio(a, b), rel=1e-5)
   ref = metrics.structural_similarity(a, b, data_range=2.0, channel_axis=-1)
-  assert evaluation.ssim(a, b, data_range=2.0) == pytest.approx(ref, rel=1e-4)
+  assert image_metrics.ssim(a, b, data_range=2.0) == pytest.approx(ref, rel=1e-4)

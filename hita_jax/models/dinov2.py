@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hita_jax.models.layers import LayerNorm, attention, conv, dense
-from hita_jax.resize import interpolate_pos_table, kornia_bicubic_resize
+from hita_jax.models.resize import interpolate_pos_table, kornia_bicubic_resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hita_jax.models.layers import LayerNorm, SwiGLUFused, attention, causal_mask, dense
-from hita_jax.resize import interpolate_pos_table
+from hita_jax.models.resize import interpolate_pos_table
 
 LN_EPS = 1e-5
 

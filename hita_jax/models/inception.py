@@ -216,7 +216,7 @@ def tf1_bilinear_matrix(n_in: int, n_out: int):
 
 def adm_preprocess(images_u8, size: int = 299):
   """ADM evaluator input path: uint8 NHWC -> TF1 bilinear resize to 299 -> (x - 128) / 128."""
-  from hita_jax.resize import resize_with_matrices
+  from hita_jax.models.resize import resize_with_matrices
   x = images_u8.astype(jnp.float32)
   if x.shape[1:3] != (size, size):
     x = resize_with_matrices(x, tf1_bilinear_matrix(x.shape[1], size), tf1_bilinear_matrix(x.shape[2], size))

@@ -20,15 +20,19 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax
 import optax
 from flax import nnx
 
-from hita_jax import flops
+from hita_jax import config_lib, pretrained, sharding
+from hita_jax.metrics import flops
+from hita_jax.metrics.inception_features import InceptionRunner
 from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
+from hita_jax.models.sampler import generate
+from hita_jax.tasks import train_ar as ar
 
 
 def env_info():
-  import flax
   return {'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
           'device': jax.devices()[0].device_kind, 'n_devices': jax.device_count(),
           'python': platform.python_version()}
@@ -38,17 +42,11 @@ def full_size_config(size: str, **kw) -> GPTConfig:
   return GPTConfig(**GPT_SIZES[size], vocab_size=16384, num_holistic=128, grid=21, num_classes=1000, **kw)
 
 
-def adamw(lr=1e-4, wd=0.05):
-  mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=wd, mask=mask))
-
-
 def bench_gpt_train(size, batch, attn='cudnn', remat='none', scan=False, warmup=3, iters=10):
   cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan)
   model = GPT(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = adamw()
+  tx = ar.adamw(1e-4, 0.9, 0.95, 0.05, 1.0)  # the train_ar optimizer at the official settings
   opt_state = tx.init(params)
   r = np.random.RandomState(0)
   labels = jnp.asarray(r.randint(0, cfg.num_classes, batch))
@@ -93,7 +91,6 @@ def _jit_donating(fn):
 
 
 def bench_sample(size, batch, cfg_scale=1.5, repeats=2):
-  from hita_jax.sample import generate
   cfg = full_size_config(size, dtype='bfloat16')
   model = GPT(cfg, rngs=nnx.Rngs(0))
   model.head[...] = jax.random.normal(jax.random.key(1), model.head.shape) * 0.02  # as the anchor
@@ -119,8 +116,7 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2):
 def bench_inception(batch, repeats=5):
   """pool3 (+ sFID features and logits) of uint8 256x256 images at `batch`, random weights
   (speed only), fp32 at HIGHEST precision as in evaluation, ADM preprocessing included."""
-  from hita_jax.evaluation import InceptionRunner, load_inception_weights
-  runner = InceptionRunner(load_inception_weights('random'), batch_size=batch)
+  runner = InceptionRunner(pretrained.load_inception('random'), batch_size=batch)
   images = np.random.RandomState(0).randint(0, 256, (batch, 256, 256, 3)).astype(np.uint8)
   t0 = time.perf_counter()
   runner(images)
@@ -138,11 +134,9 @@ def bench_inception(batch, repeats=5):
 
 def bench_ar_trainer(size, batch, steps=20, attn='cudnn'):
   """The `train_ar` trainer's own jitted step (AdamW, EMA, dropout, label drop) on synthetic codes."""
-  from hita_jax import config_lib, sharding
-  from hita_jax.trainers import ar
   config = config_lib.hita_recipe(size, None)
-  config.ar.codes_dir = 'synthetic'
-  config.ar.global_batch_size = batch
+  config.train_ar.codes_dir = 'synthetic'
+  config.train_ar.global_batch_size = batch
   config.gpt.attn_impl = attn
   mesh = sharding.make_mesh([('data', -1)])
   parts, state, _ = ar.build(config, mesh)

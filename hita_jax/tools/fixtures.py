@@ -1,5 +1,6 @@
 """Reading a golden-fixture directory in the format of `shared/fixtures/official/`: model configs
-from its JSON files, weights through the converters, per-array tolerances from its README."""
+from its JSON files, weights through the loading module (`hita_jax.pretrained`), per-array
+tolerances from its README."""
 from __future__ import annotations
 
 import glob
@@ -7,12 +8,13 @@ import json
 import os
 
 import numpy as np
-from flax import nnx
-from safetensors.numpy import load_file
+import math
 
-from hita_jax.convert.dinov2 import load_dinov2
-from hita_jax.convert.tokenizer import load_official_tokenizer
+from flax import nnx
+
+from hita_jax import pretrained
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config
+from hita_jax.models.gpt import GPT, GPTConfig
 from hita_jax.models.tokenizer import Tokenizer, TokenizerConfig
 
 
@@ -58,23 +60,25 @@ def tokenizer_config_from_json(j: dict) -> TokenizerConfig:
       dinov2=dino, dinov2_input_size=der.get('dinov2_input_size', 224))
 
 
-def build_tokenizer(fixtures: str, name: str) -> tuple[Tokenizer, dict]:
+def _read_json(fixtures: str, name: str) -> dict:
   with open(os.path.join(fixtures, f'{name}.json')) as f:
-    j = json.load(f)
-  cfg = tokenizer_config_from_json(j)
-  model = Tokenizer(cfg, rngs=nnx.Rngs(0))
-  load_official_tokenizer(model, load_file(os.path.join(fixtures, j.get('weights', f'{name}.safetensors'))))
-  dw = os.path.join(fixtures, j.get('dinov2_weights', 'dinov2.safetensors'))
-  load_dinov2(model.dinov2, load_file(dw))
+    return json.load(f)
+
+
+def tokenizer_from_fixture(fixtures: str, name: str) -> tuple[Tokenizer, dict]:
+  """The official tokenizer `name` (e.g. `tokenizer_v`) with its fixture weights and DINOv2."""
+  j = _read_json(fixtures, name)
+  model = pretrained.load_tokenizer(
+      tokenizer_config_from_json(j), os.path.join(fixtures, j.get('weights', f'{name}.safetensors')),
+      dinov2=os.path.join(fixtures, j.get('dinov2_weights', 'dinov2.safetensors')))
   model.eval()
   return model, j
 
 
-def build_dinov2(fixtures: str) -> tuple[DinoV2, dict]:
-  with open(os.path.join(fixtures, 'dinov2.json')) as f:
-    j = json.load(f)
+def dinov2_from_fixture(fixtures: str) -> tuple[DinoV2, dict]:
+  j = _read_json(fixtures, 'dinov2')
   model = DinoV2(dinov2_config_from_json(j), rngs=nnx.Rngs(0))
-  load_dinov2(model, load_file(os.path.join(fixtures, j.get('weights', 'dinov2.safetensors'))))
+  pretrained.load_dinov2(model, os.path.join(fixtures, j.get('weights', 'dinov2.safetensors')))
   model.eval()
   return model, j
 
@@ -118,10 +122,8 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     return {k: z[k] for k in z.files}
 
 
-def gpt_config_from_json(j: dict):
+def gpt_config_from_json(j: dict) -> GPTConfig:
   """Official ModelArgs (fixture JSON) -> GPTConfig (dropouts off: fixtures are deterministic)."""
-  import math
-  from hita_jax.models.gpt import GPTConfig
   a = j['model_args']
   if a.get('n_kv_head') not in (None, a['n_head']):
     raise ValueError('grouped-query attention is not part of the official Hita GPT')
@@ -139,12 +141,8 @@ def gpt_config_from_json(j: dict):
       resid_dropout=0.0, ffn_dropout=0.0, drop_path_rate=0.0)
 
 
-def build_gpt(fixtures: str):
-  from hita_jax.convert.gpt import load_official_gpt
-  from hita_jax.models.gpt import GPT
-  with open(os.path.join(fixtures, 'gpt.json')) as f:
-    j = json.load(f)
-  model = GPT(gpt_config_from_json(j), rngs=nnx.Rngs(0))
-  load_official_gpt(model, load_file(os.path.join(fixtures, j.get('weights', 'gpt.safetensors'))))
+def gpt_from_fixture(fixtures: str) -> tuple[GPT, dict]:
+  j = _read_json(fixtures, 'gpt')
+  model = pretrained.load_gpt(gpt_config_from_json(j), os.path.join(fixtures, j.get('weights', 'gpt.safetensors')))
   model.eval()
   return model, j

@@ -22,8 +22,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import json
+import re
+
+from flax import nnx
+from safetensors.numpy import load_file
+
+from hita_jax.convert.losses import load_official_lpips, load_official_patchgan
+from hita_jax.data.images import codes_to_images, to_uint8
+from hita_jax.models import losses
 from hita_jax.models.dinov2 import preprocess_for_dinov2
-from hita_jax.resize import to_uint8_eval, torch_bicubic_resize
+from hita_jax.models.discriminator import PatchGAN
+from hita_jax.models.holistic import pos_table_for_grid
+from hita_jax.models.lpips import LPIPS
+from hita_jax.models.quantizer import VectorQuantizer
+from hita_jax.models.resize import torch_bicubic_resize
+from hita_jax.models.sampler import generate
 from hita_jax.tools import fixtures as fx
 
 REL_TOL = 1e-4
@@ -98,14 +112,23 @@ def nchw(x):
   return np.asarray(x).transpose(0, 3, 1, 2)
 
 
+def _fixture_io(d: str, name: str, rep: Report, needs: str | None = None) -> dict | None:
+  """`<name>_io.npz` of the fixture directory, or None (reported as skipped) when it or the file
+  `needs` (default `<name>.json`) is missing."""
+  needs = needs or f'{name}.json'
+  path = os.path.join(d, f'{name}_io.npz')
+  if not os.path.exists(os.path.join(d, needs)) or not os.path.exists(path):
+    rep.skip(name, f'{name}_io.npz or {needs} missing')
+    return None
+  print(f'[{name}]')
+  return fx.load_npz(path)
+
+
 def check_dinov2(d: str, rep: Report):
-  path = os.path.join(d, 'dinov2_io.npz')
-  if not os.path.exists(os.path.join(d, 'dinov2.json')) or not os.path.exists(path):
-    rep.skip('dinov2', 'dinov2.json or dinov2_io.npz missing')
+  io = _fixture_io(d, 'dinov2', rep)
+  if io is None:
     return
-  print('[dinov2]')
-  model, _ = fx.build_dinov2(d)
-  io = fx.load_npz(path)
+  model, _ = fx.dinov2_from_fixture(d)
   if 'dinov2_input' in io:
     x_in = jnp.asarray(io['dinov2_input']).transpose(0, 2, 3, 1)
     if os.path.exists(os.path.join(d, 'inputs.npz')):
@@ -126,14 +149,11 @@ def check_dinov2(d: str, rep: Report):
 
 
 def check_tokenizer(d: str, name: str, rep: Report):
-  io_path = os.path.join(d, f'{name}_io.npz')
   in_path = os.path.join(d, 'inputs.npz')
-  if not os.path.exists(io_path) or not os.path.exists(in_path):
-    rep.skip(name, f'{name}_io.npz or inputs.npz missing')
+  ref = _fixture_io(d, name, rep, needs='inputs.npz')
+  if ref is None:
     return
-  print(f'[{name}]')
-  model, _ = fx.build_tokenizer(d, name)
-  ref = fx.load_npz(io_path)
+  model, _ = fx.tokenizer_from_fixture(d, name)
   images = jnp.asarray(fx.load_npz(in_path)['images']).transpose(0, 2, 3, 1)
   b = images.shape[0]
   known = set()
@@ -200,10 +220,9 @@ def check_tokenizer(d: str, name: str, rep: Report):
               ref['recon_eval_resized'], kind='stage', image=True)
   if have('recon_eval_uint8'):
     size = ref['recon_eval_uint8'].shape[1:3]
-    rep.uint8('recon_eval_uint8', to_uint8_eval(torch_bicubic_resize(recon, size)),
+    rep.uint8('recon_eval_uint8', to_uint8(torch_bicubic_resize(recon, size)),
               ref['recon_eval_uint8'])
   if model.cfg.vfm:
-    from hita_jax.models.holistic import pos_table_for_grid
     fd = model.fusion_decoder
     for alias in ('vfm_pos_embed_interp', 'vfm_position_embedding'):
       if have(alias):
@@ -217,15 +236,10 @@ def check_tokenizer(d: str, name: str, rep: Report):
 
 
 def check_gpt(d: str, rep: Report):
-  io_path = os.path.join(d, 'gpt_io.npz')
-  if not os.path.exists(os.path.join(d, 'gpt.json')) or not os.path.exists(io_path):
-    rep.skip('gpt', 'gpt.json or gpt_io.npz missing')
+  ref = _fixture_io(d, 'gpt', rep)
+  if ref is None:
     return
-  import re
-  from hita_jax.sample import codes_to_images, generate
-  print('[gpt]')
-  model, j = fx.build_gpt(d)
-  ref = fx.load_npz(io_path)
+  model, j = fx.gpt_from_fixture(d)
   known = {'labels', 'holistic_codes', 'patch_codes'}
   labels = jnp.asarray(ref['labels'], jnp.int32)
   q = jnp.asarray(ref['holistic_codes'], jnp.int32)
@@ -271,7 +285,7 @@ def check_gpt(d: str, rep: Report):
       rep.skip(k, 'no tokenizer in the fixtures to decode with')
       continue
     name = 'tokenizer_v' if 'tokenizer_v' in names else names[0]
-    tok, _ = fx.build_tokenizer(d, name)
+    tok, _ = fx.tokenizer_from_fixture(d, name)
     # decode the official generation (a flipped code would change the whole image)
     codes = jnp.asarray(ref[m.group(1)], jnp.int32)
     rep.uint8(k, codes_to_images(tok, codes, eval_size=ref[k].shape[1]), ref[k])
@@ -285,14 +299,6 @@ def check_losses(d: str, rep: Report):
   if missing:
     rep.skip('losses', f'{", ".join(missing)} missing')
     return
-  import json
-  from flax import nnx
-  from safetensors.numpy import load_file
-  from hita_jax import losses
-  from hita_jax.convert.losses import load_official_lpips, load_official_patchgan
-  from hita_jax.models.discriminator import PatchGAN
-  from hita_jax.models.lpips import LPIPS
-  from hita_jax.models.quantizer import VectorQuantizer
   print('[losses]')
   with open(os.path.join(d, 'losses.json')) as f:
     j = json.load(f)

@@ -16,9 +16,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from hita_jax import config_lib, sharding
+from hita_jax import config_lib, pretrained, sharding
+from hita_jax.data.images import codes_to_images, save_png
+from hita_jax.models.gpt import gpt_config_from
+from hita_jax.models.sampler import generate
 
 
 def labels_for(num_images: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
@@ -37,24 +39,19 @@ def _atomic_savez(path: str, **arrays):
 
 
 def run(config, workdir: str):
-  from hita_jax.convert.gpt import build_gpt, legacy_flag_from_export
-  from hita_jax.convert.tokenizer import build_tokenizer
-  from hita_jax.models.gpt import gpt_config_from
-  from hita_jax.sample import codes_to_images, generate
   sc = config.sample
   init = config.init
   if not init.gpt or not init.tokenizer:
     raise ValueError('the sample task needs --config.init.gpt=<GPT export or official .pt> and '
                      '--config.init.tokenizer=<tokenizer export or official .pt>')
   mesh = sharding.make_mesh(config.mesh)
-  rules = [tuple(r) for r in config.logical_axis_rules]
+  rules = config_lib.axis_rules(config)
   gcfg = gpt_config_from(config.gpt)
-  gpt = build_gpt(gcfg, init.gpt, key=init.gpt_key)
+  gpt = pretrained.load_gpt(gcfg, init.gpt, key=init.gpt_key)
   gpt.eval()
-  legacy = sc.legacy_pos128_embedding or (os.path.isdir(init.gpt) and legacy_flag_from_export(init.gpt)) \
-      or not os.path.isdir(init.gpt)  # official files always follow the released sampler
+  legacy = sc.legacy_pos128_embedding or pretrained.wants_legacy_sampler(init.gpt)
   tcfg = config_lib.tokenizer_config_from(config.tokenizer)
-  tok = build_tokenizer(tcfg, tokenizer_ckpt=init.tokenizer, key=init.tokenizer_key)
+  tok = pretrained.load_tokenizer(tcfg, init.tokenizer, key=init.tokenizer_key)
   tok.eval()
   sharding.shard_module(gpt, mesh, rules)
   n_dev = mesh.devices.size
@@ -85,7 +82,7 @@ def run(config, workdir: str):
     if jax.process_index() == 0:
       if sc.save_png:
         for i, img in enumerate(images):
-          Image.fromarray(img).save(os.path.join(out_dir, 'png', f'{c * batch + i:06d}.png'))
+          save_png(os.path.join(out_dir, 'png', f'{c * batch + i:06d}.png'), img)
       _atomic_savez(path, images=images, labels=lab[:real])
     done_now += real
     el = time.time() - t0

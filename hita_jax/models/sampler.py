@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hita_jax.models.gpt import GPT
-from hita_jax.resize import to_uint8_eval, torch_bicubic_resize
 
 
 def filter_logits(logits, *, top_k: int = 0, top_p: float = 1.0):
@@ -131,13 +130,3 @@ def generate(model: GPT, labels, key, *, cfg_scale: float = 1.5, cfg_interval: i
 
 def split_codes(seq, num_holistic: int):
   return seq[:, :num_holistic], seq[:, num_holistic:]
-
-
-def codes_to_images(tokenizer, seq, *, eval_size: int | None = 256):
-  """Official sample post-processing: decode [holistic | patch] codes at the tokenizer's size, resize
-  with PyTorch's bicubic (a=-0.75, no antialias) to `eval_size`, `clamp(127.5x + 128)` to uint8."""
-  hol, patch = split_codes(seq, tokenizer.cfg.num_holistic)
-  img = tokenizer.decode(hol, patch)
-  if eval_size and img.shape[1] != eval_size:
-    img = torch_bicubic_resize(img, (eval_size, eval_size))
-  return to_uint8_eval(img)

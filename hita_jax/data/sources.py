@@ -1,4 +1,5 @@
-"""Image data for the tokenizer (and, later, code extraction), with grain.
+"""Labelled image sources and the grain input pipeline of the tokenizer trainer, code extraction and
+on-the-fly AR training.
 
 Sources (all random access, decoded in `map` so grain workers do the work):
 * `ShapesSource`: the embedded default, generated procedurally (no download): 10 shape classes with
@@ -19,7 +20,6 @@ uses the ADM centre crop. The index space is sharded per process; iterators are 
 from __future__ import annotations
 
 import io
-import math
 import os
 from typing import Any
 
@@ -27,7 +27,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff')
+from hita_jax.data.images import center_crop_arr, list_images, random_crop_arr, read_rgb
+
 SHAPE_CLASSES = ('circle', 'square', 'triangle', 'cross', 'ring', 'diamond', 'hbars', 'vbars',
                  'checker', 'star')
 
@@ -123,15 +124,10 @@ class ImageFolderSource:
     if not classes:
       raise ValueError(f'{root} has no class sub-folders (expected root/<class>/<images>)')
     self.classes = classes
-    self.records = []
-    for label, c in enumerate(classes):
-      for dirpath, _, files in os.walk(os.path.join(root, c)):
-        for f in sorted(files):
-          if f.lower().endswith(IMAGE_EXTS):
-            self.records.append((os.path.join(dirpath, f), label))
-    self.records.sort()
+    self.records = sorted((f, label) for label, c in enumerate(classes)
+                          for f in list_images(os.path.join(root, c)))
     if not self.records:
-      raise ValueError(f'{root} holds no images with extensions {IMAGE_EXTS}')
+      raise ValueError(f'{root} holds no image files in its class sub-folders')
 
   def __len__(self):
     return len(self.records)
@@ -167,14 +163,7 @@ class TfdsSource:
 def _open(record) -> Image.Image:
   if 'image' in record:
     return Image.fromarray(np.asarray(record['image']))
-  if 'path' in record:
-    with open(record['path'], 'rb') as f:
-      data = f.read()
-  else:
-    data = record['bytes']
-  img = Image.open(io.BytesIO(data))
-  img.load()
-  return img.convert('RGB')
+  return read_rgb(record['path'] if 'path' in record else io.BytesIO(record['bytes']))
 
 
 def open_readable(source, index: int, record=None, max_tries: int = 64):
@@ -187,27 +176,6 @@ def open_readable(source, index: int, record=None, max_tries: int = 64):
     except Exception:  # corrupt / unreadable: never fatal
       record = source[(index + attempt + 1) % len(source)]
   raise RuntimeError(f'{max_tries} consecutive unreadable images near index {index}')
-
-
-def random_crop_arr(pil_image: Image.Image, image_size: int, rng: np.random.Generator,
-                    min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> np.ndarray:
-  """ADM `random_crop_arr` (the official augmentation)."""
-  lo = math.ceil(image_size / max_crop_frac)
-  hi = math.ceil(image_size / min_crop_frac)
-  smaller = int(rng.integers(lo, hi + 1))
-  while min(*pil_image.size) >= 2 * smaller:
-    pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-  scale = smaller / min(*pil_image.size)
-  pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-  arr = np.array(pil_image)
-  y = int(rng.integers(0, arr.shape[0] - image_size + 1))
-  x = int(rng.integers(0, arr.shape[1] - image_size + 1))
-  return arr[y:y + image_size, x:x + image_size]
-
-
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-  from hita_jax.evaluation import center_crop_arr as adm_center_crop
-  return adm_center_crop(pil_image, image_size)
 
 
 class DecodeAugment(grain.transforms.RandomMap):
@@ -233,12 +201,11 @@ class DecodeAugment(grain.transforms.RandomMap):
 def make_source(cfg) -> Any:
   kind = cfg.source
   if kind == 'shapes':
-    return ShapesSource(cfg.get('num_records', 10000), cfg.get('shapes_size', cfg.image_size),
-                        cfg.get('seed', 0), cfg.get('shapes_style', 'textured'))
+    return ShapesSource(cfg.num_records, cfg.shapes_size, cfg.seed, cfg.shapes_style)
   if kind == 'folder':
     return ImageFolderSource(cfg.path)
   if kind == 'tfds':
-    return TfdsSource(cfg.name, cfg.split, cfg.get('data_dir') or None)
+    return TfdsSource(cfg.name, cfg.split, cfg.data_dir or None)
   raise ValueError(f"data.source must be 'shapes', 'folder' or 'tfds', got {kind!r}")
 
 
@@ -256,9 +223,9 @@ def make_image_dataset(cfg, *, image_size: int, global_batch: int, seed: int, tr
   ds = ds[process_index::process_count]
   ds = ds.seed(seed).random_map(DecodeAugment(source, image_size, train))
   ds = ds.batch(global_batch // process_count, drop_remainder=True)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.get('num_threads', 2),
-                                               prefetch_buffer_size=cfg.get('prefetch', 4)))
-  workers = cfg.get('num_workers', 0)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
+                                               prefetch_buffer_size=cfg.prefetch))
+  workers = cfg.num_workers
   if workers:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(it_ds), source

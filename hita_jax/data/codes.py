@@ -1,0 +1,83 @@
+"""Pre-extracted codes: the record format `extract_codes` writes (ArrayRecord shards + manifest),
+random access over them, one view drawn per read, and synthetic codes for throughput runs."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+
+def pack(label: int, holistic: np.ndarray, patch: np.ndarray) -> bytes:
+  """One image: `holistic` (V, H) and `patch` (V, P) codes of its V views."""
+  holistic, patch = np.atleast_2d(holistic), np.atleast_2d(patch)
+  return np.concatenate([[label, len(holistic)], holistic.ravel(), patch.ravel()]).astype(np.int32).tobytes()
+
+
+def unpack(record: bytes, num_holistic: int) -> dict[str, np.ndarray]:
+  a = np.frombuffer(record, np.int32)
+  label, v = a[0], int(a[1])
+  body = a[2:]
+  hol = body[:v * num_holistic].reshape(v, num_holistic)
+  patch = body[v * num_holistic:].reshape(v, -1)
+  return {'label': label, 'holistic_codes': hol, 'patch_codes': patch}
+
+
+def shard_name(process_index: int, shard: int) -> str:
+  return f'codes-{process_index:05d}-{shard:05d}.array_record'
+
+
+class CodesSource:
+  """Random access over an extraction directory's ArrayRecord shards."""
+
+  def __init__(self, directory: str):
+    import grain  # grain's ArrayRecord reader: only where codes are read
+    files = sorted(glob.glob(os.path.join(directory, 'codes-*.array_record')))
+    if not files:
+      raise FileNotFoundError(f'no code shards in {directory}; run the extract_codes task first')
+    with open(os.path.join(directory, 'manifest.json')) as f:
+      self.manifest = json.load(f)
+    self.src = grain.sources.ArrayRecordDataSource(files)
+    self.num_holistic = self.manifest['num_holistic']
+
+  def __len__(self):
+    return len(self.src)
+
+  def __getitem__(self, i):
+    return unpack(self.src[int(i)], self.num_holistic)
+
+
+def pick_view(record: dict, rng: np.random.Generator) -> dict:
+  """One of the record's views, at random (a grain RandomMap on CodesSource records)."""
+  v = int(rng.integers(0, record['holistic_codes'].shape[0]))
+  return {'label': np.int32(record['label']), 'holistic_codes': record['holistic_codes'][v],
+          'patch_codes': record['patch_codes'][v]}
+
+
+def make_codes_dataset(directory: str, *, local_batch: int, seed: int, process_index: int = 0,
+                       process_count: int = 1):
+  """A checkpointable iterator of per-process code batches: shuffled, repeated, this process's
+  slice, one view per read (LlamaGen's per-sample augmentation)."""
+  import grain
+  ds = grain.MapDataset.source(CodesSource(directory)).shuffle(seed=seed).repeat()
+  ds = ds[process_index::process_count]
+  ds = ds.seed(seed + process_index).random_map(pick_view)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+
+class SyntheticCodes:
+  """Uniformly random codes and labels (throughput runs: `train_ar.codes_dir='synthetic'`)."""
+
+  def __init__(self, cfg, batch: int, seed: int):
+    self.cfg, self.batch, self.rng = cfg, batch, np.random.default_rng(seed)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    c, b = self.cfg, self.batch
+    return {'label': self.rng.integers(0, c.num_classes, b).astype(np.int32),
+            'holistic_codes': self.rng.integers(0, c.vocab_size, (b, c.num_holistic)).astype(np.int32),
+            'patch_codes': self.rng.integers(0, c.vocab_size, (b, c.num_patches)).astype(np.int32)}

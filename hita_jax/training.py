@@ -1,0 +1,108 @@
+"""Plumbing the training tasks share: LR schedules, EMA, global batches from per-process data, and
+one metric logger (CLU scalars and images for TensorBoard, `metrics.jsonl`, a progress line with
+throughput and ETA), so that each trainer loop reads step -> log -> save.
+
+The logger follows flax's `periodic_actions.ReportProgress` (rate and ETA since the run's start,
+written every `every` steps) and MaxText's `MetricLogger` (per-step metrics stay on device until a
+log step, then are averaged on the host once, written to the event files and to a JSON-lines file).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+import optax
+
+from hita_jax.data.images import image_grid, save_png
+
+
+def lr_schedule(lr: float, warmup_steps: int, warmup_init: float = 1e-7, decay: str = 'constant',
+                total_steps: int | None = None, min_lr: float = 0.0):
+  """Linear warm-up from `warmup_init` to `lr`, then constant (official: timm cosine with
+  lr_min = lr) or cosine to `min_lr` over the remaining steps."""
+  warm = optax.linear_schedule(warmup_init, lr, max(warmup_steps, 1))
+  if decay == 'constant':
+    after = optax.constant_schedule(lr)
+  elif decay == 'cosine':
+    if not total_steps:
+      raise ValueError('a cosine schedule needs the total number of steps')
+    after = optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1), alpha=min_lr / lr)
+  else:
+    raise ValueError(f"lr decay must be 'constant' or 'cosine', got {decay!r}")
+  return optax.join_schedules([warm, after], [warmup_steps])
+
+
+def ema_update(ema, params, decay):
+  return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
+
+
+def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global jax.Arrays, each key with its sharding (`shardings[key]`)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+          for k, v in local.items()}
+
+
+class MetricLogger:
+  """Reports a training run. `log(step, metrics)` is called every step with the step's device
+  metrics; every `every` steps (and at the last) it averages them, adds throughput and the
+  `extra()` scalars, stops the run on NaN/Inf, writes CLU scalars and `metrics.jsonl`, and prints
+  `step s/N  rate img/s  ETA  k1 v1 k2 v2 ...` for `line_keys`. Process 0 writes; all compute."""
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int, every: int,
+               images_per_step: int, line_keys: tuple[str, ...],
+               hparams: dict | None = None):
+    from clu import metric_writers  # imports TensorFlow: only where a run writes event files
+    self.workdir, self.total, self.every = workdir, total_steps, every
+    self.items, self.line_keys = images_per_step, line_keys
+    self.main = jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.main)
+    if start_step == 0 and hparams:
+      self.writer.write_hparams({k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))})
+    self._acc: list = []
+    self.last_step_time = float('nan')  # mean seconds per step over the last logging period
+    self._t0 = self._t_last = time.time()
+    self._s0 = start_step
+
+  def due(self, step: int) -> bool:
+    return step % self.every == 0 or step == self.total
+
+  def log(self, step: int, metrics: dict, extra: Callable[[], dict] | None = None) -> dict | None:
+    """Returns the written scalars on a log step, else None."""
+    self._acc.append(metrics)
+    if not self.due(step):
+      return None
+    host = jax.device_get(self._acc)
+    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    if not all(np.isfinite(v) for v in scalars.values()):
+      raise FloatingPointError(f'non-finite metrics at step {step}: {scalars}')
+    now = time.time()
+    step_time = self.last_step_time = (now - self._t_last) / len(host)
+    self._acc, self._t_last = [], now
+    scalars.update(step_time_s=step_time, images_per_s=self.items / step_time)
+    if extra:
+      scalars.update(extra())
+    self.writer.write_scalars(step, scalars)
+    if self.main:
+      with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps({'step': step, **scalars}) + '\n')
+      rate = (step - self._s0) / max(now - self._t0, 1e-9)
+      eta = (self.total - step) / max(rate, 1e-9)
+      line = '  '.join(f'{k} {scalars[k]:.4f}' for k in self.line_keys)
+      print(f'step {step}/{self.total}  {rate * self.items:.1f} img/s  ETA {eta / 60:.1f} min  '
+            f'{line}', flush=True)
+    return scalars
+
+  def image(self, step: int, name: str, images: np.ndarray, rows: int):
+    """A grid of uint8 images: TensorBoard and `<name>_<step>.png` in the workdir."""
+    grid = image_grid(images, rows=rows)
+    if self.main:
+      save_png(os.path.join(self.workdir, f'{name}_{step:07d}.png'), grid)
+    self.writer.write_images(step, {name: grid[None]})
+
+  def close(self):
+    self.writer.flush()
+    self.writer.close()
