@@ -6,11 +6,14 @@ Config files in `configs/` are `get_config(arg)` functions; `arg` is a comma-sep
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections as mlc
 
 from hita_jax import sharding
 from hita_jax.models.dinov2 import DINOV2_VARIANTS, DinoV2Config
+from hita_jax.models.gpt import GPT_SIZES, GPTConfig
 from hita_jax.models.tokenizer import TokenizerConfig
 
 
@@ -162,8 +165,6 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
 
 def load_config(spec: str) -> mlc.ConfigDict:
   """'configs/tokenizer_v.py:tiny' -> the ConfigDict its get_config('tiny') returns."""
-  import importlib.util
-  import os
   path, _, arg = spec.partition(':')
   if not os.path.exists(path):
     raise FileNotFoundError(f'config file not found: {path}')
@@ -185,7 +186,6 @@ TINY_GPT = dict(dim=64, n_layer=2, n_head=4)
 def gpt_model_config(size: str, tokenizer: mlc.ConfigDict, *, tiny: bool = False,
                      num_classes: int = 1000) -> mlc.ConfigDict:
   """GPT config for `size`; vocab, holistic count and grid come from the tokenizer config."""
-  from hita_jax.models.gpt import GPT_SIZES, GPTConfig
   if size not in GPT_SIZES:
     raise ValueError(f'unknown GPT size {size!r}; valid: {sorted(GPT_SIZES)}')
   d = dataclasses.asdict(GPTConfig())

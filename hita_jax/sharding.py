@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 Rules = Sequence[tuple[str, Any]]
@@ -66,7 +67,6 @@ def make_mesh(axes, devices: Sequence[jax.Device] | None = None) -> Mesh:
     raise ValueError(f'mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, '
                      f'{len(devices)} available; use -1 for one axis to fill')
   try:
-    from jax.experimental import mesh_utils
     dev = mesh_utils.create_device_mesh(sizes, devices=devices)
   except Exception:  # e.g. CPU device counts the topology helper does not know
     dev = np.asarray(devices).reshape(sizes)
@@ -140,16 +140,6 @@ def batch_shards(sharding: NamedSharding) -> int:
   axes = sharding.spec[0] if len(sharding.spec) else None
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   return math.prod(sharding.mesh.shape[a] for a in axes)
-
-
-def fraction_sharded(state: nnx.State) -> float:
-  """Fraction of parameter elements that are split over at least one mesh axis (MaxText check)."""
-  total = sharded = 0
-  for x in jax.tree.leaves(state):
-    total += x.size
-    if hasattr(x, 'sharding') and not x.sharding.is_fully_replicated:
-      sharded += x.size
-  return sharded / max(total, 1)
 
 
 def commit_to_mesh(tree, mesh: Mesh):

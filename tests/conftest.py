@@ -39,5 +39,35 @@ def official_fixtures():
   return OFFICIAL_FIXTURES
 
 
+@pytest.fixture(scope='session')
+def torch():
+  """PyTorch, for the tests that write .pt files or compare against it (the `test` extra)."""
+  return pytest.importorskip('torch', reason='torch not installed (pip install -e .[test])')
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: long-running test, excluded from the default run')
+
+
+_SKIPPED: list[str] = []  # 'nodeid: reason' of every skipped test
+
+
+def pytest_runtest_logreport(report):
+  if report.skipped and not hasattr(report, 'wasxfail'):
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    _SKIPPED.append(f'{report.nodeid}: {reason}')
+
+
+def pytest_collectreport(report):  # a module skipped as a whole (module-level importorskip)
+  if report.skipped:
+    _SKIPPED.append(f'{report.nodeid}: {report.longrepr}')
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """With HITA_FAIL_ON_SKIP=1 (CI) a skipped test fails the run: nothing may pass by not running,
+  e.g. for a package missing from the install."""
+  if os.environ.get('HITA_FAIL_ON_SKIP') == '1' and _SKIPPED:
+    print('\nHITA_FAIL_ON_SKIP: these tests were skipped, which CI does not accept:')
+    for line in _SKIPPED:
+      print(f'  {line}')
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

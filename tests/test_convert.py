@@ -91,10 +91,7 @@ def test_numpy_reader_refuses_code(tmp_path):
     torch_files.load_torch_checkpoint(str(path), use_torch=False)
 
 
-torch = pytest.importorskip('torch', reason='torch not installed: .pt tests need it to write files')
-
-
-def _official_like_checkpoint(sd):
+def _official_like_checkpoint(torch, sd):
   t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}
   return {'model': {k: v * 0 for k, v in t.items()}, 'ema': t, 'steps': 5,
           'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4}]},
@@ -103,10 +100,10 @@ def _official_like_checkpoint(sd):
 
 @pytest.mark.parametrize('zip_format', [True, False])
 @pytest.mark.parametrize('use_torch', [True, False])
-def test_pt_checkpoints_with_namespace(tmp_path, zip_format, use_torch):
+def test_pt_checkpoints_with_namespace(torch, tmp_path, zip_format, use_torch):
   sd = export_official_tokenizer(tiny_tokenizer('V', seed=3))
   path = str(tmp_path / 'hita-tok.pt')
-  torch.save(_official_like_checkpoint(sd), path, _use_new_zipfile_serialization=zip_format)
+  torch.save(_official_like_checkpoint(torch, sd), path, _use_new_zipfile_serialization=zip_format)
   got = torch_files.load_state_dict_file(path, use_torch=use_torch)  # 'ema' by default
   assert got.keys() == sd.keys()
   for k in sd:
@@ -118,14 +115,14 @@ def test_pt_checkpoints_with_namespace(tmp_path, zip_format, use_torch):
 
 
 @pytest.mark.parametrize('use_torch', [True, False])
-def test_pt_with_other_classes_is_refused(tmp_path, use_torch):
+def test_pt_with_other_classes_is_refused(torch, tmp_path, use_torch):
   path = str(tmp_path / 'evil.pt')
   torch.save({'ema': {}, 'x': _Evil()}, path)
   with pytest.raises(torch_files.CheckpointFormatError):
     torch_files.load_torch_checkpoint(path, use_torch=use_torch)
 
 
-def test_bf16_and_views(tmp_path):
+def test_bf16_and_views(torch, tmp_path):
   a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
   sd = {'t': a.t(), 'b': a.to(torch.bfloat16), 's': a[1:, 2:]}
   path = str(tmp_path / 'v.pt')
@@ -136,7 +133,7 @@ def test_bf16_and_views(tmp_path):
   np.testing.assert_array_equal(got['s'], a[1:, 2:].numpy())
 
 
-def test_dinov2_hub_pth_round_trip(tmp_path):
+def test_dinov2_hub_pth_round_trip(torch, tmp_path):
   from hita_jax.models.dinov2 import DinoV2, DinoV2Config
   cfg = DinoV2Config(embed_dim=24, depth=2, num_heads=2, img_size=28)
   src = DinoV2(cfg, rngs=nnx.Rngs(0))

@@ -3,7 +3,22 @@ import numpy as np
 import pytest
 from scipy import linalg
 
+from hita_jax.data import images
 from hita_jax.metrics import adm
+
+
+def write_reference_batch(path: str, images: np.ndarray, pool3: np.ndarray | None = None,
+                          spatial: np.ndarray | None = None, **extra) -> None:
+  """Writes an ADM-format reference batch (images plus statistics when activations are given)."""
+  arrays = {'arr_0': np.asarray(images, np.uint8)}
+  if pool3 is not None:
+    s = adm.FIDStatistics.from_activations(pool3)
+    arrays.update(mu=s.mu, sigma=s.sigma)
+  if spatial is not None:
+    s = adm.FIDStatistics.from_activations(spatial)
+    arrays.update(mu_s=s.mu, sigma_s=s.sigma)
+  arrays.update(extra)
+  np.savez(path, **arrays)
 
 
 def _feats(n, d, seed, shift=0.0):
@@ -84,17 +99,17 @@ def test_precision_recall_matches_transcription():
 def test_reference_batch_round_trip(tmp_path):
   imgs = np.random.RandomState(0).randint(0, 256, (6, 8, 8, 3)).astype(np.uint8)
   pool, spatial = _feats(6, 4, 1), _feats(6, 3, 2)
-  adm.write_reference_batch(str(tmp_path / 'ref.npz'), imgs, pool, spatial)
-  np.testing.assert_array_equal(adm.read_images_npz(str(tmp_path / 'ref.npz')), imgs)
+  write_reference_batch(str(tmp_path / 'ref.npz'), imgs, pool, spatial)
+  np.testing.assert_array_equal(images.read_images_npz(str(tmp_path / 'ref.npz')), imgs)
   stats = adm.read_statistics(str(tmp_path / 'ref.npz'))
   assert set(stats) == {'mu', 'sigma', 'mu_s', 'sigma_s'}
   np.testing.assert_allclose(stats['sigma'], np.cov(pool, rowvar=False))
   np.savez(tmp_path / 'bad.npz', arr_0=imgs.astype(np.float32))
   with pytest.raises(ValueError, match='uint8'):
-    adm.read_images_npz(str(tmp_path / 'bad.npz'))
+    images.read_images_npz(str(tmp_path / 'bad.npz'))
   with pytest.raises(KeyError, match='arr_0'):
     np.savez(tmp_path / 'nokey.npz', x=imgs)
-    adm.read_images_npz(str(tmp_path / 'nokey.npz'))
+    images.read_images_npz(str(tmp_path / 'nokey.npz'))
   (tmp_path / 'corrupt.npz').write_bytes(b'garbage')
   with pytest.raises(ValueError, match='corrupt.npz'):
-    adm.read_images_npz(str(tmp_path / 'corrupt.npz'))
+    images.read_images_npz(str(tmp_path / 'corrupt.npz'))

@@ -1,6 +1,7 @@
 """GPT: official parameter counts, RoPE layout, KV cache vs full forward, scan/remat equivalence,
 conversion round trip, sampler behaviour (compile once, filters, prefix forcing, sharding)."""
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -11,11 +12,38 @@ import pytest
 from flax import nnx
 
 from hita_jax import sharding
-from hita_jax.convert.gpt import config_from_state_dict, export_official_gpt, load_official_gpt
-from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig, count_params
+from hita_jax.convert.gpt import export_official_gpt, load_official_gpt
+from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
 from hita_jax.models.rope import gpt_position_tables, rope_2d_table
 from hita_jax.models.sampler import filter_logits, generate
 from tests.conftest import ROOT
+
+
+
+def count_params(cfg: GPTConfig) -> int:
+  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+  return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+_HEADS_BY_DIM = {768: 12, 1024: 16, 1280: 20, 1536: 24, 1920: 32, 2560: 40}  # official sizes
+
+
+def config_from_state_dict(sd: dict[str, np.ndarray], **overrides) -> GPTConfig:
+  """Infers the GPT architecture from an official state dict (width, depth, vocab, S, classes).
+  The head count is not stored; it is taken from the official size table unless given."""
+  n_cls, dim = sd['cls_embedding.embedding_table.weight'].shape
+  layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r'layers\.(\d+)\.', k)))
+  n_head = overrides.pop('n_head', None) or _HEADS_BY_DIM.get(dim)
+  if n_head is None:
+    raise ValueError(f'cannot infer n_head for width {dim} (not an official size); pass n_head')
+  cfg = dict(dim=dim, n_layer=layers, n_head=n_head, vocab_size=sd['tok_embeddings.weight'].shape[0],
+             num_holistic=sd['slot_pos.weight'].shape[0], num_classes=n_cls - 1)
+  cfg.update(overrides)
+  out = GPTConfig(**cfg)
+  ffn = sd['layers.0.feed_forward.w1.weight'].shape[0]
+  if out.ffn_hidden != ffn:
+    raise ValueError(f'state dict FFN width {ffn} != {out.ffn_hidden} implied by width {dim}')
+  return out
 
 
 def tiny_cfg(**kw):

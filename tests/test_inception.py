@@ -56,8 +56,7 @@ def test_tf1_bilinear_matches_tensorflow():
   np.testing.assert_allclose(tf1_bilinear_matrix(5, 5), np.eye(5))
 
 
-def test_pytorch_fid_pth_loader(tmp_path):
-  torch = pytest.importorskip('torch', reason='torch not installed: cannot write a .pth here')
+def test_pytorch_fid_pth_loader(torch, tmp_path):
   from hita_jax.convert.inception import load_pytorch_fid
   src = InceptionV3(rngs=nnx.Rngs(1))
   sd = {}

@@ -22,12 +22,11 @@ def test_pos_table_offset_guard():
     resize.interpolate_pos_table(np.zeros((16, 2), np.float32), 4, (3, 3), offset=1.5, antialias=False)
 
 
-torch = pytest.importorskip('torch', reason='torch not installed: comparison against PyTorch skipped')
-F = torch.nn.functional
 
 
 @pytest.mark.parametrize('n_in,n_out', [(21, 16), (336, 256), (16, 21), (37, 16)])
-def test_bicubic_matches_torch(n_in, n_out):
+def test_bicubic_matches_torch(torch, n_in, n_out):
+  F = torch.nn.functional
   x = np.random.RandomState(0).randn(1, 2, n_in, n_in).astype(np.float32)
   ref = F.interpolate(torch.from_numpy(x), size=(n_out, n_out), mode='bicubic').numpy()
   m = resize.torch_bicubic_matrix(n_in, n_out)
@@ -36,7 +35,8 @@ def test_bicubic_matches_torch(n_in, n_out):
 
 @pytest.mark.parametrize('grid,out,offset,aa', [(21, 16, 0.1, False), (37, 16, 0.0, True),
                                                  (37, 23, 0.1, False), (4, 8, 0.1, False)])
-def test_scale_factor_interpolation_matches_torch(grid, out, offset, aa):
+def test_scale_factor_interpolation_matches_torch(torch, grid, out, offset, aa):
+  F = torch.nn.functional
   x = np.random.RandomState(1).randn(grid * grid, 3).astype(np.float32)
   sf = (out + offset) / grid
   ref = F.interpolate(torch.from_numpy(x).reshape(1, grid, grid, 3).permute(0, 3, 1, 2),
@@ -46,7 +46,8 @@ def test_scale_factor_interpolation_matches_torch(grid, out, offset, aa):
   np.testing.assert_allclose(got, ref, atol=5e-6)  # float32 accumulation-order noise
 
 
-def test_kornia_style_resize_matches_torch_composition():
+def test_kornia_style_resize_matches_torch_composition(torch):
+  F = torch.nn.functional
   """kornia = gaussian blur (sigma 0.25, 3 taps, reflect) then bicubic align_corners=True."""
   x = np.random.RandomState(2).rand(1, 1, 336, 336).astype(np.float32)
   sigma = (336 / 224 - 1) / 2

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from hita_jax import config_lib
-from hita_jax.metrics import adm
+from hita_jax.data import images
 from hita_jax.checkpoint import save_params
 from hita_jax.pretrained import TOKENIZER_EXPORT_FILTER as EXPORT_FILTER
 from hita_jax.models.gpt import GPT, gpt_config_from
@@ -43,7 +43,7 @@ def test_sample_npz_and_resume_after_kill(tmp_path):
   ref = str(tmp_path / 'ref')
   r = subprocess.run(_cmd(ref, tok, gpt, 10), cwd=ROOT, env=ENV, capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
-  arr = adm.read_images_npz(os.path.join(ref, 'samples.npz'))  # the ADM reader's checks
+  arr = images.read_images_npz(os.path.join(ref, 'samples.npz'))  # the ADM reader's checks
   assert arr.shape == (10, 32, 32, 3) and arr.dtype == np.uint8
   with np.load(os.path.join(ref, 'samples.npz')) as z:
     assert sorted(z.files) == ['arr_0', 'arr_1'] and z['arr_1'].shape == (10,)

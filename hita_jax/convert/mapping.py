@@ -8,6 +8,7 @@ directions and the round trip is exact (only transposes and reshapes).
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Iterable, Sequence
 
@@ -119,7 +120,6 @@ def export_params(module: nnx.Module, rules, *, filt=nnx.Variable,
 def write_state_dict(path: str, sd: dict[str, np.ndarray], *, overwrite: bool = False) -> None:
   """Writes an official-layout state dict as .safetensors or .npz (never over an existing file
   unless asked)."""
-  import os
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass --overwrite to replace it')
   if path.endswith('.safetensors'):

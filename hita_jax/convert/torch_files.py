@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import io
 import os
 import pickle
@@ -157,7 +158,6 @@ def load_torch_checkpoint(path: str, *, use_torch: bool | None = None) -> Any:
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint not found: {path}')
   if use_torch is None:
-    import importlib.util
     use_torch = importlib.util.find_spec('torch') is not None
   try:
     if use_torch:

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 
+import grain
 import numpy as np
 
 
@@ -32,7 +33,6 @@ class CodesSource:
   """Random access over an extraction directory's ArrayRecord shards."""
 
   def __init__(self, directory: str):
-    import grain  # grain's ArrayRecord reader: only where codes are read
     files = sorted(glob.glob(os.path.join(directory, 'codes-*.array_record')))
     if not files:
       raise FileNotFoundError(f'no code shards in {directory}; run the extract_codes task first')
@@ -59,7 +59,6 @@ def make_codes_dataset(directory: str, *, local_batch: int, seed: int, process_i
                        process_count: int = 1):
   """A checkpointable iterator of per-process code batches: shuffled, repeated, this process's
   slice, one view per read (LlamaGen's per-sample augmentation)."""
-  import grain
   ds = grain.MapDataset.source(CodesSource(directory)).shuffle(seed=seed).repeat()
   ds = ds[process_index::process_count]
   ds = ds.seed(seed + process_index).random_map(pick_view)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from typing import Iterator
 
 import jax.numpy as jnp
@@ -115,7 +116,6 @@ def iter_center_crops(path: str, size: int) -> Iterator[np.ndarray]:
   """Centre-cropped uint8 images from an ADM `.npz` (`arr_0`) or a folder (recursively, sorted);
   unreadable files are skipped and counted."""
   if path.endswith('.npz'):
-    from hita_jax.metrics.adm import read_images_npz
     for img in read_images_npz(path):
       yield center_crop_arr(Image.fromarray(img), size)
     return
@@ -133,6 +133,22 @@ def iter_center_crops(path: str, size: int) -> Iterator[np.ndarray]:
     yield center_crop_arr(img, size)
   if skipped:
     print(f'  {skipped} of {len(files)} files were skipped')
+
+
+def read_images_npz(path: str, key: str = 'arr_0') -> np.ndarray:
+  """Images (uint8 N x H x W x 3) from an ADM-style npz (memory-mapped where possible)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'batch file not found: {path}')
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      if key not in z.files:
+        raise KeyError(f'{path} has no {key!r} array (keys: {z.files})')
+      arr = z[key]
+  except (zipfile.BadZipFile, ValueError, OSError) as e:
+    raise ValueError(f'{path}: not a readable .npz batch ({e})') from e
+  if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+    raise ValueError(f'{path}:{key} must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}')
+  return arr
 
 
 # -- pictures --------------------------------------------------------------------------------------

@@ -17,9 +17,7 @@ Reference batches are `.npz` files with `arr_0` (uint8 N x H x W x 3) and option
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
-import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -131,37 +129,7 @@ class ManifoldEstimator:
 
 # -- reference / sample batch files ---------------------------------------------------------------
 
-def read_images_npz(path: str, key: str = 'arr_0') -> np.ndarray:
-  """Images (uint8 N x H x W x 3) from an ADM-style npz (memory-mapped where possible)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'batch file not found: {path}')
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      if key not in z.files:
-        raise KeyError(f'{path} has no {key!r} array (keys: {z.files})')
-      arr = z[key]
-  except (zipfile.BadZipFile, ValueError, OSError) as e:
-    raise ValueError(f'{path}: not a readable .npz batch ({e})') from e
-  if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-    raise ValueError(f'{path}:{key} must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}')
-  return arr
-
-
 def read_statistics(path: str) -> dict[str, np.ndarray]:
   """Precomputed `mu`, `sigma`, `mu_s`, `sigma_s` of a reference batch, where present."""
   with np.load(path, allow_pickle=False) as z:
     return {k: z[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s') if k in z.files}
-
-
-def write_reference_batch(path: str, images: np.ndarray, pool3: np.ndarray | None = None,
-                          spatial: np.ndarray | None = None, **extra) -> None:
-  """Writes an ADM-format reference batch (images plus statistics when activations are given)."""
-  arrays = {'arr_0': np.asarray(images, np.uint8)}
-  if pool3 is not None:
-    s = FIDStatistics.from_activations(pool3)
-    arrays.update(mu=s.mu, sigma=s.sigma)
-  if spatial is not None:
-    s = FIDStatistics.from_activations(spatial)
-    arrays.update(mu_s=s.mu, sigma_s=s.sigma)
-  arrays.update(extra)
-  np.savez(path, **arrays)

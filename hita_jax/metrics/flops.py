@@ -9,6 +9,8 @@ about half of that attention work; `causal=True` counts it that way (MaxText's c
 """
 from __future__ import annotations
 
+import jax
+
 from hita_jax.models.gpt import GPTConfig
 
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'v5p': 459e12, 'v6e': 918e12, 'A100': 312e12}
@@ -32,7 +34,6 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float = 989e12) 
 
 def device_peak_flops(device=None) -> float | None:
   """Dense bf16 peak of a known accelerator, from its device kind; None when unknown (CPU)."""
-  import jax
   kind = (device or jax.devices()[0]).device_kind
   for name, peak in PEAK_FLOPS.items():
     if name.lower() in kind.lower():

@@ -68,12 +68,11 @@ class DinoBlock(nnx.Module):
     self.fc1 = dense(d, cfg.mlp_dim, names=('embed', 'mlp'), dtype=dtype, rngs=rngs)
     self.fc2 = dense(cfg.mlp_dim, d, names=('mlp', 'embed'), dtype=dtype, rngs=rngs)
     self.ls2 = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=('norm',))
-    self.attn_impl = 'xla'
 
   def __call__(self, x):
     b, t, d = x.shape
     qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl=self.attn_impl)
+    o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     x = x + self.proj(o.reshape(b, t, d)) * self.ls1[...].astype(x.dtype)
     h = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
     return x + h * self.ls2[...].astype(x.dtype)

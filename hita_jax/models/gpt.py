@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -205,7 +204,7 @@ class Block(nnx.Module):
       mask = jnp.tril(jnp.ones((t, t), bool))
       drop = (functools.partial(dropout, rate=self.cfg.attn_dropout, key=keys[4])
               if keys[4] is not None and self.cfg.attn_dropout > 0 else None)
-      o = attention(q, k, v, mask=mask, impl='xla', dropout=drop)
+      o = attention(q, k, v, mask=mask, dropout=drop)
     return self.finish(x, o, keys)
 
   def decode(self, x, pos_add, cos, sin, k_cache, v_cache, pos):
@@ -427,7 +426,3 @@ def gpt_config_from(cfg) -> GPTConfig:
   d = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
   return GPTConfig.from_dict(d)
 
-
-def count_params(cfg: GPTConfig) -> int:
-  model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-  return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))

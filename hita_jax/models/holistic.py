@@ -49,7 +49,6 @@ class HolisticLayer(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.norm2 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
     self.ffn = SwiGLUFused(dim, mlp_dim, dtype=dtype, rngs=rngs)
-    self.attn_impl = 'xla'
 
   def __call__(self, x, mask=None):
     b, t, _ = x.shape
@@ -57,12 +56,12 @@ class HolisticLayer(nnx.Module):
     split = lambda z: z.reshape(b, t, self.num_heads, self.head_dim)
     q, k, v = split(self.q(y)), split(self.k(y)), split(self.v(y))
     if self.kind == 'causal':
-      o = attention(q, k, v, mask=mask, impl=self.attn_impl,
+      o = attention(q, k, v, mask=mask,
                     dropout=None if self.dropout.deterministic or not self.dropout.rate
                     else self.dropout)
       o = self.out(o.reshape(b, t, -1))
     else:
-      o = attention(q, k, v, mask=mask, impl=self.attn_impl)
+      o = attention(q, k, v, mask=mask)
       o = self.dropout(self.out(o.reshape(b, t, -1)))
     x = x + o
     return x + self.ffn(self.norm2(x))

@@ -9,10 +9,12 @@ Runs in fp32 at HIGHEST matmul precision (no TF32/bf16): metric networks must be
 """
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from hita_jax.models.resize import resize_with_matrices
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -201,7 +203,6 @@ def sfid_features(spatial):
 
 def tf1_bilinear_matrix(n_in: int, n_out: int):
   """TF1 legacy `ResizeBilinear` (align_corners=False, no half-pixel centres) as (n_out, n_in)."""
-  import numpy as np
   scale = n_in / n_out
   m = np.zeros((n_out, n_in), np.float64)
   for d in range(n_out):
@@ -216,7 +217,6 @@ def tf1_bilinear_matrix(n_in: int, n_out: int):
 
 def adm_preprocess(images_u8, size: int = 299):
   """ADM evaluator input path: uint8 NHWC -> TF1 bilinear resize to 299 -> (x - 128) / 128."""
-  from hita_jax.models.resize import resize_with_matrices
   x = images_u8.astype(jnp.float32)
   if x.shape[1:3] != (size, size):
     x = resize_with_matrices(x, tf1_bilinear_matrix(x.shape[1], size), tf1_bilinear_matrix(x.shape[2], size))

@@ -11,7 +11,6 @@ from flax import nnx
 Dtype = Any
 # Config strings -> compute dtypes (params are always fp32).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-DEFAULT_INIT = nnx.initializers.lecun_normal()
 
 
 def named(init: Callable, names: Sequence[str | None]) -> Callable:
@@ -28,13 +27,12 @@ def torch_linear_init(fan_in: int) -> tuple[Callable, Callable]:
 
 
 def dense(in_features: int, out_features: int, *, names=('embed', 'mlp'), use_bias: bool = True,
-          dtype: Dtype = jnp.float32, kernel_init: Callable | None = None,
-          bias_init: Callable | None = None, rngs: nnx.Rngs) -> nnx.Linear:
+          dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
   kinit, binit = torch_linear_init(in_features)
   return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
                     param_dtype=jnp.float32,
-                    kernel_init=named(kernel_init or kinit, names),
-                    bias_init=named(bias_init or binit, (names[-1],)),
+                    kernel_init=named(kinit, names),
+                    bias_init=named(binit, (names[-1],)),
                     precision=None, rngs=rngs)
 
 
@@ -47,42 +45,38 @@ def conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1, p
                   bias_init=named(binit, ('conv_out',)), rngs=rngs)
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm computed in fp32 (an fp32 island), output cast back to the input dtype."""
+def _norm_args() -> dict:
+  """fp32 params and statistics, two-pass variance (as PyTorch), logical name 'norm'."""
+  return dict(dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+              scale_init=named(nnx.initializers.ones, ('norm',)),
+              bias_init=named(nnx.initializers.zeros, ('norm',)))
 
-  def __init__(self, dim: int, *, eps: float, use_bias: bool = True, rngs: nnx.Rngs):
-    self.norm = nnx.LayerNorm(dim, epsilon=eps, use_bias=use_bias, dtype=jnp.float32,
-                              param_dtype=jnp.float32, use_fast_variance=False,
-                              scale_init=named(nnx.initializers.ones, ('norm',)),
-                              bias_init=named(nnx.initializers.zeros, ('norm',)), rngs=rngs)
+
+class _Fp32Norm(nnx.Module):
+  """A norm computed in fp32 (an fp32 island), output cast back to the input dtype."""
 
   def __call__(self, x):
     return self.norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
-class GroupNorm(nnx.Module):
-  """torch.nn.GroupNorm(32, C, eps=1e-6) on NHWC, in fp32."""
+class LayerNorm(_Fp32Norm):
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs, **_norm_args())
+
+
+class GroupNorm(_Fp32Norm):
+  """torch.nn.GroupNorm(32, C, eps=1e-6) on NHWC."""
 
   def __init__(self, dim: int, *, groups: int = 32, eps: float = 1e-6, rngs: nnx.Rngs):
-    self.norm = nnx.GroupNorm(dim, num_groups=groups, epsilon=eps, dtype=jnp.float32,
-                              param_dtype=jnp.float32, use_fast_variance=False,
-                              scale_init=named(nnx.initializers.ones, ('norm',)),
-                              bias_init=named(nnx.initializers.zeros, ('norm',)), rngs=rngs)
-
-  def __call__(self, x):
-    return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+    self.norm = nnx.GroupNorm(dim, num_groups=groups, epsilon=eps, rngs=rngs, **_norm_args())
 
 
-def attention(q, k, v, *, mask=None, scale: float | None = None, impl: str = 'xla',
-              dropout: Callable | None = None):
-  """Multi-head attention on (B, T, H, D) inputs. `mask` is boolean, True = attend, broadcastable
-  to (B, H, Tq, Tk). The softmax runs in fp32. `dropout` (attention-probability dropout) forces
-  the reference path, since fused kernels have no dropout."""
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
-  if impl == 'cudnn' and dropout is None:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation='cudnn')
-  if impl not in ('xla', 'cudnn'):
-    raise ValueError(f"attention impl must be 'xla' or 'cudnn', got {impl!r}")
+def attention(q, k, v, *, mask=None, dropout: Callable | None = None):
+  """Multi-head attention on (B, T, H, D) inputs, scaled by 1/sqrt(D). `mask` is boolean, True =
+  attend, broadcastable to (B, H, Tq, Tk). The softmax runs in fp32. `dropout` acts on the
+  attention probabilities. (The GPT's fused cuDNN path lives in models/gpt.py.)"""
+  scale = q.shape[-1] ** -0.5
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)

@@ -29,7 +29,7 @@ from flax import nnx
 from PIL import Image
 
 from hita_jax import config_lib, pretrained
-from hita_jax.data.images import iter_center_crops, to_uint8, to_unit
+from hita_jax.data.images import iter_center_crops, read_images_npz, to_uint8, to_unit
 from hita_jax.metrics import adm
 from hita_jax.metrics.image import psnr, ssim
 from hita_jax.metrics.inception_features import InceptionRunner, progress_printer
@@ -37,8 +37,8 @@ from hita_jax.metrics.inception_features import InceptionRunner, progress_printe
 
 def generation_metrics(runner: InceptionRunner, sample_path: str, ref_path: str,
                        distance_dtype: str = 'float16') -> dict[str, Any]:
-  ref_images = adm.read_images_npz(ref_path)
-  samples = adm.read_images_npz(sample_path)
+  ref_images = read_images_npz(ref_path)
+  samples = read_images_npz(sample_path)
   ref_pool, ref_spatial, _ = runner(ref_images, progress_printer('reference'))
   pool, spatial, logits = runner(samples, progress_printer('samples'))
   stats = adm.read_statistics(ref_path)

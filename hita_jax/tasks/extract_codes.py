@@ -30,20 +30,17 @@ from hita_jax.data.images import VIEWS, image_views, to_unit
 from hita_jax.data.sources import make_source, open_readable
 
 
-def encode_fn(tokenizer, mesh=None, rules=None):
-  """uint8 (B, S, S, 3) -> (holistic, patch) codes; with a mesh the batch is split over it."""
+def encode_fn(tokenizer, mesh, rules):
+  """uint8 (B, S, S, 3) -> (holistic, patch) codes, the batch split over `mesh`."""
   tokenizer.eval()
-  if mesh is not None:
-    sharding.shard_module(tokenizer, mesh, rules)
+  sharding.shard_module(tokenizer, mesh, rules)
   graphdef, state = nnx.split(tokenizer)
-  in_sh = sharding.batch_sharding(mesh, rules, 4) if mesh is not None else None
+  in_sh = sharding.batch_sharding(mesh, rules, 4)
 
   @jax.jit
   def encode(state, images_u8):
     tok = nnx.merge(graphdef, state, copy=True)
     return tok.encode(to_unit(images_u8))
-  if in_sh is None:
-    return lambda images: encode(state, images)
   return lambda images: encode(state, jax.device_put(images, in_sh))
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from hita_jax import config_lib
+from hita_jax.models.gpt import GPT, gpt_config_from
 from hita_jax.models.tokenizer import Tokenizer, trainable_filter
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (path[:arg])', lock_config=True)
@@ -56,7 +57,6 @@ def summarize(config) -> dict[str, int]:
     out['tokenizer.trainable_params'] = count(tok, trainable_filter())
     out['dinov2.params'] = count(tok.dinov2, nnx.Param)
   if 'gpt' in config:
-    from hita_jax.models.gpt import GPT, gpt_config_from
     gcfg = gpt_config_from(config.gpt)
     gpt = nnx.eval_shape(lambda: GPT(gcfg, rngs=nnx.Rngs(0)))
     print_table('gpt', module_table(gpt, nnx.Param, depth=1))
