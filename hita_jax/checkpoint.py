@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 from flax import nnx
 
 
@@ -85,8 +86,7 @@ def checkpoint_manager(directory: str, *, every: int, keep: int, best_metric: st
                        async_save: bool = True) -> ocp.CheckpointManager:
   """Latest `keep` steps (+ the one with the smallest `best_metric`), the state and the data iterator
   of each."""
-  import grain  # grain's checkpoint handler: only where training states are written
-  from orbax.checkpoint import checkpoint_managers as cm
+  import grain  # grain's checkpoint handler: only where training states are written, not on load
   policies = [cm.LatestN(keep)]
   if best_metric:  # keeps the step with the smallest metric (BestN sorts ascending)
     policies.append(cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True, n=1))
@@ -103,7 +103,7 @@ def checkpoint_manager(directory: str, *, every: int, keep: int, best_metric: st
 
 
 def save_train_state(mngr, step: int, state, data_iter, metrics: dict | None = None):
-  import grain
+  import grain  # as in checkpoint_manager
   return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  data=grain.checkpoint.CheckpointSave(data_iter)),
                    metrics=metrics, force=True)
@@ -112,7 +112,7 @@ def save_train_state(mngr, step: int, state, data_iter, metrics: dict | None = N
 def resume(mngr, state, data_iter):
   """Restores the latest training state of `mngr` (and the data iterator, in place), if any;
   returns (state, step)."""
-  import grain
+  import grain  # as in checkpoint_manager
   if mngr.latest_step() is None:
     return state, 0
   start = int(mngr.latest_step())

@@ -22,6 +22,7 @@ import os
 import re
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from hita_jax.convert import mapping
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config
@@ -90,7 +91,7 @@ def hf_to_hub(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def config_from_hf(path: str) -> DinoV2Config:
   """DinoV2Config from a Hugging Face `config.json` (read through transformers' config classes)."""
-  import transformers
+  import transformers  # heavy: only for Hugging Face directories
   cfg_file = os.path.join(path, 'config.json') if os.path.isdir(path) else path
   with open(cfg_file) as f:
     model_type = json.load(f).get('model_type', 'dinov2')
@@ -111,7 +112,6 @@ def config_from_hf(path: str) -> DinoV2Config:
 
 def load_hf_dinov2_dir(path: str) -> tuple[DinoV2Config, dict[str, np.ndarray]]:
   """A Hugging Face model directory -> (config, torch.hub-named state dict)."""
-  from safetensors.numpy import load_file
   weights = os.path.join(path, 'model.safetensors')
   if not os.path.exists(weights):
     raise FileNotFoundError(f'{weights} not found (expected a Hugging Face DINOv2 directory)')

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
 # Suffix rules shared by all models: our fp32 norm wrappers hold an inner `norm`.
 COMMON_RULES = [
@@ -123,7 +124,6 @@ def write_state_dict(path: str, sd: dict[str, np.ndarray], *, overwrite: bool = 
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass --overwrite to replace it')
   if path.endswith('.safetensors'):
-    from safetensors.numpy import save_file
     save_file(sd, path)
   elif path.endswith('.npz'):
     np.savez(path, **sd)

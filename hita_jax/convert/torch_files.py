@@ -19,6 +19,7 @@ import zipfile
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file
 
 try:  # bfloat16 storages (optional: numpy has no bf16)
   import ml_dtypes
@@ -180,7 +181,6 @@ def load_state_dict_file(path: str, *, key: str | None = 'ema', use_torch: bool 
   if not os.path.exists(path):
     raise FileNotFoundError(f'checkpoint not found: {path}')
   if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
     try:
       return dict(load_file(path))
     except Exception as e:

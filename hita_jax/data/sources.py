@@ -141,7 +141,7 @@ class TfdsSource:
   """A tfds ArrayRecord dataset (`tfds build NAME --file_format=array_record`), encoded images."""
 
   def __init__(self, name: str, split: str, data_dir: str | None = None):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # imports TensorFlow: only for the tfds source
     try:
       self.src = tfds.data_source(name, split=split, data_dir=data_dir,
                                   decoders={'image': tfds.decode.SkipDecoding()})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import uniform_filter
 
 
 def psnr(restored: np.ndarray, gt: np.ndarray) -> float:
@@ -14,7 +15,6 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 2.0, win: int = 7) ->
   """skimage `structural_similarity(a, b, channel_axis=-1, data_range=...)` (uniform 7x7 window,
   sample covariance, K1 0.01, K2 0.03, border of 3 excluded), mean over channels. The default
   data_range=2.0 on [0, 1] images is the official convention (it inflates SSIM)."""
-  from scipy.ndimage import uniform_filter
   a, b = a.astype(np.float64), b.astype(np.float64)
   np_ = win * win
   cov_norm = np_ / (np_ - 1)

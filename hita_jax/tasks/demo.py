@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from scipy.ndimage import gaussian_filter
 
 from hita_jax import config_lib, pretrained
 from hita_jax.data.images import codes_to_images, image_grid, save_png, to_unit
@@ -69,7 +70,6 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
                      batch: int = 64, seed: int = 0) -> ShapeClassifier:
   """Trains on the real images, each blurred by a random Gaussian (sigma 0 to 1.5 px) so that the
   judge accepts the soft edges of a small decoder (the classes differ in shape, not sharpness)."""
-  from scipy.ndimage import gaussian_filter
   model = ShapeClassifier(num_classes, rngs=nnx.Rngs(seed))
   opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
   rng = np.random.default_rng(seed)
