@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import pkgutil
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -26,10 +25,6 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'call jax.distributed.initialize() (multi-process GPU/TPU runs)')
 
 
-def available_tasks() -> list[str]:
-  return sorted(m.name for m in pkgutil.iter_modules(tasks.__path__) if not m.name.startswith('_'))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -39,9 +34,9 @@ def main(argv):
   if config is None or workdir is None:
     raise app.UsageError('--config=configs/<file>.py[:arg] and --workdir=DIR are required')
   task = config.get('task')  # a config without `task` gets the error below
-  if task not in available_tasks():
+  if task not in tasks.available_tasks():
     raise app.UsageError(f'config.task={task!r} is not a task: there is no hita_jax/tasks/{task}.py; '
-                         f'the tasks are {available_tasks()}')
+                         f'the tasks are {tasks.available_tasks()}')
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   module = importlib.import_module(f'hita_jax.tasks.{task}')
