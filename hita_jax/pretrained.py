@@ -24,7 +24,9 @@ import sys
 import tarfile
 import zipfile
 
+import numpy as np
 from flax import nnx
+from safetensors import safe_open
 
 from hita_jax import checkpoint
 from hita_jax.convert import dinov2 as dinov2_convert
@@ -68,15 +70,57 @@ def load_dinov2(model: DinoV2, src: str) -> DinoV2:
   return model
 
 
+def _has_dinov2(keys) -> bool:
+  return any(k.startswith(dinov2_convert.OFFICIAL_PREFIX) for k in keys)
+
+
+def _state_dict_keys(path: str, key: str) -> list[str]:
+  """Parameter names of a weights file, reading only its index where the format allows."""
+  if path.endswith('.safetensors'):
+    with safe_open(path, 'np') as f:
+      return list(f.keys())
+  if path.endswith('.npz'):
+    with np.load(path, allow_pickle=False) as z:
+      return list(z.files)
+  return list(load_state_dict_file(path, key=key))
+
+
+def require_dinov2(weights: str | None, dinov2: str | None, *, key: str = 'ema',
+                   allow_random: bool = False, flag: str = '--config.init.dinov2') -> None:
+  """Refuses tokenizer weights that would leave the frozen DINOv2 random: an official file (they
+  never hold DINOv2, the official loader takes it from Meta's file) with no DINOv2 source given.
+  A hita_jax export carries its DINOv2. Cheap: called by tasks before any model is allocated."""
+  if not weights or dinov2 or allow_random or os.path.isdir(weights):
+    return
+  if not os.path.exists(weights):
+    raise FileNotFoundError(f'tokenizer weights not found: {weights}')
+  if not _has_dinov2(_state_dict_keys(weights, key)):
+    raise _no_dinov2(weights, flag)
+
+
+def _no_dinov2(weights: str, flag: str = '--config.init.dinov2') -> ValueError:
+  return ValueError(f'{weights} holds no DINOv2 weights (official tokenizer files never do), so the '
+                    f'frozen DINOv2 would stay random: pass {flag}=dinov2_vitl14_reg4_pretrain.pth '
+                    "(Meta's file, a Hugging Face directory or a hita_jax DINOv2 export), or "
+                    '--config.init.allow_random_dinov2=True for experiments')
+
+
 def load_tokenizer(cfg: TokenizerConfig, weights: str | None = None, *, key: str = 'ema',
-                   dinov2: str | None = None, seed: int = 0) -> Tokenizer:
-  """A Tokenizer for `cfg`; randomly initialised (seed) where no weights are given."""
+                   dinov2: str | None = None, seed: int = 0, allow_random_dinov2: bool = True
+                   ) -> Tokenizer:
+  """A Tokenizer for `cfg`; randomly initialised (seed) where no weights are given. DINOv2 comes
+  from `dinov2`, else from the weights (an export, or an official file that holds the backbone);
+  `allow_random_dinov2=False` refuses to leave it random (see `require_dinov2`)."""
+  sd = load_state_dict_file(weights, key=key) if weights and not os.path.isdir(weights) else None
+  if sd is not None and not (dinov2 or allow_random_dinov2 or _has_dinov2(sd)):
+    raise _no_dinov2(weights)
   model = Tokenizer(cfg, rngs=nnx.Rngs(seed))
-  if weights:
-    if os.path.isdir(weights):  # a hita_jax export (DINOv2 included)
-      checkpoint.load_params(weights, model, filt=TOKENIZER_EXPORT_FILTER)
-    else:
-      tokenizer_convert.load_official_tokenizer(model, load_state_dict_file(weights, key=key))
+  if sd is not None:
+    tokenizer_convert.load_official_tokenizer(model, sd)
+    if not dinov2 and _has_dinov2(sd):
+      dinov2_convert.load_dinov2(model.dinov2, sd, prefix=dinov2_convert.OFFICIAL_PREFIX)
+  elif weights:  # a hita_jax export (DINOv2 included)
+    checkpoint.load_params(weights, model, filt=TOKENIZER_EXPORT_FILTER)
   if dinov2:
     load_dinov2(model.dinov2, dinov2)
   return model

@@ -70,8 +70,14 @@ def random_crop_arr(pil_image: Image.Image, image_size: int, rng: np.random.Gene
   return arr[y:y + image_size, x:x + image_size]
 
 
-# Views per image that `extract_codes` stores (one is drawn per read when training).
-VIEWS = {'center': 1, 'flip': 2, 'ten_crop': 10}
+# Views per image that `extract_codes` can store (one is drawn per read when training).
+VIEWS = ('random_crops', 'center', 'flip', 'ten_crop')
+
+
+def num_views(views: str, random_crops: int = 5) -> int:
+  if views not in VIEWS:
+    raise ValueError(f'views={views!r} is not valid; choose one of {list(VIEWS)}')
+  return {'center': 1, 'flip': 2, 'ten_crop': 10, 'random_crops': 2 * random_crops}[views]
 
 
 def five_crop(img: np.ndarray, size: int) -> list[np.ndarray]:
@@ -84,11 +90,20 @@ def five_crop(img: np.ndarray, size: int) -> list[np.ndarray]:
           img[top:top + size, left:left + size]]
 
 
-def image_views(pil: Image.Image, size: int, views: str, crop_range: float = 1.1) -> np.ndarray:
-  """(V, size, size, 3) uint8 views of one image: `center` (the ADM centre crop), `flip` (it and its
-  mirror image) or `ten_crop` (LlamaGen: centre crop at `crop_range` x size, then TenCrop)."""
-  if views not in VIEWS:
-    raise ValueError(f'views={views!r} is not valid; choose one of {sorted(VIEWS)}')
+def image_views(pil: Image.Image, size: int, views: str, crop_range: float = 1.1, *,
+                random_crops: int = 5, rng: np.random.Generator | None = None) -> np.ndarray:
+  """(V, size, size, 3) uint8 views of one image:
+  * `random_crops`: K = `random_crops` draws of the official training augmentation (ADM
+    `random_crop_arr` from `rng`), each followed by its mirror image: a fixed sample of what
+    train_c2i.py draws afresh every epoch (random crop, flip with p = 0.5);
+  * `center` (the ADM centre crop), `flip` (it and its mirror image);
+  * `ten_crop` (LlamaGen: centre crop at `crop_range` x size, then TenCrop)."""
+  num_views(views, random_crops)  # validates the name
+  if views == 'random_crops':
+    if rng is None:
+      raise ValueError('random_crops views need the per-image rng')
+    crops = [random_crop_arr(pil, size, rng) for _ in range(random_crops)]
+    return np.stack([v for c in crops for v in (c, c[:, ::-1])])
   if views == 'ten_crop':
     big = center_crop_arr(pil, int(size * crop_range))
     crops = five_crop(big, size) + five_crop(np.ascontiguousarray(big[:, ::-1]), size)

@@ -4,6 +4,10 @@ conv4 s2 -> LeakyReLU(0.2) -> [conv4 (no bias) -> BatchNorm -> LeakyReLU] x n (s
 stride 1) -> conv4 s1 to one logit per patch (40 x 40 at 336 px). BatchNorm follows PyTorch
 exactly: training normalises with the biased batch variance and updates the running statistics
 with momentum 0.1 and the *unbiased* variance; eval uses the running statistics.
+
+`groups` splits the batch into that many equal replicas that are normalised separately, as plain
+BatchNorm2d under DDP does (statistics per GPU); the running statistics follow replica 0, whose
+module the official trainer saves. groups=1 normalises over the whole batch.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from flax import nnx
 
 class TorchBatchNorm(nnx.Module):
 
-  def __init__(self, c: int, *, eps: float = 1e-5, momentum: float = 0.1, rngs: nnx.Rngs):
-    self.eps, self.momentum = eps, momentum
+  def __init__(self, c: int, *, eps: float = 1e-5, momentum: float = 0.1, groups: int = 1,
+               rngs: nnx.Rngs):
+    self.eps, self.momentum, self.groups = eps, momentum, groups
     self.scale = nnx.Param(1.0 + 0.02 * jax.random.normal(rngs.params(), (c,)))  # official init
     self.bias = nnx.Param(jnp.zeros((c,), jnp.float32))
     self.mean = nnx.BatchStat(jnp.zeros((c,), jnp.float32))
@@ -25,15 +30,19 @@ class TorchBatchNorm(nnx.Module):
   def __call__(self, x):
     x = x.astype(jnp.float32)
     if self.use_running_average:
-      mean, var = self.mean[...], self.var[...]
-    else:
-      mean = jnp.mean(x, axis=(0, 1, 2))
-      var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
-      n = x.shape[0] * x.shape[1] * x.shape[2]
-      m = self.momentum
-      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * n / max(n - 1, 1)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+      return (x - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.eps) * self.scale[...] + self.bias[...]
+    b, h, w, c = x.shape
+    if b % self.groups:
+      raise ValueError(f'batch {b} does not split into {self.groups} batch-norm replicas')
+    xg = x.reshape(self.groups, b // self.groups, h, w, c)
+    mean = jnp.mean(xg, axis=(1, 2, 3), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 3), keepdims=True)
+    n = (b // self.groups) * h * w
+    m = self.momentum
+    self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean[0, 0, 0, 0])
+    self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var[0, 0, 0, 0]) * n / max(n - 1, 1)
+    y = (xg - mean) * jax.lax.rsqrt(var + self.eps)
+    return y.reshape(b, h, w, c) * self.scale[...] + self.bias[...]
 
 
 def _conv(cin, cout, stride, bias, rngs):
@@ -44,13 +53,14 @@ def _conv(cin, cout, stride, bias, rngs):
 
 class PatchGAN(nnx.Module):
 
-  def __init__(self, *, in_channels: int = 3, ndf: int = 64, n_layers: int = 3, rngs: nnx.Rngs):
+  def __init__(self, *, in_channels: int = 3, ndf: int = 64, n_layers: int = 3,
+               batch_norm_groups: int = 1, rngs: nnx.Rngs):
     convs, norms = [_conv(in_channels, ndf, 2, True, rngs)], []
     mult = 1
     for n in range(1, n_layers + 1):
       prev, mult = mult, min(2 ** n, 8)
       convs.append(_conv(ndf * prev, ndf * mult, 2 if n < n_layers else 1, False, rngs))
-      norms.append(TorchBatchNorm(ndf * mult, rngs=rngs))
+      norms.append(TorchBatchNorm(ndf * mult, groups=batch_norm_groups, rngs=rngs))
     convs.append(_conv(ndf * mult, 1, 1, True, rngs))
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms)

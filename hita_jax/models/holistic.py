@@ -24,6 +24,18 @@ def _table_init(rngs, shape, dim):
   return jax.random.normal(rngs.params(), shape, jnp.float32) * dim ** -0.5
 
 
+def xavier_linears(module: nnx.Module, key) -> None:
+  """Re-initialises every Linear below `module` as the official fusion decoder does:
+  xavier-uniform weights, zero biases (the encoder's stacks keep PyTorch's default init, because
+  the official Encoder's xavier loop never matches a Linear; spec 2.4)."""
+  init = nnx.initializers.xavier_uniform()
+  for i, (_, node) in enumerate(nnx.iter_graph(module)):
+    if isinstance(node, nnx.Linear):
+      node.kernel[...] = init(jax.random.fold_in(key, i), node.kernel.shape, jnp.float32)
+      if node.bias is not None:
+        node.bias[...] = jnp.zeros_like(node.bias[...])
+
+
 class HolisticLayer(nnx.Module):
   """Pre-LN layer `x + Attn(LN(x)); x + SwiGLU(LN(x))`.
 
@@ -164,6 +176,7 @@ class FusionDecoder(nnx.Module):
       self.mask_embedding = nnx.Param(_table_init(rngs, (dim,), dim), out_sharding=('embed',))
       self.norm_vfm = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
       self.vfm_proj = dense(dim, vfm_out_dim, names=('embed', None), dtype=dtype, rngs=rngs)
+    xavier_linears(self, rngs.params())
 
   def patch_pos_embed(self, h: int, w: int):
     # The official decoder passes (W, H) where the encoder passes (H, W); identical when square.

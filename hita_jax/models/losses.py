@@ -42,9 +42,10 @@ def adversarial_weight(step, disc_start: int, disc_weight: float):
   return jnp.where(step < disc_start, 0.0, disc_weight)
 
 
-def vfm_loss(target, prediction, eps: float = 1e-8):
-  """Hita-U: mean(1 - cosine similarity) over the last axis (torch CosineSimilarity, eps 1e-8)."""
+def vfm_loss(target, prediction, eps: float = 1e-6):
+  """Hita-U: mean(1 - cosine similarity) over the last axis, as the official loss computes it
+  (`F.cosine_similarity(..., eps=1e-6)`: each vector divided by max(|v|, eps), as PyTorch 2 does)."""
   t, p = target.astype(jnp.float32), prediction.astype(jnp.float32)
-  num = jnp.sum(t * p, axis=-1)
-  den = jnp.maximum(jnp.linalg.norm(t, axis=-1) * jnp.linalg.norm(p, axis=-1), eps)
-  return jnp.mean(1.0 - num / den)
+  t = t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), eps)
+  p = p / jnp.maximum(jnp.linalg.norm(p, axis=-1, keepdims=True), eps)
+  return jnp.mean(1.0 - jnp.sum(t * p, axis=-1))

@@ -34,6 +34,13 @@ def entropy_loss(affinity, temperature: float = 0.01):
   return sample_entropy - avg_entropy
 
 
+def codes_used_fraction(codes, codebook_size: int):
+  """Distinct code ids in `codes` (one step's global batch) over the codebook size: the codebook
+  usage the official trainer logs each step."""
+  seen = jnp.zeros((codebook_size,), bool).at[codes.reshape(-1)].set(True)
+  return jnp.mean(seen.astype(jnp.float32))
+
+
 class VectorQuantizer(nnx.Module):
 
   def __init__(self, codebook_size: int, code_dim: int, *, beta: float = 0.25,
@@ -82,6 +89,7 @@ class VectorQuantizer(nnx.Module):
     return z_q, idx, losses
 
   def usage_fraction(self):
-    """Fraction of the codebook seen in the usage window (official `codebook_usage`)."""
+    """Fraction of the codebook seen in the FIFO window of the last 65536 codes (smaller than one
+    step's patch codes at the recipe batch; see `codes_used_fraction` for the logged figure)."""
     seen = jnp.zeros((self.codebook_size,), bool).at[self.usage[...]].set(True)
     return jnp.mean(seen.astype(jnp.float32))

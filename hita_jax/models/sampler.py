@@ -16,6 +16,7 @@ leave it off.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -126,6 +127,20 @@ def generate(model: GPT, labels, key, *, cfg_scale: float = 1.5, cfg_interval: i
                           legacy_pos128_embedding=bool(legacy_pos128_embedding), length=int(length),
                           return_logits=return_logits)
   return (seq, logits) if return_logits else seq
+
+
+def for_sampling(model: GPT, dtype: str) -> tuple[GPT, Any]:
+  """(the model computing in `dtype`, its state with floating weights cast to `dtype`), for
+  `generate(model, ..., state=state)`. test_net.py samples with bf16 weights and KV cache; 'float32'
+  keeps the model as it is. Nothing is allocated besides the cast copy of the weights."""
+  if dtype == model.cfg.dtype and dtype == 'float32':
+    return model, nnx.state(model)
+  cfg = dataclasses.replace(model.cfg, dtype=dtype)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+  dt = jnp.dtype(dtype)
+  state = jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                       nnx.state(model))
+  return nnx.merge(graphdef, state), state
 
 
 def split_codes(seq, num_holistic: int):

@@ -126,6 +126,9 @@ def tokenizer_metrics(tokenizer, images: Iterable[np.ndarray], runner: Inception
 
 def run(config, workdir: str) -> dict[str, Any]:
   ev = config.evaluate
+  if ev.mode == 'tokenizer':  # before any model is allocated
+    pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
+                              allow_random=config.init.allow_random_dinov2)
   runner = InceptionRunner(pretrained.load_inception(ev.inception_weights), batch_size=ev.batch_size)
   if ev.mode == 'generation':
     if not ev.sample_npz or not ev.ref_npz:
@@ -137,7 +140,8 @@ def run(config, workdir: str) -> dict[str, Any]:
       raise ValueError('evaluate.mode=tokenizer needs --config.evaluate.images (an .npz or a folder)')
     tcfg = config_lib.tokenizer_config_from(config.tokenizer)
     tok = pretrained.load_tokenizer(tcfg, config.init.tokenizer, key=config.init.tokenizer_key,
-                                    dinov2=config.init.dinov2)
+                                    dinov2=config.init.dinov2,
+                                    allow_random_dinov2=config.init.allow_random_dinov2)
     images = iter_center_crops(ev.images, tcfg.image_size)
     if ev.max_images:
       images = (img for i, img in zip(range(ev.max_images), images))

@@ -2,6 +2,11 @@
 sharded ArrayRecord files of (label, holistic codes, patch codes), LlamaGen-style pre-extraction.
 
 Views per image (`extract_codes.views`):
+* `random_crops` (default): K (`extract_codes.random_crops`, 5) draws of the official training
+  augmentation (ADM random crop), each with its mirror image: 2K views, so the fast path samples
+  from the same distribution as train_c2i.py's on-the-fly codes (which draw a fresh crop and flip
+  every epoch) at the cost of encoding 2K views per image once (10 with K = 5: as much tokenizer
+  work as 10 epochs on the fly, against the 50-300 epochs of the recipes);
 * `center`: the ADM centre crop (what evaluation sees);
 * `flip`: the centre crop and its horizontal flip;
 * `ten_crop`: LlamaGen's `--ten-crop`: centre crop at `crop_range` x size (1.1), then torchvision's
@@ -26,7 +31,7 @@ from flax import nnx
 
 from hita_jax import config_lib, pretrained, sharding
 from hita_jax.data.codes import pack, shard_name
-from hita_jax.data.images import VIEWS, image_views, to_unit
+from hita_jax.data.images import VIEWS, image_views, num_views, to_unit
 from hita_jax.data.sources import make_source, open_readable
 
 
@@ -49,13 +54,16 @@ def run(config, workdir: str):
   ex = config.extract_codes
   if not config.init.tokenizer:
     raise ValueError('extract_codes needs --config.init.tokenizer=<tokenizer export or official file>')
+  pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
+                            allow_random=config.init.allow_random_dinov2)
   views = ex.views
   if views not in VIEWS:
-    raise ValueError(f'config.extract_codes.views={views!r} is not valid; choose one of {sorted(VIEWS)}')
-  n_views = VIEWS[views]
+    raise ValueError(f'config.extract_codes.views={views!r} is not valid; choose one of {list(VIEWS)}')
+  n_views = num_views(views, ex.random_crops)
   tcfg = config_lib.tokenizer_config_from(config.tokenizer)
   tok = pretrained.load_tokenizer(tcfg, config.init.tokenizer, key=config.init.tokenizer_key,
-                                  dinov2=config.init.dinov2)
+                                  dinov2=config.init.dinov2,
+                                  allow_random_dinov2=config.init.allow_random_dinov2)
   # This process's devices only: processes work independently on their own slices.
   local = jax.local_devices()
   mesh = sharding.make_mesh([('data', len(local))], local)
@@ -80,7 +88,10 @@ def run(config, workdir: str):
     for i in idx:
       pil, label, _ = open_readable(source, int(i))
       labels.append(label)
-      images.append(image_views(pil, tcfg.image_size, views, ex.crop_range))
+      # one generator per image: the same crops whatever the sharding or a resumed run
+      images.append(image_views(pil, tcfg.image_size, views, ex.crop_range,
+                                random_crops=ex.random_crops,
+                                rng=np.random.default_rng((config.seed, int(i)))))
     flat = np.concatenate(images)  # (n * V, S, S, 3), the views of an image adjacent
     hol, patch = [], []
     for b in range(0, len(flat), batch):
@@ -102,7 +113,7 @@ def run(config, workdir: str):
     print(f'  shard {s + 1}/{n_shards} written ({path})', flush=True)
   manifest = {'tokenizer_checkpoint': os.path.abspath(config.init.tokenizer),
               'tokenizer_config': dataclasses.asdict(tcfg), 'views': views, 'num_views': n_views,
-              'crop_range': float(ex.crop_range),
+              'crop_range': float(ex.crop_range), 'random_crops': int(ex.random_crops),
               'num_holistic': tcfg.num_holistic, 'num_patches': tcfg.grid() ** 2,
               'data': config.data.to_dict(), 'process_count': pcount}
   if pid == 0:

@@ -20,7 +20,7 @@ import numpy as np
 from hita_jax import config_lib, pretrained, sharding
 from hita_jax.data.images import codes_to_images, save_png
 from hita_jax.models.gpt import gpt_config_from
-from hita_jax.models.sampler import generate
+from hita_jax.models.sampler import for_sampling, generate
 
 
 def labels_for(num_images: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
@@ -49,6 +49,7 @@ def run(config, workdir: str):
   gcfg = gpt_config_from(config.gpt)
   gpt = pretrained.load_gpt(gcfg, init.gpt, key=init.gpt_key)
   gpt.eval()
+  gpt, _ = for_sampling(gpt, sc.dtype)  # test_net.py: bf16 weights and KV cache
   legacy = sc.legacy_pos128_embedding or pretrained.wants_legacy_sampler(init.gpt)
   tcfg = config_lib.tokenizer_config_from(config.tokenizer)
   tok = pretrained.load_tokenizer(tcfg, init.tokenizer, key=init.tokenizer_key)

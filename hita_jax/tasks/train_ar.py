@@ -35,10 +35,19 @@ class Parts:
   cfg: object
 
 
+def decay_mask(params):
+  """True for the parameters train_c2i.py decays: those >= 2-D in the official, unstacked layout
+  (matrices and embedding tables), never the RMSNorm gains. Our layers are stacked along a leading
+  layer axis under `blocks`, which does not count."""
+  def decays(path, p):
+    stacked = any(getattr(k, 'key', None) == 'blocks' for k in path)
+    return p.ndim - int(stacked) >= 2
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def adamw(lr, b1, b2, wd, clip, eps=1e-8):
-  mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(optax.clip_by_global_norm(clip),
-                     optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=mask))
+                     optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask))
 
 
 def build(config, mesh):
@@ -62,7 +71,8 @@ def build(config, mesh):
       raise ValueError('train_ar without train_ar.codes_dir computes codes on the fly and needs '
                        '--config.init.tokenizer=<tokenizer export or official file>')
     tok = pretrained.load_tokenizer(tcfg, config.init.tokenizer, key=config.init.tokenizer_key,
-                                    dinov2=config.init.dinov2)
+                                    dinov2=config.init.dinov2,
+                                    allow_random_dinov2=config.init.allow_random_dinov2)
     tok.eval()
     sharding.shard_module(tok, mesh, rules)
     tok_def, tok_state = nnx.split(tok)
@@ -127,13 +137,20 @@ def sample_grid(parts: Parts, params, config, tok_state, key):
     tok = nnx.merge(parts.tok_def, tok_state, copy=True)
   else:
     tok = pretrained.load_tokenizer(config_lib.tokenizer_config_from(config.tokenizer),
-                                    config.init.tokenizer, key=config.init.tokenizer_key)
+                                    config.init.tokenizer, key=config.init.tokenizer_key,
+                                    allow_random_dinov2=True)  # decoding only: DINOv2 is unused
   tok.eval()
   return np.asarray(codes_to_images(tok, codes, eval_size=None))
 
 
 def run(config, workdir: str):
   ar = config.train_ar
+  if not ar.codes_dir:  # the frozen tokenizer encodes: it needs its DINOv2 (checked before allocating)
+    pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
+                              allow_random=config.init.allow_random_dinov2)
+  num_steps = config_lib.ar_num_steps(ar)
+  print(f'train_ar: {num_steps} steps of {ar.global_batch_size} sequences'
+        + ('' if ar.num_steps else f' ({ar.epochs} epochs of {ar.dataset_size} images)'), flush=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = config_lib.axis_rules(config)
   parts, state, tok_state = build(config, mesh)
@@ -147,7 +164,7 @@ def run(config, workdir: str):
   tokens = parts.cfg.seq_len
   flops_per_token = flops.gpt_train_flops_per_token(parts.cfg, tokens)
   peak = flops.device_peak_flops()
-  logger = training.MetricLogger(workdir, total_steps=ar.num_steps, start_step=start,
+  logger = training.MetricLogger(workdir, total_steps=num_steps, start_step=start,
                                  every=ar.log_every, images_per_step=ar.global_batch_size,
                                  line_keys=('loss', 'loss_holistic', 'loss_patch'))
 
@@ -159,14 +176,14 @@ def run(config, workdir: str):
     return out
 
   rng = jax.random.key(config.seed)
-  for step in range(start + 1, ar.num_steps + 1):
+  for step in range(start + 1, num_steps + 1):
     batch = training.global_batch({k: v for k, v in next(it).items() if k in shardings}, shardings)
     state, metrics = step_fn(state, tok_state, batch, rng)
     logger.log(step, metrics, extra=throughput)
-    if ar.sample_every and (step % ar.sample_every == 0 or step == ar.num_steps):
+    if ar.sample_every and (step % ar.sample_every == 0 or step == num_steps):
       images = sample_grid(parts, state['ema'], config, tok_state, jax.random.fold_in(rng, -step))
       logger.image(step, 'samples', images, rows=min(parts.cfg.num_classes, ar.grid_classes))
-    if step % ar.ckpt_every == 0 or step == ar.num_steps:
+    if step % ar.ckpt_every == 0 or step == num_steps:
       checkpoint.save_train_state(mngr, step, state, it, metrics={'loss': float(metrics['loss'])})
   logger.close()
   mngr.wait_until_finished()

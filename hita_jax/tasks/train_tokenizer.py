@@ -31,6 +31,7 @@ from hita_jax.data.images import to_uint8, to_unit
 from hita_jax.data.sources import make_image_dataset
 from hita_jax.models import losses
 from hita_jax.models.discriminator import PatchGAN
+from hita_jax.models.quantizer import codes_used_fraction
 from hita_jax.models.tokenizer import Tokenizer, trainable_filter
 
 
@@ -53,20 +54,21 @@ def build(config, mesh):
   init = config.init
   if init.tokenizer or init.dinov2:
     tok = pretrained.load_tokenizer(tcfg, init.tokenizer, key=init.tokenizer_key, dinov2=init.dinov2,
-                                    seed=config.seed)
+                                    seed=config.seed, allow_random_dinov2=init.allow_random_dinov2)
     sharding.shard_module(tok, mesh, rules)
   else:
-    if not config.train_tokenizer.allow_random_dinov2 and tcfg.dinov2.embed_dim >= 384:
+    if not init.allow_random_dinov2:
       raise ValueError('training needs the frozen DINOv2 weights: --config.init.dinov2=<Meta .pth or '
-                       'Hugging Face dir> (or --config.train_tokenizer.allow_random_dinov2=True for '
-                       'experiments)')
+                       'Hugging Face dir> (or --config.init.allow_random_dinov2=True for experiments)')
     tok = sharding.create_sharded(
         lambda: Tokenizer(tcfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)), mesh, rules)
   tok.train()
   lc = config.tokenizer_loss
+  # 'replica': batch statistics per data-parallel shard, as DDP with plain BatchNorm2d (official)
+  groups = sharding.batch_shards(sharding.batch_sharding(mesh, rules, 4)) if lc.disc_batch_norm == 'replica' else 1
   disc = sharding.create_sharded(
-      lambda: PatchGAN(ndf=lc.disc_ndf, n_layers=lc.disc_layers, rngs=nnx.Rngs(config.seed + 2)),
-      mesh, rules)
+      lambda: PatchGAN(ndf=lc.disc_ndf, n_layers=lc.disc_layers, batch_norm_groups=groups,
+                       rngs=nnx.Rngs(config.seed + 2)), mesh, rules)
   disc.train()
   # perceptual_weight 0 (the CPU demo): no LPIPS network, no weights to locate.
   lp = pretrained.load_lpips(lc.lpips_weights if lc.perceptual_weight else 'random')
@@ -154,17 +156,20 @@ def train_step(parts: Parts, config, state, lp_state, batch, rng):
   new = {'step': step + 1, 'g_params': g_params, 'g_rest': g_rest, 'd_params': d_params,
          'd_stats': d_stats, 'opt_g': opt_g, 'opt_d': opt_d,
          'ema': training.ema_update(state['ema'], g_params, tr.ema_decay)}
-  metrics.update(d_loss=d_loss, logits_real=lr_mean, logits_fake=lf_mean,
+  size = parts.cfg.codebook_size
+  metrics.update(patch_codebook_usage=codes_used_fraction(pcodes, size),
+                 holistic_codebook_usage=codes_used_fraction(hcodes, size), d_loss=d_loss, logits_real=lr_mean, logits_fake=lf_mean,
                  g_grad_norm=optax.global_norm(g_grads), d_grad_norm=optax.global_norm(d_grads),
                  adv_weight=adv_w)
   return new, metrics
 
 
-def codebook_usage(parts, state):
-  """Fraction of each codebook seen in its usage window (official `codebook_usage`)."""
+def codebook_usage_window(parts, state):
+  """Fraction of each codebook seen in its FIFO window of recent codes (the `codebook_used`
+  buffer); the per-step figure the official trainer logs is in the step's metrics."""
   tok = nnx.merge(parts.g_def, state['g_params'], state['g_rest'], copy=True)
-  return {'patch_codebook_usage': tok.patch_quantizer.usage_fraction(),
-          'holistic_codebook_usage': tok.holistic_quantizer.usage_fraction()}
+  return {'patch_codebook_usage_window': tok.patch_quantizer.usage_fraction(),
+          'holistic_codebook_usage_window': tok.holistic_quantizer.usage_fraction()}
 
 
 def reconstruct(parts, params, rest, images_u8):
@@ -185,6 +190,7 @@ def validate(config):
   lc, tr = config.tokenizer_loss, config.train_tokenizer
   checks = [('tokenizer_loss.disc_loss', lc.disc_loss, sorted(losses.D_LOSSES)),
             ('tokenizer_loss.gen_loss', lc.gen_loss, sorted(losses.G_LOSSES)),
+            ('tokenizer_loss.disc_batch_norm', lc.disc_batch_norm, ['replica', 'global']),
             ('train_tokenizer.lr_decay', tr.lr_decay, ['constant', 'cosine']),
             ('train_tokenizer.compute_dtype', tr.compute_dtype, ['float32', 'bfloat16', 'float16']),
             ('data.source', config.data.source, ['shapes', 'folder', 'tfds'])]
@@ -198,6 +204,8 @@ def validate(config):
 
 def run(config, workdir: str):
   validate(config)
+  pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
+                            allow_random=config.init.allow_random_dinov2)
   tr = config.train_tokenizer
   mesh = sharding.make_mesh(config.mesh)
   rules = config_lib.axis_rules(config)
@@ -228,7 +236,7 @@ def run(config, workdir: str):
     state, metrics = step_fn(state, lp_state, training.global_batch({'image': local['image']}, batch_sh),
                              rng)
     logged = logger.log(step, metrics, extra=lambda: {
-        **{k: float(v) for k, v in jax.device_get(codebook_usage(parts, state)).items()},
+        **{k: float(v) for k, v in jax.device_get(codebook_usage_window(parts, state)).items()},
         'lr': float(sched(step)), 'skipped_images': skipped})
     if logged and skipped:
       print(f'  {skipped} unreadable images skipped so far', flush=True)
