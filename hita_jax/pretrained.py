@@ -24,6 +24,7 @@ import sys
 import tarfile
 import zipfile
 
+import jax
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -36,6 +37,7 @@ from hita_jax.convert import losses as losses_convert
 from hita_jax.convert import tokenizer as tokenizer_convert
 from hita_jax.convert.torch_files import load_state_dict_file
 from hita_jax.models.dinov2 import DinoV2
+from hita_jax.models.discriminator import PatchGAN
 from hita_jax.models.gpt import GPT, GPTConfig
 from hita_jax.models.inception import InceptionV3
 from hita_jax.models.lpips import LPIPS
@@ -106,12 +108,15 @@ def _no_dinov2(weights: str, flag: str = '--config.init.dinov2') -> ValueError:
 
 
 def load_tokenizer(cfg: TokenizerConfig, weights: str | None = None, *, key: str = 'ema',
-                   dinov2: str | None = None, seed: int = 0, allow_random_dinov2: bool = True
-                   ) -> Tokenizer:
+                   dinov2: str | None = None, seed: int = 0, allow_random_dinov2: bool = True,
+                   state_dict: dict | None = None) -> Tokenizer:
   """A Tokenizer for `cfg`; randomly initialised (seed) where no weights are given. DINOv2 comes
   from `dinov2`, else from the weights (an export, or an official file that holds the backbone);
-  `allow_random_dinov2=False` refuses to leave it random (see `require_dinov2`)."""
-  sd = load_state_dict_file(weights, key=key) if weights and not os.path.isdir(weights) else None
+  `allow_random_dinov2=False` refuses to leave it random (see `require_dinov2`). `state_dict`: the
+  official weights already read from `weights` (not read again)."""
+  sd = state_dict
+  if sd is None and weights and not os.path.isdir(weights):
+    sd = load_state_dict_file(weights, key=key)
   if sd is not None and not (dinov2 or allow_random_dinov2 or _has_dinov2(sd)):
     raise _no_dinov2(weights)
   model = Tokenizer(cfg, rngs=nnx.Rngs(seed))
@@ -135,6 +140,93 @@ def load_gpt(cfg: GPTConfig, weights: str | None = None, *, key: str = 'ema', se
     else:
       gpt_convert.load_official_gpt(model, load_state_dict_file(weights, key=key))
   return model
+
+
+def read_training_checkpoint(path: str | None) -> dict | None:
+  """The entries of an official training checkpoint (`model`, `ema`, `optimizer`, ... as numpy),
+  or None when `path` is not one (an export, a safetensors / npz file, a bare state dict)."""
+  if not is_training_checkpoint(path):
+    return None
+  from hita_jax.convert.torch_files import load_torch_checkpoint
+  ckpt = load_torch_checkpoint(path)
+  return ckpt if isinstance(ckpt, dict) and any(k in ckpt for k in ('model', 'ema')) else None
+
+
+def adam_moments_as_params(moments, make_module, load, filt=nnx.Param):
+  """(count, {official: exp_avg}, {official: exp_avg_sq}) -> (count, mu, nu) in our parameter
+  layout: each moment set is loaded into a scratch module by the model's own official loader."""
+  count, exp_avg, exp_avg_sq = moments
+
+  def as_params(sd):
+    module = make_module()
+    load(module, sd)
+    return nnx.state(module, filt)
+  return count, as_params(exp_avg), as_params(exp_avg_sq)
+
+
+def entry(ckpt: dict, key: str) -> dict:
+  """One state dict of a training checkpoint (prefixes of DDP / torch.compile removed)."""
+  from hita_jax.convert.torch_files import pick_state_dict
+  return pick_state_dict(ckpt, key=key)
+
+
+def load_patchgan(disc: PatchGAN, state_dict: dict) -> PatchGAN:
+  """Official PatchGAN (`NLayerDiscriminator`) weights and BatchNorm statistics, in place."""
+  return losses_convert.load_official_patchgan(disc, state_dict)
+
+
+def tokenizer_adam_state(cfg: TokenizerConfig, ckpt: dict, filt):
+  """vq_train.py's generator Adam state as (count, mu, nu) over our parameters matching `filt`
+  (the trainable ones), or None when the checkpoint has none."""
+  if 'model' not in ckpt or not (isinstance(ckpt.get('optimizer'), dict) and ckpt['optimizer'].get('state')):
+    return None
+  n_dinov2 = len(jax.tree.leaves(nnx.state(
+      nnx.eval_shape(lambda: Tokenizer(cfg, rngs=nnx.Rngs(0))).dinov2, nnx.Param)))
+  moments = tokenizer_convert.official_adam_moments(entry(ckpt, 'model'), ckpt['optimizer'], n_dinov2)
+  return adam_moments_as_params(moments, lambda: Tokenizer(cfg, rngs=nnx.Rngs(0)),
+                                tokenizer_convert.load_official_tokenizer, filt)
+
+
+def patchgan_adam_state(ckpt: dict, make_disc):
+  """vq_train.py's `optimizer_disc` state as (count, mu, nu) over the PatchGAN's parameters (a
+  scratch one from `make_disc`), or None."""
+  opt = ckpt.get('optimizer_disc')
+  if 'discriminator' not in ckpt or not (isinstance(opt, dict) and opt.get('state')):
+    return None
+  sd = entry(ckpt, 'discriminator')
+  count, exp_avg, exp_avg_sq = losses_convert.official_patchgan_adam_moments(sd, opt)
+  # the loader also reads the BatchNorm statistics: keep the real ones beside the moments
+  return adam_moments_as_params((count, {**sd, **exp_avg}, {**sd, **exp_avg_sq}), make_disc,
+                                losses_convert.load_official_patchgan)
+
+
+def load_gpt_training_checkpoint(cfg: GPTConfig, path: str) -> dict:
+  """An official train_c2i.py checkpoint (`model`, `ema`, `optimizer`, `steps`) as train_c2i.py
+  resumes it: {'model': GPT, 'ema': GPT (the model when absent), 'adam': (count, mu, nu) with the
+  moments as nnx.States of the model's parameters, or None without an optimizer state, 'steps'}.
+  A bare state dict (`.pt` without those entries) gives the same with model = EMA, no optimizer."""
+  from hita_jax.convert.torch_files import load_torch_checkpoint, pick_state_dict
+  ckpt = read_training_checkpoint(path) or {'model': pick_state_dict(load_torch_checkpoint(path), key=None,
+                                                                      path=path)}
+
+  def as_gpt(sd):
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    gpt_convert.load_official_gpt(model, sd)
+    return model
+
+  model_sd = pick_state_dict(ckpt, key='model' if 'model' in ckpt else 'ema', path=path)
+  out = {'model': as_gpt(model_sd), 'steps': int(ckpt.get('steps', 0)), 'adam': None}
+  out['ema'] = as_gpt(pick_state_dict(ckpt, key='ema', path=path)) if 'ema' in ckpt else out['model']
+  if 'model' in ckpt and isinstance(ckpt.get('optimizer'), dict) and ckpt['optimizer'].get('state'):
+    out['adam'] = adam_moments_as_params(
+        gpt_convert.official_adamw_moments(model_sd, ckpt['optimizer']),
+        lambda: GPT(cfg, rngs=nnx.Rngs(0)), gpt_convert.load_official_gpt)
+  return out
+
+
+def is_training_checkpoint(path: str | None) -> bool:
+  """A `.pt`/`.pth` file: official training checkpoints are torch pickles (`model`, `ema`, ...)."""
+  return bool(path) and not os.path.isdir(path) and path.endswith(('.pt', '.pth'))
 
 
 def wants_legacy_sampler(weights: str) -> bool:

@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -44,6 +45,20 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax
   """Per-process numpy batch -> global jax.Arrays, each key with its sharding (`shardings[key]`)."""
   return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
           for k, v in local.items()}
+
+
+def restore_adam(opt_state, count: int, mu, nu, like):
+  """`opt_state` with its Adam moments and bias-correction count replaced (a PyTorch Adam/AdamW
+  state converted to our parameter layout); `mu`/`nu` are placed like the arrays of `like` (the
+  parameters). Other counters, e.g. an LR schedule's, are left as they are."""
+  place = lambda tree: jax.tree.map(lambda a, p: jax.device_put(jnp.asarray(a, p.dtype), p.sharding),
+                                    tree, like)
+
+  def swap(s):
+    if isinstance(s, optax.ScaleByAdamState):
+      return s._replace(count=jnp.asarray(count, s.count.dtype), mu=place(mu), nu=place(nu))
+    return s
+  return jax.tree.map(swap, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
 
 
 class MetricLogger:

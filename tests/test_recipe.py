@@ -218,3 +218,147 @@ def test_fusion_decoder_linears_are_xavier_with_zero_biases():
 
 # Item 6 (PatchGAN statistics per replica) is tested in test_discriminator.py, item 9 (the tfds path)
 # in test_tfds_path.py.
+
+
+def test_init_gpt_resumes_model_ema_and_adamw_as_train_c2i(torch, tmp_path):
+  """An official-format training checkpoint written by torch's AdamW with train_c2i.py's groups:
+  params, EMA, moments and count come back, and the next step equals torch's next step."""
+  import argparse
+  from hita_jax.convert.gpt import export_official_gpt, load_official_gpt
+  config = config_lib.load_config(f'{ROOT}/configs/hita_b.py:tiny')
+  config.train_ar.codes_dir = 'synthetic'
+  cfg = gpt_config_from(config.gpt)
+  sd = export_official_gpt(GPT(cfg, rngs=nnx.Rngs(3)))
+  names = list(sd)
+  params = {k: torch.nn.Parameter(torch.from_numpy(sd[k].copy())) for k in names}
+  groups = [{'params': [params[k] for k in names if sd[k].ndim >= 2], 'weight_decay': 0.05},
+            {'params': [params[k] for k in names if sd[k].ndim < 2], 'weight_decay': 0.0}]
+  opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
+  gen = torch.Generator().manual_seed(0)
+  grads = [{k: 1e-3 * torch.randn(p.shape, generator=gen) for k, p in params.items()} for _ in range(3)]
+  for g in grads[:2]:
+    for k, p in params.items():
+      p.grad = g[k].clone()
+    opt.step()
+  model = {k: p.detach().clone() for k, p in params.items()}
+  path = str(tmp_path / 'GPT-B.pt')
+  torch.save({'model': model, 'ema': {k: 0.5 * v for k, v in model.items()}, 'optimizer': opt.state_dict(),
+              'steps': 2, 'args': argparse.Namespace(gpt_model='GPT-B')}, path)
+  config.init.gpt = path
+  mesh = sharding.make_mesh('data=-1')
+  parts, state, _ = train_ar.build(config, mesh)
+
+  def ours(tree):  # official-named arrays -> our parameter layout
+    m = GPT(cfg, rngs=nnx.Rngs(0))
+    load_official_gpt(m, {k: np.asarray(v) for k, v in tree.items()})
+    return nnx.state(m, nnx.Param)
+
+  for a, b in zip(jax.tree.leaves(state['params']), jax.tree.leaves(ours(model))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(state['ema']), jax.tree.leaves(ours({k: 0.5 * v for k, v in model.items()}))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(optax.tree_utils.tree_get(state['opt'], 'count')) == 2
+  # the third step, in torch and here
+  for k, p in params.items():
+    p.grad = grads[2][k].clone()
+  opt.step()
+  updates, _ = parts.tx.update(ours(grads[2]), state['opt'], state['params'])
+  new = optax.apply_updates(state['params'], updates)
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ours({k: p.detach() for k, p in params.items()}))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def _official_patchgan(disc):
+  """Our PatchGAN -> an official `NLayerDiscriminator` state dict (nn.Sequential `main`, in order)."""
+  n = len(disc.norms)
+  conv_idx = [0] + [2 + 3 * i for i in range(n)] + [2 + 3 * n]
+  sd = {}
+  for j, (conv, idx) in enumerate(zip(disc.convs, conv_idx)):
+    sd[f'main.{idx}.weight'] = np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy()
+    if conv.bias is not None:
+      sd[f'main.{idx}.bias'] = np.asarray(conv.bias[...]).copy()
+    if j < n:
+      norm, p = disc.norms[j], f'main.{3 + 3 * j}'
+      sd.update({f'{p}.weight': np.asarray(norm.scale[...]).copy(), f'{p}.bias': np.asarray(norm.bias[...]).copy(),
+                 f'{p}.running_mean': np.asarray(norm.mean[...]).copy() + 0.1,
+                 f'{p}.running_var': np.asarray(norm.var[...]).copy() * 2,
+                 f'{p}.num_batches_tracked': np.array(7)})
+  return sd
+
+
+def test_tokenizer_resumes_vq_train_checkpoints(torch, tmp_path):
+  """vq_train.py's checkpoint: generator (+ frozen DINOv2 in its Adam, without state), EMA,
+  discriminator with its statistics, both Adam states; the next steps equal torch's."""
+  import argparse
+  from hita_jax.convert.losses import load_official_patchgan
+  from hita_jax.convert.tokenizer import load_official_tokenizer
+  from hita_jax.models.discriminator import PatchGAN
+  from hita_jax.models.tokenizer import trainable_filter
+  config = config_lib.load_config(f'{ROOT}/configs/tokenizer_v.py:tiny')
+  config.tokenizer_loss.lpips_weights = 'random'
+  config.train_tokenizer.update(warmup_steps=0, lr=1e-4)  # torch below runs at a constant 1e-4
+  ref = tiny_tokenizer('V', seed=4)
+  g_sd = {k: v for k, v in export_official_tokenizer(ref).items() if not k.endswith('codebook_used')}
+  d_ref = PatchGAN(ndf=config.tokenizer_loss.disc_ndf, n_layers=config.tokenizer_loss.disc_layers,
+                   rngs=nnx.Rngs(5))
+  d_sd = _official_patchgan(d_ref)
+  g = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in g_sd.items()}
+  d = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in d_sd.items()
+       if k.endswith(('.weight', '.bias'))}
+  frozen = [torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+            for _ in jax.tree.leaves(nnx.state(ref.dinov2, nnx.Param))]
+  g_list = []
+  for k, p in g.items():  # vq_model.parameters(): the DINOv2 backbone follows the encoder's pos_embed
+    g_list.append(p)
+    if k == 'encode_transformer.pos_embed':
+      g_list += frozen
+  opt_g = torch.optim.Adam(g_list, lr=1e-4, betas=(0.9, 0.95))
+  opt_d = torch.optim.Adam(list(d.values()), lr=1e-4, betas=(0.9, 0.95))
+  gen = torch.Generator().manual_seed(1)
+  grads = [({k: 1e-4 * torch.randn(p.shape, generator=gen) for k, p in g.items()},
+            {k: 1e-3 * torch.randn(p.shape, generator=gen) for k, p in d.items()}) for _ in range(3)]
+  for gg, dg in grads[:2]:
+    for params, gr, opt in ((g, gg, opt_g), (d, dg, opt_d)):
+      for k, p in params.items():
+        p.grad = gr[k].clone()
+      opt.step()
+  model = {k: p.detach().clone() for k, p in g.items()}
+  disc = {k: (d[k].detach().clone() if k in d else torch.from_numpy(np.asarray(v))) for k, v in d_sd.items()}
+  path = str(tmp_path / 'hita-tok.pt')
+  torch.save({'model': model, 'ema': {k: 0.5 * v for k, v in model.items()}, 'optimizer': opt_g.state_dict(),
+              'discriminator': disc, 'optimizer_disc': opt_d.state_dict(), 'steps': 2,
+              'args': argparse.Namespace(image_size=64)}, path)
+  config.init.tokenizer = path
+  parts, state, _, _ = train_tokenizer.build(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]))
+
+  def ours_g(sd):
+    m = tiny_tokenizer('V')
+    load_official_tokenizer(m, {k: np.asarray(v) for k, v in sd.items()})
+    return nnx.state(m, trainable_filter())
+
+  def ours_d(sd):
+    m = PatchGAN(ndf=config.tokenizer_loss.disc_ndf, n_layers=config.tokenizer_loss.disc_layers,
+                 rngs=nnx.Rngs(0))
+    load_official_patchgan(m, {**d_sd, **{k: np.asarray(v) for k, v in sd.items()}})
+    return nnx.state(m, nnx.Param)
+
+  def same(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or dict(rtol=0, atol=0)))
+
+  same(state['g_params'], ours_g(model))
+  same(state['ema'], ours_g({k: 0.5 * v for k, v in model.items()}))
+  same(state['d_params'], ours_d(disc))
+  np.testing.assert_allclose(np.asarray(state['d_stats']['norms'][0]['mean'][...]),
+                             d_sd['main.3.running_mean'])
+  # the third step of both optimizers, here and in torch
+  gg, dg = grads[2]
+  for params, gr, opt in ((g, gg, opt_g), (d, dg, opt_d)):
+    for k, p in params.items():
+      p.grad = gr[k].clone()
+    opt.step()
+  for key, tx, ours in (('g', parts.tx_g, ours_g), ('d', parts.tx_d, ours_d)):
+    params, opt = state[f'{key}_params'], state[f'opt_{key}']
+    upd, _ = tx.update(ours(gg if key == 'g' else dg), opt, params)
+    want = ours({k: p.detach() for k, p in (g if key == 'g' else d).items()})
+    same(optax.apply_updates(params, upd), want, rtol=1e-6, atol=1e-7)

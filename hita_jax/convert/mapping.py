@@ -129,3 +129,26 @@ def write_state_dict(path: str, sd: dict[str, np.ndarray], *, overwrite: bool = 
     np.savez(path, **sd)
   else:
     raise ValueError(f'{path}: the output must end in .safetensors or .npz')
+
+
+def torch_adam_moments(order: Sequence[str | None], optimizer: dict
+                       ) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """A PyTorch Adam/AdamW `state_dict()` -> (step, {key: exp_avg}, {key: exp_avg_sq}). `order` names
+  the optimizer's parameters in its index order (its groups concatenated); None marks a frozen
+  parameter, which has no state."""
+  indices = [i for g in optimizer['param_groups'] for i in g['params']]
+  if len(indices) != len(order):
+    raise ValueError(f'optimizer state covers {len(indices)} parameters, the model has {len(order)}')
+  exp_avg, exp_avg_sq, steps = {}, {}, set()
+  state = optimizer['state']
+  for i, key in zip(indices, order):
+    st = state.get(i, state.get(str(i)))
+    if key is None:
+      continue
+    if st is None:
+      raise ValueError(f'optimizer state has no entry for parameter {i} ({key})')
+    exp_avg[key], exp_avg_sq[key] = np.asarray(st['exp_avg']), np.asarray(st['exp_avg_sq'])
+    steps.add(int(np.asarray(st['step'])))
+  if len(steps) > 1:
+    raise ValueError(f'optimizer state has differing step counts {sorted(steps)}')
+  return (steps.pop() if steps else 0), exp_avg, exp_avg_sq

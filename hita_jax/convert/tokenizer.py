@@ -99,3 +99,20 @@ def export_official_tokenizer(model: Tokenizer) -> dict[str, np.ndarray]:
   """hita_jax tokenizer -> official state dict (without DINOv2, as `vq_train.py` saves it)."""
   return mapping.export_params(model, TOKENIZER_RULES, filt=tokenizer_filter(),
                                transforms=_EXPORT_TRANSFORMS)
+
+
+def official_adam_moments(model_sd: dict[str, np.ndarray], optimizer: dict, num_dinov2_params: int
+                          ) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """vq_train.py's generator Adam `state_dict()` -> moments keyed by official names. The optimizer
+  covers `vq_model.parameters()`: the checkpoint's `model` order without the `codebook_used`
+  buffers, plus the frozen DINOv2 (removed from the saved state dict; no state, as it gets no
+  gradients), whose parameters follow `encode_transformer.pos_embed` (the encoder's own parameters
+  come before its `backbone` child)."""
+  order: list[str | None] = []
+  for k in model_sd:
+    if k.endswith('codebook_used') or '.backbone.' in k:
+      continue
+    order.append(k)
+    if k == 'encode_transformer.pos_embed':
+      order += [None] * num_dinov2_params
+  return mapping.torch_adam_moments(order, optimizer)

@@ -55,15 +55,29 @@ def build(config, mesh):
   rules = config_lib.axis_rules(config)
   gcfg = dataclasses.replace(gpt_config_from(config.gpt), dtype=ar.compute_dtype,
                              class_dropout_prob=ar.class_dropout_prob, token_dropout=ar.token_dropout)
-  if config.init.gpt:
+  ckpt = None
+  if pretrained.is_training_checkpoint(config.init.gpt):
+    # as train_c2i.py resumes: model, EMA and AdamW moments each from its own entry
+    ckpt = pretrained.load_gpt_training_checkpoint(gcfg, config.init.gpt)
+    gpt = ckpt['model']
+    sharding.shard_module(gpt, mesh, rules)
+  elif config.init.gpt:
     gpt = pretrained.load_gpt(gcfg, config.init.gpt, key=config.init.gpt_key)
     sharding.shard_module(gpt, mesh, rules)
   else:
     gpt = sharding.create_sharded(lambda: GPT(gcfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
   gpt_def, params = nnx.split(gpt, nnx.Param)
   tx = adamw(ar.lr, ar.b1, ar.b2, ar.weight_decay, ar.grad_clip, ar.adam_eps)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': jax.jit(tx.init)(params),
-           'ema': jax.tree.map(jnp.copy, params)}
+  opt = jax.jit(tx.init)(params)
+  ema = jax.tree.map(jnp.copy, params)
+  if ckpt is not None:
+    ema = jax.tree.map(lambda a, p: jax.device_put(jnp.asarray(a), p.sharding),
+                       nnx.state(ckpt['ema'], nnx.Param), params)
+    if ckpt['adam'] is not None:
+      opt = training.restore_adam(opt, *ckpt['adam'], like=params)
+    print(f"init.gpt: model, EMA{' and AdamW state' if ckpt['adam'] else ''} of a training checkpoint "
+          f"at step {ckpt['steps']}", flush=True)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt': opt, 'ema': ema}
   tok_def, tok_state = None, None
   if not ar.codes_dir:  # codes on the fly, inside the step (official)
     tcfg = config_lib.tokenizer_config_from(config.tokenizer)

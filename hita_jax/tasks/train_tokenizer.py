@@ -52,9 +52,15 @@ def build(config, mesh):
   tcfg = dataclasses.replace(tcfg, dtype=config.train_tokenizer.compute_dtype)
   rules = config_lib.axis_rules(config)
   init = config.init
+  # An official vq_train.py checkpoint resumes as vq_train.py does: generator from `model`, EMA,
+  # discriminator and both Adam states each from its own entry (the run's step counter starts at 0,
+  # as with its --finetune).
+  ckpt = pretrained.read_training_checkpoint(init.tokenizer)
   if init.tokenizer or init.dinov2:
+    sd = pretrained.entry(ckpt, 'model' if 'model' in ckpt else 'ema') if ckpt else None
     tok = pretrained.load_tokenizer(tcfg, init.tokenizer, key=init.tokenizer_key, dinov2=init.dinov2,
-                                    seed=config.seed, allow_random_dinov2=init.allow_random_dinov2)
+                                    seed=config.seed, allow_random_dinov2=init.allow_random_dinov2,
+                                    state_dict=sd)
     sharding.shard_module(tok, mesh, rules)
   else:
     if not init.allow_random_dinov2:
@@ -69,6 +75,9 @@ def build(config, mesh):
   disc = sharding.create_sharded(
       lambda: PatchGAN(ndf=lc.disc_ndf, n_layers=lc.disc_layers, batch_norm_groups=groups,
                        rngs=nnx.Rngs(config.seed + 2)), mesh, rules)
+  if ckpt and 'discriminator' in ckpt:
+    pretrained.load_patchgan(disc, pretrained.entry(ckpt, 'discriminator'))
+    sharding.shard_module(disc, mesh, rules)
   disc.train()
   # perceptual_weight 0 (the CPU demo): no LPIPS network, no weights to locate.
   lp = pretrained.load_lpips(lc.lpips_weights if lc.perceptual_weight else 'random')
@@ -89,10 +98,30 @@ def build(config, mesh):
       'opt_g': jax.jit(tx_g.init)(g_params), 'opt_d': jax.jit(tx_d.init)(d_params),
       'ema': jax.tree.map(jnp.copy, g_params),
   }
+  if ckpt:
+    state.update(_resumed(ckpt, tcfg, disc, state))
   parts = Parts(g_def, d_def, tx_g, tx_d, lp_def, tcfg)
   state = sharding.commit_to_mesh(state, mesh)
   lp_state = sharding.commit_to_mesh(lp_state, mesh)
   return parts, state, lp_state, sched
+
+
+def _resumed(ckpt: dict, tcfg, disc: PatchGAN, state: dict) -> dict:
+  """The EMA and the two Adam states of an official vq_train.py checkpoint, placed like ours."""
+  place = lambda tree, like: jax.tree.map(lambda a, p: jax.device_put(jnp.asarray(a), p.sharding),
+                                          tree, like)
+  out = {}
+  if 'ema' in ckpt:
+    ema = pretrained.load_tokenizer(tcfg, state_dict=pretrained.entry(ckpt, 'ema'))
+    out['ema'] = place(nnx.state(ema, trainable_filter()), state['g_params'])
+  adam_g = pretrained.tokenizer_adam_state(tcfg, ckpt, trainable_filter())
+  if adam_g:
+    out['opt_g'] = training.restore_adam(state['opt_g'], *adam_g, like=state['g_params'])
+  adam_d = pretrained.patchgan_adam_state(
+      ckpt, lambda: PatchGAN(ndf=disc.convs[0].out_features, n_layers=len(disc.norms), rngs=nnx.Rngs(0)))
+  if adam_d:
+    out['opt_d'] = training.restore_adam(state['opt_d'], *adam_d, like=state['d_params'])
+  return out
 
 
 def train_step(parts: Parts, config, state, lp_state, batch, rng):
