@@ -64,5 +64,13 @@ def test_sample_npz_and_resume_after_kill(tmp_path):
   with np.load(os.path.join(w, 'samples.npz')) as z:
     np.testing.assert_array_equal(z['arr_1'], ref_labels)
     np.testing.assert_array_equal(z['arr_0'], ref_imgs)
-  # balanced classes: 10 images over 10 classes -> each once
-  assert sorted(ref_labels.tolist()) == list(range(10))
+  # classes drawn at random, as test_net.py (the default), from the sample seed
+  from hita_jax.tasks.sample import labels_for
+  np.testing.assert_array_equal(ref_labels, labels_for(10, 10, 'random', 0))
+
+
+def test_balanced_classes_are_one_value_away():
+  from hita_jax.tasks.sample import labels_for
+  assert sorted(labels_for(20, 10, 'balanced', 3).tolist()) == sorted(list(range(10)) * 2)
+  r = labels_for(1000, 10, 'random', 3)
+  assert r.min() >= 0 and r.max() < 10 and len(set(np.bincount(r, minlength=10))) > 1
