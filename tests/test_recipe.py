@@ -286,6 +286,7 @@ def _official_patchgan(disc):
   return sd
 
 
+@pytest.mark.slow  # builds the tokenizer trainer twice, ~1.5 min: keeps the default run near 20 minutes
 def test_tokenizer_resumes_vq_train_checkpoints(torch, tmp_path):
   """vq_train.py's checkpoint: generator (+ frozen DINOv2 in its Adam, without state), EMA,
   discriminator with its statistics, both Adam states; the next steps equal torch's."""

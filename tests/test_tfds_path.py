@@ -112,6 +112,7 @@ def test_the_pipeline_reads_the_tfds_images_and_labels(data_dir):
   assert int(batch['skipped'].sum()) == 0
 
 
+@pytest.mark.slow  # three task subprocesses, ~2.5 min: keeps the default run near 20 minutes
 def test_train_tokenizer_extract_codes_train_ar(data_dir, tmp_path):
   data = _data_flags(data_dir)
   # 1. the tokenizer, 3 steps on the tfds images
