@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hita_jax.models.layers import DTYPES, attention
+from hita_jax.models.layers import ATTN_IMPLS, DTYPES, causal_attention
 from hita_jax.models.rope import apply_rope, gpt_position_tables
 
 
@@ -50,7 +50,7 @@ class GPTConfig:
   ffn_dropout: float = 0.1
   drop_path_rate: float = 0.0
   dtype: str = 'float32'           # compute dtype; params are fp32
-  attn_impl: str = 'xla'           # 'xla' (reference) or 'cudnn' (flash attention on GPU)
+  attn_impl: str = 'auto'          # 'auto' (cuDNN on GPU, splash on TPU, XLA on CPU) | 'xla' | 'cudnn' | 'splash'
   remat: str = 'none'              # 'none' | 'minimal' | 'dots' | 'full'
   scan_layers: bool = False
 
@@ -59,8 +59,8 @@ class GPTConfig:
       raise ValueError(f'dim {self.dim} is not divisible by n_head {self.n_head}')
     if self.cls_token_num != 1:
       raise ValueError('class-conditional Hita uses exactly one class token (cls_token_num=1)')
-    if self.attn_impl not in ('xla', 'cudnn'):
-      raise ValueError(f"attn_impl must be 'xla' or 'cudnn', got {self.attn_impl!r}")
+    if self.attn_impl not in ATTN_IMPLS:
+      raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
 
@@ -195,16 +195,9 @@ class Block(nnx.Module):
     """Full causal sequence (training / teacher forcing)."""
     keys = list(jax.random.split(key, 5)) if key is not None else [None] * 5
     q, k, v = self.qkv(x, pos_add, cos, sin)
-    t = x.shape[1]
-    if self.cfg.attn_impl == 'cudnn' and (key is None or self.cfg.attn_dropout <= 0):
-      pad = (-t) % 64  # cuDNN flash attention rejects lengths such as 457/569; causal => pad is inert
-      pq, pk, pv = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
-      o = jax.nn.dot_product_attention(pq, pk, pv, is_causal=True, implementation='cudnn')[:, :t]
-    else:
-      mask = jnp.tril(jnp.ones((t, t), bool))
-      drop = (functools.partial(dropout, rate=self.cfg.attn_dropout, key=keys[4])
-              if keys[4] is not None and self.cfg.attn_dropout > 0 else None)
-      o = attention(q, k, v, mask=mask, dropout=drop)
+    drop = (functools.partial(dropout, rate=self.cfg.attn_dropout, key=keys[4])
+            if keys[4] is not None and self.cfg.attn_dropout > 0 else None)
+    o = causal_attention(q, k, v, impl=self.cfg.attn_impl, dropout=drop)
     return self.finish(x, o, keys)
 
   def decode(self, x, pos_add, cos, sin, k_cache, v_cache, pos):
@@ -308,9 +301,9 @@ class GPT(nnx.Module):
     pat = jnp.take(self.patch_embedding[...], patch_codes[:, :-1], axis=0)
     return jnp.concatenate([cls, hol, pat], axis=1).astype(dt)
 
-  def __call__(self, labels, holistic_codes, patch_codes, *, rng=None):
-    """Teacher-forced logits (B, S + n, 2V) in fp32; row p predicts token p of cat(q, z).
-    `rng` turns on the training-time randomness (label drop, token/resid/FFN dropout)."""
+  def hidden(self, labels, holistic_codes, patch_codes, *, rng=None):
+    """Final hidden states (B, S + n, dim), before the output norm. `rng` turns on the
+    training-time randomness (label drop, token/resid/FFN dropout)."""
     if holistic_codes.shape[1] != self.cfg.num_holistic:
       raise ValueError(f'expected {self.cfg.num_holistic} holistic codes, got {holistic_codes.shape}')
     if patch_codes.shape[1] > self.cfg.num_patches:
@@ -322,8 +315,11 @@ class GPT(nnx.Module):
     _, cos, sin = self.position_tables(t)
     add = self.pos_add(t)
     layer_keys = jax.random.split(keys[2], self.cfg.n_layer) if keys[2] is not None else None
-    x = self._layer_loop(x, lambda blk, h, key: blk(h, add, cos, sin, key), layer_keys)
-    return self.logits(x)
+    return self._layer_loop(x, lambda blk, h, key: blk(h, add, cos, sin, key), layer_keys)
+
+  def __call__(self, labels, holistic_codes, patch_codes, *, rng=None):
+    """Teacher-forced logits (B, S + n, 2V) in fp32; row p predicts token p of cat(q, z)."""
+    return self.logits(self.hidden(labels, holistic_codes, patch_codes, rng=rng))
 
   def split_logits(self, logits):
     """(B, T, 2V) -> holistic logits of rows < S and patch logits of rows >= S."""
@@ -331,10 +327,15 @@ class GPT(nnx.Module):
     return logits[:, :s, :v], logits[:, s:, v:]
 
   def loss(self, labels, holistic_codes, patch_codes, *, rng=None):
-    """Official loss terms: (CE over holistic positions, CE over patch positions), each a mean."""
-    logits = self(labels, holistic_codes, patch_codes, rng=rng)
-    lh, lp = self.split_logits(logits)
-    return cross_entropy(lh, holistic_codes), cross_entropy(lp, patch_codes)
+    """Official loss terms: (CE over holistic positions, CE over patch positions), each a mean.
+    The official model computes all 2V logits at every row and keeps one half per row; the other
+    half never reaches the loss, so each row multiplies only its own half of the head (same values
+    and gradients, half the head FLOPs and logits memory)."""
+    h = self.norm(self.hidden(labels, holistic_codes, patch_codes, rng=rng))
+    s, v = self.cfg.num_holistic, self.cfg.vocab_size
+    head = self.head[...].astype(h.dtype)
+    return (head_cross_entropy(h[:, :s], head[:, :v], holistic_codes),
+            head_cross_entropy(h[:, s:], head[:, v:], patch_codes))
 
   # -- incremental decoding ---------------------------------------------------------------------
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
@@ -417,9 +418,17 @@ class GPT(nnx.Module):
     return logits, cache
 
 
+def head_cross_entropy(h, head, targets):
+  """Mean CE of the fp32 logits h @ head (accumulated in fp32 from `h`'s dtype) against targets."""
+  logits = jnp.einsum('...d,dv->...v', h, head, preferred_element_type=jnp.float32)
+  return cross_entropy(logits, targets)
+
+
 def cross_entropy(logits, targets):
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1))
+  """Mean of logsumexp(logits) - logits[target], fp32 (no full log-softmax array materialised)."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
 
 
 def gpt_config_from(cfg) -> GPTConfig:

@@ -86,6 +86,55 @@ def attention(q, k, v, *, mask=None, dropout: Callable | None = None):
   return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
 
 
+ATTN_IMPLS = ('auto', 'xla', 'cudnn', 'splash')
+
+
+def resolve_attn_impl(impl: str, platform: str | None = None) -> str:
+  """'auto' -> the fused kernel of the platform: cuDNN flash attention on GPU, the Pallas splash
+  kernel on TPU, the reference XLA path elsewhere (CPU)."""
+  if impl not in ATTN_IMPLS:
+    raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {impl!r}')
+  if impl != 'auto':
+    return impl
+  platform = platform or jax.default_backend()
+  return {'gpu': 'cudnn', 'cuda': 'cudnn', 'rocm': 'cudnn', 'tpu': 'splash'}.get(platform, 'xla')
+
+
+def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
+  """Causal self-attention on (B, T, H, D) by `impl` (see resolve_attn_impl). The fused kernels
+  have no attention-probability dropout, so a non-None `dropout` always takes the XLA path.
+  'splash' off TPU runs the same kernel in Pallas interpret mode (slow; for tests on CPU)."""
+  impl = resolve_attn_impl(impl)
+  t = q.shape[1]
+  if dropout is not None or impl == 'xla':
+    return attention(q, k, v, mask=causal_mask(t), dropout=dropout)
+  if impl == 'cudnn':
+    pad = (-t) % 64  # cuDNN flash attention rejects lengths such as 457/569; causal => pad is inert
+    pq, pk, pv = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+    return jax.nn.dot_product_attention(pq, pk, pv, is_causal=True, implementation='cudnn')[:, :t]
+  return splash_causal_attention(q, k, v, interpret=jax.default_backend() != 'tpu')
+
+
+def splash_causal_attention(q, k, v, *, interpret: bool = False, block: int = 128):
+  """Causal attention through the Pallas TPU splash kernel (`interpret=True` runs it on CPU for
+  tests). The sequence is padded to the block size; padded keys sit after every real query, so
+  the causal mask already hides them."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  b, t, h, d = q.shape
+  tp = t + (-t) % block
+  mask = sm.MultiHeadMask([sm.CausalMask((tp, tp)) for _ in range(h)])
+  blocks = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                         block_kv_dq=block)
+  kernel = sk.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+  # (B, T, H, D) -> (B, H, Tp, D); the kernel does not scale q itself.
+  prep = lambda a: jnp.pad(a.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+  o = jax.vmap(kernel)(prep(q * jnp.asarray(d ** -0.5, q.dtype)), prep(k), prep(v))
+  return o[:, :, :t].transpose(0, 2, 1, 3).astype(v.dtype)
+
+
 def causal_mask(t: int) -> jnp.ndarray:
   return jnp.tril(jnp.ones((t, t), bool))
 
