@@ -144,3 +144,29 @@ def test_resume_after_sigkill(tokenizer_export, codes_dir, tmp_path):
   a, b = read(ref), read(w)
   for step in range(resumed + 1, 7):
     assert b[step]['loss'] == pytest.approx(a[step]['loss'], rel=1e-5), step
+
+
+def test_synthetic_codes_checkpoint_and_resume(tmp_path):
+  """`codes_dir=synthetic` (the throughput source) saves its iterator with the train state at the
+  final step and a longer run resumes from it with the batches an uninterrupted run would draw."""
+  from hita_jax import config_lib
+  from hita_jax.data.codes import SyntheticCodes
+  from hita_jax.models.gpt import gpt_config_from
+  from hita_jax.tasks import train_ar
+  config = config_lib.load_config(f'{ROOT}/configs/hita_b.py:tiny')
+  config.train_ar.codes_dir = 'synthetic'
+  config.train_ar.num_steps = 2
+  config.train_ar.log_every = 1
+  train_ar.run(config, str(tmp_path))
+  config.train_ar.num_steps = 3
+  state = train_ar.run(config, str(tmp_path))
+  assert int(state['step']) == 3
+  lines = [json.loads(x) for x in open(tmp_path / 'metrics.jsonl')]
+  assert [x['step'] for x in lines if 'loss' in x] == [1, 2, 3]
+  cfg = gpt_config_from(config.gpt)
+  a, b = SyntheticCodes(cfg, 4, 7), SyntheticCodes(cfg, 4, 7)
+  first = [next(a) for _ in range(3)]
+  b.set_state({'seed': 7, 'index': 2})
+  np.testing.assert_array_equal(next(b)['patch_codes'], first[2]['patch_codes'])
+  with pytest.raises(ValueError, match='seed'):
+    b.set_state({'seed': 8, 'index': 0})

@@ -67,16 +67,30 @@ def make_codes_dataset(directory: str, *, local_batch: int, seed: int, process_i
 
 
 class SyntheticCodes:
-  """Uniformly random codes and labels (throughput runs: `train_ar.codes_dir='synthetic'`)."""
+  """Uniformly random codes and labels (throughput runs: `train_ar.codes_dir='synthetic'`).
+  Batch i is drawn from its own generator seeded by (seed, i), so the iterator's checkpointed
+  state is one counter and a resumed run continues with the same batches."""
 
   def __init__(self, cfg, batch: int, seed: int):
-    self.cfg, self.batch, self.rng = cfg, batch, np.random.default_rng(seed)
+    self.cfg, self.batch, self.seed, self.index = cfg, batch, seed, 0
 
   def __iter__(self):
     return self
 
   def __next__(self):
     c, b = self.cfg, self.batch
-    return {'label': self.rng.integers(0, c.num_classes, b).astype(np.int32),
-            'holistic_codes': self.rng.integers(0, c.vocab_size, (b, c.num_holistic)).astype(np.int32),
-            'patch_codes': self.rng.integers(0, c.vocab_size, (b, c.num_patches)).astype(np.int32)}
+    rng = np.random.default_rng([self.seed, self.index])
+    self.index += 1
+    return {'label': rng.integers(0, c.num_classes, b).astype(np.int32),
+            'holistic_codes': rng.integers(0, c.vocab_size, (b, c.num_holistic)).astype(np.int32),
+            'patch_codes': rng.integers(0, c.vocab_size, (b, c.num_patches)).astype(np.int32)}
+
+  # grain's checkpoint handler protocol (saved beside the train state, restored on resume)
+  def get_state(self) -> dict:
+    return {'seed': self.seed, 'index': self.index}
+
+  def set_state(self, state: dict):
+    if int(state['seed']) != self.seed:
+      raise ValueError(f"synthetic codes were checkpointed with seed {state['seed']}, this run uses "
+                       f'{self.seed}: resume with the same --config.seed')
+    self.index = int(state['index'])

@@ -3,6 +3,8 @@
     python -m hita_jax.tools.bench gpt_train --size B --batch 64 [--attn cudnn] [--remat none]
     python -m hita_jax.tools.bench sample --size B --batch 64 --cfg 1.5
     python -m hita_jax.tools.bench inception --batch 500
+    python -m hita_jax.tools.bench tok_trainer --batch 16      (train_tokenizer's step, Hita-V @336)
+    ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
 
 Random weights and codes at the official full size (vocab 16384, 128 holistic + 441 patch tokens,
 1000 classes). Training: bf16 compute, fp32 params, AdamW(0.9, 0.95, wd 0.05 on >=2-D), clip 1.0,
@@ -30,6 +32,7 @@ from hita_jax.metrics.inception_features import InceptionRunner
 from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
 from hita_jax.models.sampler import generate
 from hita_jax.tasks import train_ar as ar
+from hita_jax.tools import profile_summary
 
 
 def env_info():
@@ -42,7 +45,7 @@ def full_size_config(size: str, **kw) -> GPTConfig:
   return GPTConfig(**GPT_SIZES[size], vocab_size=16384, num_holistic=128, grid=21, num_classes=1000, **kw)
 
 
-def bench_gpt_train(size, batch, attn='cudnn', remat='none', scan=False, warmup=3, iters=10):
+def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3, iters=10, profile_dir=None):
   cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan)
   model = GPT(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
@@ -83,14 +86,27 @@ def bench_gpt_train(size, batch, attn='cudnn', remat='none', scan=False, warmup=
              mfu_causal=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, t, causal=True), peak),
              loss=float(loss), warmup_s=compile_and_warm)
   out.update(_mem())
+  box = [params, opt_state]
+
+  def once():
+    box[0], box[1], l = step(box[0], box[1], key)
+    float(l)
+  _maybe_profile(out, profile_dir, once)
   return out
+
+
+def _maybe_profile(out, profile_dir, once):
+  if profile_dir:
+    rows = profile_summary.profile(once, profile_dir)
+    print(profile_summary.format_table(rows), flush=True)
+    out['profile'] = rows
 
 
 def _jit_donating(fn):
   return jax.jit(fn, donate_argnums=(0, 1))
 
 
-def bench_sample(size, batch, cfg_scale=1.5, repeats=2):
+def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None):
   cfg = full_size_config(size, dtype='bfloat16')
   model = GPT(cfg, rngs=nnx.Rngs(0))
   model.head[...] = jax.random.normal(jax.random.key(1), model.head.shape) * 0.02  # as the anchor
@@ -110,6 +126,8 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2):
   out = dict(bench='sample', size=size, batch=batch, cfg=cfg_scale, tokens=cfg.seq_len, seconds=dt,
              images_s=batch / dt, first_call_s=first)
   out.update(_mem())
+  _maybe_profile(out, profile_dir, lambda: generate(model, labels, jax.random.key(9), cfg_scale=cfg_scale,
+                                                    state=state).block_until_ready())
   return out
 
 
@@ -132,7 +150,7 @@ def bench_inception(batch, repeats=5):
   return out
 
 
-def bench_ar_trainer(size, batch, steps=20, attn='cudnn'):
+def bench_ar_trainer(size, batch, steps=20, attn='auto'):
   """The `train_ar` trainer's own jitted step (AdamW, EMA, dropout, label drop) on synthetic codes."""
   config = config_lib.hita_recipe(size, None)
   config.train_ar.codes_dir = 'synthetic'
@@ -164,6 +182,50 @@ def bench_ar_trainer(size, batch, steps=20, attn='cudnn'):
   return out
 
 
+def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None):
+  """The `train_tokenizer` trainer's own jitted step (G with LPIPS + PatchGAN + VQ + VFM terms, then
+  D) at full size on random images, random frozen towers (speed only)."""
+  from hita_jax.tasks import train_tokenizer as tt
+  config = config_lib.load_config(os.path.join(os.path.dirname(__file__), '..', '..', 'configs',
+                                               f'tokenizer_{variant.lower()}.py'))
+  config.train_tokenizer.global_batch_size = batch
+  config.init.allow_random_dinov2 = True
+  config.tokenizer_loss.lpips_weights = 'random'
+  mesh = sharding.make_mesh([('data', -1)])
+  t0 = time.perf_counter()
+  parts, state, lp_state, _ = tt.build(config, mesh)
+  build_s = time.perf_counter() - t0
+  size = config.tokenizer.image_size
+  r = np.random.RandomState(0)
+  batches = [{'image': jnp.asarray(r.randint(0, 256, (batch, size, size, 3)).astype(np.uint8))}
+             for _ in range(2)]
+  step = jax.jit(lambda s, lp, b, k: tt.train_step(parts, config, s, lp, b, k), donate_argnums=(0,))
+  key = jax.random.key(0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, lp_state, batches[0], key).compile()
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  state, m = compiled(state, lp_state, batches[0], key)
+  float(m['g_loss'])
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for i in range(steps):
+    state, m = compiled(state, lp_state, batches[i % 2], key)
+  float(m['g_loss'])
+  dt = (time.perf_counter() - t0) / steps
+  out = dict(bench='train_tokenizer_step', variant=variant, image_size=size, batch=batch, step_s=dt,
+             images_s=batch / dt, compile_s=compile_s, first_step_s=first, build_s=build_s,
+             g_loss=float(m['g_loss']))
+  out.update(_mem())
+  box = [state]
+
+  def once():
+    box[0], mm = compiled(box[0], lp_state, batches[0], key)
+    float(mm['g_loss'])
+  _maybe_profile(out, profile_dir, once)
+  return out
+
+
 def _mem():
   try:
     stats = jax.devices()[0].memory_stats() or {}
@@ -174,21 +236,25 @@ def _mem():
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'inception'])
+  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'inception', 'tok_trainer'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
-  p.add_argument('--attn', default='cudnn', choices=['xla', 'cudnn'])
+  p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
+  p.add_argument('--profile', default=None, help='trace directory: also print the top device kernels')
+  p.add_argument('--variant', default='V', choices=['V', 'U'])
   p.add_argument('--remat', default='none')
   p.add_argument('--scan', action='store_true')
   p.add_argument('--cfg', type=float, default=1.5)
   p.add_argument('--iters', type=int, default=10)
   a = p.parse_args(argv)
   if a.what == 'gpt_train':
-    res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters)
+    res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters, profile_dir=a.profile)
   elif a.what == 'ar_trainer':
     res = bench_ar_trainer(a.size, a.batch, attn=a.attn)
   elif a.what == 'sample':
-    res = bench_sample(a.size, a.batch, a.cfg)
+    res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile)
+  elif a.what == 'tok_trainer':
+    res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile)
   else:
     res = bench_inception(a.batch)
   res.update(env_info())
