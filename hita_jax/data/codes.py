@@ -66,16 +66,15 @@ def make_codes_dataset(directory: str, *, local_batch: int, seed: int, process_i
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
 
-class SyntheticCodes:
+class SyntheticCodes(grain.DatasetIterator):
   """Uniformly random codes and labels (throughput runs: `train_ar.codes_dir='synthetic'`).
   Batch i is drawn from its own generator seeded by (seed, i), so the iterator's checkpointed
-  state is one counter and a resumed run continues with the same batches."""
+  state is one counter and a resumed run continues with the same batches. A grain
+  DatasetIterator, so grain's checkpoint handler saves it beside the train state."""
 
   def __init__(self, cfg, batch: int, seed: int):
+    super().__init__()
     self.cfg, self.batch, self.seed, self.index = cfg, batch, seed, 0
-
-  def __iter__(self):
-    return self
 
   def __next__(self):
     c, b = self.cfg, self.batch
@@ -85,7 +84,6 @@ class SyntheticCodes:
             'holistic_codes': rng.integers(0, c.vocab_size, (b, c.num_holistic)).astype(np.int32),
             'patch_codes': rng.integers(0, c.vocab_size, (b, c.num_patches)).astype(np.int32)}
 
-  # grain's checkpoint handler protocol (saved beside the train state, restored on resume)
   def get_state(self) -> dict:
     return {'seed': self.seed, 'index': self.index}
 

@@ -1,0 +1,279 @@
+"""One benchmark command for hita_jax against the official PyTorch code on the same machine.
+
+    python -m hita_jax.tools.perf_suite run ours     --out DIR          # our real tasks
+    python -m hita_jax.tools.perf_suite run official --out DIR --official CHECKOUT --lpips-lin vgg.pth
+    python -m hita_jax.tools.perf_suite report DIR [--write docs/PERFORMANCE.md]
+
+`run` is split into parts that each fit one 10-minute device call (`launch/perf_suite_gpu.sh`
+runs them back to back on one lease); every result is one JSON line in DIR/suite.jsonl. `report`
+pairs each workload with the best official variant measured in the same DIR, prints one table of
+ratios against the issue's targets and, with --write, regenerates the generated section of
+docs/PERFORMANCE.md from the JSON (no hand-copied numbers).
+
+Ours is measured through what users run: `python -m hita_jax.main` with the shipped configs (AR
+training on synthetic codes, the trainer's own metrics.jsonl throughput), the jitted sampler of the
+`sample` task, and the tokenizer trainer's jitted step.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
+BEGIN, END = '<!-- perf_suite:begin -->', '<!-- perf_suite:end -->'
+
+# (size, batch) of the AR trainer runs and the sampler curve; the largest batches are what fit.
+OURS_TRAIN = [('B', 64), ('L', 64), ('XL', 32), ('B', 256), ('L', 128), ('XL', 64)]
+OURS_SAMPLE = [('B', 64), ('B', 256), ('B', 512), ('XL', 64), ('XL', 256)]
+OURS_TOK = [16]
+OFFICIAL = ['ar_compiled:GPT-B:64', 'ar_compiled:GPT-L:64', 'ar_compiled:GPT-XL:32',
+            'sample_compiled:GPT-B:64', 'sample:GPT-XL:64', 'tok:16', 'sample_compiled:GPT-B:256',
+            'sample_compiled:GPT-XL:64', 'ar:GPT-B:64']
+
+TARGETS = {  # workload kind -> (min ratio vs best official, min MFU by size, extra)
+    'ar_train': {'ratio': 1.3, 'mfu': {'B': 0.50, 'L': 0.55, 'XL': 0.55}},
+    'sample': {'ratio': {'B': 3.0, 'XL': 2.0}, 'eager_ratio': {'XL': 10.0}},
+    'tok_train': {'eager_ratio': 3.0, 'compile_s': 60.0},
+}
+
+
+def _emit(out_dir: str, rec: dict):
+  rec['time'] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  line = json.dumps(rec)
+  print(line, flush=True)
+  with open(os.path.join(out_dir, 'suite.jsonl'), 'a') as f:
+    f.write(line + '\n')
+
+
+def _sh(cmd: list[str], timeout: float, env=None) -> tuple[int, str]:
+  try:
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, **(env or {})})
+    return r.returncode, r.stdout + r.stderr
+  except subprocess.TimeoutExpired as e:
+    return 124, f'timed out after {timeout} s: {(e.stdout or b"")[-2000:]!r}'
+
+
+def ours_train(out_dir, size, batch, steps=40, timeout=240, config_arg=''):
+  """`python -m hita_jax.main --config=configs/hita_<size>.py` on synthetic codes; steady-state
+  images/s and MFU from the trainer's metrics.jsonl (the first logging period holds the compile)."""
+  work = os.path.join('/tmp', f'perf_suite_{size}_{batch}_{os.getpid()}')
+  cmd = [sys.executable, '-m', 'hita_jax.main', f'--config=configs/hita_{size.lower()}.py' + (f':{config_arg}' if config_arg else ''),
+         f'--workdir={work}', '--config.train_ar.codes_dir=synthetic',
+         f'--config.train_ar.num_steps={steps}', f'--config.train_ar.global_batch_size={batch}',
+         '--config.train_ar.log_every=10', '--config.train_ar.sample_every=0',
+         '--config.train_ar.ckpt_every=1000000']
+  t0 = time.time()
+  rc, log = _sh(cmd, timeout)
+  rec = {'side': 'ours', 'kind': 'ar_train', 'model': size, 'batch': batch, 'command': ' '.join(cmd[1:]),
+         'wall_s': time.time() - t0}
+  path = os.path.join(work, 'metrics.jsonl')
+  lines = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+  steady = [x for x in lines if 'images_per_s' in x][1:]
+  if rc or not steady:
+    rec['error'] = log[-1500:]
+  if steady:
+    rec['images_s'] = sorted(x['images_per_s'] for x in steady)[len(steady) // 2]
+    rec['mfu'] = sorted(x.get('mfu', float('nan')) for x in steady)[len(steady) // 2]
+    rec['loss'] = steady[-1].get('loss')
+  subprocess.run(['rm', '-rf', work])
+  _emit(out_dir, rec)
+
+
+def ours_bench(out_dir, kind, args, timeout=300):
+  cmd = [sys.executable, '-m', 'hita_jax.tools.bench'] + args
+  rc, log = _sh(cmd, timeout)
+  js = [json.loads(x) for x in log.splitlines() if x.startswith('{"bench"')]
+  rec = {'side': 'ours', 'kind': kind, 'command': ' '.join(cmd[1:])}
+  if rc or not js:
+    rec['error'] = log[-1500:]
+  else:
+    rec.update(js[-1])
+  _emit(out_dir, rec)
+
+
+def run_ours(out_dir, only=None, steps=40, config_arg=''):
+  jobs = ([('ar_train', s, b) for s, b in OURS_TRAIN] + [('sample', s, b) for s, b in OURS_SAMPLE]
+          + [('tok_train', 'V', b) for b in OURS_TOK])
+  if only:  # KIND:SIZE:BATCH items, any batch
+    jobs = [(k, s, int(b)) for k, s, b in (item.split(':') for item in only)]
+  for kind, size, batch in jobs:
+    if kind == 'ar_train':
+      ours_train(out_dir, size, batch, steps=steps, config_arg=config_arg)
+    elif kind == 'sample':
+      ours_bench(out_dir, 'sample', ['sample', '--size', size, '--batch', str(batch), '--cfg', '1.5'])
+      _tag_last(out_dir, model=size)
+    else:
+      ours_bench(out_dir, 'tok_train', ['tok_trainer', '--batch', str(batch)], timeout=420)
+      _tag_last(out_dir, model='Hita-V')
+
+
+def _tag_last(out_dir, **kw):
+  path = os.path.join(out_dir, 'suite.jsonl')
+  lines = open(path).read().splitlines()
+  rec = json.loads(lines[-1])
+  rec.update(kw)
+  lines[-1] = json.dumps(rec)
+  open(path, 'w').write('\n'.join(lines) + '\n')
+
+
+def run_official(out_dir, checkout, lpips_lin, specs=None, timeout=560):
+  """The official code through launch/official/official_bench.py, one process for all specs."""
+  specs = specs or OFFICIAL
+  script = os.path.join(ROOT, 'launch', 'official', 'official_bench.py')
+  env = {'OFFICIAL_HITA': checkout, 'LPIPS_LIN': lpips_lin, 'OUT': out_dir}
+  rc, log = _sh([sys.executable, script] + list(specs), timeout, env)
+  path = os.path.join(out_dir, 'bench_official.json')
+  res = json.load(open(path)) if os.path.exists(path) else {}
+  for key, val in res.items():
+    if not isinstance(val, dict):
+      continue
+    m = re.match(r'(ar_train|sample|tok_train)_(GPT-[A-Z0-9]+|HitaV)_bs(\d+)', key)
+    if not m:
+      continue
+    kind, model, batch = m.group(1), m.group(2).replace('GPT-', ''), int(m.group(3))
+    rec = {'side': 'official', 'kind': kind, 'model': 'Hita-V' if model == 'HitaV' else model,
+           'batch': batch, 'variant': 'compiled' if key.endswith('_compiled') else 'eager', 'key': key,
+           'torch': res.get('torch')}
+    rec.update(val)
+    if 'mfu_vs_989' in val:
+      rec['mfu'] = val['mfu_vs_989']
+    _emit(out_dir, rec)
+  if rc:
+    _emit(out_dir, {'side': 'official', 'kind': 'log', 'error': log[-2000:], 'rc': rc})
+
+
+# -- report --------------------------------------------------------------------------------------
+def load(dirs) -> list[dict]:
+  recs = []
+  for d in dirs:
+    path = os.path.join(d, 'suite.jsonl') if os.path.isdir(d) else d
+    recs += [json.loads(x) for x in open(path) if x.strip()]
+  return recs
+
+
+def table(recs: list[dict]) -> tuple[list[dict], dict]:
+  """One row per workload of ours: best official eager / compiled at the same model and batch."""
+  off = {}
+  for r in recs:
+    if r.get('side') == 'official' and 'images_s' in r:
+      off[(r['kind'], r['model'], r['batch'], r['variant'])] = r
+  rows = []
+  for r in recs:
+    if r.get('side') != 'ours' or r.get('kind') not in TARGETS:
+      continue
+    model = r.get('model') or r.get('size')
+    key = (r['kind'], model, r.get('batch'))
+    eager, comp = off.get(key + ('eager',)), off.get(key + ('compiled',))
+    best = max([x for x in (eager, comp) if x], key=lambda x: x['images_s'], default=None)
+    row = {'kind': r['kind'], 'model': model, 'batch': r.get('batch'), 'ours': r.get('images_s'),
+           'ours_mfu': r.get('mfu'), 'eager': eager and eager['images_s'],
+           'compiled': comp and comp['images_s'], 'compiled_error': comp and comp.get('error'),
+           'ratio_best': (r['images_s'] / best['images_s']) if best and r.get('images_s') else None,
+           'error': r.get('error'), 'compile_s': r.get('compile_s'), 'peak_mem_gb': r.get('peak_mem_gb')}
+    row['target'], row['met'] = _target(row)
+    rows.append(row)
+  env = next((r for r in recs if r.get('side') == 'ours' and r.get('jax')), {})
+  torch_v = next((r.get('torch') for r in recs if r.get('side') == 'official' and r.get('torch')), None)
+  return rows, {'jax': env.get('jax'), 'flax': env.get('flax'), 'optax': env.get('optax'),
+                'device': env.get('device'), 'python': env.get('python'), 'torch': torch_v,
+                'date': min((r['time'][:10] for r in recs if 'time' in r), default=None)}
+
+
+def _target(row):
+  t = TARGETS[row['kind']]
+  if row['ours'] is None:
+    return 'run failed', False
+  if row['kind'] == 'ar_train':
+    mfu = t['mfu'].get(row['model'])
+    ok = row['ratio_best'] is not None and row['ratio_best'] >= t['ratio'] and (row['ours_mfu'] or 0) >= mfu
+    return f"≥ {t['ratio']}× best, MFU ≥ {mfu:.0%}", ok
+  if row['kind'] == 'sample':
+    need = t['ratio'].get(row['model'])
+    if need is None or row['batch'] != 64:
+      return 'curve point', None
+    ok = row['compiled'] is not None and row['ours'] >= need * row['compiled']
+    eager_need = t['eager_ratio'].get(row['model'])
+    if eager_need:
+      ok = ok and row['eager'] is not None and row['ours'] >= eager_need * row['eager']
+      return f'≥ {need}× compiled, ≥ {eager_need}× eager', ok
+    return f'≥ {need}× compiled', ok
+  ok = (row['eager'] is not None and row['ours'] >= t['eager_ratio'] * row['eager']
+        and (row['compile_s'] or 1e9) <= t['compile_s'])
+  return f"≥ {t['eager_ratio']}× eager, compile ≤ {t['compile_s']:.0f} s", ok
+
+
+def _f(x, fmt='{:.1f}'):
+  return '—' if x is None else fmt.format(x)
+
+
+def markdown(rows, env, command: str) -> str:
+  out = [f"Measured {env['date']} on one {env['device']} (one device lease, consecutive calls), "
+         f"jax {env['jax']}, flax {env['flax']}, optax {env['optax']}, Python {env['python']}; "
+         f"official code on torch {env['torch']}. Generated by `python -m hita_jax.tools.perf_suite "
+         f"report` from `docs/perf_suite.jsonl`; command: `{command}`.", '',
+         '| workload | batch | hita_jax img/s | MFU | official eager | official compiled | '
+         'ours ÷ best official | target | met |', '|---|---|---|---|---|---|---|---|---|']
+  names = {'ar_train': 'AR train GPT-{}', 'sample': 'sampling GPT-{}, CFG 1.5', 'tok_train': 'tokenizer train {} @336'}
+  for r in rows:
+    ours = _f(r['ours']) if r['ours'] is not None else 'failed'
+    comp = _f(r['compiled']) if r['compiled'] is not None else ('failed' if r['compiled_error'] else '—')
+    extra = f" (compile {r['compile_s']:.0f} s)" if r.get('compile_s') else ''
+    met = {True: 'yes', False: '**no**', None: '—'}[r['met']]
+    out.append(f"| {names[r['kind']].format(r['model'])} | {r['batch']} | {ours}{extra} | "
+               f"{_f(r['ours_mfu'], '{:.1%}')} | {_f(r['eager'])} | {comp} | "
+               f"{_f(r['ratio_best'], '{:.2f}×')} | {r['target']} | {met} |")
+  return '\n'.join(out)
+
+
+def write_doc(doc: str, text: str):
+  body = open(doc).read() if os.path.exists(doc) else '# Performance\n\n' + BEGIN + '\n' + END + '\n'
+  if BEGIN not in body or END not in body:
+    raise ValueError(f'{doc} has no {BEGIN} ... {END} section to regenerate')
+  head, rest = body.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  open(doc, 'w').write(head + BEGIN + '\n' + text + '\n' + END + tail)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest='cmd', required=True)
+  r = sub.add_parser('run')
+  r.add_argument('part', choices=['ours', 'official'])
+  r.add_argument('--out', default=os.environ.get('OUT', '/tmp'))
+  r.add_argument('--only', nargs='*', help='ours: KIND:SIZE:BATCH items; official: MODE:MODEL:BATCH specs')
+  r.add_argument('--steps', type=int, default=40, help='ours: AR training steps per run')
+  r.add_argument('--config-arg', default='', help="ours: config argument, e.g. 'tiny' for a CPU smoke run")
+  r.add_argument('--official', default=os.environ.get('OFFICIAL_HITA'), help='CVMI-Lab/Hita checkout')
+  r.add_argument('--lpips-lin', default=os.environ.get('LPIPS_LIN'), help="LPIPS 'vgg.pth' (7 KB)")
+  g = sub.add_parser('report')
+  g.add_argument('inputs', nargs='+', help='suite.jsonl files or folders holding one')
+  g.add_argument('--write', default=None, help='regenerate this markdown file (docs/PERFORMANCE.md)')
+  g.add_argument('--command', default='bash launch/perf_suite_gpu.sh')
+  a = p.parse_args(argv)
+  if a.cmd == 'run':
+    os.makedirs(a.out, exist_ok=True)
+    if a.part == 'ours':
+      run_ours(a.out, a.only, a.steps, a.config_arg)
+    else:
+      if not a.official or not os.path.isdir(a.official):
+        raise SystemExit('run official: --official=<CVMI-Lab/Hita checkout> (or $OFFICIAL_HITA) is required')
+      if not a.lpips_lin or not os.path.exists(a.lpips_lin):
+        raise SystemExit("run official: --lpips-lin=<lpips/weights/v0.1/vgg.pth> (or $LPIPS_LIN) is required")
+      run_official(a.out, a.official, a.lpips_lin, a.only)
+    return
+  rows, env = table(load(a.inputs))
+  text = markdown(rows, env, a.command)
+  print(text)
+  if a.write:
+    write_doc(a.write, text)
+
+
+if __name__ == '__main__':
+  main()
