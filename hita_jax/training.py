@@ -61,6 +61,37 @@ def restore_adam(opt_state, count: int, mu, nu, like):
   return jax.tree.map(swap, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
 
 
+class _NoEventWriter:
+  """Stands in for CLU's writer where TensorFlow is absent: metrics.jsonl and the progress lines
+  still carry every scalar; only TensorBoard event files are not written."""
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+  def write_images(self, step, images):
+    del step, images
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def _event_writer(workdir: str, main: bool):
+  try:
+    from clu import metric_writers  # imports TensorFlow: only where a run writes event files
+  except ImportError as e:  # e.g. a GPU image without TensorFlow
+    if main:
+      print(f'warning: no TensorBoard event files ({e}); install tensorflow for them. '
+            'Metrics go to metrics.jsonl.', flush=True)
+    return _NoEventWriter()
+  return metric_writers.create_default_writer(workdir, just_logging=not main)
+
+
 class MetricLogger:
   """Reports a training run. `log(step, metrics)` is called every step with the step's device
   metrics; every `every` steps (and at the last) it averages them, adds throughput and the
@@ -70,11 +101,10 @@ class MetricLogger:
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, every: int,
                images_per_step: int, line_keys: tuple[str, ...],
                hparams: dict | None = None):
-    from clu import metric_writers  # imports TensorFlow: only where a run writes event files
     self.workdir, self.total, self.every = workdir, total_steps, every
     self.items, self.line_keys = images_per_step, line_keys
     self.main = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.main)
+    self.writer = _event_writer(workdir, self.main)
     if start_step == 0 and hparams:
       self.writer.write_hparams({k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))})
     self._acc: list = []
