@@ -1,0 +1,50 @@
+"""The benchmark suite's report: pairing with the best official variant, targets, doc regeneration."""
+import json
+
+import pytest
+
+from hita_jax.tools import perf_suite
+
+
+def _write(tmp_path, recs):
+  path = tmp_path / 'suite.jsonl'
+  path.write_text(''.join(json.dumps({'time': '2026-11-29T00:00:00+00:00', **r}) + '\n' for r in recs))
+  return str(path)
+
+
+def test_report_pairs_best_official_and_checks_targets(tmp_path):
+  recs = [
+      {'side': 'ours', 'kind': 'ar_train', 'model': 'B', 'batch': 64, 'images_s': 1300.0, 'mfu': 0.52},
+      {'side': 'official', 'kind': 'ar_train', 'model': 'B', 'batch': 64, 'variant': 'eager', 'images_s': 400.0},
+      {'side': 'official', 'kind': 'ar_train', 'model': 'B', 'batch': 64, 'variant': 'compiled', 'images_s': 900.0},
+      {'side': 'ours', 'kind': 'ar_train', 'model': 'L', 'batch': 64, 'images_s': 400.0, 'mfu': 0.50},
+      {'side': 'official', 'kind': 'ar_train', 'model': 'L', 'batch': 64, 'variant': 'compiled', 'images_s': 300.0},
+      {'side': 'ours', 'kind': 'sample', 'size': 'B', 'model': 'B', 'batch': 64, 'images_s': 250.0,
+       'jax': '0.x', 'device': 'GPU'},
+      {'side': 'official', 'kind': 'sample', 'model': 'B', 'batch': 64, 'variant': 'compiled', 'images_s': 80.0},
+      {'side': 'ours', 'kind': 'tok_train', 'model': 'Hita-V', 'batch': 16, 'images_s': 130.0, 'compile_s': 70.0},
+      {'side': 'official', 'kind': 'tok_train', 'model': 'Hita-V', 'batch': 16, 'variant': 'eager', 'images_s': 41.0},
+      {'side': 'ours', 'kind': 'ar_train', 'model': 'XL', 'batch': 32, 'error': 'boom'},
+  ]
+  rows, env = perf_suite.table(perf_suite.load([_write(tmp_path, recs)]))
+  by = {(r['kind'], r['model']): r for r in rows}
+  assert by['ar_train', 'B']['ratio_best'] == pytest.approx(1300 / 900)  # the compiled one is best
+  assert by['ar_train', 'B']['met'] is True
+  assert by['ar_train', 'L']['met'] is False  # 1.33x but MFU under 55 %
+  assert by['sample', 'B']['met'] is True
+  assert by['tok_train', 'Hita-V']['met'] is False  # 3.17x eager but compile over 60 s
+  assert by['ar_train', 'XL']['met'] is False and by['ar_train', 'XL']['target'] == 'run failed'
+  assert env['device'] == 'GPU' and env['date'] == '2026-11-29'
+
+
+def test_report_regenerates_only_its_section(tmp_path):
+  doc = tmp_path / 'PERF.md'
+  doc.write_text(f'# P\n\nintro\n\n{perf_suite.BEGIN}\nold table\n{perf_suite.END}\n\nanalysis\n')
+  path = _write(tmp_path, [{'side': 'ours', 'kind': 'sample', 'model': 'B', 'batch': 64, 'images_s': 9.0}])
+  perf_suite.main(['report', path, '--write', str(doc)])
+  text = doc.read_text()
+  assert 'old table' not in text and '| sampling GPT-B, CFG 1.5 | 64 | 9.0 |' in text
+  assert text.startswith('# P\n\nintro') and text.endswith('analysis\n')
+  (tmp_path / 'bare.md').write_text('# no markers\n')
+  with pytest.raises(ValueError, match='perf_suite:begin'):
+    perf_suite.write_doc(str(tmp_path / 'bare.md'), 'x')
