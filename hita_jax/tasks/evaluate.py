@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Iterable
 
 import jax
@@ -36,11 +37,20 @@ from hita_jax.metrics.inception_features import InceptionRunner, progress_printe
 
 
 def generation_metrics(runner: InceptionRunner, sample_path: str, ref_path: str,
-                       distance_dtype: str = 'float16') -> dict[str, Any]:
+                       distance_dtype: str = 'float16', timings: dict | None = None) -> dict[str, Any]:
+  """`timings`, when given, receives the seconds of each stage (reading, Inception, statistics)."""
+  timings = {} if timings is None else timings
+  t = time.time()
   ref_images = read_images_npz(ref_path)
   samples = read_images_npz(sample_path)
+  timings['read_npz_s'] = time.time() - t
+  t = time.time()
   ref_pool, ref_spatial, _ = runner(ref_images, progress_printer('reference'))
+  timings['inception_reference_s'] = time.time() - t
+  t = time.time()
   pool, spatial, logits = runner(samples, progress_printer('samples'))
+  timings['inception_samples_s'] = time.time() - t
+  t = time.time()
   stats = adm.read_statistics(ref_path)
   ref_fid = (adm.FIDStatistics(stats['mu'], stats['sigma']) if 'mu' in stats
              else adm.FIDStatistics.from_activations(ref_pool))
@@ -60,6 +70,7 @@ def generation_metrics(runner: InceptionRunner, sample_path: str, ref_path: str,
     out['inception_score'] = None
     out['inception_score_note'] = ('these Inception weights have no classifier head (fid-helper '
                                    'ships pool3 only); pass a pytorch-fid/torch-fidelity .pth for IS')
+  timings['statistics_s'] = time.time() - t  # FID/sFID, precision/recall, IS
   return out
 
 

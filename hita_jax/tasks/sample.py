@@ -10,6 +10,7 @@ Classes are balanced (`i % num_classes`, in a seeded order) or drawn at random a
 from __future__ import annotations
 
 import glob
+import json
 import os
 import time
 
@@ -67,6 +68,7 @@ def run(config, workdir: str):
   lab_sh = sharding.batch_sharding(mesh, rules, 1)
   key = jax.random.key(sc.seed)
   t0, done_now = time.time(), 0
+  stages = {'generate_s': 0.0, 'decode_s': 0.0, 'write_s': 0.0}  # this run's chunks only
   print(f'sampling {sc.num_images} images in {n_chunks} chunks of {batch} '
         f'(cfg {sc.cfg_scale}, legacy_pos128_embedding={bool(legacy)})', flush=True)
   for c in range(n_chunks):
@@ -76,15 +78,22 @@ def run(config, workdir: str):
     lab = labels[c * batch:(c + 1) * batch]
     real = len(lab)
     lab = np.concatenate([lab, np.zeros(batch - real, np.int32)])  # fixed compiled shape
+    t = time.time()
     codes = generate(gpt, jax.device_put(jnp.asarray(lab), lab_sh), jax.random.fold_in(key, c),
                      cfg_scale=sc.cfg_scale, cfg_interval=sc.cfg_interval, temperature=sc.temperature,
                      top_k=sc.top_k, top_p=sc.top_p, legacy_pos128_embedding=bool(legacy))
+    codes.block_until_ready()
+    stages['generate_s'] += time.time() - t
+    t = time.time()
     images = np.asarray(codes_to_images(tok, codes, eval_size=sc.eval_size or None))[:real]
+    stages['decode_s'] += time.time() - t
+    t = time.time()
     if jax.process_index() == 0:
       if sc.save_png:
         for i, img in enumerate(images):
           save_png(os.path.join(out_dir, 'png', f'{c * batch + i:06d}.png'), img)
       _atomic_savez(path, images=images, labels=lab[:real])
+    stages['write_s'] += time.time() - t
     done_now += real
     el = time.time() - t0
     left = sc.num_images - min((c + 1) * batch, sc.num_images)
@@ -103,6 +112,12 @@ def run(config, workdir: str):
     raise RuntimeError(f'{chunk_dir} holds chunks of another run (count or labels differ); '
                        'use a fresh workdir')
   final = os.path.join(workdir, 'samples.npz')
+  t = time.time()
   _atomic_savez(final, arr_0=arr, arr_1=lab)
+  stages['write_s'] += time.time() - t
+  stages['images_this_run'] = done_now
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'sample_timings.json'), 'w') as f:
+      json.dump(stages, f, indent=1)
   print(f'wrote {final}: {arr.shape} uint8, labels in arr_1', flush=True)
   return final
