@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from flax import nnx
 
+from hita_jax import sharding
+
 
 def _stringify(tree):
   # Orbax wants string keys; nnx list indices are ints.
@@ -39,16 +41,22 @@ def save_params(directory: str, module_or_state, *, config: dict | None = None,
     if not overwrite:
       raise FileExistsError(f'{directory} already holds a params checkpoint; choose another '
                             'directory or pass overwrite=True (--overwrite)')
+  sharding.sync('save_params:checked')  # no process may see another's fresh write as "existing"
   state = (nnx.state(module_or_state, filt) if isinstance(module_or_state, nnx.Module)
            else module_or_state)
   tree = _stringify(nnx.to_pure_dict(state))
-  tree = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  # Arrays spread over several processes stay jax.Arrays: every process writes its shards (Orbax's
+  # multi-process save); the rest are written once, as numpy.
+  tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
+                      else np.asarray(jax.device_get(x)), tree)
   os.makedirs(directory, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, 'params'), tree, force=overwrite)
   ckptr.wait_until_finished()
-  with open(os.path.join(directory, 'config.json'), 'w') as f:
-    json.dump({'config': config, 'metadata': metadata or {}}, f, indent=1, default=str)
+  if sharding.is_main_process():
+    with open(os.path.join(directory, 'config.json'), 'w') as f:
+      json.dump({'config': config, 'metadata': metadata or {}}, f, indent=1, default=str)
+  sharding.sync('save_params:done')
   return directory
 
 
@@ -109,15 +117,37 @@ def save_train_state(mngr, step: int, state, data_iter, metrics: dict | None = N
                    metrics=metrics, force=True)
 
 
+def abstract_like(state):
+  """The restore target of a train state: shapes, dtypes and the *current* shardings, so a
+  checkpoint written on another mesh or device/process count is resharded onto this one as read."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
 def resume(mngr, state, data_iter):
   """Restores the latest training state of `mngr` (and the data iterator, in place), if any;
-  returns (state, step)."""
+  returns (state, step). The state lands on `state`'s shardings whatever mesh wrote it. A data
+  position written by another number of processes is read from process 0's file: the pipelines
+  (`data.sources.process_slice`) count global batches alike for any process count."""
   import grain  # as in checkpoint_manager
   if mngr.latest_step() is None:
     return state, 0
   start = int(mngr.latest_step())
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  out = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                    data=grain.checkpoint.CheckpointRestore(data_iter)))
+  target = abstract_like(state)
+  data_dir = os.path.join(str(mngr.directory), str(start), 'data')
+  own = os.path.join(data_dir, f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+  if os.path.exists(own) or data_iter is None:
+    args = {'state': ocp.args.StandardRestore(target)}
+    if data_iter is not None:
+      args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = mngr.restore(start, args=ocp.args.Composite(**args))
+  else:
+    out = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    written = sorted(f for f in os.listdir(data_dir) if f.startswith('process_0-of-'))
+    if not written:
+      raise FileNotFoundError(f'{data_dir} holds no data iterator state (process_0-of-N.json)')
+    with open(os.path.join(data_dir, written[0])) as f:
+      data_iter.set_state(json.load(f))
+    print(f'data position of {written[0]} applied to process {jax.process_index()} of '
+          f'{jax.process_count()}', flush=True)
   print(f'resumed from step {start} ({mngr.directory})', flush=True)
   return out['state'], start

@@ -5,6 +5,10 @@ The config's `task` names the module that runs: `hita_jax/tasks/<config.task>.py
 `--config.key=value` (unknown keys are rejected by name). The resolved config is written to
 `<workdir>/config.json`. Logging is at WARNING (progress lines are printed); `--verbosity=0` shows
 the INFO logs of Orbax, CLU and absl.
+
+Several processes (a TPU pod slice, GPU nodes): the same command on every host with `--distributed`
+(plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` where JAX cannot detect
+them). Each process reads its slice of the data; process 0 writes logs, images and JSON files.
 """
 from __future__ import annotations
 
@@ -22,7 +26,26 @@ from hita_jax import tasks  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (path[:arg])', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for outputs, checkpoints and logs')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
-                                 'call jax.distributed.initialize() (multi-process GPU/TPU runs)')
+                                 'one of several JAX processes: call jax.distributed.initialize()')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'HOST:PORT of process 0 (--distributed; auto-detected on TPU VMs '
+                                   'and under SLURM)')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes (--distributed)')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'this process, 0..num_processes-1 (--distributed)')
+
+
+def initialize_distributed():
+  """jax.distributed.initialize with the flags given; on CPU the collectives go through gloo
+  (the setting only concerns the CPU client, so GPU/TPU runs are unaffected)."""
+  given = {'--coordinator_address': _COORDINATOR.value, '--num_processes': _NUM_PROCESSES.value,
+           '--process_id': _PROCESS_ID.value}
+  if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
+    missing = [k for k, v in given.items() if v is None]
+    raise app.UsageError(f'--distributed: {", ".join(missing)} missing; give all three of '
+                         '--coordinator_address, --num_processes, --process_id, or none (auto-detect)')
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
 def main(argv):
@@ -38,7 +61,9 @@ def main(argv):
     raise app.UsageError(f'config.task={task!r} is not a task: there is no hita_jax/tasks/{task}.py; '
                          f'the tasks are {tasks.available_tasks()}')
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    initialize_distributed()
+  elif any(f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)):
+    raise app.UsageError('--coordinator_address/--num_processes/--process_id need --distributed')
   module = importlib.import_module(f'hita_jax.tasks.{task}')
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:

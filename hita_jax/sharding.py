@@ -121,10 +121,24 @@ def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh, rules: Rul
   return nnx.merge(graphdef, state)
 
 
+def put(x, target: jax.sharding.Sharding):
+  """jax.device_put that also works across processes: an array held whole by this process (read
+  from a file, made on its first device) becomes a global array from the shards each process
+  holds itself (every process has the same value, e.g. the same weights file)."""
+  if (jax.process_count() == 1 or target.is_fully_addressable
+      or (isinstance(x, jax.Array) and not x.is_fully_addressable)):
+    return jax.device_put(x, target)
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys travel as their raw data
+    data = put(jax.random.key_data(x), target)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
 def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules) -> nnx.Module:
   """Moves an existing module's variables onto `mesh` following the rules (in place)."""
   state = nnx.state(module)
-  nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
+  nnx.update(module, jax.tree.map(put, state, state_shardings(state, mesh, rules)))
   return module
 
 
@@ -148,8 +162,40 @@ def commit_to_mesh(tree, mesh: Mesh):
   inputs with any other sharding would make its second call compile again."""
   rep = NamedSharding(mesh, P())
 
-  def put(x):
+  def commit(x):
     if isinstance(x, jax.Array) and not (isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh):
-      return jax.device_put(x, rep)
+      return put(x, rep)
     return x
-  return jax.tree.map(put, tree)
+  return jax.tree.map(commit, tree)
+
+
+def to_host(tree):
+  """numpy copies of a tree's arrays on every process. An array spread over several processes is
+  gathered with `process_allgather` (np.asarray would fail on its non-addressable shards)."""
+  from jax.experimental import multihost_utils
+
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(get, tree)
+
+
+def is_main_process() -> bool:
+  """Process 0 writes files (logs, images, JSON); every process computes."""
+  return jax.process_index() == 0
+
+
+def sync(name: str):
+  """A barrier across processes (a no-op with one), e.g. before process 0 reads what all wrote."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_main(x: np.ndarray) -> np.ndarray:
+  """Process 0's value of a host array on every process (e.g. which files exist on its disk)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))

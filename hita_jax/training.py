@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from hita_jax import sharding
 from hita_jax.data.images import image_grid, save_png
 
 
@@ -51,7 +52,7 @@ def restore_adam(opt_state, count: int, mu, nu, like):
   """`opt_state` with its Adam moments and bias-correction count replaced (a PyTorch Adam/AdamW
   state converted to our parameter layout); `mu`/`nu` are placed like the arrays of `like` (the
   parameters). Other counters, e.g. an LR schedule's, are left as they are."""
-  place = lambda tree: jax.tree.map(lambda a, p: jax.device_put(jnp.asarray(a, p.dtype), p.sharding),
+  place = lambda tree: jax.tree.map(lambda a, p: sharding.put(np.asarray(a, p.dtype), p.sharding),
                                     tree, like)
 
   def swap(s):

@@ -9,6 +9,8 @@ import os
 import grain
 import numpy as np
 
+from hita_jax.data.sources import process_slice
+
 
 def pack(label: int, holistic: np.ndarray, patch: np.ndarray) -> bytes:
   """One image: `holistic` (V, H) and `patch` (V, P) codes of its V views."""
@@ -57,12 +59,11 @@ def pick_view(record: dict, rng: np.random.Generator) -> dict:
 
 def make_codes_dataset(directory: str, *, local_batch: int, seed: int, process_index: int = 0,
                        process_count: int = 1):
-  """A checkpointable iterator of per-process code batches: shuffled, repeated, this process's
-  slice, one view per read (LlamaGen's per-sample augmentation)."""
+  """A checkpointable iterator of per-process code batches: shuffled, repeated, one view per read
+  (LlamaGen's per-sample augmentation), this process's rows of each global batch."""
   ds = grain.MapDataset.source(CodesSource(directory)).shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count]
-  ds = ds.seed(seed + process_index).random_map(pick_view)
-  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.seed(seed).random_map(pick_view)
+  ds = process_slice(ds, local_batch, process_index, process_count)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
 

@@ -209,6 +209,13 @@ def make_source(cfg) -> Any:
   raise ValueError(f"data.source must be 'shapes', 'folder' or 'tfds', got {kind!r}")
 
 
+def process_slice(ds, local_batch: int, process_index: int, process_count: int):
+  """Batches of `local_batch` where process p reads rows [p L, (p + 1) L) of every global batch of
+  P x L, so the global batch (and each element's random draws, seeded by its index in the whole
+  stream) is the same whatever the number of processes. Lazy: a process decodes only its rows."""
+  return ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+
+
 def make_image_dataset(cfg, *, image_size: int, global_batch: int, seed: int, train: bool = True,
                        process_index: int = 0, process_count: int = 1):
   """A checkpointable iterator of per-process batches {'image': uint8 (b, S, S, 3), 'label',
@@ -220,9 +227,8 @@ def make_image_dataset(cfg, *, image_size: int, global_batch: int, seed: int, tr
   ds = ds.map_with_index(lambda i, r: (r, i))
   if train:
     ds = ds.shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count]
   ds = ds.seed(seed).random_map(DecodeAugment(source, image_size, train))
-  ds = ds.batch(global_batch // process_count, drop_remainder=True)
+  ds = process_slice(ds, global_batch // process_count, process_index, process_count)
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                                prefetch_buffer_size=cfg.prefetch))
   workers = cfg.num_workers

@@ -31,7 +31,8 @@ class InceptionRunner:
       with jax.default_matmul_precision('highest'):
         out = m(adm_preprocess(images_u8))
       return out['pool3'], sfid_features(out['spatial']), out['logits']
-    self._state = jax.device_put(state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self._state = jax.tree.map(lambda x: sharding.put(x, rep), state)
     self._features = features
 
   def __call__(self, images: np.ndarray, progress: Callable[[int, int], None] | None = None):
@@ -42,10 +43,11 @@ class InceptionRunner:
       real = len(batch)
       if real < self.batch_size:  # pad the last batch to the compiled shape
         batch = np.concatenate([batch, np.zeros((self.batch_size - real,) + batch.shape[1:], batch.dtype)])
-      p, s, l = self._features(self._state, jax.device_put(batch, self.in_sharding))
-      pools.append(np.asarray(p)[:real])
-      spatials.append(np.asarray(s)[:real])
-      logits.append(np.asarray(l)[:real])
+      p, s, l = self._features(self._state, sharding.put(batch, self.in_sharding))
+      p, s, l = sharding.to_host((p, s, l))  # the mesh may span several processes
+      pools.append(p[:real])
+      spatials.append(s[:real])
+      logits.append(l[:real])
       if progress:
         progress(min(i + self.batch_size, n), n)
     return (np.concatenate(pools).astype(np.float64), np.concatenate(spatials).astype(np.float64),

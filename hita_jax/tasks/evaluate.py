@@ -14,8 +14,10 @@ with the official `data_range=2.0` on [0, 1] images (this inflates SSIM compared
 data_range=1; kept for comparability and reported under that name), and the fraction of both
 codebooks used.
 
-Images are processed in global batches sharded over every device of the mesh; results go to
-`<workdir>/eval_results.json` and the CLU metric writers.
+Inception features are computed in global batches sharded over every device of the mesh (every
+process reads all images; with several processes the features are gathered with
+`process_allgather`); tokenizer reconstructions run on each process's first device. Process 0
+writes the results to `<workdir>/eval_results.json` and the CLU metric writers.
 """
 from __future__ import annotations
 
@@ -162,8 +164,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   results['inception_weights'] = ev.inception_weights or 'fid-helper'
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'eval_results.json')
-  with open(path, 'w') as f:
-    json.dump(results, f, indent=1)
+  if jax.process_index() == 0:  # every process computed the same results
+    with open(path, 'w') as f:
+      json.dump(results, f, indent=1)
   from clu import metric_writers  # imports TensorFlow: only once results are written
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(0, {f'eval/{k}': v for k, v in results.items()

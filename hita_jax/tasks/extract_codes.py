@@ -116,6 +116,7 @@ def run(config, workdir: str):
               'crop_range': float(ex.crop_range), 'random_crops': int(ex.random_crops),
               'num_holistic': tcfg.num_holistic, 'num_patches': tcfg.grid() ** 2,
               'data': config.data.to_dict(), 'process_count': pcount}
+  sharding.sync('extract_codes:shards_written')  # the manifest marks a complete directory
   if pid == 0:
     with open(os.path.join(out, 'manifest.json'), 'w') as f:
       json.dump(manifest, f, indent=1, default=str)

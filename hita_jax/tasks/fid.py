@@ -17,7 +17,7 @@ import time
 
 import jax
 
-from hita_jax import pretrained
+from hita_jax import pretrained, sharding
 from hita_jax.metrics.inception_features import InceptionRunner
 from hita_jax.tasks import evaluate, sample
 
@@ -43,12 +43,15 @@ def run(config, workdir: str):
   t_start = time.time()
   samples_npz = sample.run(config, workdir)
   t_sampled = time.time()
-  with open(os.path.join(workdir, 'sample_timings.json')) as f:
-    stages = {f'sample_{k}': v for k, v in json.load(f).items()}
+  timing_file = os.path.join(workdir, 'sample_timings.json')  # written by process 0
+  stages = {}
+  if os.path.exists(timing_file):
+    with open(timing_file) as f:
+      stages = {f'sample_{k}': v for k, v in json.load(f).items()}
   stages['sample_total_s'] = t_sampled - t_start
   # loading the weights, sharding and the compiles: what the sampler loop itself did not spend
   stages['sample_setup_s'] = stages['sample_total_s'] - sum(
-      stages[k] for k in ('sample_generate_s', 'sample_decode_s', 'sample_write_s'))
+      stages.get(k, 0.0) for k in ('sample_generate_s', 'sample_decode_s', 'sample_write_s'))
   ev = config.evaluate
   runner = InceptionRunner(pretrained.load_inception(ev.inception_weights), batch_size=ev.batch_size)
   timings = {}
@@ -60,7 +63,7 @@ def run(config, workdir: str):
             'cfg_scale': float(config.sample.cfg_scale), 'samples_npz': samples_npz,
             'ref_npz': ev.ref_npz, 'devices': jax.device_count(),
             'device_kind': jax.devices()[0].device_kind}
-  if jax.process_index() == 0:
+  if sharding.is_main_process():
     with open(os.path.join(workdir, 'fid_report.json'), 'w') as f:
       json.dump(report, f, indent=1)
   print(f"FID {results['fid']:.3f}  sFID {results['sfid']:.3f}  precision {results['precision']:.3f}  "

@@ -15,7 +15,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hita_jax import config_lib, pretrained, sharding
@@ -56,6 +55,7 @@ def run(config, workdir: str):
   tok = pretrained.load_tokenizer(tcfg, init.tokenizer, key=init.tokenizer_key)
   tok.eval()
   sharding.shard_module(gpt, mesh, rules)
+  sharding.shard_module(tok, mesh, rules)  # decoding runs on the mesh too (and across processes)
   n_dev = mesh.devices.size
   batch = sc.per_device_batch * n_dev
   labels = labels_for(sc.num_images, gcfg.num_classes, sc.classes, sc.seed)
@@ -71,24 +71,27 @@ def run(config, workdir: str):
   stages = {'generate_s': 0.0, 'decode_s': 0.0, 'write_s': 0.0}  # this run's chunks only
   print(f'sampling {sc.num_images} images in {n_chunks} chunks of {batch} '
         f'(cfg {sc.cfg_scale}, legacy_pos128_embedding={bool(legacy)})', flush=True)
+  # Process 0's disk decides which chunks are done, so that every process runs the same chunks.
+  done = sharding.broadcast_from_main(np.array(
+      [os.path.exists(os.path.join(chunk_dir, f'chunk_{c:06d}.npz')) for c in range(n_chunks)]))
   for c in range(n_chunks):
     path = os.path.join(chunk_dir, f'chunk_{c:06d}.npz')
-    if os.path.exists(path):
+    if done[c]:
       continue
     lab = labels[c * batch:(c + 1) * batch]
     real = len(lab)
     lab = np.concatenate([lab, np.zeros(batch - real, np.int32)])  # fixed compiled shape
     t = time.time()
-    codes = generate(gpt, jax.device_put(jnp.asarray(lab), lab_sh), jax.random.fold_in(key, c),
+    codes = generate(gpt, sharding.put(lab, lab_sh), jax.random.fold_in(key, c),
                      cfg_scale=sc.cfg_scale, cfg_interval=sc.cfg_interval, temperature=sc.temperature,
                      top_k=sc.top_k, top_p=sc.top_p, legacy_pos128_embedding=bool(legacy))
     codes.block_until_ready()
     stages['generate_s'] += time.time() - t
     t = time.time()
-    images = np.asarray(codes_to_images(tok, codes, eval_size=sc.eval_size or None))[:real]
+    images = sharding.to_host(codes_to_images(tok, codes, eval_size=sc.eval_size or None))[:real]
     stages['decode_s'] += time.time() - t
     t = time.time()
-    if jax.process_index() == 0:
+    if sharding.is_main_process():
       if sc.save_png:
         for i, img in enumerate(images):
           save_png(os.path.join(out_dir, 'png', f'{c * batch + i:06d}.png'), img)
@@ -99,6 +102,20 @@ def run(config, workdir: str):
     left = sc.num_images - min((c + 1) * batch, sc.num_images)
     print(f'  chunk {c + 1}/{n_chunks}: {done_now / el:.2f} img/s, ETA {left / max(done_now / el, 1e-9):.0f}s',
           flush=True)
+  final = os.path.join(workdir, 'samples.npz')
+  sharding.sync('sample:chunks_written')
+  if sharding.is_main_process():  # process 0 assembles the .npz from its chunks
+    t = time.time()
+    _assemble(chunk_dir, n_chunks, sc.num_images, labels, final)
+    stages['write_s'] += time.time() - t
+    stages['images_this_run'] = done_now
+    with open(os.path.join(workdir, 'sample_timings.json'), 'w') as f:
+      json.dump(stages, f, indent=1)
+  sharding.sync('sample:npz_written')  # every process may read it next (the fid task does)
+  return final
+
+
+def _assemble(chunk_dir: str, n_chunks: int, num_images: int, labels, final: str):
   chunks = sorted(glob.glob(os.path.join(chunk_dir, 'chunk_*.npz')))
   if len(chunks) != n_chunks:
     raise RuntimeError(f'expected {n_chunks} chunks in {chunk_dir}, found {len(chunks)}')
@@ -108,16 +125,8 @@ def run(config, workdir: str):
       imgs.append(z['images'])
       labs.append(z['labels'])
   arr, lab = np.concatenate(imgs), np.concatenate(labs)
-  if len(arr) != sc.num_images or not np.array_equal(lab, labels):
+  if len(arr) != num_images or not np.array_equal(lab, labels):
     raise RuntimeError(f'{chunk_dir} holds chunks of another run (count or labels differ); '
                        'use a fresh workdir')
-  final = os.path.join(workdir, 'samples.npz')
-  t = time.time()
   _atomic_savez(final, arr_0=arr, arr_1=lab)
-  stages['write_s'] += time.time() - t
-  stages['images_this_run'] = done_now
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'sample_timings.json'), 'w') as f:
-      json.dump(stages, f, indent=1)
   print(f'wrote {final}: {arr.shape} uint8, labels in arr_1', flush=True)
-  return final

@@ -14,7 +14,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -71,7 +70,7 @@ def build(config, mesh):
   opt = jax.jit(tx.init)(params)
   ema = jax.tree.map(jnp.copy, params)
   if ckpt is not None:
-    ema = jax.tree.map(lambda a, p: jax.device_put(jnp.asarray(a), p.sharding),
+    ema = jax.tree.map(lambda a, p: sharding.put(jnp.asarray(a), p.sharding),
                        nnx.state(ckpt['ema'], nnx.Param), params)
     if ckpt['adam'] is not None:
       opt = training.restore_adam(opt, *ckpt['adam'], like=params)
@@ -153,8 +152,10 @@ def sample_grid(parts: Parts, params, config, tok_state, key):
     tok = pretrained.load_tokenizer(config_lib.tokenizer_config_from(config.tokenizer),
                                     config.init.tokenizer, key=config.init.tokenizer_key,
                                     allow_random_dinov2=True)  # decoding only: DINOv2 is unused
+    sharding.shard_module(tok, jax.tree.leaves(params)[0].sharding.mesh,
+                          config_lib.axis_rules(config))
   tok.eval()
-  return np.asarray(codes_to_images(tok, codes, eval_size=None))
+  return sharding.to_host(codes_to_images(tok, codes, eval_size=None))
 
 
 def run(config, workdir: str):
@@ -195,7 +196,8 @@ def run(config, workdir: str):
     state, metrics = step_fn(state, tok_state, batch, rng)
     logger.log(step, metrics, extra=throughput)
     if ar.sample_every and (step % ar.sample_every == 0 or step == num_steps):
-      images = sample_grid(parts, state['ema'], config, tok_state, jax.random.fold_in(rng, -step))
+      images = sample_grid(parts, state['ema'], config, tok_state,
+                           jax.random.fold_in(jax.random.fold_in(rng, 2**31 - 1), step))  # apart from training keys
       logger.image(step, 'samples', images, rows=min(parts.cfg.num_classes, ar.grid_classes))
     if step % ar.ckpt_every == 0 or step == num_steps:
       checkpoint.save_train_state(mngr, step, state, it, metrics={'loss': float(metrics['loss'])})

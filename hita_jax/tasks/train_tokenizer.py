@@ -108,7 +108,7 @@ def build(config, mesh):
 
 def _resumed(ckpt: dict, tcfg, disc: PatchGAN, state: dict) -> dict:
   """The EMA and the two Adam states of an official vq_train.py checkpoint, placed like ours."""
-  place = lambda tree, like: jax.tree.map(lambda a, p: jax.device_put(jnp.asarray(a), p.sharding),
+  place = lambda tree, like: jax.tree.map(lambda a, p: sharding.put(jnp.asarray(a), p.sharding),
                                           tree, like)
   out = {}
   if 'ema' in ckpt:
@@ -259,11 +259,11 @@ def run(config, workdir: str):
   fixed, skipped = None, 0
   for step in range(start + 1, tr.num_steps + 1):
     local = next(data_iter)
-    skipped += int(np.sum(local.pop('skipped')))
-    if fixed is None:  # the images every reconstruction grid shows
-      fixed = local['image'][:min(8, len(local['image']))]
-    state, metrics = step_fn(state, lp_state, training.global_batch({'image': local['image']}, batch_sh),
-                             rng)
+    skipped += int(np.sum(local.pop('skipped')))  # this process's count
+    batch = training.global_batch({'image': local['image']}, batch_sh)
+    if fixed is None:  # the images every reconstruction grid shows: the first of the global batch
+      fixed = sharding.to_host(batch['image'])[:min(8, tr.global_batch_size)]
+    state, metrics = step_fn(state, lp_state, batch, rng)
     logged = logger.log(step, metrics, extra=lambda: {
         **{k: float(v) for k, v in jax.device_get(codebook_usage_window(parts, state)).items()},
         'lr': float(sched(step)), 'skipped_images': skipped})
@@ -271,7 +271,7 @@ def run(config, workdir: str):
       print(f'  {skipped} unreadable images skipped so far', flush=True)
     if step % tr.image_every == 0 or step == tr.num_steps:
       rec = reconstruct(parts, state['ema'] if tr.show_ema else state['g_params'], state['g_rest'], fixed)
-      logger.image(step, 'reconstructions', np.concatenate([fixed, np.asarray(rec)]), rows=2)
+      logger.image(step, 'reconstructions', np.concatenate([fixed, sharding.to_host(rec)]), rows=2)
     if step % tr.ckpt_every == 0 or step == tr.num_steps:
       checkpoint.save_train_state(mngr, step, state, data_iter, metrics={'g_loss': float(metrics['g_loss'])})
     if tr.export_every and step % tr.export_every == 0:
