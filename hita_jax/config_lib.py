@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 
 import ml_collections as mlc
@@ -210,6 +211,35 @@ def gpt_model_config(size: str, tokenizer: mlc.ConfigDict, *, tiny: bool = False
   return mlc.ConfigDict(d)
 
 
+# Mesh preset of each GPT size (`config.mesh = 'auto'`): B and L are data-parallel (weights,
+# AdamW state and EMA fit every device many times over); XL and above shard them FSDP over up to 8
+# devices (one host), data-parallel across hosts; 2B adds 2-way tensor parallelism from 16 devices
+# on, which keeps the per-device batch (and the all-gathered layer) smaller on large slices.
+MESH_PRESETS = {
+    'B': 'dp', 'L': 'dp', 'XL': 'fsdp', 'XXL': 'fsdp', '2B': 'fsdp_tensor', 'XXXL': 'fsdp_tensor',
+}
+
+
+def preset_mesh(preset: str, num_devices: int) -> str:
+  """'dp' | 'fsdp' | 'fsdp_tensor' on `num_devices` -> a mesh spec such as 'data=2,fsdp=8,tensor=1'."""
+  n = int(num_devices)
+  if preset == 'dp':
+    return f'data={n},fsdp=1,tensor=1'
+  tensor = 2 if preset == 'fsdp_tensor' and n >= 16 and n % 2 == 0 else 1
+  if preset not in ('fsdp', 'fsdp_tensor'):
+    raise ValueError(f"mesh preset {preset!r} is not one of 'dp', 'fsdp', 'fsdp_tensor'")
+  fsdp = math.gcd(n // tensor, 8)
+  return f'data={n // tensor // fsdp},fsdp={fsdp},tensor={tensor}'
+
+
+def mesh_spec(config: mlc.ConfigDict, num_devices: int) -> str:
+  """`config.mesh`, or (when 'auto') the preset of the config's GPT size (data-parallel for a
+  config without a GPT) on `num_devices`."""
+  if config.mesh != 'auto':
+    return config.mesh
+  return preset_mesh(MESH_PRESETS.get(config.get('gpt_size'), 'dp'), num_devices)
+
+
 def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
   """The user-facing recipe `configs/hita_<size>.py`: tokenizer + GPT + official AR training and
   sampling hyper-parameters. Args: `tiny` (CPU-sized), `variant=U` (Hita-U tokenizer)."""
@@ -218,6 +248,8 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
   config = base_tokenizer_config(a.variant, tiny=tiny)
   config.task = 'train_ar'
   config.gpt_size = size
+  # 'auto': MESH_PRESETS[size] on the devices present (data-parallel B/L, FSDP XL+); or name=size
+  config.mesh = 'auto'
   config.gpt = gpt_model_config(size, config.tokenizer, tiny=tiny, num_classes=10 if tiny else 1000)
   config.init.gpt = mlc.FieldReference(None, field_type=str)  # official .pt or hita_jax export
   config.init.gpt_key = 'ema'  # entry of an official GPT training checkpoint to read

@@ -44,7 +44,7 @@ def run(config, workdir: str):
   if not init.gpt or not init.tokenizer:
     raise ValueError('the sample task needs --config.init.gpt=<GPT export or official .pt> and '
                      '--config.init.tokenizer=<tokenizer export or official .pt>')
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config_lib.mesh_spec(config, jax.device_count()))
   rules = config_lib.axis_rules(config)
   gcfg = gpt_config_from(config.gpt)
   gpt = pretrained.load_gpt(gcfg, init.gpt, key=init.gpt_key)

@@ -166,7 +166,7 @@ def run(config, workdir: str):
   num_steps = config_lib.ar_num_steps(ar)
   print(f'train_ar: {num_steps} steps of {ar.global_batch_size} sequences'
         + ('' if ar.num_steps else f' ({ar.epochs} epochs of {ar.dataset_size} images)'), flush=True)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config_lib.mesh_spec(config, jax.device_count()))
   rules = config_lib.axis_rules(config)
   parts, state, tok_state = build(config, mesh)
   it = make_data(config, parts, jax.process_index(), jax.process_count())

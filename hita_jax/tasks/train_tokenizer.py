@@ -236,7 +236,7 @@ def run(config, workdir: str):
   pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
                             allow_random=config.init.allow_random_dinov2)
   tr = config.train_tokenizer
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config_lib.mesh_spec(config, jax.device_count()))
   rules = config_lib.axis_rules(config)
   parts, state, lp_state, sched = build(config, mesh)
   batch_sh = {'image': sharding.batch_sharding(mesh, rules, 4)}
