@@ -117,6 +117,11 @@ def save_train_state(mngr, step: int, state, data_iter, metrics: dict | None = N
                    metrics=metrics, force=True)
 
 
+def _is_grain(it) -> bool:
+  import grain
+  return isinstance(it, grain.DatasetIterator)
+
+
 def abstract_like(state):
   """The restore target of a train state: shapes, dtypes and the *current* shardings, so a
   checkpoint written on another mesh or device/process count is resharded onto this one as read."""
@@ -146,7 +151,9 @@ def resume(mngr, state, data_iter):
     if not written:
       raise FileNotFoundError(f'{data_dir} holds no data iterator state (process_0-of-N.json)')
     with open(os.path.join(data_dir, written[0])) as f:
-      data_iter.set_state(json.load(f))
+      text = f.read()
+    # grain iterators take the parsed JSON; others (SyntheticCodes) the text, as grain's handler
+    data_iter.set_state(json.loads(text) if _is_grain(data_iter) else text.encode())
     print(f'data position of {written[0]} applied to process {jax.process_index()} of '
           f'{jax.process_count()}', flush=True)
   print(f'resumed from step {start} ({mngr.directory})', flush=True)

@@ -199,3 +199,20 @@ def broadcast_from_main(x: np.ndarray) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)))
+
+
+def optimizer_shardings(tx, params, mesh: Mesh):
+  """Shardings of `tx.init(params)`: every sub-tree shaped like the parameters (Adam's moments) is
+  placed like them, the rest (counters) replicated. `jax.jit(tx.init)` alone lets XLA choose, and
+  it replicates the freshly zeroed moments: a full AdamW state on every device under FSDP."""
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  treedef = jax.tree.structure(params)
+  rep = NamedSharding(mesh, P())
+  like = lambda x: jax.tree.structure(x) == treedef
+  return jax.tree.map(lambda x: param_sh if like(x) else rep, jax.eval_shape(tx.init, params),
+                      is_leaf=like)
+
+
+def init_optimizer(tx, params, mesh: Mesh):
+  """`tx.init(params)` born with `optimizer_shardings`."""
+  return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)

@@ -166,7 +166,7 @@ def test_synthetic_codes_checkpoint_and_resume(tmp_path):
   cfg = gpt_config_from(config.gpt)
   a, b = SyntheticCodes(cfg, 4, 7), SyntheticCodes(cfg, 4, 7)
   first = [next(a) for _ in range(3)]
-  b.set_state({'seed': 7, 'index': 2})
+  b.set_state({'seed': 7, 'step': 2})
   np.testing.assert_array_equal(next(b)['patch_codes'], first[2]['patch_codes'])
   with pytest.raises(ValueError, match='seed'):
-    b.set_state({'seed': 8, 'index': 0})
+    b.set_state({'seed': 8, 'step': 0})

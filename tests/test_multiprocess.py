@@ -5,14 +5,17 @@ samples and evaluation results. The 1 x 8 reference runs in this (8-device) test
 import importlib
 import json
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from hita_jax import config_lib
+from hita_jax import config_lib, pretrained
 from hita_jax.checkpoint import save_params
 from hita_jax.data import codes
+from hita_jax.models.gpt import gpt_config_from
 from hita_jax.models.tokenizer import Tokenizer
 from hita_jax.pretrained import TOKENIZER_EXPORT_FILTER
 from tests.conftest import ROOT
@@ -24,15 +27,16 @@ MESH = 'data=2,fsdp=4,tensor=1'  # FSDP across the two processes' devices
 
 
 def _run(spec, overrides: dict, workdir: str, processes: int):
-  """One task, as 1 process (here, 8 devices) or as `processes` x 4 devices (subprocesses)."""
+  """One task, as 1 process (here, 8 devices) or as `processes` x 4 devices (subprocesses, whose
+  outputs are returned)."""
   if processes == 1:
     config = config_lib.load_config(spec)
     config.update_from_flattened_dict(overrides)
     os.makedirs(workdir, exist_ok=True)
     importlib.import_module(f'hita_jax.tasks.{config.task}').run(config, workdir)
-  else:
-    run_main([f'--config={spec}', f'--workdir={workdir}',
-              *(f'--config.{k}={v}' for k, v in overrides.items())], processes=processes, devices=4)
+    return []
+  return run_main([f'--config={spec}', f'--workdir={workdir}',
+                   *(f'--config.{k}={v}' for k, v in overrides.items())], processes=processes, devices=4)
 
 
 def _losses(workdir, keys):
@@ -128,3 +132,26 @@ def test_main_rejects_partial_distributed_flags(tmp_path):
                       '--distributed', '--num_processes=2'], cwd=ROOT, capture_output=True, text=True)
   assert r.returncode != 0
   assert '--coordinator_address, --process_id missing' in r.stderr
+
+
+
+@pytest.mark.slow
+def test_fsdp8_checkpoint_resumes_on_2_processes(tmp_path):
+  """train_ar saved at step 2 on 1 process x 8 devices (FSDP) continues on 2 processes x 4 as it
+  does on 1 x 8: the same step-3 loss, gradient and parameter norms, and the same EMA export."""
+  over = {'train_ar.codes_dir': 'synthetic', 'train_ar.log_every': 1, 'mesh': 'data=1,fsdp=8,tensor=1'}
+  saved = str(tmp_path / 'saved')
+  _run(AR, {**over, 'train_ar.num_steps': 2}, saved, 1)
+  for n in (1, 2):
+    shutil.copytree(saved, str(tmp_path / f'resumed{n}'))
+    outs = _run(AR, {**over, 'train_ar.num_steps': 3}, str(tmp_path / f'resumed{n}'), n)
+  assert len(outs) == 2 and all('resumed from step 2' in out for out in outs)  # the 2-process run
+  keys = ('loss', 'grad_norm', 'param_norm')
+  one, two = (_losses(str(tmp_path / f'resumed{n}'), keys) for n in (1, 2))
+  assert one.shape == two.shape == (3, 3)  # steps 1, 2 before the save, 3 after the resume
+  np.testing.assert_allclose(two[-1], one[-1], rtol=1e-5)
+  gcfg = gpt_config_from(config_lib.load_config(AR).gpt)
+  ema = [nnx.to_pure_dict(nnx.state(pretrained.load_gpt(gcfg, str(tmp_path / f'resumed{n}' / 'export' / 'ema')),
+                                    nnx.Param)) for n in (1, 2)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+               ema[0], ema[1])

@@ -68,28 +68,34 @@ def make_codes_dataset(directory: str, *, local_batch: int, seed: int, process_i
 
 
 class SyntheticCodes(grain.DatasetIterator):
-  """Uniformly random codes and labels (throughput runs: `train_ar.codes_dir='synthetic'`).
-  Batch i is drawn from its own generator seeded by (seed, i), so the iterator's checkpointed
-  state is one counter and a resumed run continues with the same batches. A grain
-  DatasetIterator, so grain's checkpoint handler saves it beside the train state."""
+  """Uniformly random codes and labels (throughput runs: `train_ar.codes_dir='synthetic'`). Batch
+  `n` is drawn from (seed, n) as a whole global batch of which this process keeps its rows, so the
+  data is the same for any number of processes; the position is one counter, and as a grain
+  DatasetIterator it is saved by grain's checkpoint handler beside the train state."""
 
-  def __init__(self, cfg, batch: int, seed: int):
+  def __init__(self, cfg, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
     super().__init__()
-    self.cfg, self.batch, self.seed, self.index = cfg, batch, seed, 0
+    if global_batch % process_count:
+      raise ValueError(f'global batch {global_batch} is not divisible by {process_count} processes')
+    self.cfg, self.batch, self.seed = cfg, global_batch, seed
+    local = global_batch // process_count
+    self.rows = slice(process_index * local, (process_index + 1) * local)
+    self.step = 0
 
   def __next__(self):
     c, b = self.cfg, self.batch
-    rng = np.random.default_rng([self.seed, self.index])
-    self.index += 1
-    return {'label': rng.integers(0, c.num_classes, b).astype(np.int32),
-            'holistic_codes': rng.integers(0, c.vocab_size, (b, c.num_holistic)).astype(np.int32),
-            'patch_codes': rng.integers(0, c.vocab_size, (b, c.num_patches)).astype(np.int32)}
+    rng = np.random.default_rng((self.seed, self.step))
+    self.step += 1
+    out = {'label': rng.integers(0, c.num_classes, b).astype(np.int32),
+           'holistic_codes': rng.integers(0, c.vocab_size, (b, c.num_holistic)).astype(np.int32),
+           'patch_codes': rng.integers(0, c.vocab_size, (b, c.num_patches)).astype(np.int32)}
+    return {k: v[self.rows] for k, v in out.items()}
 
   def get_state(self) -> dict:
-    return {'seed': self.seed, 'index': self.index}
+    return {'seed': self.seed, 'step': self.step}
 
   def set_state(self, state: dict):
-    if int(state['seed']) != self.seed:
+    if int(state.get('seed', self.seed)) != self.seed:
       raise ValueError(f"synthetic codes were checkpointed with seed {state['seed']}, this run uses "
                        f'{self.seed}: resume with the same --config.seed')
-    self.index = int(state['index'])
+    self.step = int(state['step'])

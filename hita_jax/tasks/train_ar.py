@@ -67,7 +67,7 @@ def build(config, mesh):
     gpt = sharding.create_sharded(lambda: GPT(gcfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
   gpt_def, params = nnx.split(gpt, nnx.Param)
   tx = adamw(ar.lr, ar.b1, ar.b2, ar.weight_decay, ar.grad_clip, ar.adam_eps)
-  opt = jax.jit(tx.init)(params)
+  opt = sharding.init_optimizer(tx, params, mesh)
   ema = jax.tree.map(jnp.copy, params)
   if ckpt is not None:
     ema = jax.tree.map(lambda a, p: sharding.put(jnp.asarray(a), p.sharding),
@@ -128,7 +128,7 @@ def make_data(config, parts: Parts, process_index=0, process_count=1):
   ar = config.train_ar
   local = ar.global_batch_size // process_count
   if ar.codes_dir == 'synthetic':
-    return SyntheticCodes(parts.cfg, local, config.seed + process_index)
+    return SyntheticCodes(parts.cfg, ar.global_batch_size, config.seed, process_index, process_count)
   if ar.codes_dir:
     return make_codes_dataset(ar.codes_dir, local_batch=local, seed=config.seed,
                               process_index=process_index, process_count=process_count)

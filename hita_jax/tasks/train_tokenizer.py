@@ -95,7 +95,8 @@ def build(config, mesh):
   state = {
       'step': jnp.zeros((), jnp.int32),
       'g_params': g_params, 'g_rest': g_rest, 'd_params': d_params, 'd_stats': d_stats,
-      'opt_g': jax.jit(tx_g.init)(g_params), 'opt_d': jax.jit(tx_d.init)(d_params),
+      'opt_g': sharding.init_optimizer(tx_g, g_params, mesh),
+      'opt_d': sharding.init_optimizer(tx_d, d_params, mesh),
       'ema': jax.tree.map(jnp.copy, g_params),
   }
   if ckpt:

@@ -59,12 +59,9 @@ def plan(config, num_devices: int, *, compile_step: bool = True) -> dict:
   shards = sharding.state_shardings(abs_params, mesh, rules)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shards)
   tx = ar.adamw(tr.lr, tr.b1, tr.b2, tr.weight_decay, tr.grad_clip, tr.adam_eps)
-  init = jax.jit(tx.init).lower(params)  # the shardings XLA gives the moments (like the params)
-  opt_shapes = jax.eval_shape(tx.init, params)
+  opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                     jax.eval_shape(tx.init, params), sharding.optimizer_shardings(tx, params, mesh))
   rep = NamedSharding(mesh, P())
-  on_mesh = lambda s: s if isinstance(s, NamedSharding) else rep  # scalars: replicated, as commit_to_mesh
-  opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_mesh(s)), opt_shapes,
-                     init.compile().output_shardings)
   state = {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), 'params': params, 'opt': opt,
            'ema': params}
   b = tr.global_batch_size
