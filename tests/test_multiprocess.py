@@ -115,7 +115,10 @@ def test_sample_and_evaluate_same_files(runs):
        np.load(os.path.join(runs[2]['sample'], 'samples.npz')) as b:
     assert a['arr_0'].shape == (12, 64, 64, 3)
     np.testing.assert_array_equal(a['arr_1'], b['arr_1'])
-    np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
+    # the same codes; decoding's all-reduces (gloo across processes) may round a pixel the other
+    # way at the uint8 cast
+    diff = np.abs(a['arr_0'].astype(int) - b['arr_0'])
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
   assert (sorted(os.listdir(os.path.join(runs[1]['sample'], 'samples', 'png')))
           == sorted(os.listdir(os.path.join(runs[2]['sample'], 'samples', 'png'))))
   r1, r2 = (json.load(open(os.path.join(runs[n]['evaluate'], 'eval_results.json'))) for n in (1, 2))
