@@ -146,6 +146,7 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       'keep_checkpoints': (3, 'latest checkpoints kept (+ the best g_loss)'),
       'export_every': (0, 'steps between EMA exports during training (0 = only at the end)'),
       'show_ema': (True, 'reconstruction grids from the EMA weights'),
+      'max_nonfinite_steps': (10, 'stop after this many non-finite (skipped) steps in a row (0 = never)'),
   })
   # Official VQLoss for Hita-V. Hita-U officially trains with a DINO (ViT-S/16) discriminator,
   # which is not available here; both variants use the PatchGAN.
@@ -272,6 +273,7 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
       'ckpt_every': (100 if tiny else 5000, 'steps between Orbax checkpoints'),
       'keep_checkpoints': (3, 'latest checkpoints kept (+ the best loss)'),
       'sample_every': (0 if tiny else 20_000, 'steps between sample grids (0 = never)'),
+      'max_nonfinite_steps': (10, 'stop after this many non-finite (skipped) steps in a row (0 = never)'),
       'grid_classes': (10, 'classes in a sample grid (one row each)'),
       'grid_per_class': (4 if tiny else 8, 'samples per class in a sample grid'),
       # '' = codes computed on the fly by the frozen tokenizer (official); an extract_codes output

@@ -20,6 +20,7 @@ import optax
 
 from hita_jax import sharding
 from hita_jax.data.images import image_grid, save_png
+from hita_jax.errors import NonFiniteError
 
 
 def lr_schedule(lr: float, warmup_steps: int, warmup_init: float = 1e-7, decay: str = 'constant',
@@ -93,15 +94,36 @@ def _event_writer(workdir: str, main: bool):
   return metric_writers.create_default_writer(workdir, just_logging=not main)
 
 
+def keep_if_finite(old_state: dict, new_state: dict, metrics: dict, watch: tuple[str, ...]):
+  """Inside the jitted step: `new_state` if every `watch` metric (losses, gradient norms) is
+  finite, else `old_state` with only its step advanced (the batch is consumed, nothing is
+  applied). Adds `nonfinite` (0/1) to the metrics. `lax.cond` rather than `where`: it also
+  selects PRNG key arrays and costs no second copy of the state."""
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(metrics[k])) for k in watch]))
+  state = jax.lax.cond(finite, lambda: new_state, lambda: old_state)
+  state = {**state, 'step': new_state['step']}
+  return state, {**metrics, 'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}
+
+
+def finite_or_inf(x) -> float:
+  """A checkpoint's best-metric value: a skipped (non-finite) step is never the best."""
+  v = float(x)
+  return v if np.isfinite(v) else float('inf')
+
+
 class MetricLogger:
   """Reports a training run. `log(step, metrics)` is called every step with the step's device
   metrics; every `every` steps (and at the last) it averages them, adds throughput and the
-  `extra()` scalars, stops the run on NaN/Inf, writes CLU scalars and `metrics.jsonl`, and prints
-  `step s/N  rate img/s  ETA  k1 v1 k2 v2 ...` for `line_keys`. Process 0 writes; all compute."""
+  `extra()` scalars, writes CLU scalars and `metrics.jsonl`, and prints
+  `step s/N  rate img/s  ETA  k1 v1 k2 v2 ...` for `line_keys`. Process 0 writes; all compute.
+
+  Steps the jitted step skipped as non-finite (`nonfinite` = 1, see `keep_if_finite`) are left out
+  of the averages and counted (`nonfinite_steps`); `max_nonfinite` of them in a row stop the run
+  with a NonFiniteError naming the metric and the step (`check()` looks before every save)."""
 
   def __init__(self, workdir: str, *, total_steps: int, start_step: int, every: int,
                images_per_step: int, line_keys: tuple[str, ...],
-               hparams: dict | None = None):
+               hparams: dict | None = None, watch: tuple[str, ...] = (), max_nonfinite: int = 0):
     self.workdir, self.total, self.every = workdir, total_steps, every
     self.items, self.line_keys = images_per_step, line_keys
     self.main = jax.process_index() == 0
@@ -109,6 +131,10 @@ class MetricLogger:
     if start_step == 0 and hparams:
       self.writer.write_hparams({k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))})
     self._acc: list = []
+    self._steps: list[int] = []
+    self._checked = 0  # entries of _acc already looked at by check()
+    self.watch, self.max_nonfinite = watch, max_nonfinite
+    self.nonfinite_total, self.nonfinite_run = 0, 0
     self.last_step_time = float('nan')  # mean seconds per step over the last logging period
     self._t0 = self._t_last = time.time()
     self._s0 = start_step
@@ -116,18 +142,43 @@ class MetricLogger:
   def due(self, step: int) -> bool:
     return step % self.every == 0 or step == self.total
 
+  def check(self):
+    """Counts the skipped (non-finite) steps not yet looked at; raises NonFiniteError once
+    `max_nonfinite` come in a row. Fetches only the flags and watched metrics of those steps."""
+    pending = [{k: m[k] for k in ('nonfinite', *self.watch) if k in m} for m in self._acc[self._checked:]]
+    for s, m in zip(self._steps[self._checked:], jax.device_get(pending)):
+      if not int(m.get('nonfinite', 0)):
+        self.nonfinite_run = 0
+        continue
+      self.nonfinite_run += 1
+      self.nonfinite_total += 1
+      bad = [k for k in self.watch if k in m and not np.all(np.isfinite(m[k]))] or ['a watched metric']
+      print(f'step {s}: non-finite {", ".join(bad)}; update skipped '
+            f'({self.nonfinite_run} in a row, {self.nonfinite_total} in this run)', flush=True)
+      if self.max_nonfinite and self.nonfinite_run >= self.max_nonfinite:
+        raise NonFiniteError(
+            f'{", ".join(bad)} not finite for {self.nonfinite_run} steps in a row, the last at step {s}; '
+            'the run stops (the last checkpoint holds finite weights: lower the learning rate or check '
+            'the data, then rerun to resume)')
+    self._checked = len(self._acc)
+
   def log(self, step: int, metrics: dict, extra: Callable[[], dict] | None = None) -> dict | None:
     """Returns the written scalars on a log step, else None."""
     self._acc.append(metrics)
+    self._steps.append(step)
     if not self.due(step):
       return None
+    self.check()
     host = jax.device_get(self._acc)
-    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    good = [m for m in host if not int(m.get('nonfinite', 0))]
+    scalars = {k: float(np.mean([m[k] for m in good])) for k in host[0] if k != 'nonfinite'} if good else {}
     if not all(np.isfinite(v) for v in scalars.values()):
       raise FloatingPointError(f'non-finite metrics at step {step}: {scalars}')
+    if self.watch:
+      scalars['nonfinite_steps'] = self.nonfinite_total
     now = time.time()
     step_time = self.last_step_time = (now - self._t_last) / len(host)
-    self._acc, self._t_last = [], now
+    self._acc, self._steps, self._checked, self._t_last = [], [], 0, now
     scalars.update(step_time_s=step_time, images_per_s=self.items / step_time)
     if extra:
       scalars.update(extra())
@@ -137,7 +188,7 @@ class MetricLogger:
         f.write(json.dumps({'step': step, **scalars}) + '\n')
       rate = (step - self._s0) / max(now - self._t0, 1e-9)
       eta = (self.total - step) / max(rate, 1e-9)
-      line = '  '.join(f'{k} {scalars[k]:.4f}' for k in self.line_keys)
+      line = '  '.join(f'{k} {scalars[k]:.4f}' for k in self.line_keys if k in scalars)
       print(f'step {step}/{self.total}  {rate * self.items:.1f} img/s  ETA {eta / 60:.1f} min  '
             f'{line}', flush=True)
     return scalars

@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
-    {'sharding'},                                           # mesh and logical axes
+    {'sharding', 'errors'},                                 # mesh and logical axes; user errors
     {'models'},                                             # NNX modules, sampler, resize kernels
     {'convert', 'checkpoint', 'pretrained', 'config_lib'},  # weights (files -> models) and config schema
     {'data', 'metrics'},                                    # pixels, sources, codes; FID/IS/PSNR/FLOPs

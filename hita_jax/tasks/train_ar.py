@@ -119,8 +119,13 @@ def train_step(parts: Parts, config, state, tok_state, batch, rng):
   params = optax.apply_updates(state['params'], updates)
   new = {'step': step + 1, 'params': params, 'opt': opt,
          'ema': training.ema_update(state['ema'], params, config.train_ar.ema_decay)}
-  return new, {'loss': loss, 'loss_holistic': lh, 'loss_patch': lp,
-               'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params)}
+  metrics = {'loss': loss, 'loss_holistic': lh, 'loss_patch': lp,
+             'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params)}
+  # a non-finite loss or gradient norm: params, AdamW state and EMA stay as they were
+  return training.keep_if_finite(state, new, metrics, NONFINITE_WATCH)
+
+
+NONFINITE_WATCH = ('loss', 'grad_norm')  # checked each step; named when the run stops
 
 
 def make_data(config, parts: Parts, process_index=0, process_count=1):
@@ -181,7 +186,8 @@ def run(config, workdir: str):
   peak = flops.device_peak_flops()
   logger = training.MetricLogger(workdir, total_steps=num_steps, start_step=start,
                                  every=ar.log_every, images_per_step=ar.global_batch_size,
-                                 line_keys=('loss', 'loss_holistic', 'loss_patch'))
+                                 line_keys=('loss', 'loss_holistic', 'loss_patch'),
+                                 watch=NONFINITE_WATCH, max_nonfinite=ar.max_nonfinite_steps)
 
   def throughput():
     step_s = logger.last_step_time
@@ -191,18 +197,22 @@ def run(config, workdir: str):
     return out
 
   rng = jax.random.key(config.seed)
-  for step in range(start + 1, num_steps + 1):
-    batch = training.global_batch({k: v for k, v in next(it).items() if k in shardings}, shardings)
-    state, metrics = step_fn(state, tok_state, batch, rng)
-    logger.log(step, metrics, extra=throughput)
-    if ar.sample_every and (step % ar.sample_every == 0 or step == num_steps):
-      images = sample_grid(parts, state['ema'], config, tok_state,
-                           jax.random.fold_in(jax.random.fold_in(rng, 2**31 - 1), step))  # apart from training keys
-      logger.image(step, 'samples', images, rows=min(parts.cfg.num_classes, ar.grid_classes))
-    if step % ar.ckpt_every == 0 or step == num_steps:
-      checkpoint.save_train_state(mngr, step, state, it, metrics={'loss': float(metrics['loss'])})
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = training.global_batch({k: v for k, v in next(it).items() if k in shardings}, shardings)
+      state, metrics = step_fn(state, tok_state, batch, rng)
+      logger.log(step, metrics, extra=throughput)
+      if ar.sample_every and (step % ar.sample_every == 0 or step == num_steps):
+        images = sample_grid(parts, state['ema'], config, tok_state,
+                             jax.random.fold_in(jax.random.fold_in(rng, 2**31 - 1), step))  # apart from training keys
+        logger.image(step, 'samples', images, rows=min(parts.cfg.num_classes, ar.grid_classes))
+      if step % ar.ckpt_every == 0 or step == num_steps:
+        logger.check()  # stops before a save when too many steps in a row were non-finite
+        checkpoint.save_train_state(mngr, step, state, it,
+                                    metrics={'loss': training.finite_or_inf(metrics['loss'])})
+  finally:  # a stopped run still completes the async save in flight (a finite state)
+    mngr.wait_until_finished()
   logger.close()
-  mngr.wait_until_finished()
   export = os.path.join(workdir, 'export', 'ema')
   pretrained.save_gpt(export, nnx.merge(parts.gpt_def, state['ema'], copy=True), overwrite=True,
                       legacy_pos128_embedding=False,

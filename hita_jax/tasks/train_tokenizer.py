@@ -191,7 +191,12 @@ def train_step(parts: Parts, config, state, lp_state, batch, rng):
                  holistic_codebook_usage=codes_used_fraction(hcodes, size), d_loss=d_loss, logits_real=lr_mean, logits_fake=lf_mean,
                  g_grad_norm=optax.global_norm(g_grads), d_grad_norm=optax.global_norm(d_grads),
                  adv_weight=adv_w)
-  return new, metrics
+  # a non-finite loss or gradient norm: nothing of this step is applied (G, D, EMA, BN statistics)
+  return training.keep_if_finite(state, new, metrics, NONFINITE_WATCH)
+
+
+# what `keep_if_finite` checks each step and the logger names when it stops the run
+NONFINITE_WATCH = ('g_loss', 'd_loss', 'g_grad_norm', 'd_grad_norm')
 
 
 def codebook_usage_window(parts, state):
@@ -255,30 +260,35 @@ def run(config, workdir: str):
   step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,))
   logger = training.MetricLogger(workdir, total_steps=tr.num_steps, start_step=start,
                                  every=tr.log_every, images_per_step=tr.global_batch_size,
-                                 line_keys=('g_loss', 'rec_loss', 'd_loss'), hparams=tr.to_dict())
+                                 line_keys=('g_loss', 'rec_loss', 'd_loss'), hparams=tr.to_dict(),
+                                 watch=NONFINITE_WATCH, max_nonfinite=tr.max_nonfinite_steps)
   rng = jax.random.key(config.seed)
   fixed, skipped = None, 0
-  for step in range(start + 1, tr.num_steps + 1):
-    local = next(data_iter)
-    skipped += int(np.sum(local.pop('skipped')))  # this process's count
-    batch = training.global_batch({'image': local['image']}, batch_sh)
-    if fixed is None:  # the images every reconstruction grid shows: the first of the global batch
-      fixed = sharding.to_host(batch['image'])[:min(8, tr.global_batch_size)]
-    state, metrics = step_fn(state, lp_state, batch, rng)
-    logged = logger.log(step, metrics, extra=lambda: {
-        **{k: float(v) for k, v in jax.device_get(codebook_usage_window(parts, state)).items()},
-        'lr': float(sched(step)), 'skipped_images': skipped})
-    if logged and skipped:
-      print(f'  {skipped} unreadable images skipped so far', flush=True)
-    if step % tr.image_every == 0 or step == tr.num_steps:
-      rec = reconstruct(parts, state['ema'] if tr.show_ema else state['g_params'], state['g_rest'], fixed)
-      logger.image(step, 'reconstructions', np.concatenate([fixed, sharding.to_host(rec)]), rows=2)
-    if step % tr.ckpt_every == 0 or step == tr.num_steps:
-      checkpoint.save_train_state(mngr, step, state, data_iter, metrics={'g_loss': float(metrics['g_loss'])})
-    if tr.export_every and step % tr.export_every == 0:
-      export_ema(parts, state, os.path.join(workdir, 'export', 'ema'))
+  try:
+    for step in range(start + 1, tr.num_steps + 1):
+      local = next(data_iter)
+      skipped += int(np.sum(local.pop('skipped')))  # this process's count
+      batch = training.global_batch({'image': local['image']}, batch_sh)
+      if fixed is None:  # the images every reconstruction grid shows: the first of the global batch
+        fixed = sharding.to_host(batch['image'])[:min(8, tr.global_batch_size)]
+      state, metrics = step_fn(state, lp_state, batch, rng)
+      logged = logger.log(step, metrics, extra=lambda: {
+          **{k: float(v) for k, v in jax.device_get(codebook_usage_window(parts, state)).items()},
+          'lr': float(sched(step)), 'skipped_images': skipped})
+      if logged and skipped:
+        print(f'  {skipped} unreadable images skipped so far', flush=True)
+      if step % tr.image_every == 0 or step == tr.num_steps:
+        rec = reconstruct(parts, state['ema'] if tr.show_ema else state['g_params'], state['g_rest'], fixed)
+        logger.image(step, 'reconstructions', np.concatenate([fixed, sharding.to_host(rec)]), rows=2)
+      if step % tr.ckpt_every == 0 or step == tr.num_steps:
+        logger.check()  # stops before a save when too many steps in a row were non-finite
+        checkpoint.save_train_state(mngr, step, state, data_iter,
+                                    metrics={'g_loss': training.finite_or_inf(metrics['g_loss'])})
+      if tr.export_every and step % tr.export_every == 0:
+        export_ema(parts, state, os.path.join(workdir, 'export', 'ema'))
+  finally:  # a stopped run still completes the async save in flight (a finite state)
+    mngr.wait_until_finished()
   logger.close()
-  mngr.wait_until_finished()
   export_ema(parts, state, os.path.join(workdir, 'export', 'ema'))
   summary = {'step': int(state['step']), 'skipped_images': skipped}
   if jax.process_index() == 0:

@@ -1,0 +1,34 @@
+"""Errors a user can cause (a bad config value, a missing or unsafe file, data that do not fit the
+model). `main` prints them as one line and exits non-zero, without a traceback unless
+`--verbosity` is given; every other exception is a bug and keeps its traceback."""
+from __future__ import annotations
+
+import difflib
+
+
+class UserError(ValueError):
+  """A problem the user can fix; the message names the thing and the fix."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+  """A weights file, export or data directory that does not exist."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """Training produced a non-finite loss or gradient norm too many steps in a row."""
+
+
+class SaveError(UserError, OSError):
+  """A checkpoint or export could not be written (disk full, read-only directory)."""
+
+
+def closest(name: str, valid, n: int = 3) -> list[str]:
+  """The valid names nearest to a misspelt `name` (difflib ratio), best first."""
+  return difflib.get_close_matches(name, [str(v) for v in valid], n=n, cutoff=0.5)
+
+
+def require_path(path: str | None, what: str, flag: str) -> None:
+  """Raises MissingPathError naming `what` and the flag to fix when `path` is set but absent."""
+  import os
+  if path and path not in ('random', 'synthetic') and not os.path.exists(path):
+    raise MissingPathError(f'{what} not found: {path} (fix --config.{flag}=<existing path>)')

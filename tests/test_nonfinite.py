@@ -1,0 +1,122 @@
+"""NaN/Inf guard: a step whose loss or gradient norm is not finite is not applied, counted, and
+N of them in a row stop the run naming the metric and the step; checkpoints stay finite."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hita_jax import errors, training
+from hita_jax.models.gpt import GPT
+from hita_jax.tasks import train_ar
+from tests.conftest import ROOT
+from tests.faults_utils import ar_config, write_codes_dir
+
+
+@pytest.fixture(autouse=True)
+def _fast_compile():
+  """XLA's cheapest compile (as the subprocess tests' JAX_DISABLE_MOST_OPTIMIZATIONS)."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)
+
+
+def _poison_steps(monkeypatch, steps, poison):
+  """The batch of each step in `steps` goes through `poison` (steps counted from 1 in this run)."""
+  real, calls = training.global_batch, [0]
+
+  def global_batch(local, shardings):
+    calls[0] += 1
+    if calls[0] in steps:
+      local = poison(dict(local))
+    return real(local, shardings)
+  monkeypatch.setattr(training, 'global_batch', global_batch)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r for r in map(json.loads, f)}
+
+
+def _checkpoint_leaves(workdir, step):
+  tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+  return [np.asarray(x) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+
+
+@pytest.fixture
+def nan_gpt(monkeypatch):
+  """GPT.loss is NaN for a batch whose labels are all the null class (the poison below)."""
+  real = GPT.loss
+
+  def loss(self, labels, hol, patch, *, rng=None):
+    lh, lp = real(self, labels, hol, patch, rng=rng)
+    bad = jnp.all(labels == self.cfg.num_classes)
+    return jnp.where(bad, jnp.nan, lh), lp
+  monkeypatch.setattr(GPT, 'loss', loss)
+
+
+def test_ar_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, nan_gpt):
+  config = ar_config(write_codes_dir(tmp_path / 'codes', ar_config('')), steps=12, max_nonfinite_steps=3)
+  null = config.gpt.num_classes
+  # step 2 alone is skipped; 4, 5, 6 in a row stop the run at 6
+  _poison_steps(monkeypatch, {2, 4, 5, 6}, lambda b: {**b, 'label': np.full_like(b['label'], null)})
+  w = str(tmp_path / 'run')
+  with pytest.raises(errors.NonFiniteError, match=r'loss not finite for 3 steps in a row, the last at step 6'):
+    train_ar.run(config, w)
+  m = _metrics(w)
+  assert sorted(m) == [1, 2, 3, 4, 5]  # step 6 raised before it was written
+  assert 'loss' not in m[2] and m[2]['nonfinite_steps'] == 1
+  assert np.isfinite(m[3]['loss']) and m[3]['nonfinite_steps'] == 1
+  assert m[5]['nonfinite_steps'] == 3
+  # the checkpoint at step 4 (a skipped step) holds the finite state of step 3
+  leaves = _checkpoint_leaves(w, 4)
+  assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
+  assert not os.path.exists(os.path.join(w, 'checkpoints', '8'))
+
+
+def test_ar_skipped_step_leaves_params_optimizer_and_ema_unchanged(tmp_path, nan_gpt):
+  from hita_jax import sharding
+  config = ar_config('synthetic')
+  mesh = sharding.make_mesh(config.mesh)
+  parts, state, _ = train_ar.build(config, mesh)
+  before = jax.device_get(state)
+  step = jax.jit(lambda s, b, r: train_ar.train_step(parts, config, s, None, b, r))
+  n, g = 8, config.gpt
+  batch = {'label': jnp.full((n,), g.num_classes, jnp.int32),
+           'holistic_codes': jnp.zeros((n, g.num_holistic), jnp.int32),
+           'patch_codes': jnp.zeros((n, g.grid ** 2), jnp.int32)}
+  new, metrics = step(state, batch, jax.random.key(0))
+  assert int(metrics['nonfinite']) == 1 and int(new['step']) == 1
+  after = jax.device_get(new)
+  for k in ('params', 'opt', 'ema'):
+    for a, b in zip(jax.tree.leaves(before[k]), jax.tree.leaves(after[k])):
+      np.testing.assert_array_equal(a, b)
+  new, metrics = step(new, {**batch, 'label': jnp.zeros((n,), jnp.int32)}, jax.random.key(0))
+  assert int(metrics['nonfinite']) == 0 and int(new['step']) == 2  # a finite batch is applied
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after['params']),
+                                                       jax.tree.leaves(jax.device_get(new['params']))))
+
+
+@pytest.mark.slow  # a tokenizer compile: ~2.5 min of CPU on a loaded 2-core machine
+def test_tokenizer_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
+  """In a one-device subprocess (this process has 8 CPU devices, whose compile is ~5x slower):
+  tests/nonfinite_driver.py poisons steps 2, 4 and 5 with max_nonfinite_steps=2."""
+  w = str(tmp_path / 'run')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+  r = subprocess.run([sys.executable, '-m', 'tests.nonfinite_driver', w], cwd=ROOT, env=env,
+                     capture_output=True, text=True)
+  assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-3000:]
+  assert re.search(r'g_loss.* not finite for 2 steps in a row, the last at step 5', r.stdout), r.stdout
+  m = _metrics(w)
+  assert sorted(m) == [1, 2, 3, 4]
+  assert 'g_loss' not in m[2] and np.isfinite(m[3]['g_loss']) and m[4]['nonfinite_steps'] == 2
+  leaves = _checkpoint_leaves(w, 4)
+  assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
