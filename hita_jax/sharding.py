@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from hita_jax.errors import UserError
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -40,7 +41,7 @@ def parse_mesh_spec(spec) -> list[tuple[str, int]]:
     for part in filter(None, (p.strip() for p in spec.split(','))):
       name, sep, size = part.partition('=')
       if not sep:
-        raise ValueError(f'mesh spec {spec!r}: expected name=size items, e.g. data=-1,fsdp=4')
+        raise UserError(f'mesh spec {spec!r}: expected name=size items, e.g. data=-1,fsdp=4')
       out.append((name.strip(), int(size)))
     return out
   return [(str(a), int(s)) for a, s in spec]
@@ -55,16 +56,16 @@ def make_mesh(axes, devices: Sequence[jax.Device] | None = None) -> Mesh:
   names = [a for a, _ in axes]
   sizes = [int(s) for _, s in axes]
   if len(set(names)) != len(names):
-    raise ValueError(f'mesh axis names must be unique: {names}')
+    raise UserError(f'mesh axis names must be unique: {names}')
   if sizes.count(-1) > 1:
-    raise ValueError(f'at most one mesh axis may be -1: {list(axes)}')
+    raise UserError(f'at most one mesh axis may be -1: {list(axes)}')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f'{len(devices)} devices cannot be split as {list(axes)}')
+      raise UserError(f'{len(devices)} devices cannot be split as {list(axes)}')
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f'mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, '
+    raise UserError(f'mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, '
                      f'{len(devices)} available; use -1 for one axis to fill')
   try:
     dev = mesh_utils.create_device_mesh(sizes, devices=devices)

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
+from hita_jax.errors import MissingPathError, UserError
+
 try:  # bfloat16 storages (optional: numpy has no bf16)
   import ml_dtypes
   _BF16 = ml_dtypes.bfloat16
@@ -37,7 +39,7 @@ _ALLOWED_CLASSES = {('argparse', 'Namespace'): argparse.Namespace,
                     ('collections', 'OrderedDict'): collections.OrderedDict}
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError):
   """A checkpoint file that cannot be read (corrupt, unsupported or unsafe content)."""
 
 
@@ -157,7 +159,7 @@ def _torch_load(path: str):
 def load_torch_checkpoint(path: str, *, use_torch: bool | None = None) -> Any:
   """Loads a `.pt`/`.pth` file into numpy arrays with data-only unpickling."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'checkpoint not found: {path}')
+    raise MissingPathError(f'checkpoint not found: {path}')
   if use_torch is None:
     use_torch = importlib.util.find_spec('torch') is not None
   try:
@@ -179,7 +181,7 @@ def load_state_dict_file(path: str, *, key: str | None = 'ema', use_torch: bool 
   """Any supported file -> flat {name: array}. For training checkpoints (dicts holding `ema`,
   `model`, ...) `key` picks the entry (default `ema`, as the official downstream code)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'checkpoint not found: {path}')
+    raise MissingPathError(f'checkpoint not found: {path}')
   if path.endswith('.safetensors'):
     try:
       return dict(load_file(path))
@@ -244,7 +246,7 @@ class _TorchScriptUnpickler(_RestrictedUnpickler):
 def load_torchscript_arrays(path: str) -> dict[str, np.ndarray]:
   """All tensors held by a TorchScript file's modules, as {dotted attribute path: array}."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'TorchScript file not found: {path}')
+    raise MissingPathError(f'TorchScript file not found: {path}')
   try:
     with zipfile.ZipFile(path) as z:
       pkl = next((n for n in z.namelist() if n.endswith('/data.pkl')), None)

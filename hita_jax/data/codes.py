@@ -8,6 +8,7 @@ import os
 
 import grain
 import numpy as np
+from hita_jax.errors import MissingPathError, UserError
 
 from hita_jax.data.sources import process_slice
 
@@ -27,6 +28,21 @@ def unpack(record: bytes, num_holistic: int) -> dict[str, np.ndarray]:
   return {'label': label, 'holistic_codes': hol, 'patch_codes': patch}
 
 
+def check_code_batch(batch: dict, num_classes: int, vocab_size: int) -> None:
+  """Labels and codes of a host batch within the GPT's tables (out of range they would be clipped
+  silently inside jit): one line naming the array, the value and the fix otherwise."""
+  for key, hi, fix in (('label', num_classes, '--config.gpt.num_classes'),
+                       ('holistic_codes', vocab_size, 'the tokenizer config (codebook_size)'),
+                       ('patch_codes', vocab_size, 'the tokenizer config (codebook_size)')):
+    a = batch.get(key)
+    if a is None or not np.size(a):
+      continue
+    lo, hi_seen = int(np.min(a)), int(np.max(a))
+    if lo < 0 or hi_seen >= hi:
+      raise UserError(f'{key} out of range: found {hi_seen if hi_seen >= hi else lo}, the GPT takes '
+                      f'0..{hi - 1}; the codes do not fit this model: check {fix}')
+
+
 def shard_name(process_index: int, shard: int) -> str:
   return f'codes-{process_index:05d}-{shard:05d}.array_record'
 
@@ -37,7 +53,7 @@ class CodesSource:
   def __init__(self, directory: str):
     files = sorted(glob.glob(os.path.join(directory, 'codes-*.array_record')))
     if not files:
-      raise FileNotFoundError(f'no code shards in {directory}; run the extract_codes task first')
+      raise MissingPathError(f'no code shards in {directory}; run the extract_codes task first')
     with open(os.path.join(directory, 'manifest.json')) as f:
       self.manifest = json.load(f)
     self.src = grain.sources.ArrayRecordDataSource(files)

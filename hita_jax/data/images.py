@@ -13,6 +13,7 @@ from PIL import Image
 
 from hita_jax.models.resize import torch_bicubic_resize
 from hita_jax.models.sampler import split_codes
+from hita_jax.errors import UserError, MissingPathError
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff')
 
@@ -76,7 +77,7 @@ VIEWS = ('random_crops', 'center', 'flip', 'ten_crop')
 
 def num_views(views: str, random_crops: int = 5) -> int:
   if views not in VIEWS:
-    raise ValueError(f'views={views!r} is not valid; choose one of {list(VIEWS)}')
+    raise UserError(f'views={views!r} is not valid; choose one of {list(VIEWS)}')
   return {'center': 1, 'flip': 2, 'ten_crop': 10, 'random_crops': 2 * random_crops}[views]
 
 
@@ -84,7 +85,7 @@ def five_crop(img: np.ndarray, size: int) -> list[np.ndarray]:
   """torchvision `five_crop`: top-left, top-right, bottom-left, bottom-right, centre."""
   h, w = img.shape[:2]
   if size > h or size > w:
-    raise ValueError(f'crop {size} is larger than the image {h}x{w}')
+    raise UserError(f'crop {size} is larger than the image {h}x{w}')
   top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
   return [img[:size, :size], img[:size, w - size:], img[h - size:, :size], img[h - size:, w - size:],
           img[top:top + size, left:left + size]]
@@ -101,7 +102,7 @@ def image_views(pil: Image.Image, size: int, views: str, crop_range: float = 1.1
   num_views(views, random_crops)  # validates the name
   if views == 'random_crops':
     if rng is None:
-      raise ValueError('random_crops views need the per-image rng')
+      raise UserError('random_crops views need the per-image rng')
     crops = [random_crop_arr(pil, size, rng) for _ in range(random_crops)]
     return np.stack([v for c in crops for v in (c, c[:, ::-1])])
   if views == 'ten_crop':
@@ -124,7 +125,18 @@ def read_rgb(path_or_file) -> Image.Image:
   """An image file (path or file object) decoded to RGB; raises on corrupt files."""
   with Image.open(path_or_file) as img:
     img.load()
-    return img.convert('RGB')
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """Any PIL mode -> RGB as the official loader (`convert('RGB')`: grayscale, CMYK, palette; RGBA
+  drops alpha), except 16/32-bit and float images, which PIL would clip to 0/255: they are scaled to
+  8 bits first."""
+  if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F'):
+    a = np.asarray(img, np.float64)
+    top = 65535.0 if img.mode.startswith('I;16') or a.max() > 255 else 255.0
+    img = Image.fromarray(np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8))
+  return img.convert('RGB')
 
 
 def iter_center_crops(path: str, size: int) -> Iterator[np.ndarray]:
@@ -135,7 +147,7 @@ def iter_center_crops(path: str, size: int) -> Iterator[np.ndarray]:
       yield center_crop_arr(Image.fromarray(img), size)
     return
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'image source not found: {path} (an .npz with arr_0 or a folder)')
+    raise MissingPathError(f'image source not found: {path} (an .npz with arr_0 or a folder)')
   files = list_images(path)
   skipped = 0
   for f in files:
@@ -153,16 +165,16 @@ def iter_center_crops(path: str, size: int) -> Iterator[np.ndarray]:
 def read_images_npz(path: str, key: str = 'arr_0') -> np.ndarray:
   """Images (uint8 N x H x W x 3) from an ADM-style npz (memory-mapped where possible)."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f'batch file not found: {path}')
+    raise MissingPathError(f'batch file not found: {path}')
   try:
     with np.load(path, allow_pickle=False) as z:
       if key not in z.files:
-        raise KeyError(f'{path} has no {key!r} array (keys: {z.files})')
+        raise UserError(f'{path} has no {key!r} array (keys: {z.files})')
       arr = z[key]
   except (zipfile.BadZipFile, ValueError, OSError) as e:
-    raise ValueError(f'{path}: not a readable .npz batch ({e})') from e
+    raise UserError(f'{path}: not a readable .npz batch ({e})') from e
   if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-    raise ValueError(f'{path}:{key} must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}')
+    raise UserError(f'{path}:{key} must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}')
   return arr
 
 

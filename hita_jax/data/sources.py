@@ -27,7 +27,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from hita_jax.data.images import center_crop_arr, list_images, random_crop_arr, read_rgb
+from hita_jax.data.images import center_crop_arr, list_images, random_crop_arr, read_rgb, to_rgb
+from hita_jax.errors import UserError, MissingPathError
 
 SHAPE_CLASSES = ('circle', 'square', 'triangle', 'cross', 'ring', 'diamond', 'hbars', 'vbars',
                  'checker', 'star')
@@ -41,7 +42,7 @@ class ShapesSource:
   def __init__(self, num_records: int = 10000, size: int = 64, seed: int = 0,
                style: str = 'textured'):
     if style not in SHAPE_STYLES:
-      raise ValueError(f'shapes style {style!r} is not one of {SHAPE_STYLES}')
+      raise UserError(f'shapes style {style!r} is not one of {SHAPE_STYLES}')
     self.num_records, self.size, self.seed, self.style = num_records, size, seed, style
 
   def __len__(self):
@@ -119,15 +120,15 @@ class ImageFolderSource:
 
   def __init__(self, root: str):
     if not os.path.isdir(root):
-      raise FileNotFoundError(f'image folder not found: {root} (expected root/<class>/<images>)')
+      raise MissingPathError(f'image folder not found: {root} (expected root/<class>/<images>)')
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
-      raise ValueError(f'{root} has no class sub-folders (expected root/<class>/<images>)')
+      raise UserError(f'{root} has no class sub-folders (expected root/<class>/<images>)')
     self.classes = classes
     self.records = sorted((f, label) for label, c in enumerate(classes)
                           for f in list_images(os.path.join(root, c)))
     if not self.records:
-      raise ValueError(f'{root} holds no image files in its class sub-folders')
+      raise UserError(f'{root} holds no image files in its class sub-folders')
 
   def __len__(self):
     return len(self.records)
@@ -146,7 +147,7 @@ class TfdsSource:
       self.src = tfds.data_source(name, split=split, data_dir=data_dir,
                                   decoders={'image': tfds.decode.SkipDecoding()})
     except Exception as e:
-      raise RuntimeError(f'tfds dataset {name}:{split} is not available as ArrayRecord under '
+      raise UserError(f'tfds dataset {name}:{split} is not available as ArrayRecord under '
                          f'{data_dir or "$TFDS_DATA_DIR"} ({e}); prepare it with `tfds build {name} '
                          '--file_format=array_record` (ImageNet needs the manual download)') from e
 
@@ -162,7 +163,8 @@ class TfdsSource:
 
 def _open(record) -> Image.Image:
   if 'image' in record:
-    return Image.fromarray(np.asarray(record['image']))
+    a = np.asarray(record['image'])
+    return to_rgb(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a))  # (H, W, 1) gray
   return read_rgb(record['path'] if 'path' in record else io.BytesIO(record['bytes']))
 
 
@@ -175,7 +177,7 @@ def open_readable(source, index: int, record=None, max_tries: int = 64):
       return _open(record), int(record['label']), attempt
     except Exception:  # corrupt / unreadable: never fatal
       record = source[(index + attempt + 1) % len(source)]
-  raise RuntimeError(f'{max_tries} consecutive unreadable images near index {index}')
+  raise UserError(f'{max_tries} consecutive unreadable images near index {index}')
 
 
 class DecodeAugment(grain.transforms.RandomMap):
@@ -206,7 +208,7 @@ def make_source(cfg) -> Any:
     return ImageFolderSource(cfg.path)
   if kind == 'tfds':
     return TfdsSource(cfg.name, cfg.split, cfg.data_dir or None)
-  raise ValueError(f"data.source must be 'shapes', 'folder' or 'tfds', got {kind!r}")
+  raise UserError(f"data.source must be 'shapes', 'folder' or 'tfds', got {kind!r}")
 
 
 def process_slice(ds, local_batch: int, process_index: int, process_count: int):
@@ -221,7 +223,7 @@ def make_image_dataset(cfg, *, image_size: int, global_batch: int, seed: int, tr
   """A checkpointable iterator of per-process batches {'image': uint8 (b, S, S, 3), 'label',
   'skipped'} with b = global_batch / process_count."""
   if global_batch % process_count:
-    raise ValueError(f'global batch {global_batch} is not divisible by {process_count} processes')
+    raise UserError(f'global batch {global_batch} is not divisible by {process_count} processes')
   source = make_source(cfg)
   ds = grain.MapDataset.source(source)
   ds = ds.map_with_index(lambda i, r: (r, i))

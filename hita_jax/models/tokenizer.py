@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hita_jax.errors import UserError
 from hita_jax.models.cnn import CNNDecoder, CNNEncoder
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config, preprocess_for_dinov2
 from hita_jax.models.holistic import FusionDecoder, HolisticEncoder
@@ -100,10 +101,14 @@ class Tokenizer(nnx.Module):
   # -- pieces ---------------------------------------------------------------------------------
   def _check_images(self, images):
     if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f'images must be (B, H, W, 3) NHWC in [-1, 1]; got shape {images.shape}')
+      raise UserError(f'tokenizer input must be (B, H, W, 3) NHWC in [-1, 1]; got shape {images.shape} '
+                      '(add the batch axis / convert to RGB)')
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise UserError(f'tokenizer input must be floating point in [-1, 1]; got {images.dtype} '
+                      '(convert uint8 images with hita_jax.data.images.to_unit)')
     f = self.cfg.downsample
     if images.shape[1] % f or images.shape[2] % f:
-      raise ValueError(f'image size {images.shape[1]}x{images.shape[2]} is not a multiple of the '
+      raise UserError(f'image size {images.shape[1]}x{images.shape[2]} is not a multiple of the '
                        f'CNN downsampling factor {f}')
 
   def dinov2_features(self, images):
@@ -149,10 +154,10 @@ class Tokenizer(nnx.Module):
     if patch_codes.ndim == 2:
       g = math.isqrt(patch_codes.shape[1])
       if g * g != patch_codes.shape[1]:
-        raise ValueError(f'{patch_codes.shape[1]} patch codes are not a square grid; pass (B, h, w)')
+        raise UserError(f'{patch_codes.shape[1]} patch codes are not a square grid; pass (B, h, w)')
       patch_codes = patch_codes.reshape(-1, g, g)
     if holistic_codes.shape[-1] != self.cfg.num_holistic:
-      raise ValueError(f'expected {self.cfg.num_holistic} holistic codes, got {holistic_codes.shape}')
+      raise UserError(f'expected {self.cfg.num_holistic} holistic codes, got {holistic_codes.shape}')
     return self.decode_latents(self.holistic_quantizer.lookup(holistic_codes),
                                self.patch_quantizer.lookup(patch_codes))
 

@@ -36,6 +36,7 @@ from hita_jax.data.images import iter_center_crops, read_images_npz, to_uint8, t
 from hita_jax.metrics import adm
 from hita_jax.metrics.image import psnr, ssim
 from hita_jax.metrics.inception_features import InceptionRunner, progress_printer
+from hita_jax.errors import UserError
 
 
 def generation_metrics(runner: InceptionRunner, sample_path: str, ref_path: str,
@@ -139,18 +140,19 @@ def tokenizer_metrics(tokenizer, images: Iterable[np.ndarray], runner: Inception
 
 def run(config, workdir: str) -> dict[str, Any]:
   ev = config.evaluate
+  config_lib.check_paths(config)
   if ev.mode == 'tokenizer':  # before any model is allocated
     pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
                               allow_random=config.init.allow_random_dinov2)
   runner = InceptionRunner(pretrained.load_inception(ev.inception_weights), batch_size=ev.batch_size)
   if ev.mode == 'generation':
     if not ev.sample_npz or not ev.ref_npz:
-      raise ValueError('evaluate.mode=generation needs --config.evaluate.sample_npz and '
+      raise UserError('evaluate.mode=generation needs --config.evaluate.sample_npz and '
                        '--config.evaluate.ref_npz')
     results = generation_metrics(runner, ev.sample_npz, ev.ref_npz, ev.distance_dtype)
   elif ev.mode == 'tokenizer':
     if not ev.images:
-      raise ValueError('evaluate.mode=tokenizer needs --config.evaluate.images (an .npz or a folder)')
+      raise UserError('evaluate.mode=tokenizer needs --config.evaluate.images (an .npz or a folder)')
     tcfg = config_lib.tokenizer_config_from(config.tokenizer)
     tok = pretrained.load_tokenizer(tcfg, config.init.tokenizer, key=config.init.tokenizer_key,
                                     dinov2=config.init.dinov2,
@@ -160,7 +162,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       images = (img for i, img in zip(range(ev.max_images), images))
     results = tokenizer_metrics(tok, images, runner, batch_size=ev.tokenizer_batch_size)
   else:
-    raise ValueError(f"evaluate.mode must be 'generation' or 'tokenizer', got {ev.mode!r}")
+    raise UserError(f"evaluate.mode must be 'generation' or 'tokenizer', got {ev.mode!r}")
   results['inception_weights'] = ev.inception_weights or 'fid-helper'
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, 'eval_results.json')

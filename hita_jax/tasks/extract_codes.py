@@ -33,6 +33,7 @@ from hita_jax import config_lib, pretrained, sharding
 from hita_jax.data.codes import pack, shard_name
 from hita_jax.data.images import VIEWS, image_views, num_views, to_unit
 from hita_jax.data.sources import make_source, open_readable
+from hita_jax.errors import UserError
 
 
 def encode_fn(tokenizer, mesh, rules):
@@ -52,13 +53,14 @@ def encode_fn(tokenizer, mesh, rules):
 def run(config, workdir: str):
   from array_record.python.array_record_module import ArrayRecordWriter  # a grain dependency
   ex = config.extract_codes
+  config_lib.check_paths(config)
   if not config.init.tokenizer:
-    raise ValueError('extract_codes needs --config.init.tokenizer=<tokenizer export or official file>')
+    raise UserError('extract_codes needs --config.init.tokenizer=<tokenizer export or official file>')
   pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
                             allow_random=config.init.allow_random_dinov2)
   views = ex.views
   if views not in VIEWS:
-    raise ValueError(f'config.extract_codes.views={views!r} is not valid; choose one of {list(VIEWS)}')
+    raise UserError(f'config.extract_codes.views={views!r} is not valid; choose one of {list(VIEWS)}')
   n_views = num_views(views, ex.random_crops)
   tcfg = config_lib.tokenizer_config_from(config.tokenizer)
   tok = pretrained.load_tokenizer(tcfg, config.init.tokenizer, key=config.init.tokenizer_key,

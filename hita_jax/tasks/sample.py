@@ -21,6 +21,7 @@ from hita_jax import config_lib, pretrained, sharding
 from hita_jax.data.images import codes_to_images, save_png
 from hita_jax.models.gpt import gpt_config_from
 from hita_jax.models.sampler import for_sampling, generate
+from hita_jax.errors import UserError
 
 
 def labels_for(num_images: int, num_classes: int, mode: str, seed: int) -> np.ndarray:
@@ -29,7 +30,7 @@ def labels_for(num_images: int, num_classes: int, mode: str, seed: int) -> np.nd
     return np.random.default_rng(seed).permutation(labels).astype(np.int32)
   if mode == 'random':
     return np.random.default_rng(seed).integers(0, num_classes, num_images).astype(np.int32)
-  raise ValueError(f"sample.classes must be 'balanced' or 'random', got {mode!r}")
+  raise UserError(f"sample.classes must be 'balanced' or 'random', got {mode!r}")
 
 
 def _atomic_savez(path: str, **arrays):
@@ -41,8 +42,9 @@ def _atomic_savez(path: str, **arrays):
 def run(config, workdir: str):
   sc = config.sample
   init = config.init
+  config_lib.check_paths(config)
   if not init.gpt or not init.tokenizer:
-    raise ValueError('the sample task needs --config.init.gpt=<GPT export or official .pt> and '
+    raise UserError('the sample task needs --config.init.gpt=<GPT export or official .pt> and '
                      '--config.init.tokenizer=<tokenizer export or official .pt>')
   mesh = sharding.make_mesh(config_lib.mesh_spec(config, jax.device_count()))
   rules = config_lib.axis_rules(config)
@@ -118,7 +120,7 @@ def run(config, workdir: str):
 def _assemble(chunk_dir: str, n_chunks: int, num_images: int, labels, final: str):
   chunks = sorted(glob.glob(os.path.join(chunk_dir, 'chunk_*.npz')))
   if len(chunks) != n_chunks:
-    raise RuntimeError(f'expected {n_chunks} chunks in {chunk_dir}, found {len(chunks)}')
+    raise UserError(f'expected {n_chunks} chunks in {chunk_dir}, found {len(chunks)}')
   imgs, labs = [], []
   for p in chunks:
     with np.load(p) as z:
@@ -126,7 +128,7 @@ def _assemble(chunk_dir: str, n_chunks: int, num_images: int, labels, final: str
       labs.append(z['labels'])
   arr, lab = np.concatenate(imgs), np.concatenate(labs)
   if len(arr) != num_images or not np.array_equal(lab, labels):
-    raise RuntimeError(f'{chunk_dir} holds chunks of another run (count or labels differ); '
+    raise UserError(f'{chunk_dir} holds chunks of another run (count or labels differ); '
                        'use a fresh workdir')
   _atomic_savez(final, arr_0=arr, arr_1=lab)
   print(f'wrote {final}: {arr.shape} uint8, labels in arr_1', flush=True)

@@ -18,12 +18,13 @@ import optax
 from flax import nnx
 
 from hita_jax import checkpoint, config_lib, pretrained, sharding, training
-from hita_jax.data.codes import SyntheticCodes, make_codes_dataset
+from hita_jax.data.codes import SyntheticCodes, check_code_batch, make_codes_dataset
 from hita_jax.data.images import codes_to_images, to_unit
 from hita_jax.data.sources import make_image_dataset
 from hita_jax.metrics import flops
 from hita_jax.models.gpt import GPT, gpt_config_from
 from hita_jax.models.sampler import generate
+from hita_jax.errors import MissingPathError, UserError
 
 
 @dataclasses.dataclass
@@ -80,9 +81,6 @@ def build(config, mesh):
   tok_def, tok_state = None, None
   if not ar.codes_dir:  # codes on the fly, inside the step (official)
     tcfg = config_lib.tokenizer_config_from(config.tokenizer)
-    if not config.init.tokenizer:
-      raise ValueError('train_ar without train_ar.codes_dir computes codes on the fly and needs '
-                       '--config.init.tokenizer=<tokenizer export or official file>')
     tok = pretrained.load_tokenizer(tcfg, config.init.tokenizer, key=config.init.tokenizer_key,
                                     dinov2=config.init.dinov2,
                                     allow_random_dinov2=config.init.allow_random_dinov2)
@@ -163,8 +161,36 @@ def sample_grid(parts: Parts, params, config, tok_state, key):
   return sharding.to_host(codes_to_images(tok, codes, eval_size=None))
 
 
+def validate(config):
+  """Everything that can be checked before a model is allocated: paths, the code source, the
+  tokenizer's DINOv2, the batch and the steps (one line naming the key otherwise)."""
+  ar = config.train_ar
+  config_lib.check_paths(config)
+  if not ar.codes_dir and not config.init.tokenizer:
+    raise UserError('train_ar without train_ar.codes_dir computes codes on the fly and needs '
+                    '--config.init.tokenizer=<tokenizer export or official file> '
+                    '(or --config.train_ar.codes_dir=<an extract_codes output>)')
+  for key in ('global_batch_size', 'log_every', 'ckpt_every'):
+    if ar[key] <= 0:
+      raise UserError(f'config.train_ar.{key} must be positive, got {ar[key]}')
+  if ar.codes_dir and ar.codes_dir != 'synthetic':
+    import json
+    manifest = os.path.join(ar.codes_dir, 'manifest.json')
+    if not os.path.exists(manifest):
+      raise MissingPathError(f'{manifest} not found: {ar.codes_dir} is not an extract_codes output '
+                             '(fix --config.train_ar.codes_dir)')
+    with open(manifest) as f:
+      m = json.load(f)
+    g = config.gpt
+    if m.get('num_holistic') != g.num_holistic or m.get('num_patches', g.grid ** 2) != g.grid ** 2:
+      raise UserError(f'{ar.codes_dir} holds codes of {m.get("num_holistic")} holistic + '
+                      f'{m.get("num_patches")} patch tokens, the GPT config expects {g.num_holistic} + '
+                      f'{g.grid ** 2}: extract with the tokenizer config this GPT is built for')
+
+
 def run(config, workdir: str):
   ar = config.train_ar
+  validate(config)
   if not ar.codes_dir:  # the frozen tokenizer encodes: it needs its DINOv2 (checked before allocating)
     pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
                               allow_random=config.init.allow_random_dinov2)
@@ -199,7 +225,9 @@ def run(config, workdir: str):
   rng = jax.random.key(config.seed)
   try:
     for step in range(start + 1, num_steps + 1):
-      batch = training.global_batch({k: v for k, v in next(it).items() if k in shardings}, shardings)
+      local = {k: v for k, v in next(it).items() if k in shardings}
+      check_code_batch(local, parts.cfg.num_classes, parts.cfg.vocab_size)
+      batch = training.global_batch(local, shardings)
       state, metrics = step_fn(state, tok_state, batch, rng)
       logger.log(step, metrics, extra=throughput)
       if ar.sample_every and (step % ar.sample_every == 0 or step == num_steps):

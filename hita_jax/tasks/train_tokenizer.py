@@ -33,6 +33,7 @@ from hita_jax.models import losses
 from hita_jax.models.discriminator import PatchGAN
 from hita_jax.models.quantizer import codes_used_fraction
 from hita_jax.models.tokenizer import Tokenizer, trainable_filter
+from hita_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -64,7 +65,7 @@ def build(config, mesh):
     sharding.shard_module(tok, mesh, rules)
   else:
     if not init.allow_random_dinov2:
-      raise ValueError('training needs the frozen DINOv2 weights: --config.init.dinov2=<Meta .pth or '
+      raise UserError('training needs the frozen DINOv2 weights: --config.init.dinov2=<Meta .pth or '
                        'Hugging Face dir> (or --config.init.allow_random_dinov2=True for experiments)')
     tok = sharding.create_sharded(
         lambda: Tokenizer(tcfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)), mesh, rules)
@@ -222,6 +223,7 @@ def export_ema(parts, state, directory):
 
 def validate(config):
   """Fail early, naming the key, on values the step would only reject deep inside jit."""
+  config_lib.check_paths(config)
   lc, tr = config.tokenizer_loss, config.train_tokenizer
   checks = [('tokenizer_loss.disc_loss', lc.disc_loss, sorted(losses.D_LOSSES)),
             ('tokenizer_loss.gen_loss', lc.gen_loss, sorted(losses.G_LOSSES)),
@@ -231,10 +233,10 @@ def validate(config):
             ('data.source', config.data.source, ['shapes', 'folder', 'tfds'])]
   for key, value, valid in checks:
     if value not in valid:
-      raise ValueError(f'config.{key}={value!r} is not valid; choose one of {valid}')
+      raise UserError(f'config.{key}={value!r} is not valid; choose one of {valid}')
   for key in ('global_batch_size', 'num_steps', 'log_every', 'ckpt_every', 'image_every'):
     if tr[key] <= 0:
-      raise ValueError(f'config.train_tokenizer.{key} must be positive, got {tr[key]}')
+      raise UserError(f'config.train_tokenizer.{key} must be positive, got {tr[key]}')
 
 
 def run(config, workdir: str):
@@ -248,7 +250,7 @@ def run(config, workdir: str):
   batch_sh = {'image': sharding.batch_sharding(mesh, rules, 4)}
   n_shards = sharding.batch_shards(batch_sh['image'])
   if tr.global_batch_size % n_shards:
-    raise ValueError(f'train_tokenizer.global_batch_size={tr.global_batch_size} must be a multiple '
+    raise UserError(f'train_tokenizer.global_batch_size={tr.global_batch_size} must be a multiple '
                      f'of the {n_shards} batch shards of mesh {dict(mesh.shape)}')
   data_iter, _ = make_image_dataset(
       config.data, image_size=parts.cfg.image_size, global_batch=tr.global_batch_size,
