@@ -14,6 +14,10 @@ class MissingPathError(UserError, FileNotFoundError):
   """A weights file, export or data directory that does not exist."""
 
 
+class MissingEntryError(UserError, KeyError):
+  """A file that exists but lacks the entry asked for (an .npz array, a checkpoint key)."""
+
+
 class NonFiniteError(UserError, FloatingPointError):
   """Training produced a non-finite loss or gradient norm too many steps in a row."""
 

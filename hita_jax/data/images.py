@@ -13,7 +13,7 @@ from PIL import Image
 
 from hita_jax.models.resize import torch_bicubic_resize
 from hita_jax.models.sampler import split_codes
-from hita_jax.errors import UserError, MissingPathError
+from hita_jax.errors import MissingEntryError, UserError, MissingPathError
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff')
 
@@ -169,8 +169,10 @@ def read_images_npz(path: str, key: str = 'arr_0') -> np.ndarray:
   try:
     with np.load(path, allow_pickle=False) as z:
       if key not in z.files:
-        raise UserError(f'{path} has no {key!r} array (keys: {z.files})')
+        raise MissingEntryError(f'{path} has no {key!r} array (keys: {z.files})')
       arr = z[key]
+  except MissingEntryError:
+    raise
   except (zipfile.BadZipFile, ValueError, OSError) as e:
     raise UserError(f'{path}: not a readable .npz batch ({e})') from e
   if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
