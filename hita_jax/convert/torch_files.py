@@ -43,6 +43,32 @@ class CheckpointFormatError(UserError):
   """A checkpoint file that cannot be read (corrupt, unsupported or unsafe content)."""
 
 
+# Zip members larger than this and compressed more than _MAX_RATIO times are refused as zip bombs:
+# torch.save and np.savez write members uncompressed, so a real checkpoint never comes near either.
+_BOMB_SIZE = 64 << 20
+_MAX_RATIO = 100
+
+
+def check_zip(path: str) -> None:
+  """Refuses a zip (torch checkpoint, .npz) whose members would decompress to far more than the
+  file holds, before anything is read."""
+  try:
+    with zipfile.ZipFile(path) as z:
+      infos = z.infolist()
+  except zipfile.BadZipFile as e:
+    raise CheckpointFormatError(f'{path}: corrupt zip archive ({e})') from e
+  total = 0
+  for info in infos:
+    total += info.file_size
+    if info.file_size > _BOMB_SIZE and info.file_size > _MAX_RATIO * max(info.compress_size, 1):
+      raise CheckpointFormatError(
+          f'{path}: member {info.filename} would decompress to {info.file_size} bytes from '
+          f'{info.compress_size} (a zip bomb?); refusing to read it')
+  if total > _BOMB_SIZE and total > _MAX_RATIO * max(os.path.getsize(path), 1):
+    raise CheckpointFormatError(f'{path}: members would decompress to {total} bytes from a '
+                                f'{os.path.getsize(path)}-byte file (a zip bomb?); refusing to read it')
+
+
 def _rebuild_tensor(storage, offset, size, stride, *unused):
   arr, = storage if isinstance(storage, tuple) else (storage,)
   if not size:
@@ -162,6 +188,8 @@ def load_torch_checkpoint(path: str, *, use_torch: bool | None = None) -> Any:
     raise MissingPathError(f'checkpoint not found: {path}')
   if use_torch is None:
     use_torch = importlib.util.find_spec('torch') is not None
+  if zipfile.is_zipfile(path):
+    check_zip(path)
   try:
     if use_torch:
       return _torch_load(path)
@@ -188,6 +216,7 @@ def load_state_dict_file(path: str, *, key: str | None = 'ema', use_torch: bool 
     except Exception as e:
       raise CheckpointFormatError(f'{path}: cannot read as safetensors ({e})') from e
   if path.endswith('.npz'):
+    check_zip(path)
     try:
       with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
