@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from flax import nnx
-from hita_jax.errors import UserError, MissingPathError
+from hita_jax.errors import SaveError, UserError, MissingPathError
 
 from hita_jax import sharding
 
@@ -36,7 +37,9 @@ def _restore_keys(tree, like):
 
 def save_params(directory: str, module_or_state, *, config: dict | None = None,
                 filt=nnx.Param, overwrite: bool = False, metadata: dict | None = None) -> str:
-  """Writes the module's variables matching `filt` (default: all nnx.Param) to `directory`."""
+  """Writes the module's variables matching `filt` (default: all nnx.Param) to `directory`.
+  The new export is written beside it and swapped in only once complete, so a failed or killed
+  write leaves the previous export as it was (a failure raises SaveError naming the path)."""
   directory = os.path.abspath(directory)
   if os.path.exists(os.path.join(directory, 'params')):
     if not overwrite:
@@ -50,13 +53,33 @@ def save_params(directory: str, module_or_state, *, config: dict | None = None,
   # multi-process save); the rest are written once, as numpy.
   tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
                       else np.asarray(jax.device_get(x)), tree)
-  os.makedirs(directory, exist_ok=True)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, 'params'), tree, force=overwrite)
-  ckptr.wait_until_finished()
-  if sharding.is_main_process():
-    with open(os.path.join(directory, 'config.json'), 'w') as f:
-      json.dump({'config': config, 'metadata': metadata or {}}, f, indent=1, default=str)
+  tmp, old = directory + '.writing', directory + '.old'
+  main = sharding.is_main_process()
+  try:
+    if main:
+      for d in (tmp, old):  # leftovers of a killed write
+        if os.path.exists(d):
+          shutil.rmtree(d)
+      os.makedirs(tmp)
+    sharding.sync('save_params:tmp_ready')
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, 'params'), tree)
+    ckptr.wait_until_finished()
+    if main:
+      with open(os.path.join(tmp, 'config.json'), 'w') as f:
+        json.dump({'config': config, 'metadata': metadata or {}}, f, indent=1, default=str)
+      if os.path.exists(directory):
+        os.rename(directory, old)
+      os.rename(tmp, directory)
+      if os.path.exists(old):
+        shutil.rmtree(old)
+  except Exception as e:
+    if main:
+      shutil.rmtree(tmp, ignore_errors=True)
+      if os.path.exists(old) and not os.path.exists(directory):
+        os.rename(old, directory)
+    raise SaveError(f'cannot write the params export {directory}: {e} (free space or make the '
+                    'directory writable; the previous export is unchanged)') from e
   sharding.sync('save_params:done')
   return directory
 
@@ -130,11 +153,38 @@ def checkpoint_manager(directory: str, *, every: int, keep: int, best_metric: st
       options=options)
 
 
+def _save_failed(mngr, step: int | None, e: Exception) -> SaveError:
+  latest = mngr.latest_step()
+  what = 'the checkpoint in flight' if step is None else f'the checkpoint of step {step}'
+  keep = f'the checkpoint of step {latest} is intact and a rerun resumes from it' if latest is not None \
+      else 'no earlier checkpoint exists'
+  return SaveError(f'cannot write {what} under {mngr.directory}: {e} '
+                   f'(free space or make the workdir writable; {keep})')
+
+
 def save_train_state(mngr, step: int, state, data_iter, metrics: dict | None = None):
+  """Starts an async save (finishing the previous one first). Orbax writes into a temporary
+  directory and renames it when complete, so a failed or killed save never replaces a good one;
+  a failure raises SaveError naming the directory."""
   import grain  # as in checkpoint_manager
-  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 data=grain.checkpoint.CheckpointSave(data_iter)),
-                   metrics=metrics, force=True)
+  try:
+    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   data=grain.checkpoint.CheckpointSave(data_iter)),
+                     metrics=metrics, force=True)
+  except UserError:
+    raise
+  except Exception as e:  # OSError (disk full, read-only), or Orbax's wrapper of it
+    raise _save_failed(mngr, step, e) from e
+
+
+def finish_saves(mngr):
+  """Waits for the async save in flight; its failure raises SaveError as `save_train_state`."""
+  try:
+    mngr.wait_until_finished()
+  except UserError:
+    raise
+  except Exception as e:
+    raise _save_failed(mngr, None, e) from e
 
 
 def _is_grain(it) -> bool:

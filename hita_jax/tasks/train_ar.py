@@ -239,7 +239,7 @@ def run(config, workdir: str):
         checkpoint.save_train_state(mngr, step, state, it,
                                     metrics={'loss': training.finite_or_inf(metrics['loss'])})
   finally:  # a stopped run still completes the async save in flight (a finite state)
-    mngr.wait_until_finished()
+    checkpoint.finish_saves(mngr)
   logger.close()
   export = os.path.join(workdir, 'export', 'ema')
   pretrained.save_gpt(export, nnx.merge(parts.gpt_def, state['ema'], copy=True), overwrite=True,

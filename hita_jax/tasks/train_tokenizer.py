@@ -289,7 +289,7 @@ def run(config, workdir: str):
       if tr.export_every and step % tr.export_every == 0:
         export_ema(parts, state, os.path.join(workdir, 'export', 'ema'))
   finally:  # a stopped run still completes the async save in flight (a finite state)
-    mngr.wait_until_finished()
+    checkpoint.finish_saves(mngr)
   logger.close()
   export_ema(parts, state, os.path.join(workdir, 'export', 'ema'))
   summary = {'step': int(state['step']), 'skipped_images': skipped}
