@@ -57,6 +57,8 @@ def save_params(directory: str, module_or_state, *, config: dict | None = None,
   main = sharding.is_main_process()
   try:
     if main:
+      if os.path.exists(old) and not os.path.exists(directory):  # killed mid-swap: the old one back
+        os.rename(old, directory)
       for d in (tmp, old):  # leftovers of a killed write
         if os.path.exists(d):
           shutil.rmtree(d)

@@ -128,6 +128,8 @@ class MetricLogger:
     self.items, self.line_keys = images_per_step, line_keys
     self.main = jax.process_index() == 0
     self.writer = _event_writer(workdir, self.main)
+    if self.main:
+      self._truncate_jsonl(start_step)
     if start_step == 0 and hparams:
       self.writer.write_hparams({k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))})
     self._acc: list = []
@@ -138,6 +140,24 @@ class MetricLogger:
     self.last_step_time = float('nan')  # mean seconds per step over the last logging period
     self._t0 = self._t_last = time.time()
     self._s0 = start_step
+
+  def _truncate_jsonl(self, start_step: int):
+    """A resumed run repeats the steps after its checkpoint: their records (and a line cut by a
+    kill) are dropped, so `metrics.jsonl` holds each step once, from the run that counts."""
+    path = os.path.join(self.workdir, 'metrics.jsonl')
+    if not os.path.exists(path):
+      return
+    keep = []
+    with open(path) as f:
+      for line in f:
+        try:
+          if json.loads(line)['step'] <= start_step:
+            keep.append(line if line.endswith('\n') else line + '\n')
+        except (ValueError, KeyError):
+          pass  # a line cut short by a kill
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
   def due(self, step: int) -> bool:
     return step % self.every == 0 or step == self.total

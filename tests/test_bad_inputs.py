@@ -134,6 +134,7 @@ def test_missing_weights_path_names_the_key(tmp_path):
   assert 'tokenizer weights not found' in line and '--config.init.tokenizer=' in line
 
 
+@pytest.mark.slow  # a third JAX start-up; the two above cover the one-line path
 def test_verbosity_keeps_the_traceback(tmp_path):
   r = _main(f'--config={ROOT}/configs/hita_b.py:tiny', f'--workdir={tmp_path}', '--verbosity=0',
             f'--config.init.tokenizer={tmp_path}/nope.pt')

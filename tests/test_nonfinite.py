@@ -62,6 +62,7 @@ def nan_gpt(monkeypatch):
   monkeypatch.setattr(GPT, 'loss', loss)
 
 
+@pytest.mark.slow  # a whole (tiny) run, ~40 s on a loaded 2-core machine; the unit test below stays default
 def test_ar_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, nan_gpt):
   config = ar_config(write_codes_dir(tmp_path / 'codes', ar_config('')), steps=12, max_nonfinite_steps=3)
   null = config.gpt.num_classes
