@@ -54,14 +54,12 @@ def save_params(directory: str, module_or_state, *, config: dict | None = None,
   tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) and not x.is_fully_addressable
                       else np.asarray(jax.device_get(x)), tree)
   tmp, old = directory + '.writing', directory + '.old'
-  main = sharding.is_main_process()
+  entries = ('params', 'config.json')  # only these are replaced: other files in `directory` stay
+  main = sharding.is_main_process()  # process 0 moves files; every process writes its shards
   try:
     if main:
-      if os.path.exists(old) and not os.path.exists(directory):  # killed mid-swap: the old one back
-        os.rename(old, directory)
-      for d in (tmp, old):  # leftovers of a killed write
-        if os.path.exists(d):
-          shutil.rmtree(d)
+      _recover_export(directory)
+      shutil.rmtree(tmp, ignore_errors=True)
       os.makedirs(tmp)
     sharding.sync('save_params:tmp_ready')
     ckptr = ocp.StandardCheckpointer()
@@ -70,20 +68,43 @@ def save_params(directory: str, module_or_state, *, config: dict | None = None,
     if main:
       with open(os.path.join(tmp, 'config.json'), 'w') as f:
         json.dump({'config': config, 'metadata': metadata or {}}, f, indent=1, default=str)
-      if os.path.exists(directory):
-        os.rename(directory, old)
-      os.rename(tmp, directory)
-      if os.path.exists(old):
-        shutil.rmtree(old)
+      open(os.path.join(tmp, 'COMPLETE'), 'w').close()  # from here a killed write is finished, not undone
+      os.makedirs(directory, exist_ok=True)
+      if os.path.exists(os.path.join(directory, 'params')):  # the previous export aside, then the new in
+        os.makedirs(old)
+        for e in entries:
+          if os.path.exists(os.path.join(directory, e)):
+            os.rename(os.path.join(directory, e), os.path.join(old, e))
+      _recover_export(directory)  # moves the new entries in, drops the old
   except Exception as e:
     if main:
-      shutil.rmtree(tmp, ignore_errors=True)
-      if os.path.exists(old) and not os.path.exists(directory):
-        os.rename(old, directory)
+      if os.path.exists(os.path.join(tmp, 'COMPLETE')):
+        os.remove(os.path.join(tmp, 'COMPLETE'))  # a failed write is undone
+      _recover_export(directory)
     raise SaveError(f'cannot write the params export {directory}: {e} (free space or make the '
                     'directory writable; the previous export is unchanged)') from e
   sharding.sync('save_params:done')
   return directory
+
+
+def _recover_export(directory: str) -> None:
+  """Finishes or undoes an export write that was killed or failed: a complete new export (its
+  `COMPLETE` marker written) is moved in, otherwise the previous one is put back."""
+  tmp, old = directory + '.writing', directory + '.old'
+  if os.path.exists(os.path.join(tmp, 'COMPLETE')):  # roll forward
+    os.makedirs(directory, exist_ok=True)
+    for e in os.listdir(tmp):
+      if e != 'COMPLETE':
+        dst = os.path.join(directory, e)
+        if os.path.isdir(dst):
+          shutil.rmtree(dst)
+        os.replace(os.path.join(tmp, e), dst)
+  elif os.path.exists(old):  # roll back
+    for e in os.listdir(old):
+      if not os.path.exists(os.path.join(directory, e)):
+        os.rename(os.path.join(old, e), os.path.join(directory, e))
+  shutil.rmtree(tmp, ignore_errors=True)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def read_export_config(directory: str) -> dict[str, Any]:
