@@ -1,10 +1,11 @@
 """SIGKILL a task at random moments and restart it until it finishes (tests/test_kill_anywhere.py).
 
-Kills are drawn three ways: alternately at a random time within the reference run's duration and
-while an async Orbax save is in flight (its temporary directory exists), and last while the params
-export is being written (`export/ema.writing` exists). Restarts are cheap: every process shares a
+Kills are drawn three ways: alternately 1-3 steps (+ a random fraction of one) after the step the
+restart resumes from and while an async Orbax save is in flight (its temporary directory exists),
+and last while the params export is being written (`export/ema.writing` exists). Restarts are cheap: every process shares a
 persistent compilation cache, so only the first one compiles."""
 import glob
+import json
 import os
 import random
 import signal
@@ -42,29 +43,49 @@ def _exporting(workdir):
   return bool(glob.glob(os.path.join(workdir, 'export', '*.writing')))
 
 
-def kill_repeatedly(cmd, workdir, cache_dir, kills: int, duration: float, seed: int = 0):
-  """Starts `cmd` `kills` times, each killed with SIGKILL; returns what each kill hit."""
+def _last_step(workdir):
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      lines = f.read().splitlines()
+    return json.loads(lines[-1])['step'] if lines else 0
+  except (OSError, ValueError, KeyError):
+    return 0
+
+
+def _checkpoint_step(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+  return max(steps, default=0)
+
+
+def kill_repeatedly(cmd, workdir, cache_dir, kills: int, timeout: float = 300, seed: int = 0,
+                    progress=_last_step, done=_checkpoint_step, random_only: bool = False):
+  """Starts `cmd` `kills` times, each killed with SIGKILL; returns what each kill hit. A 'random'
+  kill lands 1-3 steps after the resumed step plus a random fraction of a step (
+  `progress`/`done`: for another task, how far it got / what a restart keeps, e.g. shards)."""
   rng = random.Random(seed)
   hits = []
   for i in range(kills):
+    start = done(workdir)
+    target, jitter = start + rng.randint(1, 3), rng.uniform(0.0, 0.3)
     p = subprocess.Popen(cmd, cwd=ROOT, env=env(cache_dir), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     # the export last: train_ar exports only at its end, after which a restart has nothing left to do
-    kind = 'export' if i == kills - 1 else ('random', 'save')[i % 2]
-    deadline = time.time() + (duration * 1.5 if kind != 'random' else rng.uniform(0.2, 1.0) * duration)
-    hit = 'random'
-    while time.time() < deadline and p.poll() is None:
+    kind = 'random' if random_only else 'export' if i == kills - 1 else ('random', 'save')[i % 2]
+    deadline, hit = time.time() + timeout, None
+    while time.time() < deadline and p.poll() is None and hit is None:
       if kind == 'save' and _saving(workdir):
         hit = 'save'
-        break
-      if kind == 'export' and _exporting(workdir):
+      elif kind == 'export' and _exporting(workdir):
         hit = 'export'
-        break
+      elif kind == 'random' and progress(workdir) >= target:
+        time.sleep(jitter)
+        hit = f'step {target - 1}-{target}'
       time.sleep(0.01)
     if p.poll() is not None:  # finished before the kill: the run is complete
       hits.append('finished')
       break
     p.send_signal(signal.SIGKILL)
     p.wait()
-    hits.append(hit)
+    hits.append(hit or 'timeout')
   return hits
