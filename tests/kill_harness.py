@@ -35,12 +35,24 @@ def run_to_end(cmd, cache_dir, timeout=600):
   return r, time.time() - t0
 
 
-def _saving(workdir):
-  return bool(glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*')))
+def _newer(pattern, since):
+  """Paths matching `pattern` created after `since` (a killed run's leftovers do not count)."""
+  out = []
+  for p in glob.glob(pattern):
+    try:
+      if os.path.getmtime(p) >= since:
+        out.append(p)
+    except OSError:  # renamed away meanwhile
+      pass
+  return bool(out)
 
 
-def _exporting(workdir):
-  return bool(glob.glob(os.path.join(workdir, 'export', '*.writing')))
+def _saving(workdir, since):
+  return _newer(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*'), since)
+
+
+def _exporting(workdir, since):
+  return _newer(os.path.join(workdir, 'export', '*.writing'), since)
 
 
 def _last_step(workdir):
@@ -72,11 +84,12 @@ def kill_repeatedly(cmd, workdir, cache_dir, kills: int, timeout: float = 300, s
                          stderr=subprocess.DEVNULL)
     # the export last: train_ar exports only at its end, after which a restart has nothing left to do
     kind = 'random' if random_only else 'export' if i == kills - 1 else ('random', 'save')[i % 2]
-    deadline, hit = time.time() + timeout, None
+    launched = time.time()
+    deadline, hit = launched + timeout, None
     while time.time() < deadline and p.poll() is None and hit is None:
-      if kind == 'save' and _saving(workdir):
+      if kind == 'save' and _saving(workdir, launched):
         hit = 'save'
-      elif kind == 'export' and _exporting(workdir):
+      elif kind == 'export' and _exporting(workdir, launched):
         hit = 'export'
       elif kind == 'random' and progress(workdir) >= target:
         time.sleep(jitter)
