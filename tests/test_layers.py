@@ -78,7 +78,7 @@ def test_convert_is_reached_only_through_the_loading_module():
 
 def test_every_task_is_a_module_named_as_its_config_value():
   from hita_jax import tasks  # not hita_jax.main: its absl flags may clash with a tool's
-  assert tasks.available_tasks() == ['demo', 'evaluate', 'extract_codes', 'sample', 'train_ar',
+  assert tasks.available_tasks() == ['demo', 'evaluate', 'extract_codes', 'fid', 'sample', 'train_ar',
                                     'train_tokenizer']
 
 
