@@ -89,4 +89,4 @@ def test_unknown_task_error_lists_the_task_modules(tmp_path):
                       '--config.task=train_gan', f'--workdir={tmp_path}'], cwd=ROOT,
                      capture_output=True, text=True)
   assert r.returncode != 0
-  assert 'no hita_jax/tasks/train_gan.py' in r.stderr and "'extract_codes', 'sample'" in r.stderr
+  assert 'no hita_jax/tasks/train_gan.py' in r.stderr and "'evaluate', 'extract_codes'" in r.stderr
