@@ -162,6 +162,32 @@ def iter_center_crops(path: str, size: int) -> Iterator[np.ndarray]:
     print(f'  {skipped} of {len(files)} files were skipped')
 
 
+def load_image_set(spec, size: int, limit: int = 0) -> tuple[np.ndarray, list[str]]:
+  """Centre-cropped uint8 images (N, size, size, 3) and their names from a folder (recursively,
+  sorted), an ADM `.npz`, a comma-separated list of files, or a list of paths; `limit` > 0 keeps
+  the first `limit`. Used by the zero-shot tasks (style transfer, in-painting)."""
+  if isinstance(spec, str) and (os.path.isdir(spec) or spec.endswith('.npz')):
+    names = list_images(spec) if os.path.isdir(spec) else []
+    imgs = []
+    for img in iter_center_crops(spec, size):
+      imgs.append(img)
+      if limit and len(imgs) >= limit:
+        break
+    names = [os.path.basename(n) for n in names[:len(imgs)]] or [f'{spec}[{i}]' for i in range(len(imgs))]
+  else:
+    files = [f.strip() for f in (spec.split(',') if isinstance(spec, str) else spec) if f.strip()]
+    files = files[:limit] if limit else files
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+      raise FileNotFoundError(f'image files not found: {missing[:3]} (give a folder, an .npz or '
+                              'comma-separated image files)')
+    imgs = [center_crop_arr(read_rgb(f), size) for f in files]
+    names = [os.path.basename(f) for f in files]
+  if not imgs:
+    raise ValueError(f'no images found in {spec!r} (give a folder, an .npz or comma-separated files)')
+  return np.stack(imgs), names
+
+
 def read_images_npz(path: str, key: str = 'arr_0') -> np.ndarray:
   """Images (uint8 N x H x W x 3) from an ADM-style npz (memory-mapped where possible)."""
   if not os.path.exists(path):
