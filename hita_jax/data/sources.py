@@ -237,3 +237,18 @@ def make_image_dataset(cfg, *, image_size: int, global_batch: int, seed: int, tr
   if workers:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(it_ds), source
+
+
+def labelled_images(cfg, image_size: int, n: int, *, skip: int = 0, seed: int = 0):
+  """`n` centre-cropped (uint8 images, int32 labels) of the data section `cfg`, in a fixed random
+  order of its records (seed), after the first `skip` of that order; for evaluation-style tasks
+  (linear probing, in-painting) that need a labelled set, not a training stream."""
+  source = make_source(cfg)
+  if skip + n > len(source):
+    raise ValueError(f'{skip + n} images asked of a source with {len(source)} records; lower the '
+                     'image counts or use a larger data source')
+  order = np.random.default_rng(seed).permutation(len(source))[skip:skip + n]
+  dec = DecodeAugment(source, image_size, train=False)
+  items = [dec.random_map((source[int(i)], int(i)), np.random.default_rng(0)) for i in order]
+  return (np.stack([it['image'] for it in items]),
+          np.array([int(it['label']) for it in items], np.int32))

@@ -1,0 +1,234 @@
+"""The `inpaint` task (paper Fig. 2b / 9 and the quantitative analysis of Fig. 7 / appendix C):
+zero-shot completion of the lower part of an image by the class-conditional AR model.
+
+For a retained fraction r the upper `round(r x grid)` token rows are kept: the image with everything
+below those rows set to grey is encoded, its patch codes of the kept rows are teacher-forced as the
+sampler's prefix (`prefix_codes` / `prefix_mask`), and the rest is sampled with CFG for the image's
+class, then decoded. Two variants, as the paper compares:
+  `holistic`  the masked image's holistic codes are forced too;
+  `none`      the holistic codes are sampled by the model (only the kept patch rows are forced).
+
+Measured per (r, variant) on `inpaint.num_images` images (`completions` each):
+  class_accuracy        a classifier's accuracy on the completions (`inpaint.classifier`);
+  feature_similarity    mean cosine similarity of completion and original features (default: the
+                        FID Inception's pool3);
+  fid                   FID of the completions against the originals (same features);
+  kept_psnr_db          PSNR of the kept pixel rows against the original, beside
+  kept_psnr_reconstruction_db  the same rows of the plain reconstruction (the tokenizer's error).
+Grids `inpaint_r<r>_<variant>.png`: columns original | masked | completions.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hita_jax import config_lib, pretrained
+from hita_jax.data.images import image_grid, load_image_set, save_png
+from hita_jax.data.sources import labelled_images
+from hita_jax.metrics.adm import FIDStatistics
+from hita_jax.models.gpt import gpt_config_from
+from hita_jax.models.sampler import generate
+from hita_jax.tasks.style_transfer import CodeIO
+
+GREY = 128  # the masked area: 0 in the tokenizer's [-1, 1] range
+
+
+def kept_rows(fraction: float, grid: int) -> int:
+  rows = int(round(fraction * grid))
+  if not 0 < rows < grid:
+    raise ValueError(f'retained fraction {fraction} keeps {rows} of {grid} token rows; use 0 < r < 1 '
+                     f'with at least one row kept and one completed')
+  return rows
+
+
+def mask_images(images_u8: np.ndarray, rows: int, grid: int) -> np.ndarray:
+  """Pixels below the first `rows` token rows set to grey."""
+  out = np.array(images_u8, copy=True)
+  out[:, rows * (images_u8.shape[1] // grid):] = GREY
+  return out
+
+
+def prefix(hol, patch, rows: int, grid: int, with_holistic: bool):
+  """Codes and mask for the sampler: the kept patch rows (and the holistic codes if asked)."""
+  seq = jnp.concatenate([hol, patch], axis=1)
+  s = hol.shape[1]
+  pos = jnp.arange(seq.shape[1])
+  mask = ((pos >= s) & (pos < s + rows * grid)) | ((pos < s) & with_holistic)
+  return seq, jnp.broadcast_to(mask, seq.shape)
+
+
+def complete(gpt, io: CodeIO, images_u8: np.ndarray, labels: np.ndarray, fraction: float,
+             variant: str, key, *, sample_cfg, completions: int = 1, batch: int = 64) -> dict:
+  """Completions of `images_u8` (N, H, W, 3) keeping the upper `fraction`; returns {'masked',
+  'images' (N, completions, H, W, 3), 'codes' (N, completions, S + N_p), 'prefix' codes, 'mask'}."""
+  if variant not in ('holistic', 'none'):
+    raise ValueError(f"in-painting variant {variant!r}: use 'holistic' or 'none'")
+  grid = gpt.cfg.grid
+  rows = kept_rows(fraction, grid)
+  masked = mask_images(images_u8, rows, grid)
+  hol, patch = io.encode(masked)
+  codes, mask = prefix(hol, patch, rows, grid, variant == 'holistic')
+  codes, mask = jnp.repeat(codes, completions, 0), jnp.repeat(mask, completions, 0)
+  labs = np.repeat(np.asarray(labels, np.int32), completions)
+  out = []
+  for i in range(0, len(labs), batch):  # fixed batch: one sampler compilation
+    n = min(batch, len(labs) - i)
+    pad = lambda a: jnp.pad(a[i:i + n], [(0, batch - n)] + [(0, 0)] * (a.ndim - 1))  # noqa: E731
+    seq = generate(gpt, pad(jnp.asarray(labs)), jax.random.fold_in(key, i),
+                   cfg_scale=sample_cfg.cfg_scale, cfg_interval=sample_cfg.cfg_interval,
+                   temperature=sample_cfg.temperature, top_k=sample_cfg.top_k, top_p=sample_cfg.top_p,
+                   prefix_codes=pad(codes), prefix_mask=pad(mask))
+    out.append(seq[:n])
+  seq = jnp.concatenate(out)
+  s = gpt.cfg.num_holistic
+  imgs = io.decode(seq[:, :s], seq[:, s:])
+  shape = (len(images_u8), completions)
+  return {'masked': masked, 'rows': rows, 'grid': grid, 'images': imgs.reshape(*shape, *imgs.shape[1:]),
+          'codes': np.asarray(seq).reshape(*shape, -1), 'prefix': np.asarray(codes).reshape(*shape, -1),
+          'mask': np.asarray(mask).reshape(*shape, -1)}
+
+
+# -- the Fig. 7 measures ---------------------------------------------------------------------------
+
+
+def _psnr(a, b) -> float:
+  mse = float(np.mean((np.asarray(a, np.float32) - np.asarray(b, np.float32)) ** 2))
+  return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-9)))
+
+
+def measure(result: dict, originals: np.ndarray, labels: np.ndarray, recon: np.ndarray, *,
+            classify=None, features=None, orig_features=None) -> dict:
+  imgs = result['images']
+  n, c = imgs.shape[:2]
+  flat = imgs.reshape(n * c, *imgs.shape[2:])
+  px = result['rows'] * (originals.shape[1] // result['grid'])  # kept pixel rows
+  orig_rep = np.repeat(originals, c, 0)
+  out = {'kept_token_rows': int(result['rows']), 'images': int(n), 'completions_per_image': int(c),
+         'kept_psnr_db': _psnr(flat[:, :px], orig_rep[:, :px]),
+         'kept_psnr_reconstruction_db': _psnr(recon[:, :px], originals[:, :px]),
+         'completed_psnr_db': _psnr(flat[:, px:], orig_rep[:, px:])}
+  if classify is not None:
+    out['class_accuracy'] = float(np.mean(classify(flat) == np.repeat(labels, c)))
+  if features is not None:
+    f_orig = orig_features if orig_features is not None else features(originals)
+    f_comp = features(flat)
+    a = f_comp / np.maximum(np.linalg.norm(f_comp, axis=-1, keepdims=True), 1e-12)
+    b = np.repeat(f_orig, c, 0)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    out['feature_similarity'] = float(np.mean(np.sum(a * b, -1)))
+    out['fid'] = FIDStatistics.from_activations(f_orig).frechet_distance(
+        FIDStatistics.from_activations(f_comp))
+  return out
+
+
+def grid_picture(originals, result, n: int, max_completions: int = 4) -> tuple[np.ndarray, int]:
+  """Rows: original | masked | completions, for the first `n` images."""
+  n = min(n, len(originals))
+  cols = min(max_completions, result['images'].shape[1])
+  rows = [np.concatenate([originals[i:i + 1], result['masked'][i:i + 1], result['images'][i, :cols]])
+          for i in range(n)]
+  return np.concatenate(rows), n
+
+
+# -- pluggable networks ------------------------------------------------------------------------------
+
+
+def inception_features(weights: str = ''):
+  """images_u8 -> (N, 2048) pool3 features of the FID Inception (weights as `evaluate`)."""
+  from hita_jax.metrics.inception_features import InceptionRunner
+  runner = InceptionRunner(pretrained.load_inception(weights or None), batch_size=50)
+  return lambda images: runner(images)[0]
+
+
+def load_factory(spec: str, config):
+  """'package.module:factory' -> factory(config) (a user's classifier or feature network)."""
+  mod, _, fn = spec.partition(':')
+  if not fn:
+    raise ValueError(f"{spec!r} is not 'package.module:factory'")
+  return getattr(importlib.import_module(mod), fn)(config)
+
+
+def make_networks(config, images_for_classifier=None):
+  """(classify, features) as `inpaint.classifier` / `inpaint.features` say; None where not set."""
+  ip = config.inpaint
+  classify = None
+  if ip.classifier == 'shapes':
+    from hita_jax.tasks import demo  # the demo's shape classifier, trained on the data section
+    x, y = labelled_images(config.data, config.tokenizer.image_size, 3000, seed=config.seed + 1)
+    clf = demo.train_classifier(x, y, config.gpt.num_classes, steps=400, seed=config.seed)
+    classify = lambda im: demo.classify(clf, im)  # noqa: E731
+  elif ip.classifier:
+    classify = load_factory(ip.classifier, config)
+  if ip.features == 'inception':
+    features = inception_features(ip.inception_weights)
+  elif ip.features:
+    features = load_factory(ip.features, config)
+  else:
+    features = None
+  return classify, features
+
+
+# -- the protocol --------------------------------------------------------------------------------------
+
+
+def protocol(tok, gpt, images_u8, labels, *, fractions, variants, sample_cfg, key, completions=1,
+             classify=None, features=None, out_dir=None, grid_images=8, scale=1, batch=64,
+             io: CodeIO | None = None) -> dict:
+  """Every (fraction, variant): completions, measures and (with `out_dir`) a grid PNG."""
+  io = io or CodeIO(tok)
+  hol, patch = io.encode(images_u8)
+  recon = io.decode(hol, patch)
+  f_orig = features(images_u8) if features is not None else None
+  report = {}
+  for r in fractions:
+    for v in variants:
+      res = complete(gpt, io, images_u8, labels, r, v, jax.random.fold_in(key, int(r * 1000)),
+                     sample_cfg=sample_cfg, completions=completions, batch=batch)
+      m = measure(res, images_u8, labels, recon, classify=classify, features=features,
+                  orig_features=f_orig)
+      report[f'r{r:g}_{v}'] = {'fraction': float(r), 'variant': v, **m}
+      if out_dir:
+        pic, rows = grid_picture(images_u8, res, grid_images)
+        save_png(os.path.join(out_dir, f'inpaint_r{r:g}_{v}.png'), image_grid(pic, rows=rows, scale=scale))
+  return report
+
+
+def run(config, workdir: str):
+  ip = config.inpaint
+  tcfg = config_lib.tokenizer_config_from(config.tokenizer)
+  tok = pretrained.load_tokenizer(tcfg, config.init.tokenizer, key=config.init.tokenizer_key,
+                                  dinov2=config.init.get('dinov2'))
+  gcfg = gpt_config_from(config.gpt)
+  gpt = pretrained.load_gpt(gcfg, config.init.gpt, key=config.init.get('gpt_key', 'ema'))
+  gpt.eval()
+  if ip.images:
+    images, _ = load_image_set(ip.images, tcfg.image_size, ip.num_images)
+    if not ip.labels:
+      raise ValueError('--config.inpaint.labels is needed with inpaint.images: one class id, or one '
+                       'per image, comma-separated')
+    labels = np.array([int(v) for v in str(ip.labels).split(',')], np.int32)
+    labels = np.broadcast_to(labels, (len(images),)) if len(labels) == 1 else labels
+    if len(labels) != len(images):
+      raise ValueError(f'{len(labels)} labels for {len(images)} images (inpaint.labels)')
+  else:
+    images, labels = labelled_images(config.data, tcfg.image_size, ip.num_images, seed=config.seed)
+  classify, features = make_networks(config)
+  fractions = [float(f) for f in str(ip.fractions).split(',')]
+  variants = [v.strip() for v in ip.variants.split(',') if v.strip()]
+  os.makedirs(workdir, exist_ok=True)
+  report = protocol(tok, gpt, images, labels, fractions=fractions, variants=variants,
+                    sample_cfg=config.sample, key=jax.random.key(config.sample.seed),
+                    completions=ip.completions, classify=classify, features=features,
+                    out_dir=workdir, grid_images=ip.grid_images, scale=ip.png_scale,
+                    batch=ip.batch_size)
+  with open(os.path.join(workdir, 'inpaint.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  for name, m in report.items():
+    print(f'inpaint {name}: ' + '  '.join(f'{k} {v:.3f}' for k, v in m.items() if isinstance(v, float)),
+          flush=True)
+  return report
