@@ -34,13 +34,18 @@ def get_config(arg=None):
   config.data.update(image_size=32, shapes_size=32, shapes_style='flat', num_records=20000)
 
   config.tokenizer_loss.update(perceptual_weight=0.0, disc_weight=0.0)
+  # Without it the holistic codebook collapses (~7 of 256 codes, one per position whatever the
+  # image): 64 patch codes reconstruct these images alone, so nothing makes the holistic vectors
+  # depend on the image, and a code never chosen gets no gradient. The entropy term (official
+  # `entropy_loss_ratio`) rewards a batch spread over many codes, each vector sure of its code.
+  config.tokenizer.entropy_loss_ratio = 0.1
   config.train_tokenizer.update(
       global_batch_size=16, num_steps=a.tokenizer_steps or (60 if a.fast else 600), lr=1e-3,
       warmup_steps=50, ema_decay=0.99, log_every=50, image_every=200, ckpt_every=200)
-  config.extract_codes.update(max_examples=400 if a.fast else 4000, batch_size=200,
+  config.extract_codes.update(max_examples=400 if a.fast else 3000, batch_size=200,
                         examples_per_shard=2000, views='center')
   config.train_ar.update(
-      global_batch_size=32, num_steps=a.ar_steps or (40 if a.fast else 1300), lr=1e-3,
+      global_batch_size=32, num_steps=a.ar_steps or (40 if a.fast else 1100), lr=1e-3,
       ema_decay=0.995, class_dropout_prob=0.1, token_dropout=0.0, log_every=100,
       ckpt_every=400, sample_every=0)
   config.sample.update(cfg_scale=3.0, temperature=1.0, top_k=0, seed=0)

@@ -78,8 +78,8 @@ def test_convert_is_reached_only_through_the_loading_module():
 
 def test_every_task_is_a_module_named_as_its_config_value():
   from hita_jax import tasks  # not hita_jax.main: its absl flags may clash with a tool's
-  assert tasks.available_tasks() == ['demo', 'evaluate', 'extract_codes', 'fid', 'sample', 'train_ar',
-                                    'train_tokenizer']
+  assert tasks.available_tasks() == ['demo', 'evaluate', 'extract_codes', 'fid', 'inpaint', 'linear_probe',
+                                    'sample', 'style_transfer', 'train_ar', 'train_tokenizer']
 
 
 def test_unknown_task_error_lists_the_task_modules(tmp_path):
