@@ -50,7 +50,13 @@ def get_config(arg=None):
       ckpt_every=400, sample_every=0)
   config.sample.update(cfg_scale=3.0, temperature=1.0, top_k=0, seed=0)
   # Outputs: rows of samples per class, the shape classifier that scores them, picture scale.
+  # The zero-shot tasks at the end: style transfer on `style_images` held-out images, in-painting
+  # of `inpaint_images` held-out images per (r, variant), a linear probe trained on the features
+  # of `probe_train_images` classifier-training images and tested on the held-out ones.
   config.demo = dict(samples_per_class=20, grid_columns=10, png_scale=4, style_images=5,
                      classifier_train_images=3000, classifier_test_images=500,
-                     classifier_steps=400)
+                     classifier_steps=400, inpaint_images=40, probe_train_images=1000)
+  # MAE's LARS needs its 16k batch (lr 6.4); on 1000 features: SGD, 30 epochs of batch 125.
+  config.linear_probe.update(optimizer='sgd', batch_size=125, base_lr=1.0, epochs=30,
+                             warmup_epochs=3)
   return config

@@ -18,6 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'XLA_FLAGS': ''}  # one CPU device, like a user's first run
 
 
+# Stated thresholds of the zero-shot checks on the demo tokenizer (README, "Try it").
+ST_COLOUR_FALL = 0.3       # the colour-statistics distance to the reference falls by >= 30 %
+ST_EDGE_CORRELATION = 0.5  # edge maps of results correlate >= 0.5 with their content images
+
+
 def _shapes(start, n, size=32):
   src = sources.ShapesSource(start + n, size, 0, 'flat')
   items = [src[i] for i in range(start, start + n)]
@@ -50,8 +55,18 @@ def _check_pictures(workdir, report):
   assert grid.shape == (10 * 32 * 4, 10 * 32 * 4, 3)  # one row per class, 10 columns, 4x scale
   rec = np.asarray(Image.open(os.path.join(workdir, 'reconstructions.png')))
   assert rec.shape == (2 * 32 * 4, 10 * 32 * 4, 3)
-  st = np.asarray(Image.open(os.path.join(workdir, 'style_transfer.png')))
-  assert st.shape == (6 * 32 * 4, 6 * 32 * 4, 3)
+  st = np.asarray(Image.open(os.path.join(workdir, 'style_transfer_all.png')))
+  assert st.shape == (6 * 32 * 4, 7 * 32 * 4, 3)  # references on top; content, reconstruction, results
+  for r in ('0.25', '0.5', '0.75'):
+    for v in ('holistic', 'none'):
+      ip = np.asarray(Image.open(os.path.join(workdir, f'inpaint_r{r}_{v}.png')))
+      assert ip.shape == (10 * 32 * 4, 3 * 32 * 4, 3)  # original | masked | completion
+      assert 0.0 <= report['inpaint'][f'r{r}_{v}']['class_accuracy'] <= 1.0
+  assert set(report['style_transfer']) == {'all', 'first:4', 'last:4', 'blend'}
+  assert set(report['linear_probe']) == {'holistic', 'patch_mean', 'sequence_mean'}
+  for stage in ('tokenizer_s', 'extract_s', 'ar_s', 'samples_and_classifier_s',
+                'reconstructions_style_transfer_s', 'inpaint_s', 'linear_probe_s', 'total_s'):
+    assert stage in report['seconds'], stage
   assert os.path.exists(os.path.join(workdir, 'tokenizer', 'export', 'ema', 'config.json'))
   assert report['num_samples'] == 200 and len(report['sample_class_accuracy_per_class']) == 10
 
@@ -75,3 +90,16 @@ def test_demo_samples_are_recognisably_their_class(tmp_path):
   assert report['real_class_accuracy'] >= 0.95  # the judge itself works
   assert report['sample_class_accuracy'] >= 0.8, report
   assert min(report['sample_class_accuracy_per_class']) >= 0.5, report
+  # The holistic codebook no longer collapses (it used ~7 of 256 codes).
+  assert report['holistic_codebook_usage'] >= 0.25, report
+  # Style transfer: colour statistics move toward the reference, the content's layout stays.
+  st = report['style_transfer']['all']
+  assert st['colour_distance_fall'] >= ST_COLOUR_FALL, st
+  assert st['edge_correlation_with_content'] >= ST_EDGE_CORRELATION, st
+  # In-painting: kept rows reproduced up to the tokenizer's error; completions keep the class.
+  for name, ip in report['inpaint'].items():
+    assert ip['kept_psnr_db'] >= ip['kept_psnr_reconstruction_db'] - 3.0, (name, ip)
+  assert report['inpaint']['r0.5_holistic']['class_accuracy'] >= 0.8, report['inpaint']
+  # Linear probing: the holistic tokens are the more semantic features.
+  lp = report['linear_probe']
+  assert lp['holistic']['test_top1'] > lp['patch_mean']['test_top1'], lp

@@ -7,9 +7,13 @@ Stages, each in its own sub-directory of the workdir and each resumable (a rerun
   3. `ar/`         train a small class-conditional AR model on the codes (train_ar task).
   4. outputs       `samples.png` (one row per class, CFG sampling from the EMA model),
                    `reconstructions.png` (real images over their reconstructions),
-                   `style_transfer.png` (holistic codes of one image + patch codes of another),
-                   `demo_report.json` (class accuracy of the samples under a shape classifier
-                   trained on the real data, so class dependence is measured, not eyeballed).
+                   `style_transfer_<variant>.png` (tasks/style_transfer.py: patch codes of one
+                   image decoded with holistic codes of another),
+                   `inpaint_r<r>_<variant>.png` (tasks/inpaint.py: the lower part completed),
+                   `demo_report.json`: class accuracy of the samples under a shape classifier
+                   trained on the real data (class dependence measured, not eyeballed), codebook
+                   usage, the style-transfer, in-painting (Fig. 7 protocol) and linear-probe
+                   (tasks/linear_probe.py) measures, and the seconds of every stage.
 """
 from __future__ import annotations
 
@@ -26,11 +30,11 @@ from flax import nnx
 from scipy.ndimage import gaussian_filter
 
 from hita_jax import config_lib, pretrained
-from hita_jax.data.images import codes_to_images, image_grid, save_png, to_unit
+from hita_jax.data.images import image_grid, save_png
 from hita_jax.data.sources import SHAPE_CLASSES, DecodeAugment, ShapesSource, make_source
 from hita_jax.models.gpt import gpt_config_from
 from hita_jax.models.sampler import generate
-from hita_jax.tasks import extract_codes, train_ar, train_tokenizer
+from hita_jax.tasks import extract_codes, inpaint, linear_probe, style_transfer, train_ar, train_tokenizer
 
 # -- a small shape classifier (measures class dependence of the samples) ----------------------------
 
@@ -58,12 +62,16 @@ class ShapeClassifier(nnx.Module):
                            ((1, width), (width, width), (width, 2 * width))])
     self.head = nnx.Linear(2 * width, num_classes, rngs=rngs)
 
-  def __call__(self, x):
+  def features(self, x):
+    """The pooled last-layer activations (what the head reads)."""
     for i, conv in enumerate(self.convs):
       x = jax.nn.relu(conv(x))
       if i < len(self.convs) - 1:
         x = nnx.max_pool(x, (2, 2), (2, 2))
-    return self.head(x.mean(axis=(1, 2)))
+    return x.mean(axis=(1, 2))
+
+  def __call__(self, x):
+    return self.head(self.features(x))
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *, steps: int = 400,
@@ -97,10 +105,23 @@ def _predict(model: ShapeClassifier, x):
   return jnp.argmax(model(x), -1)
 
 
+@nnx.jit
+def _features(model: ShapeClassifier, x):
+  return model.features(x)
+
+
 def classify(model: ShapeClassifier, images: np.ndarray, batch: int = 256) -> np.ndarray:
   feats = shape_evidence(images)
   return np.concatenate([np.asarray(_predict(model, jnp.asarray(feats[i:i + batch])))
                          for i in range(0, len(feats), batch)])
+
+
+def classifier_features(model: ShapeClassifier, images: np.ndarray, batch: int = 256) -> np.ndarray:
+  """(N, 64) shape features: the demo's stand-in for the Inception in the in-painting protocol
+  (an Inception FID in 2048 dimensions on a few dozen images costs minutes on a CPU)."""
+  feats = shape_evidence(images)
+  return np.concatenate([np.asarray(_features(model, jnp.asarray(feats[i:i + batch])))
+                         for i in range(0, len(feats), batch)]).astype(np.float64)
 
 
 # -- stages ------------------------------------------------------------------------------------------
@@ -146,17 +167,24 @@ def run(config, workdir: str):
          times, 'ar_s')
 
   # 4. pictures and the class-dependence measurement
-  print('[demo 4/4] sampling, reconstructions, style transfer, class check', flush=True)
+  print('[demo 4/4] samples, class check, reconstructions, style transfer, in-painting, linear '
+        'probing', flush=True)
   t = time.time()
-  report = make_outputs(config, workdir, tok_export, gpt_export)
+  report = make_outputs(config, workdir, tok_export, gpt_export, times)
   times['outputs_s'] = time.time() - t
   report['seconds'] = {k: round(v, 1) for k, v in times.items()}
   report['seconds']['total_s'] = round(time.time() - t0, 1)
   with open(os.path.join(workdir, 'demo_report.json'), 'w') as f:
     json.dump(report, f, indent=1)
+  ip = report['inpaint']['r0.5_holistic']
+  lp = {k: v['test_top1'] for k, v in report['linear_probe'].items()}
   print(f"demo done in {report['seconds']['total_s'] / 60:.1f} min: {workdir}/samples.png "
         f"(class accuracy of samples {report['sample_class_accuracy']:.2f}, of real held-out images "
-        f"{report['real_class_accuracy']:.2f})", flush=True)
+        f"{report['real_class_accuracy']:.2f}); holistic codebook usage "
+        f"{report['holistic_codebook_usage']:.2f}; style transfer colour distance "
+        f"{100 * report['style_transfer']['all']['colour_distance_fall']:.0f} % closer to the reference; "
+        f"in-painting r=0.5 class accuracy {ip['class_accuracy']:.2f}; linear probe top-1 {lp}",
+        flush=True)
   return report
 
 
@@ -177,7 +205,9 @@ def held_out_images(config, image_size: int, n: int):
           np.array([int(it['label']) for it in items], np.int32))
 
 
-def make_outputs(config, workdir: str, tok_export: str, gpt_export: str) -> dict:
+def make_outputs(config, workdir: str, tok_export: str, gpt_export: str, times: dict) -> dict:
+  """Pictures and measurements; `times` gets the seconds of each part."""
+  t = time.time()
   dm, sc = config.demo, config.sample
   tcfg = config_lib.tokenizer_config_from(config.tokenizer)
   tok = pretrained.load_tokenizer(tcfg, tok_export)
@@ -192,10 +222,8 @@ def make_outputs(config, workdir: str, tok_export: str, gpt_export: str) -> dict
   labels = np.repeat(np.arange(n_cls, dtype=np.int32), per)
   codes = generate(gpt, labels, jax.random.key(sc.seed), cfg_scale=sc.cfg_scale, top_k=sc.top_k,
                    top_p=sc.top_p, temperature=sc.temperature)
-  tok_graph, tok_state = nnx.split(tok)
-  decode = jax.jit(lambda st, c: codes_to_images(nnx.merge(tok_graph, st), c, eval_size=None))
-  samples = np.concatenate([np.asarray(decode(tok_state, codes[i:i + 100]))
-                            for i in range(0, len(labels), 100)])
+  io = style_transfer.CodeIO(tok, batch=100)  # jitted encode / decode, shared by every picture
+  samples = io.decode(codes[:, :gcfg.num_holistic], codes[:, gcfg.num_holistic:])
   cols = min(dm.grid_columns, per)
   grid_imgs = samples.reshape(n_cls, per, *samples.shape[1:])[:, :cols].reshape(-1, *samples.shape[1:])
   save_png(os.path.join(workdir, 'samples.png'), image_grid(grid_imgs, rows=n_cls, scale=scale))
@@ -212,36 +240,59 @@ def make_outputs(config, workdir: str, tok_export: str, gpt_export: str) -> dict
   per_class = [float(np.mean(pred[labels == k] == k)) for k in range(n_cls)]
   sample_acc = float(np.mean(pred == labels))
 
+  times['samples_and_classifier_s'] = time.time() - t
+
   # Reconstructions: one held-out image per class (top row) over its reconstruction.
+  t = time.time()
   test_imgs, test_labels = real[n_train:], real_labels[n_train:]
   pick = np.array([np.flatnonzero(test_labels == k)[0] for k in range(n_cls)
                    if np.any(test_labels == k)])
   shown = test_imgs[pick]
-  encode = jax.jit(lambda st, x: nnx.merge(tok_graph, st).encode(to_unit(x)))
-  hol, patch = encode(tok_state, jnp.asarray(shown))
-  recon = np.asarray(decode(tok_state, jnp.concatenate([hol, patch], axis=1)))
+  hol_all, patch_all = io.encode(test_imgs)  # codebook usage over the held-out images
+  recon = io.decode(hol_all[pick], patch_all[pick])
   mse = float(np.mean((recon.astype(np.float32) - shown.astype(np.float32)) ** 2))
   psnr = float(10 * np.log10(255.0 ** 2 / max(mse, 1e-9)))
   save_png(os.path.join(workdir, 'reconstructions.png'),
            image_grid(np.concatenate([shown, recon]), rows=2, scale=scale))
+  usage = {'holistic_codebook_usage': len(np.unique(np.asarray(hol_all))) / tcfg.codebook_size,
+           'patch_codebook_usage': len(np.unique(np.asarray(patch_all))) / tcfg.codebook_size,
+           'codebook_usage_images': int(len(test_imgs))}
 
-  # Style transfer (zero-shot, spec section 6, inferred recipe): decode the patch codes of each
-  # content image (rows) with the holistic codes of each style image (columns).
+  # Style transfer (tasks/style_transfer.py): the patch codes of each content image (rows) decoded
+  # with the holistic codes of each reference image (columns): all of them, the first / last half,
+  # and all references blended (one column).
   k = min(len(shown), dm.style_images)
-  content, style = shown[:k], shown[::-1][:k]
-  hol_c, patch_c = encode(tok_state, jnp.asarray(content))
-  hol_s, _ = encode(tok_state, jnp.asarray(style))
-  mixed = jnp.concatenate([jnp.repeat(hol_s[None], k, 0).reshape(k * k, -1),
-                           jnp.repeat(patch_c, k, 0)], axis=1)
-  mixed_imgs = np.asarray(decode(tok_state, mixed))
-  header = np.concatenate([np.full_like(style[:1], 255), style])       # corner + style images
-  body = np.concatenate([np.concatenate([content[i:i + 1], mixed_imgs[i * k:(i + 1) * k]])
-                         for i in range(k)])
-  save_png(os.path.join(workdir, 'style_transfer.png'),
-           image_grid(np.concatenate([header, body]), rows=k + 1, scale=scale))
+  content, reference = shown[:k], shown[::-1][:k]
+  half = tcfg.num_holistic // 2
+  st = style_transfer.transfer(tok, content, reference, f'all,first:{half},last:{half},blend',
+                               config.style_transfer.blend_rule, io=io)
+  st_report = style_transfer.write_outputs(st, content, reference, workdir, scale=scale)
+  times['reconstructions_style_transfer_s'] = time.time() - t
+
+  # In-painting (tasks/inpaint.py), the Fig. 7 protocol on held-out images: the shape classifier
+  # judges the completions, its pooled features give the similarity and FID.
+  t = time.time()
+  m = dm.inpaint_images
+  inpaint_report = inpaint.protocol(
+      tok, gpt, test_imgs[:m], test_labels[:m], fractions=(0.25, 0.5, 0.75),
+      variants=('holistic', 'none'), sample_cfg=sc, key=jax.random.key(sc.seed + 1),
+      classify=lambda x: classify(clf, x), features=lambda x: classifier_features(clf, x),
+      out_dir=workdir, grid_images=dm.grid_columns, scale=scale, batch=m, io=io)
+  times['inpaint_s'] = time.time() - t
+
+  # Linear probing (tasks/linear_probe.py): features of the real images the classifier trained on
+  # (probe training) and of the held-out ones (top-1).
+  t = time.time()
+  pn = dm.probe_train_images
+  feats = linear_probe.extract_features(tok, np.concatenate([real[:pn], test_imgs]), batch=250)
+  probe = linear_probe.probe_all({f: v[:pn] for f, v in feats.items()}, real_labels[:pn],
+                                 {f: v[pn:] for f, v in feats.items()}, test_labels, n_cls,
+                                 config.linear_probe, seed=config.seed)
+  times['linear_probe_s'] = time.time() - t
 
   return {'sample_class_accuracy': sample_acc, 'sample_class_accuracy_per_class': per_class,
           'real_class_accuracy': real_acc, 'num_samples': int(len(labels)),
           'cfg_scale': float(sc.cfg_scale), 'reconstruction_psnr_db': psnr,
-          'tokenizer': tok_export, 'gpt': gpt_export,
+          'tokenizer': tok_export, 'gpt': gpt_export, **usage,
+          'style_transfer': st_report, 'inpaint': inpaint_report, 'linear_probe': probe,
           'classes': list(SHAPE_CLASSES[:n_cls]) if config.data.source == 'shapes' else None}

@@ -63,7 +63,8 @@ def prefix(hol, patch, rows: int, grid: int, with_holistic: bool):
 
 
 def complete(gpt, io: CodeIO, images_u8: np.ndarray, labels: np.ndarray, fraction: float,
-             variant: str, key, *, sample_cfg, completions: int = 1, batch: int = 64) -> dict:
+             variant: str, key, *, sample_cfg, completions: int = 1, batch: int = 64,
+             legacy_pos128_embedding: bool = False) -> dict:
   """Completions of `images_u8` (N, H, W, 3) keeping the upper `fraction`; returns {'masked',
   'images' (N, completions, H, W, 3), 'codes' (N, completions, S + N_p), 'prefix' codes, 'mask'}."""
   if variant not in ('holistic', 'none'):
@@ -82,7 +83,8 @@ def complete(gpt, io: CodeIO, images_u8: np.ndarray, labels: np.ndarray, fractio
     seq = generate(gpt, pad(jnp.asarray(labs)), jax.random.fold_in(key, i),
                    cfg_scale=sample_cfg.cfg_scale, cfg_interval=sample_cfg.cfg_interval,
                    temperature=sample_cfg.temperature, top_k=sample_cfg.top_k, top_p=sample_cfg.top_p,
-                   prefix_codes=pad(codes), prefix_mask=pad(mask))
+                   prefix_codes=pad(codes), prefix_mask=pad(mask),
+                   legacy_pos128_embedding=legacy_pos128_embedding)
     out.append(seq[:n])
   seq = jnp.concatenate(out)
   s = gpt.cfg.num_holistic
@@ -178,7 +180,7 @@ def make_networks(config, images_for_classifier=None):
 
 def protocol(tok, gpt, images_u8, labels, *, fractions, variants, sample_cfg, key, completions=1,
              classify=None, features=None, out_dir=None, grid_images=8, scale=1, batch=64,
-             io: CodeIO | None = None) -> dict:
+             io: CodeIO | None = None, legacy_pos128_embedding: bool = False) -> dict:
   """Every (fraction, variant): completions, measures and (with `out_dir`) a grid PNG."""
   io = io or CodeIO(tok)
   hol, patch = io.encode(images_u8)
@@ -188,7 +190,8 @@ def protocol(tok, gpt, images_u8, labels, *, fractions, variants, sample_cfg, ke
   for r in fractions:
     for v in variants:
       res = complete(gpt, io, images_u8, labels, r, v, jax.random.fold_in(key, int(r * 1000)),
-                     sample_cfg=sample_cfg, completions=completions, batch=batch)
+                     sample_cfg=sample_cfg, completions=completions, batch=batch,
+                     legacy_pos128_embedding=legacy_pos128_embedding)
       m = measure(res, images_u8, labels, recon, classify=classify, features=features,
                   orig_features=f_orig)
       report[f'r{r:g}_{v}'] = {'fraction': float(r), 'variant': v, **m}
@@ -225,7 +228,9 @@ def run(config, workdir: str):
                     sample_cfg=config.sample, key=jax.random.key(config.sample.seed),
                     completions=ip.completions, classify=classify, features=features,
                     out_dir=workdir, grid_images=ip.grid_images, scale=ip.png_scale,
-                    batch=ip.batch_size)
+                    batch=ip.batch_size, legacy_pos128_embedding=bool(
+                        config.sample.legacy_pos128_embedding
+                        or pretrained.wants_legacy_sampler(config.init.gpt)))
   with open(os.path.join(workdir, 'inpaint.json'), 'w') as f:
     json.dump(report, f, indent=1)
   for name, m in report.items():

@@ -38,24 +38,35 @@ def _pooled(tok, images_u8):
           'sequence_mean': jnp.concatenate([hol, patch], 1).mean(1)}
 
 
+class FeatureExtractor:
+  """images_u8 -> {feature set: (N, D) float32}: the tokenizer replicated, each batch split over the
+  mesh's devices (all by default); compiled once (the last batch is padded)."""
+
+  def __init__(self, tok, *, batch: int = 256, mesh=None):
+    tok.eval()
+    self.mesh = mesh or sharding.make_mesh([('data', -1)])
+    n_dev = self.mesh.devices.size
+    self.batch = max(n_dev, -(-batch // n_dev) * n_dev)
+    self.in_sharding = sharding.batch_sharding(self.mesh, [('batch', ('data',))], 4)
+    graph, state = nnx.split(tok)
+    self.state = jax.device_put(state, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    self._fn = jax.jit(lambda st, x: _pooled(nnx.merge(graph, st), x))
+
+  def __call__(self, images_u8: np.ndarray) -> dict:
+    b, outs = self.batch, []
+    for i in range(0, len(images_u8), b):
+      x = np.asarray(images_u8[i:i + b])
+      real = len(x)
+      if real < b:
+        x = np.concatenate([x, np.zeros((b - real,) + x.shape[1:], x.dtype)])
+      out = self._fn(self.state, jax.device_put(x, self.in_sharding))
+      outs.append({k: np.asarray(v)[:real] for k, v in out.items()})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
 def extract_features(tok, images_u8: np.ndarray, *, batch: int = 256, mesh=None) -> dict:
-  """{feature set: (N, D) float32}, the batch sharded over the mesh's devices (all by default)."""
-  tok.eval()
-  mesh = mesh or sharding.make_mesh([('data', -1)])
-  n_dev = mesh.devices.size
-  batch = max(n_dev, -(-batch // n_dev) * n_dev)
-  in_sharding = sharding.batch_sharding(mesh, [('batch', ('data',))], 4)
-  graph, state = nnx.split(tok)
-  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  fn = jax.jit(lambda st, x: _pooled(nnx.merge(graph, st), x))
-  outs = []
-  for i in range(0, len(images_u8), batch):
-    x = np.asarray(images_u8[i:i + batch])
-    real = len(x)
-    if real < batch:  # pad to the compiled shape
-      x = np.concatenate([x, np.zeros((batch - real,) + x.shape[1:], x.dtype)])
-    outs.append({k: np.asarray(v)[:real] for k, v in fn(state, jax.device_put(x, in_sharding)).items()})
-  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  """{feature set: (N, D) float32} of `images_u8` (see FeatureExtractor)."""
+  return FeatureExtractor(tok, batch=batch, mesh=mesh)(images_u8)
 
 
 class LinearProbe(nnx.Module):
@@ -135,9 +146,18 @@ def run(config, workdir: str):
   tok = pretrained.load_tokenizer(tcfg, config.init.tokenizer, key=config.init.tokenizer_key,
                                   dinov2=config.init.get('dinov2'))
   sets = [s.strip() for s in pc.features.split(',') if s.strip()]
-  images, labels = labelled_images(config.data, tcfg.image_size, pc.train_images + pc.test_images,
-                                   seed=config.seed)
-  feats = extract_features(tok, images, batch=pc.extract_batch)
+  # images are decoded chunk by chunk (ImageNet does not fit in memory), features kept
+  total, chunk = pc.train_images + pc.test_images, 16 * pc.extract_batch
+  parts, labels = [], []
+  extractor = FeatureExtractor(tok, batch=pc.extract_batch)
+  for start in range(0, total, chunk):
+    images, labs = labelled_images(config.data, tcfg.image_size, min(chunk, total - start),
+                                   skip=start, seed=config.seed)
+    parts.append(extractor(images))
+    labels.append(labs)
+    print(f'  features of {start + len(images)}/{total} images', flush=True)
+  feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  labels = np.concatenate(labels)
   num_classes = int(config.gpt.num_classes) if 'gpt' in config else int(labels.max()) + 1
   k = pc.train_images
   report = probe_all({n: f[:k] for n, f in feats.items()}, labels[:k],
