@@ -1,5 +1,5 @@
 """The zero-shot tasks (style transfer, in-painting, linear probing) on the demo-sized models, randomly
-initialised: the code paths and their invariants. The quality numbers on the trained demo models are
+initialised: the code paths and their invariants (the tasks' `run` entries are `slow`). The quality numbers on the trained demo models are
 asserted by the slow demo test (tests/test_demo.py) from demo_report.json."""
 import json
 import os
@@ -97,6 +97,7 @@ def _task_config(config, task, **sections):
   return c
 
 
+@pytest.mark.slow  # the task's own entry: loads, compiles at 48 px, imports TensorFlow (CLU)
 def test_style_transfer_task_writes_grid_json_and_tensorboard(tmp_path, shapes):
   from PIL import Image
   files = []
@@ -183,6 +184,7 @@ def test_inpaint_protocol_measures_and_grids(tmp_path, gpt, io, tok, shapes):
   assert pic.shape == (2 * 32, 3 * 32, 3)  # original | masked | one completion
 
 
+@pytest.mark.slow  # the task's own entry: fresh models, sampler compilation
 def test_inpaint_task_runs_from_its_config(tmp_path):
   config = _task_config(None, 'inpaint', **{
       'inpaint.num_images': 3, 'inpaint.fractions': '0.5', 'inpaint.variants': 'holistic',
@@ -228,3 +230,15 @@ def test_probe_learns_a_linear_rule_and_not_noise(demo_config):
     assert out['noise']['test_top1'] <= 0.35, out
   with pytest.raises(ValueError, match='unknown linear-probe feature set'):
     linear_probe.probe_all({'a': x_good}, y, {'a': x_good}, y, 4, pc, sets=('b',))
+
+
+@pytest.mark.slow  # the task's own entry: fresh tokenizer, chunked extraction, three probes
+def test_linear_probe_task_runs_from_its_config(tmp_path):
+  config = _task_config(None, 'linear_probe', **{
+      'linear_probe.train_images': 40, 'linear_probe.test_images': 20, 'linear_probe.extract_batch': 8,
+      'linear_probe.optimizer': 'sgd', 'linear_probe.batch_size': 20, 'linear_probe.epochs': 2,
+      'linear_probe.warmup_epochs': 1})
+  report = linear_probe.run(config, str(tmp_path))
+  assert set(report) == set(linear_probe.FEATURE_SETS)
+  saved = json.load(open(tmp_path / 'linear_probe.json'))
+  assert saved['holistic']['steps'] == 4 and 0.0 <= saved['holistic']['test_top1'] <= 1.0

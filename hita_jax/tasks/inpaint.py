@@ -230,7 +230,7 @@ def run(config, workdir: str):
                     out_dir=workdir, grid_images=ip.grid_images, scale=ip.png_scale,
                     batch=ip.batch_size, legacy_pos128_embedding=bool(
                         config.sample.legacy_pos128_embedding
-                        or pretrained.wants_legacy_sampler(config.init.gpt)))
+                        or (config.init.gpt and pretrained.wants_legacy_sampler(config.init.gpt))))
   with open(os.path.join(workdir, 'inpaint.json'), 'w') as f:
     json.dump(report, f, indent=1)
   for name, m in report.items():
