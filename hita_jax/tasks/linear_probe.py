@@ -4,6 +4,7 @@ Features come from the tokenizer's final causal transformer (the holistic encode
 the quantizer's projection), extracted once with the tokenizer frozen, the batch split over every
 device. Feature sets (`linear_probe.features`), each pooled to the transformer width:
   `holistic`       mean of the S holistic tokens;
+  `holistic_flat`  the S holistic tokens concatenated (S x D: 512 on the demo, 65536 at full size);
   `patch_mean`     mean of the patch tokens;
   `sequence_mean`  mean of the whole latent sequence (holistic + patch tokens).
 The probe follows MAE's linear-probing protocol: BatchNorm without affine parameters (eps 1e-6)
@@ -26,7 +27,7 @@ from hita_jax import config_lib, pretrained, sharding
 from hita_jax.data.images import to_unit
 from hita_jax.data.sources import labelled_images
 
-FEATURE_SETS = ('holistic', 'patch_mean', 'sequence_mean')
+FEATURE_SETS = ('holistic', 'holistic_flat', 'patch_mean', 'sequence_mean')
 
 
 def _pooled(tok, images_u8):
@@ -34,7 +35,8 @@ def _pooled(tok, images_u8):
   hol = aux['e_causal_holistic'].astype(jnp.float32)                      # (B, S, D)
   patch = aux['e_causal_patch'].astype(jnp.float32)
   patch = patch.reshape(patch.shape[0], -1, patch.shape[-1])               # (B, N, D)
-  return {'holistic': hol.mean(1), 'patch_mean': patch.mean(1),
+  return {'holistic': hol.mean(1), 'holistic_flat': hol.reshape(hol.shape[0], -1),
+          'patch_mean': patch.mean(1),
           'sequence_mean': jnp.concatenate([hol, patch], 1).mean(1)}
 
 
