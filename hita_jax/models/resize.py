@@ -150,3 +150,19 @@ def interpolate_pos_table(table: jnp.ndarray, grid: int, out_hw: tuple[int, int]
   c = table.shape[-1]
   out = resize_with_matrices(table.reshape(grid, grid, c), mh, mw, layout='HWC')
   return out.reshape(oh * ow, c)
+
+
+def torch_area_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) matrix of PyTorch `F.interpolate(mode='area')` (= adaptive average pooling):
+  output i averages inputs floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1."""
+  m = np.zeros((n_out, n_in), np.float64)
+  for i in range(n_out):
+    lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+    m[i, lo:hi] = 1.0 / (hi - lo)
+  return m
+
+
+def torch_area_resize(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:
+  """PyTorch `F.interpolate(x, size, mode='area')` on NHWC (separable: the windows are products)."""
+  return resize_with_matrices(x, torch_area_matrix(x.shape[1], size[0]),
+                              torch_area_matrix(x.shape[2], size[1]))
