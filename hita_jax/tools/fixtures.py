@@ -11,8 +11,10 @@ import numpy as np
 import math
 
 from flax import nnx
+from safetensors.numpy import load_file
 
 from hita_jax import pretrained
+from hita_jax.models.dino_discriminator import DinoDiscConfig, DinoDiscriminator
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config
 from hita_jax.models.gpt import GPT, GPTConfig
 from hita_jax.models.tokenizer import Tokenizer, TokenizerConfig
@@ -144,5 +146,50 @@ def gpt_config_from_json(j: dict) -> GPTConfig:
 def gpt_from_fixture(fixtures: str) -> tuple[GPT, dict]:
   j = _read_json(fixtures, 'gpt')
   model = pretrained.load_gpt(gpt_config_from_json(j), os.path.join(fixtures, j.get('weights', 'gpt.safetensors')))
+  model.eval()
+  return model, j
+
+
+def unpack_bits(raw: dict[str, np.ndarray], packing: dict) -> dict[str, np.ndarray]:
+  """A bit-packed fixture state dict -> float32 arrays: w = (2 * bit - 1) * scale (README)."""
+  out = {}
+  for k, v in raw.items():
+    m = packing.get(k)
+    if m:
+      bits = np.unpackbits(v, bitorder=m.get('bitorder', 'little'), count=m['numel'])
+      v = ((bits.astype(np.float32) * 2 - 1) * np.float32(m['scale'])).reshape(m['shape'])
+    out[k] = v
+  return out
+
+
+def dino_disc_config_from_json(j: dict, batch_norm_groups: int = 1) -> DinoDiscConfig:
+  """Official DinoDisc description (`dino_disc.json`) -> DinoDiscConfig."""
+  a, f = j['constructor_args'], j.get('fixed', {})
+  if str(a.get('norm_type', 'bn')) != 'bn':
+    raise ValueError(f"only norm_type 'bn' (BatchNormLocal, as VQLoss builds it) is supported, "
+                     f"got {a.get('norm_type')}")
+  if str(f.get('mlp_act', "GELU(approximate='tanh')")) != "GELU(approximate='tanh')":
+    raise ValueError(f"unsupported DINO activation {f.get('mlp_act')}")
+  return DinoDiscConfig(
+      embed_dim=f.get('embed_dim', 384), depth=a.get('depth', 12), num_heads=f.get('num_heads', 6),
+      mlp_ratio=f.get('mlp_ratio', 4.0), patch_size=f.get('patch_size', 16),
+      img_size=f.get('img_size', 224), key_depths=tuple(a.get('key_depths', (2, 5, 8, 11))),
+      kernel_size=a.get('ks', 9), norm_eps=a.get('norm_eps', 1e-6),
+      virtual_batch_size=f.get('virtual_bs', 8), batch_norm_groups=batch_norm_groups,
+      spectral_norm=bool(a.get('using_spec_norm', True)))
+
+
+def dino_disc_state_dict(fixtures: str) -> tuple[dict[str, np.ndarray], dict]:
+  j = _read_json(fixtures, 'dino_disc')
+  raw = load_file(os.path.join(fixtures, j.get('weights', 'dino_disc.safetensors')))
+  return unpack_bits(raw, j.get('packing', {})), j
+
+
+def dino_disc_from_fixture(fixtures: str) -> tuple[DinoDiscriminator, dict]:
+  """The official DINO discriminator of the fixtures (frozen DINO + heads), in eval mode."""
+  sd, j = dino_disc_state_dict(fixtures)
+  model = pretrained.load_dino_discriminator(
+      dino_disc_config_from_json(j), {k: v for k, v in sd.items() if k.startswith('dino_proxy.0.')},
+      heads_state_dict=sd)
   model.eval()
   return model, j

@@ -15,6 +15,7 @@ Code ids must match where the recorded margin is >= 1e-3 and be the best or runn
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -28,9 +29,11 @@ import re
 from flax import nnx
 from safetensors.numpy import load_file
 
+from hita_jax.convert.dino_disc import export_dino_disc_heads
 from hita_jax.convert.losses import load_official_lpips, load_official_patchgan
 from hita_jax.data.images import codes_to_images, to_uint8
 from hita_jax.models import losses
+from hita_jax.models.dino_discriminator import dino_input, replay_augmentation
 from hita_jax.models.dinov2 import preprocess_for_dinov2
 from hita_jax.models.discriminator import PatchGAN
 from hita_jax.models.holistic import pos_table_for_grid
@@ -377,6 +380,108 @@ def check_losses(d: str, rep: Report):
       rep.array(k, np.float32(v), np.float32(vals[k]))
 
 
+def _dino_call_input(call: dict) -> str:
+  return 'images' if call.get('input', 'images') in ('images', 'real') else 'fake'
+
+
+def check_dino_disc(d: str, rep: Report):
+  """Official DinoDisc: DINO inputs and readouts, logits of every recorded call (its draws replayed,
+  eval or train mode, a fresh discriminator per group of calls as recorded), spectral-norm vectors
+  after the train-mode call, and the VQLoss values of the G and D steps."""
+  if not os.path.exists(os.path.join(d, 'inputs.npz')):
+    rep.skip('dino_disc', 'inputs.npz missing')
+    return
+  io = _fixture_io(d, 'dino_disc', rep)
+  if io is None:
+    return
+  model, j = fx.dino_disc_from_fixture(d)
+  cfg = model.cfg
+  batch = {'images': jnp.asarray(fx.load_npz(os.path.join(d, 'inputs.npz'))['images']).transpose(0, 2, 3, 1),
+           'fake': jnp.asarray(io['fake_images']).transpose(0, 2, 3, 1)}
+  known = {'fake_images', 'draws_coin', 'draws_branch', 'draws_crop_top_left'}
+  graphdef, saved = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnums=(3,))
+  def run(state, x, aug, train):
+    m = nnx.merge(graphdef, state, copy=True)
+    m.train() if train else m.eval()
+    r = m.readouts(x, aug)
+    return m.logits_from_readouts(r), r, dino_input(x, aug, cfg.img_size), nnx.state(m)
+
+  @functools.partial(jax.jit, static_argnums=(2,))
+  def run_heads(state, readouts, train):
+    m = nnx.merge(graphdef, state, copy=True)
+    m.train() if train else m.eval()
+    return m.logits_from_readouts(readouts), nnx.state(m)
+
+  def sn_vectors(state, label, kind):
+    m = nnx.merge(graphdef, state, copy=True)
+    for k, v in export_dino_disc_heads(m).items():
+      name = f'sn_after_train.{k}'
+      if k.endswith(('.weight_u', '.weight_v')) and name in io:
+        known.add(name)
+        rep.array(name, v, io[name], kind=kind, label=f'{name} ({label})')
+
+  act_names = ['dino_act_embed'] + [f'dino_act_block{k}' for k in cfg.effective_key_depths]
+  logits, state = {}, saved
+  for i, call in enumerate(j['calls']):
+    name = call['name']
+    in_sequence = name.startswith(('gstep', 'dstep'))  # VQLoss G then D step: one discriminator
+    if not in_sequence or not any(c['name'].startswith(('gstep', 'dstep')) for c in j['calls'][:i]):
+      state = saved
+    crop = bool(io['draws_branch'][i]) if 'draws_branch' in io else call['branch'] == 'crop'
+    top, left = (io['draws_crop_top_left'][i] if 'draws_crop_top_left' in io else call['crop_top_left'])
+    aug = replay_augmentation(crop, int(top), int(left))
+    train = call['disc_mode'] == 'train'
+    out, readouts, x_in, state = run(state, batch[_dino_call_input(call)], aug, train)
+    logits[name] = out
+    branch_input = f'dino_input_{"crop" if crop else "area"}'
+    if branch_input in io and branch_input not in known and _dino_call_input(call) == 'images':
+      known.add(branch_input)
+      rep.array(branch_input, nchw(x_in), io[branch_input])
+    if i == 0:
+      for k, r in zip(act_names, readouts):
+        if k in io:
+          known.add(k)
+          rep.array(k, np.asarray(r).transpose(0, 2, 1), io[k])
+    if f'logits_{name}' in io:
+      known.add(f'logits_{name}')
+      rep.array(f'logits_{name}', out, io[f'logits_{name}'], label=f'logits_{name} (end-to-end)')
+      if i == 0 or (train and not in_sequence):  # stage: the heads on the saved activations
+        if all(k in io for k in act_names):
+          saved_acts = [jnp.asarray(io[k]).transpose(0, 2, 1) for k in act_names]
+          st_out, st_state = run_heads(saved, saved_acts, train)
+          rep.array(f'logits_{name}', st_out, io[f'logits_{name}'], kind='stage',
+                    label=f'logits_{name} (stage)')
+          if train:
+            sn_vectors(st_state, 'stage', 'stage')
+    if train and not in_sequence:
+      sn_vectors(state, 'end-to-end', 'end-to-end')
+  vq = j.get('vqloss', {})
+  w = float(losses.adversarial_weight(vq.get('global_step', 0), vq.get('disc_start', 0),
+                                      vq.get('disc_weight', 0.5)))
+  d_loss = losses.D_LOSSES[vq.get('disc_loss', 'hinge')]
+  g_loss = losses.G_LOSSES[vq.get('gen_adv_loss', 'softplus_g_loss')]
+  values = {}
+  if {'eval_area_real', 'eval_area_fake'} <= set(logits):
+    values['eval_hinge_d_loss'] = d_loss(logits['eval_area_real'], logits['eval_area_fake'])
+    values['eval_softplus_g_loss'] = g_loss(logits['eval_area_fake'])
+  if 'gstep_fake' in logits:
+    values['gstep_softplus_g_loss'] = g_loss(logits['gstep_fake'])
+    values['gstep_generator_adv_term'] = w * values['gstep_softplus_g_loss']
+  if {'dstep_real', 'dstep_fake'} <= set(logits):
+    values['dstep_hinge_d_loss'] = d_loss(logits['dstep_real'], logits['dstep_fake'])
+    values['dstep_d_adversarial_loss'] = w * values['dstep_hinge_d_loss']
+  ref_values = j.get('values', {})
+  for k, v in values.items():
+    if k in ref_values:
+      rep.array(k, np.float32(v), np.float32(ref_values[k]))
+  for k in sorted(set(ref_values) - set(values)):
+    rep.skip(f'dino_disc.json:values.{k}', 'value not known to this tool')
+  for k in sorted(set(io) - known):
+    rep.skip(f'dino_disc_io.npz:{k}', 'array not known to this tool')
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--fixtures', required=True, help='directory in the format of shared/fixtures/official')
@@ -395,6 +500,7 @@ def main(argv=None):
       check_tokenizer(d, name, rep)
     check_gpt(d, rep)
     check_losses(d, rep)
+    check_dino_disc(d, rep)
   if rep.n == 0:
     print('FAIL: nothing was compared')
     return 1
