@@ -159,7 +159,17 @@ def test_dino_weights_required_unless_allowed(tmp_path):
                                 np.r_[np.ones(c), np.zeros(c), np.ones(c)])  # k part zeroed
 
 
-def test_tokenizer_u_tiny_trains_with_the_dino_discriminator_and_resumes(tmp_path):
+@pytest.fixture
+def quick_compile():
+  """XLA's CPU optimisation passes dominate this test's time; numbers are compared run to run."""
+  old = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)
+
+
+@pytest.mark.slow  # ~2.5 min of CPU on 2 cores (a Hita-U tiny step compiles with the DINO in it)
+def test_tokenizer_u_tiny_trains_with_the_dino_discriminator_and_resumes(tmp_path, quick_compile):
   config = config_lib.load_config(f'{ROOT}/configs/tokenizer_u.py:tiny')
   assert config.tokenizer_loss.disc_type == 'dino'
   config.tokenizer_loss.lpips_weights = 'random'
@@ -168,12 +178,10 @@ def test_tokenizer_u_tiny_trains_with_the_dino_discriminator_and_resumes(tmp_pat
   config.train_tokenizer.warmup_steps = 1
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
 
-  def start():
-    parts, state, frozen, _ = trainer.build(config, mesh)
-    it, _ = make_image_dataset(config.data, image_size=parts.cfg.image_size, global_batch=4, seed=0)
-    return parts, state, frozen, it
-
-  parts, state, frozen, it = start()
+  parts, state, frozen, _ = trainer.build(config, mesh)
+  data = lambda: make_image_dataset(config.data, image_size=parts.cfg.image_size, global_batch=4, seed=0)[0]
+  it = data()
+  fresh = jax.tree.map(jnp.copy, state)  # what a restarted run builds (same config, same seed)
   assert jax.tree.leaves(frozen['disc']) and not any('dino' in str(p) for p, _ in nnx.to_flat_state(state['d_params']))
   step = jax.jit(lambda s, f, b: trainer.train_step(parts, config, s, f, b, jax.random.key(0)))
   batch = lambda: {'image': jnp.asarray(next(it)['image'])}
@@ -191,14 +199,14 @@ def test_tokenizer_u_tiny_trains_with_the_dino_discriminator_and_resumes(tmp_pat
   mngr.wait_until_finished()
   ref_state, ref = step(state, frozen, batch())
 
-  _, fresh, frozen2, it2 = start()
+  it2 = data()
   mngr2 = checkpoint.checkpoint_manager(str(tmp_path / 'ckpt'), every=1, keep=1)
   fresh, at = checkpoint.resume(mngr2, fresh, it2)
   assert at == 2
   for a, b in zip(jax.tree.leaves(state['d_stats']), jax.tree.leaves(fresh['d_stats'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # spectral-norm u, v restored
   it = it2
-  got_state, got = step(fresh, frozen2, batch())
+  got_state, got = step(fresh, frozen, batch())
   for k in ('g_loss', 'd_loss', 'logits_real', 'logits_fake'):
     assert float(got[k]) == pytest.approx(float(ref[k]), rel=1e-6, abs=1e-7), k
   np.testing.assert_allclose(got_state['d_stats']['heads'][2]['conv_in']['v'][...],
