@@ -142,6 +142,14 @@ def test_heads_converter_and_adam_order_follow_torch(torch):
   names = {id(p): n for n, p in wrapper.named_parameters()}
   for i, p in enumerate(wrapper.parameters()):
     np.testing.assert_allclose(mu[names[id(p)]], 0.1 * (i + 1), rtol=1e-6)
+  # as a vq_train.py checkpoint resumes it: moments on our heads' parameters
+  ckpt = {'model': {}, 'discriminator': sd, 'optimizer_disc': opt.state_dict()}
+  count, mu_ours, nu_ours = pretrained.dino_disc_adam_state(ckpt, lambda: _disc(TINY))
+  assert count == 1 and 'dino' not in mu_ours
+  np.testing.assert_allclose(mu_ours['heads'][1]['norm_res']['bias'][...],
+                             mu['heads.1.1.fn.1.bias'], rtol=1e-6)
+  np.testing.assert_allclose(nu_ours['heads'][2]['conv_res']['weight'][...],
+                             opt.state[heads[2][1].fn[0].weight_orig]['exp_avg_sq'].numpy(), rtol=1e-6)
 
 
 def test_dino_weights_required_unless_allowed(tmp_path):
