@@ -58,7 +58,9 @@ def pytest_runtest_logreport(report):
     _SKIPPED.append(f'{report.nodeid}: {reason}')
 
 
-def pytest_collectreport(report):  # a module skipped as a whole (module-level importorskip)
+def pytest_collectreport(report):  # a module skipped as a whole (module-level importorskip;
+  # the test modules import their required packages plainly, so under pytest-xdist, whose controller
+  # never sees a worker's skipped collection, a missing package is a collection error instead)
   if report.skipped:
     _SKIPPED.append(f'{report.nodeid}: {report.longrepr}')
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-transformers = pytest.importorskip('transformers')
+import transformers  # a required dependency (requirements.txt)
 if not hasattr(transformers, 'FlaxDinov2Model'):
   pytest.skip('this transformers version has no Flax classes (removed in 5.x)', allow_module_level=True)
 

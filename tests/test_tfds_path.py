@@ -16,7 +16,7 @@ from hita_jax import config_lib
 from hita_jax.data import codes, sources
 from tests.conftest import ROOT
 
-tfds = pytest.importorskip('tensorflow_datasets', reason='tensorflow-datasets not installed')
+import tensorflow_datasets as tfds  # a required dependency (requirements.txt)
 
 NAME = 'hita_tiny_images'
 NUM_IMAGES = 24
