@@ -83,9 +83,9 @@ def test_ar_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch,
 
 
 def test_ar_skipped_step_leaves_params_optimizer_and_ema_unchanged(tmp_path, nan_gpt):
-  from hita_jax import sharding
+  from hita_jax import config_lib, sharding
   config = ar_config('synthetic')
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config_lib.mesh_spec(config, jax.device_count()))
   parts, state, _ = train_ar.build(config, mesh)
   before = jax.device_get(state)
   step = jax.jit(lambda s, b, r: train_ar.train_step(parts, config, s, None, b, r))

@@ -21,10 +21,17 @@ from ml_collections import config_flags
 DEVICE_GB = {'v5p': 95.0, 'v6e': 32.0, 'v5e': 16.0, 'v4': 32.0, 'gpu80': 80.0, 'gpu141': 141.0}
 HEADROOM = 0.92  # XLA_PYTHON_CLIENT_MEM_FRACTION of the launch scripts: what a run may take
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (path[:arg])', lock_config=True)
-_DEVICE = flags.DEFINE_enum('device', 'gpu141', sorted(DEVICE_GB), 'device type')
-_NUM_DEVICES = flags.DEFINE_list('num_devices', ['1', '2', '4', '8'], 'device counts to plan for')
-_COMPILE = flags.DEFINE_bool('compile', True, 'compile the step for the activation memory')
+_FLAGS = {}
+
+
+def _define_flags():
+  """Only when run as a program: importing this module (tests, other tools) defines no absl flag,
+  so it cannot clash with another tool's `--config`."""
+  _FLAGS['config'] = config_flags.DEFINE_config_file('config', None, 'config file (path[:arg])',
+                                                     lock_config=True)
+  _FLAGS['device'] = flags.DEFINE_enum('device', 'gpu141', sorted(DEVICE_GB), 'device type')
+  _FLAGS['num_devices'] = flags.DEFINE_list('num_devices', ['1', '2', '4', '8'], 'device counts to plan for')
+  _FLAGS['compile'] = flags.DEFINE_bool('compile', True, 'compile the step for the activation memory')
 
 
 def _per_device_bytes(tree) -> int:
@@ -100,15 +107,16 @@ def table(config, device: str, counts, *, compile_step: bool = True) -> list[str
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  config = _CONFIG.value
+  config = _FLAGS['config'].value
   if config is None or 'train_ar' not in config:
     raise app.UsageError('--config=configs/hita_<size>.py (an AR recipe) is required')
-  counts = [int(n) for n in _NUM_DEVICES.value]
+  counts = [int(n) for n in _FLAGS['num_devices'].value]
   import jax  # fake CPU devices for the ahead-of-time compile: set before the backend starts
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', max(counts))
-  print('\n'.join(table(config, _DEVICE.value, counts, compile_step=_COMPILE.value)))
+  print('\n'.join(table(config, _FLAGS['device'].value, counts, compile_step=_FLAGS['compile'].value)))
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
