@@ -395,7 +395,7 @@ def add_zero_shot_sections(config: mlc.ConfigDict) -> mlc.ConfigDict:
       'png_scale': (1, 'pixel repeat of the PNG grids'),
   })
   config.linear_probe = _section({
-      'features': ('holistic,patch_mean,sequence_mean', 'feature sets probed (module docstring)'),
+      'features': ('holistic,holistic_flat,patch_mean,sequence_mean', 'feature sets probed (module docstring)'),
       'train_images': (10000, 'training images (from the data section)'),
       'test_images': (2000, 'held-out images (after the training ones)'),
       'extract_batch': (256, 'images per feature-extraction step (split over devices)'),
