@@ -240,7 +240,12 @@ def codebook_usage_window(parts, state):
 def reconstruct(parts, params, rest, images_u8):
   tok = nnx.merge(parts.g_def, params, rest, copy=True)
   tok.eval()
-  hol, patch = tok.encode(to_unit(images_u8))
+  # The host images, replicated on the weights' mesh: with several processes a process-local array
+  # cannot meet globally sharded weights in one operation.
+  mesh = next(x.sharding.mesh for x in jax.tree.leaves(params)
+              if isinstance(getattr(x, 'sharding', None), jax.sharding.NamedSharding))
+  images = sharding.put(np.asarray(images_u8), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  hol, patch = tok.encode(to_unit(images))
   return to_uint8(tok.decode(hol, patch))
 
 
