@@ -86,11 +86,11 @@ def ours_train(out_dir, size, batch, steps=40, timeout=240, config_arg=''):
   _emit(out_dir, rec)
 
 
-def ours_bench(out_dir, kind, args, timeout=300):
+def ours_bench(out_dir, kind, model, args, timeout=300):
   cmd = [sys.executable, '-m', 'hita_jax.tools.bench'] + args
   rc, log = _sh(cmd, timeout)
   js = [json.loads(x) for x in log.splitlines() if x.startswith('{"bench"')]
-  rec = {'side': 'ours', 'kind': kind, 'command': ' '.join(cmd[1:])}
+  rec = {'side': 'ours', 'kind': kind, 'model': model, 'command': ' '.join(cmd[1:])}
   if rc or not js:
     rec['error'] = log[-1500:]
   else:
@@ -107,20 +107,9 @@ def run_ours(out_dir, only=None, steps=40, config_arg=''):
     if kind == 'ar_train':
       ours_train(out_dir, size, batch, steps=steps, config_arg=config_arg)
     elif kind == 'sample':
-      ours_bench(out_dir, 'sample', ['sample', '--size', size, '--batch', str(batch), '--cfg', '1.5'])
-      _tag_last(out_dir, model=size)
+      ours_bench(out_dir, 'sample', size, ['sample', '--size', size, '--batch', str(batch), '--cfg', '1.5'])
     else:
-      ours_bench(out_dir, 'tok_train', ['tok_trainer', '--batch', str(batch)], timeout=420)
-      _tag_last(out_dir, model='Hita-V')
-
-
-def _tag_last(out_dir, **kw):
-  path = os.path.join(out_dir, 'suite.jsonl')
-  lines = open(path).read().splitlines()
-  rec = json.loads(lines[-1])
-  rec.update(kw)
-  lines[-1] = json.dumps(rec)
-  open(path, 'w').write('\n'.join(lines) + '\n')
+      ours_bench(out_dir, 'tok_train', 'Hita-V', ['tok_trainer', '--batch', str(batch)], timeout=420)
 
 
 def run_official(out_dir, checkout, lpips_lin, specs=None, timeout=560):
