@@ -1,21 +1,33 @@
-"""Test setup: 8 fake CPU devices (set before JAX starts), parsed absl flags, fixture locations."""
+"""Test setup: 8 fake CPU devices (set before JAX starts), a compilation cache shared by the run,
+parsed absl flags, fixture locations."""
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Most of a test's time is XLA compiling programs that other tests, the other xdist worker or a
+# restarted subprocess (kill/resume tests, multi-process runs) compiled already: one persistent
+# cache per pytest run, fresh each run (set here by the controller; workers and the task
+# subprocesses inherit it). A user's JAX_COMPILATION_CACHE_DIR wins.
+_OWN_CACHE = None
+if 'PYTEST_XDIST_WORKER' not in os.environ and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _OWN_CACHE = tempfile.mkdtemp(prefix='hita_jax_test_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import hita_jax  # noqa: E402,F401  (its CPU XLA defaults go in before the backend starts)
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 try:  # grain and other absl users read flags; parse defaults once
   flags.FLAGS(sys.argv[:1])
@@ -47,6 +59,11 @@ def torch():
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: long-running test, excluded from the default run')
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 _SKIPPED: list[str] = []  # 'nodeid: reason' of every skipped test

@@ -21,7 +21,7 @@ def _env(devices: int) -> dict:
   return env
 
 
-def run_main(args, *, processes: int = 1, devices: int = 8, timeout: int = 300) -> list[str]:
+def run_main(args, *, processes: int = 1, devices: int = 8, timeout: int = 900) -> list[str]:
   """Runs the task on `processes` x `devices` CPU devices; returns each process's output and
   fails with the output of a process that failed."""
   base = [sys.executable, '-m', 'hita_jax.main', *args]
@@ -37,6 +37,12 @@ def run_main(args, *, processes: int = 1, devices: int = 8, timeout: int = 300) 
   try:
     for p in procs:
       outs.append(p.communicate(timeout=timeout)[0])
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    tails = [p.communicate()[0][-2000:] for p in procs]  # what each got to, for the report
+    raise AssertionError(f'{processes} process(es) still running after {timeout} s:\n' + '\n'.join(
+        f'--- process {i}:\n{t}' for i, t in enumerate(tails))) from None
   finally:
     for p in procs:
       if p.poll() is None:
