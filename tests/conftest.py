@@ -57,8 +57,19 @@ def torch():
   return pytest.importorskip('torch', reason='torch not installed (pip install -e .[test])')
 
 
+@pytest.fixture
+def quick_compile():
+  """XLA's CPU optimisation passes dominate a tokenizer-step test's time: off, for tests that
+  compare numbers run to run (both sides compiled the same way)."""
+  old = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', old)
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: long-running test, excluded from the default run')
+  config.addinivalue_line('markers', 'demo_full: the whole CPU demo, run alone with -m demo_full')
 
 
 def pytest_unconfigure(config):

@@ -167,15 +167,6 @@ def test_dino_weights_required_unless_allowed(tmp_path):
                                 np.r_[np.ones(c), np.zeros(c), np.ones(c)])  # k part zeroed
 
 
-@pytest.fixture
-def quick_compile():
-  """XLA's CPU optimisation passes dominate this test's time; numbers are compared run to run."""
-  old = jax.config.values['jax_disable_most_optimizations']
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', old)
-
-
 @pytest.mark.slow  # ~2.5 min of CPU on 2 cores (a Hita-U tiny step compiles with the DINO in it)
 def test_tokenizer_u_tiny_trains_with_the_dino_discriminator_and_resumes(tmp_path, quick_compile):
   config = config_lib.load_config(f'{ROOT}/configs/tokenizer_u.py:tiny')
