@@ -12,7 +12,7 @@ _YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 
 def _cpu_xla_defaults():
   flags = _os.environ.get('XLA_FLAGS', '')
-  if _YNN_FLAG in flags or _os.environ.get('HITA_KEEP_XLA_FLAGS'):
+  if _YNN_FLAG in flags:  # the user's own value (an empty one restores jaxlib's default)
     return
   try:
     from importlib.metadata import version
