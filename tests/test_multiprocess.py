@@ -77,12 +77,24 @@ def runs(tmp_path_factory):
   return out
 
 
+def _assert_same_run(one, two):
+  """Losses (all columns but the last) to 1e-5 as the issue asks; the gradient norm to 1e-4.
+
+  The norm sums squares over every parameter after the cross-process all-reduce, which adds in
+  another order than one process does; after two Adam steps (which rescale near-zero gradients
+  to full-size updates) that reordering alone moved the tokenizer's norm by 1.4e-5 relative in CI.
+  A wrong data slice or a missing shard moves every column by percents.
+  """
+  np.testing.assert_allclose(two[:, :-1], one[:, :-1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(two[:, -1], one[:, -1], rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_train_ar_losses_match(runs):
   keys = ('loss', 'loss_holistic', 'loss_patch', 'grad_norm')
   one, two = _losses(runs[1]['ar'], keys), _losses(runs[2]['ar'], keys)
   assert one.shape == (3, 4)
-  np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-5)
+  _assert_same_run(one, two)
   assert os.listdir(os.path.join(runs[2]['ar'], 'export', 'ema'))  # written by both processes
   assert any(f.startswith('samples_') for f in os.listdir(runs[2]['ar']))  # grid gathered, saved once
 
@@ -92,7 +104,7 @@ def test_train_tokenizer_losses_match(runs):
   keys = ('g_loss', 'rec_loss', 'd_loss', 'vq_loss', 'g_grad_norm')
   one, two = _losses(runs[1]['tokenizer'], keys), _losses(runs[2]['tokenizer'], keys)
   assert one.shape == (3, 5)
-  np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-5)
+  _assert_same_run(one, two)
   grids = lambda w: sorted(f for f in os.listdir(w) if f.startswith('reconstructions_'))
   assert grids(runs[2]['tokenizer']) == grids(runs[1]['tokenizer']) == ['reconstructions_0000003.png']
 
