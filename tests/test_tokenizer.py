@@ -99,3 +99,31 @@ def test_other_input_size_interpolates_position_tables(model_v):
   hol, patch = model_v.encode(random_images(b=1, size=96))
   assert patch.shape == (1, 144)
   assert model_v.decode(hol, patch).shape == (1, 96, 96, 3)
+
+
+
+def test_cnn_norm_groups():
+  """tokenizer.norm_groups reaches every CNN GroupNorm. Why it exists: with one channel per group
+  (the official 32 groups at ch=32) the first GroupNorm is an instance norm, and an image whose
+  shape is 1.8x as saturated on the same ground gives it exactly the same input: the colour reaches
+  the rest of the encoder only through the residual path. With four channels per group (the
+  official ratio at ch=128) the normalised features differ."""
+  from hita_jax.models.cnn import CNNEncoder
+  from hita_jax.models.layers import GroupNorm
+  mask = np.zeros((1, 16, 16, 1), np.float32)
+  mask[:, 4:12, 4:12] = 1.0
+  colour = np.array([0.5, -0.2, 0.1], np.float32)
+  a, b = jnp.asarray(mask * colour), jnp.asarray(mask * 1.8 * colour)  # ground 0 = the conv padding
+
+  def first_norm_gap(groups):
+    enc = CNNEncoder(ch=8, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, groups=groups, rngs=nnx.Rngs(0))
+    norm = lambda x: enc.levels[0].res[0].norm1(enc.conv_in(x))  # noqa: E731
+    return float(jnp.max(jnp.abs(norm(a) - norm(b))))
+
+  assert first_norm_gap(8) < 1e-3
+  assert first_norm_gap(2) > 1e-1
+  tok = nnx.eval_shape(lambda: tiny_tokenizer(norm_groups=8))  # structure only: no init compute
+  groups = {n.norm.num_groups for _, n in nnx.iter_graph(tok) if isinstance(n, GroupNorm)}
+  assert groups == {8}
+  with pytest.raises(ValueError, match='norm_groups'):
+    CNNEncoder(ch=12, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, groups=8, rngs=nnx.Rngs(0))

@@ -28,6 +28,7 @@ class TokenizerConfig:
   encoder_res_blocks: int = 2
   decoder_res_blocks: int = 3
   cnn_dropout: float = 0.0
+  norm_groups: int = 32           # CNN GroupNorm groups (official: 32; a narrow CNN needs fewer)
   dim: int = 512                  # z_channels == transformer width
   codebook_size: int = 16384
   patch_code_dim: int = 8
@@ -75,7 +76,8 @@ class Tokenizer(nnx.Module):
     self.cfg = cfg
     dt = DTYPES[cfg.dtype]
     self.cnn_encoder = CNNEncoder(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.encoder_res_blocks,
-                                  z_channels=cfg.dim, dropout=cfg.cnn_dropout, dtype=dt, rngs=rngs)
+                                  z_channels=cfg.dim, dropout=cfg.cnn_dropout, groups=cfg.norm_groups,
+                                  dtype=dt, rngs=rngs)
     self.dinov2 = DinoV2(cfg.dinov2, dtype=dt, rngs=rngs)
     self.holistic_encoder = HolisticEncoder(
         dim=cfg.dim, dino_dim=cfg.dinov2.embed_dim, num_holistic=cfg.num_holistic,
@@ -96,7 +98,8 @@ class Tokenizer(nnx.Module):
         num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, shift_k=cfg.shift_k, dropout=cfg.dropout,
         vfm=cfg.vfm, vfm_out_dim=cfg.vfm_out_dim, vfm_grid=cfg.vfm_grid, dtype=dt, rngs=rngs)
     self.cnn_decoder = CNNDecoder(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.decoder_res_blocks,
-                                  z_channels=cfg.dim, dropout=cfg.cnn_dropout, dtype=dt, rngs=rngs)
+                                  z_channels=cfg.dim, dropout=cfg.cnn_dropout, groups=cfg.norm_groups,
+                                  dtype=dt, rngs=rngs)
 
   # -- pieces ---------------------------------------------------------------------------------
   def _check_images(self, images):
