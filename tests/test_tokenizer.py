@@ -101,13 +101,12 @@ def test_other_input_size_interpolates_position_tables(model_v):
   assert model_v.decode(hol, patch).shape == (1, 96, 96, 3)
 
 
-
 def test_cnn_norm_groups():
   """tokenizer.norm_groups reaches every CNN GroupNorm. Why it exists: with one channel per group
-  (the official 32 groups at ch=32) the first GroupNorm is an instance norm, and an image whose
-  shape is 1.8x as saturated on the same ground gives it exactly the same input: the colour reaches
-  the rest of the encoder only through the residual path. With four channels per group (the
-  official ratio at ch=128) the normalised features differ."""
+  (the official 32 groups at ch=32) the first GroupNorm is an instance norm: an image whose shape
+  is 1.8x as saturated on the same ground gives the same normalised features, and the colour
+  reaches the rest of the encoder only through the residual path. With four channels per group
+  (the official ratio at ch=128) the normalised features differ."""
   from hita_jax.models.cnn import CNNEncoder
   from hita_jax.models.layers import GroupNorm
   mask = np.zeros((1, 16, 16, 1), np.float32)

@@ -3,9 +3,10 @@
 GroupNorm(32, eps 1e-6) + swish, single-head attention blocks at the lowest resolution and in the
 middle block, zero-pad-then-stride-2 downsampling, nearest-neighbour upsampling.
 
-`groups` (official: 32) is configurable because a narrow CNN needs fewer: at ch=32, 32 groups are an
-instance norm at full resolution, which on flat-coloured images normalises each image's colours
-away (the CPU demo reconstructed every shape in the mean colour of the palette).
+`groups` (official: 32) is configurable because a narrow CNN needs fewer: at ch=32, 32 groups make
+every full-resolution norm an instance norm (each channel normalised per image), and the CPU demo's
+tokenizer reconstructed each shape in the palette's mean colour; with 8 groups it did not
+(docs/PERFORMANCE.md, 2026-11-30).
 """
 from __future__ import annotations
 
