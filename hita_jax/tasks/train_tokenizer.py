@@ -237,7 +237,12 @@ def codebook_usage_window(parts, state):
           'holistic_codebook_usage_window': tok.holistic_quantizer.usage_fraction()}
 
 
-_RECONSTRUCT_FNS = {}
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_decode(g_def, params, rest, images):
+  tok = nnx.merge(g_def, params, rest, copy=True)
+  tok.eval()
+  hol, patch = tok.encode(to_unit(images))
+  return to_uint8(tok.decode(hol, patch))
 
 
 def reconstruct(parts, params, rest, images_u8):
@@ -246,17 +251,9 @@ def reconstruct(parts, params, rest, images_u8):
   mesh = next(x.sharding.mesh for x in jax.tree.leaves(params)
               if isinstance(getattr(x, 'sharding', None), jax.sharding.NamedSharding))
   images = sharding.put(np.asarray(images_u8), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  # One jitted program, never eager op-by-op: eager ops on globally sharded arrays left two
-  # processes in different collectives (a 2-process run hung here, 2026-11-30).
-  key = id(parts.g_def)
-  if key not in _RECONSTRUCT_FNS:
-    def fwd(p, r, x):
-      tok = nnx.merge(parts.g_def, p, r, copy=True)
-      tok.eval()
-      hol, patch = tok.encode(to_unit(x))
-      return to_uint8(tok.decode(hol, patch))
-    _RECONSTRUCT_FNS[key] = jax.jit(fwd)
-  return _RECONSTRUCT_FNS[key](params, rest, images)
+  # One jitted program (the graph definition is its static key), never eager op-by-op: eager ops on
+  # globally sharded arrays left two processes in different collectives (a 2-process run hung here).
+  return _encode_decode(parts.g_def, params, rest, images)
 
 
 def export_ema(parts, state, directory):
