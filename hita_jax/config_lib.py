@@ -304,6 +304,8 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
   config.init.gpt_key = 'ema'  # entry of an official GPT training checkpoint to read
   config.train_ar = _section({
       'lr': (1e-4, 'learning rate (constant, official)'),
+      'warmup_steps': (0, 'linear warm-up steps (official: none)'),
+      'lr_decay': ('constant', "after warm-up: 'constant' (official) or 'cosine' to 0 at the last step"),
       'b1': (0.9, 'AdamW beta1'),
       'b2': (0.95, 'AdamW beta2'),
       'adam_eps': (1e-8, 'AdamW epsilon'),
@@ -383,6 +385,8 @@ def add_zero_shot_sections(config: mlc.ConfigDict) -> mlc.ConfigDict:
       'fractions': ('0.25,0.5,0.75', 'retained fractions r: the upper round(r x grid) token rows'),
       'variants': ('holistic,none', "'holistic': the masked image's holistic codes forced; 'none': sampled"),
       'completions': (1, 'completions per image (the grid shows up to 4)'),
+      # the kept pixels pasted over the completion are re-encoded and sampled again (tasks/inpaint.py)
+      'refine': (0, 'extra encode-and-sample rounds after the first completion'),
       # '' = no accuracy; 'shapes' = the demo's shape classifier trained on the data section;
       # 'package.module:factory' = factory(config) returning images_u8 -> class ids
       'classifier': ('', 'classifier judging the completions'),

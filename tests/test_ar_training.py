@@ -18,6 +18,7 @@ from hita_jax.data import codes, sources
 from hita_jax.pretrained import TOKENIZER_EXPORT_FILTER as EXPORT_FILTER
 from hita_jax.models.tokenizer import Tokenizer
 from hita_jax.tasks import train_ar as ar
+from hita_jax.errors import UserError
 from tests.conftest import ROOT
 
 ENV = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
@@ -170,3 +171,19 @@ def test_synthetic_codes_checkpoint_and_resume(tmp_path):
   np.testing.assert_array_equal(next(b)['patch_codes'], first[2]['patch_codes'])
   with pytest.raises(ValueError, match='seed'):
     b.set_state({'seed': 8, 'step': 0})
+
+
+def test_lr_decay_options():
+  """`train_ar.lr_decay`: the official constant LR, or cosine to 0 at the last step (with an optional
+  warm-up); anything else is named before a model is built."""
+  config = config_lib.load_config(f'{ROOT}/configs/hita_b.py:tiny')
+  tr = config.train_ar
+  assert ar.learning_rate(tr) == tr.lr  # the official schedule stays a constant
+  tr.num_steps, tr.lr_decay, tr.warmup_steps = 100, 'cosine', 10
+  sched = ar.learning_rate(tr)
+  assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(tr.lr)
+  assert float(sched(55)) == pytest.approx(tr.lr / 2, rel=1e-3) and float(sched(100)) == pytest.approx(0.0, abs=1e-12)
+  tr.codes_dir = 'synthetic'
+  tr.lr_decay = 'linear'
+  with pytest.raises(UserError, match='train_ar.lr_decay'):
+    ar.validate(config)

@@ -159,6 +159,29 @@ def test_inpaint_forces_the_kept_rows_and_holistic_codes(gpt, io, shapes):
     assert (codes[:, 0, s + 4 * grid:] != codes[:, 1, s + 4 * grid:]).any()
 
 
+def test_inpaint_refine_reencodes_the_kept_pixels_over_the_completion(gpt, io, shapes):
+  imgs, labels = shapes[0][:2], shapes[1][:2]
+  grid, s = gpt.cfg.grid, gpt.cfg.num_holistic
+  key = jax.random.key(3)
+  res = inpaint.complete(gpt, io, imgs, labels, 0.5, 'holistic', key, sample_cfg=SAMPLE, refine=1, batch=4)
+  # the last round's prefix: the codes of the original's kept pixels pasted over the first completion
+  first = inpaint.complete(gpt, io, imgs, labels, 0.5, 'holistic', key, sample_cfg=SAMPLE, batch=4)
+  whole = np.array(first['images'][:, 0])
+  whole[:, :16] = imgs[:, :16]
+  hol, patch = io.encode(whole)
+  kept = slice(s, s + 4 * grid)
+  np.testing.assert_array_equal(res['prefix'][:, 0, :s], np.asarray(hol))
+  np.testing.assert_array_equal(res['prefix'][:, 0, kept], np.asarray(patch)[:, :4 * grid])
+  np.testing.assert_array_equal(res['codes'][..., :s + 4 * grid], res['prefix'][..., :s + 4 * grid])
+  # only the kept pixels of the original are read: another lower half gives the same completion
+  other = np.array(imgs)
+  other[:, 16:] = 255 - other[:, 16:]
+  res2 = inpaint.complete(gpt, io, other, labels, 0.5, 'holistic', key, sample_cfg=SAMPLE, refine=1, batch=4)
+  np.testing.assert_array_equal(res2['codes'], res['codes'])
+  with pytest.raises(ValueError, match='refine=-1'):
+    inpaint.complete(gpt, io, imgs, labels, 0.5, 'holistic', key, sample_cfg=SAMPLE, refine=-1)
+
+
 def test_inpaint_protocol_measures_and_grids(tmp_path, gpt, io, tok, shapes):
   imgs, labels = shapes
   calls = []

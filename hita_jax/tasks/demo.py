@@ -277,7 +277,8 @@ def make_outputs(config, workdir: str, tok_export: str, gpt_export: str, times: 
       tok, gpt, test_imgs[:m], test_labels[:m], fractions=(0.25, 0.5, 0.75),
       variants=('holistic', 'none'), sample_cfg=sc, key=jax.random.key(sc.seed + 1),
       classify=lambda x: classify(clf, x), features=lambda x: classifier_features(clf, x),
-      out_dir=workdir, grid_images=dm.grid_columns, scale=scale, batch=m, io=io)
+      out_dir=workdir, grid_images=dm.grid_columns, scale=scale, batch=m, refine=config.inpaint.refine,
+      io=io)
   times['inpaint_s'] = time.time() - t
 
   # Linear probing (tasks/linear_probe.py): features of the real images the classifier trained on

@@ -4,7 +4,9 @@ zero-shot completion of the lower part of an image by the class-conditional AR m
 For a retained fraction r the upper `round(r x grid)` token rows are kept: the image with everything
 below those rows set to grey is encoded, its patch codes of the kept rows are teacher-forced as the
 sampler's prefix (`prefix_codes` / `prefix_mask`), and the rest is sampled with CFG for the image's
-class, then decoded. Two variants, as the paper compares:
+class, then decoded. With `inpaint.refine` = n, n more rounds follow: the kept pixel rows pasted
+over the completion are encoded (a whole image, so the grey area no longer shifts the kept codes
+through the encoder's attention) and the rest is sampled again. Two variants, as the paper compares:
   `holistic`  the masked image's holistic codes are forced too;
   `none`      the holistic codes are sampled by the model (only the kept patch rows are forced).
 
@@ -62,20 +64,7 @@ def prefix(hol, patch, rows: int, grid: int, with_holistic: bool):
   return seq, jnp.broadcast_to(mask, seq.shape)
 
 
-def complete(gpt, io: CodeIO, images_u8: np.ndarray, labels: np.ndarray, fraction: float,
-             variant: str, key, *, sample_cfg, completions: int = 1, batch: int = 64,
-             legacy_pos128_embedding: bool = False) -> dict:
-  """Completions of `images_u8` (N, H, W, 3) keeping the upper `fraction`; returns {'masked',
-  'images' (N, completions, H, W, 3), 'codes' (N, completions, S + N_p), 'prefix' codes, 'mask'}."""
-  if variant not in ('holistic', 'none'):
-    raise ValueError(f"in-painting variant {variant!r}: use 'holistic' or 'none'")
-  grid = gpt.cfg.grid
-  rows = kept_rows(fraction, grid)
-  masked = mask_images(images_u8, rows, grid)
-  hol, patch = io.encode(masked)
-  codes, mask = prefix(hol, patch, rows, grid, variant == 'holistic')
-  codes, mask = jnp.repeat(codes, completions, 0), jnp.repeat(mask, completions, 0)
-  labs = np.repeat(np.asarray(labels, np.int32), completions)
+def _sample(gpt, codes, mask, labs, key, *, sample_cfg, batch, legacy_pos128_embedding):
   out = []
   for i in range(0, len(labs), batch):  # fixed batch: one sampler compilation
     n = min(batch, len(labs) - i)
@@ -86,9 +75,44 @@ def complete(gpt, io: CodeIO, images_u8: np.ndarray, labels: np.ndarray, fractio
                    prefix_codes=pad(codes), prefix_mask=pad(mask),
                    legacy_pos128_embedding=legacy_pos128_embedding)
     out.append(seq[:n])
-  seq = jnp.concatenate(out)
+  return jnp.concatenate(out)
+
+
+def complete(gpt, io: CodeIO, images_u8: np.ndarray, labels: np.ndarray, fraction: float,
+             variant: str, key, *, sample_cfg, completions: int = 1, batch: int = 64, refine: int = 0,
+             legacy_pos128_embedding: bool = False) -> dict:
+  """Completions of `images_u8` (N, H, W, 3) keeping the upper `fraction`; returns {'masked',
+  'images' (N, completions, H, W, 3), 'codes' (N, completions, S + N_p), 'prefix' codes, 'mask'}.
+
+  `refine` > 0 re-encodes that many times: the kept pixel rows pasted over the last completion
+  are encoded and the completion is sampled again from their codes. The encoder's attention is
+  bidirectional, so the grey area changes the kept rows' (and the holistic) codes; a whole image
+  gives codes like those the AR model was trained on. Only the kept pixels of the original are used.
+  """
+  if variant not in ('holistic', 'none'):
+    raise ValueError(f"in-painting variant {variant!r}: use 'holistic' or 'none'")
+  if refine < 0:
+    raise ValueError(f'in-painting refine={refine}: use 0 (none) or a positive number of rounds')
+  grid = gpt.cfg.grid
+  rows = kept_rows(fraction, grid)
+  masked = mask_images(images_u8, rows, grid)
+  hol, patch = io.encode(masked)
+  codes, mask = prefix(hol, patch, rows, grid, variant == 'holistic')
+  codes, mask = jnp.repeat(codes, completions, 0), jnp.repeat(mask, completions, 0)
+  labs = np.repeat(np.asarray(labels, np.int32), completions)
+  draw = lambda c, m, k: _sample(gpt, c, m, labs, k, sample_cfg=sample_cfg, batch=batch,  # noqa: E731
+                                 legacy_pos128_embedding=legacy_pos128_embedding)
+  seq = draw(codes, mask, key)
   s = gpt.cfg.num_holistic
   imgs = io.decode(seq[:, :s], seq[:, s:])
+  kept_px = rows * (images_u8.shape[1] // grid)
+  for it in range(refine):
+    whole = np.array(imgs)
+    whole[:, :kept_px] = np.repeat(images_u8, completions, 0)[:, :kept_px]
+    hol, patch = io.encode(whole)
+    codes, mask = prefix(hol, patch, rows, grid, variant == 'holistic')
+    seq = draw(codes, mask, jax.random.fold_in(key, 1_000_003 + it))
+    imgs = io.decode(seq[:, :s], seq[:, s:])
   shape = (len(images_u8), completions)
   return {'masked': masked, 'rows': rows, 'grid': grid, 'images': imgs.reshape(*shape, *imgs.shape[1:]),
           'codes': np.asarray(seq).reshape(*shape, -1), 'prefix': np.asarray(codes).reshape(*shape, -1),
@@ -180,7 +204,7 @@ def make_networks(config, images_for_classifier=None):
 
 def protocol(tok, gpt, images_u8, labels, *, fractions, variants, sample_cfg, key, completions=1,
              classify=None, features=None, out_dir=None, grid_images=8, scale=1, batch=64,
-             io: CodeIO | None = None, legacy_pos128_embedding: bool = False) -> dict:
+             refine: int = 0, io: CodeIO | None = None, legacy_pos128_embedding: bool = False) -> dict:
   """Every (fraction, variant): completions, measures and (with `out_dir`) a grid PNG."""
   io = io or CodeIO(tok)
   hol, patch = io.encode(images_u8)
@@ -190,11 +214,11 @@ def protocol(tok, gpt, images_u8, labels, *, fractions, variants, sample_cfg, ke
   for r in fractions:
     for v in variants:
       res = complete(gpt, io, images_u8, labels, r, v, jax.random.fold_in(key, int(r * 1000)),
-                     sample_cfg=sample_cfg, completions=completions, batch=batch,
+                     sample_cfg=sample_cfg, completions=completions, batch=batch, refine=refine,
                      legacy_pos128_embedding=legacy_pos128_embedding)
       m = measure(res, images_u8, labels, recon, classify=classify, features=features,
                   orig_features=f_orig)
-      report[f'r{r:g}_{v}'] = {'fraction': float(r), 'variant': v, **m}
+      report[f'r{r:g}_{v}'] = {'fraction': float(r), 'variant': v, 'refine': int(refine), **m}
       if out_dir:
         pic, rows = grid_picture(images_u8, res, grid_images)
         save_png(os.path.join(out_dir, f'inpaint_r{r:g}_{v}.png'), image_grid(pic, rows=rows, scale=scale))
@@ -228,7 +252,7 @@ def run(config, workdir: str):
                     sample_cfg=config.sample, key=jax.random.key(config.sample.seed),
                     completions=ip.completions, classify=classify, features=features,
                     out_dir=workdir, grid_images=ip.grid_images, scale=ip.png_scale,
-                    batch=ip.batch_size, legacy_pos128_embedding=bool(
+                    batch=ip.batch_size, refine=ip.refine, legacy_pos128_embedding=bool(
                         config.sample.legacy_pos128_embedding
                         or (config.init.gpt and pretrained.wants_legacy_sampler(config.init.gpt))))
   with open(os.path.join(workdir, 'inpaint.json'), 'w') as f:

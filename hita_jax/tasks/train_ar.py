@@ -45,6 +45,14 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def learning_rate(ar):
+  """The official constant LR, or warm-up / cosine to 0 at the last step (`train_ar.lr_decay`):
+  short runs such as the demo's gain most in their last steps at a low LR."""
+  if ar.lr_decay == 'constant' and not ar.warmup_steps:
+    return ar.lr
+  return training.lr_schedule(ar.lr, ar.warmup_steps, 0.0, ar.lr_decay, config_lib.ar_num_steps(ar))
+
+
 def adamw(lr, b1, b2, wd, clip, eps=1e-8):
   return optax.chain(optax.clip_by_global_norm(clip),
                      optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=decay_mask))
@@ -67,7 +75,7 @@ def build(config, mesh):
   else:
     gpt = sharding.create_sharded(lambda: GPT(gcfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
   gpt_def, params = nnx.split(gpt, nnx.Param)
-  tx = adamw(ar.lr, ar.b1, ar.b2, ar.weight_decay, ar.grad_clip, ar.adam_eps)
+  tx = adamw(learning_rate(ar), ar.b1, ar.b2, ar.weight_decay, ar.grad_clip, ar.adam_eps)
   opt = sharding.init_optimizer(tx, params, mesh)
   ema = jax.tree.map(jnp.copy, params)
   if ckpt is not None:
@@ -117,7 +125,8 @@ def train_step(parts: Parts, config, state, tok_state, batch, rng):
   params = optax.apply_updates(state['params'], updates)
   new = {'step': step + 1, 'params': params, 'opt': opt,
          'ema': training.ema_update(state['ema'], params, config.train_ar.ema_decay)}
-  metrics = {'loss': loss, 'loss_holistic': lh, 'loss_patch': lp,
+  lr = learning_rate(config.train_ar)
+  metrics = {'loss': loss, 'loss_holistic': lh, 'loss_patch': lp, 'lr': lr(step) if callable(lr) else lr,
              'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(params)}
   # a non-finite loss or gradient norm: params, AdamW state and EMA stay as they were
   return training.keep_if_finite(state, new, metrics, NONFINITE_WATCH)
@@ -173,6 +182,11 @@ def validate(config):
   for key in ('global_batch_size', 'log_every', 'ckpt_every'):
     if ar[key] <= 0:
       raise UserError(f'config.train_ar.{key} must be positive, got {ar[key]}')
+  if ar.lr_decay not in ('constant', 'cosine'):
+    raise UserError(f"config.train_ar.lr_decay={ar.lr_decay!r} is not valid; choose one of "
+                    "['constant', 'cosine']")
+  if ar.warmup_steps < 0:
+    raise UserError(f'config.train_ar.warmup_steps must be >= 0, got {ar.warmup_steps}')
   if ar.codes_dir and ar.codes_dir != 'synthetic':
     import json
     manifest = os.path.join(ar.codes_dir, 'manifest.json')
