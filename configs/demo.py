@@ -18,7 +18,10 @@ from hita_jax import config_lib
 DEMO_TOKENIZER = dict(
     image_size=32, pos_grid=8, ch=32, ch_mult=(1, 2, 4), encoder_res_blocks=1, decoder_res_blocks=1,
     dim=64, codebook_size=256, num_holistic=8, depth=1, num_heads=4, head_dim=16, mlp_dim=128,
-    vfm_grid=2, dinov2_input_size=28)
+    vfm_grid=2, dinov2_input_size=28,
+    # The official GroupNorm(32) at ch=32 is an instance norm per channel: the tokenizer then
+    # reconstructed every shape in the palette's mean colour (docs/PERFORMANCE.md, 2026-11-30).
+    norm_groups=8)
 DEMO_GPT = dict(dim=128, n_layer=4, n_head=4)
 
 
@@ -55,7 +58,11 @@ def get_config(arg=None):
   # of `probe_train_images` classifier-training images and tested on the held-out ones.
   config.demo = dict(samples_per_class=20, grid_columns=10, png_scale=4, style_images=5,
                      classifier_train_images=3000, classifier_test_images=500,
-                     classifier_steps=400, inpaint_images=40, probe_train_images=1000)
+                     classifier_steps=400, inpaint_images=100, probe_train_images=1000)
+  # In-painting: the masked area starts as the kept rows' median colour (mostly the background) and
+  # two more rounds re-encode the kept pixels over the completion (tasks/inpaint.py): with a grey
+  # fill, encoded once, the encoder's attention lets the grey shift the kept codes.
+  config.inpaint.update(fill='median', refine=2)
   # MAE's LARS needs its 16k batch (lr 6.4); on 1000 features: SGD, 30 epochs of batch 125.
   config.linear_probe.update(optimizer='sgd', batch_size=125, base_lr=1.0, epochs=30,
                              warmup_epochs=3)

@@ -387,6 +387,7 @@ def add_zero_shot_sections(config: mlc.ConfigDict) -> mlc.ConfigDict:
       'completions': (1, 'completions per image (the grid shows up to 4)'),
       # the kept pixels pasted over the completion are re-encoded and sampled again (tasks/inpaint.py)
       'refine': (0, 'extra encode-and-sample rounds after the first completion'),
+      'fill': ('grey', "the masked area when first encoded: 'grey' or 'median' (the kept rows' median colour)"),
       # '' = no accuracy; 'shapes' = the demo's shape classifier trained on the data section;
       # 'package.module:factory' = factory(config) returning images_u8 -> class ids
       'classifier': ('', 'classifier judging the completions'),

@@ -142,6 +142,11 @@ def test_inpaint_forces_the_kept_rows_and_holistic_codes(gpt, io, shapes):
   grid, s = gpt.cfg.grid, gpt.cfg.num_holistic
   masked = inpaint.mask_images(imgs, 4, grid)
   assert (masked[:, 16:] == inpaint.GREY).all() and (masked[:, :16] == imgs[:, :16]).all()
+  med = inpaint.mask_images(imgs, 4, grid, fill='median')  # each image's kept-rows median colour
+  want = np.median(imgs[:, :16].reshape(3, -1, 3), axis=1).astype(np.uint8)
+  assert (med[:, 16:] == want[:, None, None]).all() and (med[:, :16] == imgs[:, :16]).all()
+  with pytest.raises(ValueError, match="fill 'mean'"):
+    inpaint.mask_images(imgs, 4, grid, fill='mean')
   with pytest.raises(ValueError, match='keeps 0 of 8'):
     inpaint.kept_rows(0.01, grid)
   key = jax.random.key(0)

@@ -278,7 +278,7 @@ def make_outputs(config, workdir: str, tok_export: str, gpt_export: str, times: 
       variants=('holistic', 'none'), sample_cfg=sc, key=jax.random.key(sc.seed + 1),
       classify=lambda x: classify(clf, x), features=lambda x: classifier_features(clf, x),
       out_dir=workdir, grid_images=dm.grid_columns, scale=scale, batch=m, refine=config.inpaint.refine,
-      io=io)
+      fill=config.inpaint.fill, io=io)
   times['inpaint_s'] = time.time() - t
 
   # Linear probing (tasks/linear_probe.py): features of the real images the classifier trained on

@@ -2,7 +2,8 @@
 zero-shot completion of the lower part of an image by the class-conditional AR model.
 
 For a retained fraction r the upper `round(r x grid)` token rows are kept: the image with everything
-below those rows set to grey is encoded, its patch codes of the kept rows are teacher-forced as the
+below those rows set to grey (`inpaint.fill='median'`: to the kept rows' median colour, mostly the
+background) is encoded, its patch codes of the kept rows are teacher-forced as the
 sampler's prefix (`prefix_codes` / `prefix_mask`), and the rest is sampled with CFG for the image's
 class, then decoded. With `inpaint.refine` = n, n more rounds follow: the kept pixel rows pasted
 over the completion are encoded (a whole image, so the grey area no longer shifts the kept codes
@@ -48,10 +49,15 @@ def kept_rows(fraction: float, grid: int) -> int:
   return rows
 
 
-def mask_images(images_u8: np.ndarray, rows: int, grid: int) -> np.ndarray:
-  """Pixels below the first `rows` token rows set to grey."""
+def mask_images(images_u8: np.ndarray, rows: int, grid: int, fill: str = 'grey') -> np.ndarray:
+  """Pixels below the first `rows` token rows set to grey, or (`fill='median'`) to each image's
+  median colour of the kept rows (mostly its background)."""
+  if fill not in ('grey', 'median'):
+    raise ValueError(f"in-painting fill {fill!r}: use 'grey' or 'median'")
   out = np.array(images_u8, copy=True)
-  out[:, rows * (images_u8.shape[1] // grid):] = GREY
+  kept = rows * (images_u8.shape[1] // grid)
+  out[:, kept:] = (GREY if fill == 'grey' else
+                   np.median(out[:, :kept].reshape(len(out), -1, out.shape[-1]), axis=1)[:, None, None])
   return out
 
 
@@ -80,6 +86,7 @@ def _sample(gpt, codes, mask, labs, key, *, sample_cfg, batch, legacy_pos128_emb
 
 def complete(gpt, io: CodeIO, images_u8: np.ndarray, labels: np.ndarray, fraction: float,
              variant: str, key, *, sample_cfg, completions: int = 1, batch: int = 64, refine: int = 0,
+             fill: str = 'grey',
              legacy_pos128_embedding: bool = False) -> dict:
   """Completions of `images_u8` (N, H, W, 3) keeping the upper `fraction`; returns {'masked',
   'images' (N, completions, H, W, 3), 'codes' (N, completions, S + N_p), 'prefix' codes, 'mask'}.
@@ -95,7 +102,7 @@ def complete(gpt, io: CodeIO, images_u8: np.ndarray, labels: np.ndarray, fractio
     raise ValueError(f'in-painting refine={refine}: use 0 (none) or a positive number of rounds')
   grid = gpt.cfg.grid
   rows = kept_rows(fraction, grid)
-  masked = mask_images(images_u8, rows, grid)
+  masked = mask_images(images_u8, rows, grid, fill)
   hol, patch = io.encode(masked)
   codes, mask = prefix(hol, patch, rows, grid, variant == 'holistic')
   codes, mask = jnp.repeat(codes, completions, 0), jnp.repeat(mask, completions, 0)
@@ -204,7 +211,8 @@ def make_networks(config, images_for_classifier=None):
 
 def protocol(tok, gpt, images_u8, labels, *, fractions, variants, sample_cfg, key, completions=1,
              classify=None, features=None, out_dir=None, grid_images=8, scale=1, batch=64,
-             refine: int = 0, io: CodeIO | None = None, legacy_pos128_embedding: bool = False) -> dict:
+             refine: int = 0, fill: str = 'grey', io: CodeIO | None = None,
+             legacy_pos128_embedding: bool = False) -> dict:
   """Every (fraction, variant): completions, measures and (with `out_dir`) a grid PNG."""
   io = io or CodeIO(tok)
   hol, patch = io.encode(images_u8)
@@ -215,10 +223,11 @@ def protocol(tok, gpt, images_u8, labels, *, fractions, variants, sample_cfg, ke
     for v in variants:
       res = complete(gpt, io, images_u8, labels, r, v, jax.random.fold_in(key, int(r * 1000)),
                      sample_cfg=sample_cfg, completions=completions, batch=batch, refine=refine,
-                     legacy_pos128_embedding=legacy_pos128_embedding)
+                     fill=fill, legacy_pos128_embedding=legacy_pos128_embedding)
       m = measure(res, images_u8, labels, recon, classify=classify, features=features,
                   orig_features=f_orig)
-      report[f'r{r:g}_{v}'] = {'fraction': float(r), 'variant': v, 'refine': int(refine), **m}
+      report[f'r{r:g}_{v}'] = {'fraction': float(r), 'variant': v, 'refine': int(refine), 'fill': fill,
+                               **m}
       if out_dir:
         pic, rows = grid_picture(images_u8, res, grid_images)
         save_png(os.path.join(out_dir, f'inpaint_r{r:g}_{v}.png'), image_grid(pic, rows=rows, scale=scale))
@@ -252,7 +261,7 @@ def run(config, workdir: str):
                     sample_cfg=config.sample, key=jax.random.key(config.sample.seed),
                     completions=ip.completions, classify=classify, features=features,
                     out_dir=workdir, grid_images=ip.grid_images, scale=ip.png_scale,
-                    batch=ip.batch_size, refine=ip.refine, legacy_pos128_embedding=bool(
+                    batch=ip.batch_size, refine=ip.refine, fill=ip.fill, legacy_pos128_embedding=bool(
                         config.sample.legacy_pos128_embedding
                         or (config.init.gpt and pretrained.wants_legacy_sampler(config.init.gpt))))
   with open(os.path.join(workdir, 'inpaint.json'), 'w') as f:
