@@ -1,5 +1,5 @@
-"""Hita end to end on a CPU in about 12 minutes: a small tokenizer, code extraction, a small AR
-model, class-conditional samples (`hita_jax/demo.py`).
+"""Hita end to end on a 2-core CPU in about 16-18 minutes: a small tokenizer, code extraction, a
+small AR model, class-conditional samples, the zero-shot tasks (`hita_jax/tasks/demo.py`).
 
 Usage: python -m hita_jax.main --config=configs/demo.py --workdir=runs/demo
        --config=configs/demo.py:fast        a ~3-minute smoke run (pictures not yet recognisable;
@@ -58,7 +58,8 @@ def get_config(arg=None):
   # of `probe_train_images` classifier-training images and tested on the held-out ones.
   config.demo = dict(samples_per_class=20, grid_columns=10, png_scale=4, style_images=5,
                      classifier_train_images=3000, classifier_test_images=500,
-                     classifier_steps=400, inpaint_images=100, probe_train_images=1000)
+                     classifier_steps=400, inpaint_images=40 if a.fast else 100,
+                     probe_train_images=1000)
   # In-painting: the masked area starts as the kept rows' median colour (mostly the background) and
   # two more rounds re-encode the kept pixels over the completion (tasks/inpaint.py): with a grey
   # fill, encoded once, the encoder's attention lets the grey shift the kept codes.
