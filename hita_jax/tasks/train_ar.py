@@ -46,8 +46,9 @@ def decay_mask(params):
 
 
 def learning_rate(ar):
-  """The official constant LR, or warm-up / cosine to 0 at the last step (`train_ar.lr_decay`):
-  short runs such as the demo's gain most in their last steps at a low LR."""
+  """The official constant LR, or a linear warm-up and/or a cosine decay to 0 at the last step
+  (`train_ar.warmup_steps`, `train_ar.lr_decay`). The demo keeps the constant LR: with its short
+  runs a cosine decay gave worse samples (docs/PERFORMANCE.md, 2026-11-30)."""
   if ar.lr_decay == 'constant' and not ar.warmup_steps:
     return ar.lr
   return training.lr_schedule(ar.lr, ar.warmup_steps, 0.0, ar.lr_decay, config_lib.ar_num_steps(ar))
