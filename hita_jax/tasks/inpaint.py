@@ -15,7 +15,8 @@ Measured per (r, variant) on `inpaint.num_images` images (`completions` each):
   class_accuracy        a classifier's accuracy on the completions (`inpaint.classifier`);
   feature_similarity    mean cosine similarity of completion and original features (default: the
                         FID Inception's pool3);
-  fid                   FID of the completions against the originals (same features);
+  fid                   FID of the completions against the originals (same features; null, with
+                        `fid_error`, when too few images make its matrix square root complex);
   kept_psnr_db          PSNR of the kept pixel rows against the original, beside
   kept_psnr_reconstruction_db  the same rows of the plain reconstruction (the tokenizer's error).
 Grids `inpaint_r<r>_<variant>.png`: columns original | masked | completions.
@@ -154,8 +155,14 @@ def measure(result: dict, originals: np.ndarray, labels: np.ndarray, recon: np.n
     b = np.repeat(f_orig, c, 0)
     b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
     out['feature_similarity'] = float(np.mean(np.sum(a * b, -1)))
-    out['fid'] = FIDStatistics.from_activations(f_orig).frechet_distance(
-        FIDStatistics.from_activations(f_comp))
+    try:
+      out['fid'] = FIDStatistics.from_activations(f_orig).frechet_distance(
+          FIDStatistics.from_activations(f_comp))
+    except ValueError as e:  # as ADM's evaluator: a complex sqrtm is refused; keep the other measures
+      out['fid'] = None
+      out['fid_error'] = (f'{e}: {len(f_orig)} originals and {len(f_comp)} completions for '
+                          f'{f_orig.shape[-1]}-d features; FID needs far more images than feature '
+                          'dimensions (raise inpaint.num_images)')
   return out
 
 
