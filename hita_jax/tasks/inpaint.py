@@ -114,9 +114,10 @@ def complete(gpt, io: CodeIO, images_u8: np.ndarray, labels: np.ndarray, fractio
   s = gpt.cfg.num_holistic
   imgs = io.decode(seq[:, :s], seq[:, s:])
   kept_px = rows * (images_u8.shape[1] // grid)
+  kept = np.repeat(images_u8[:, :kept_px], completions, 0) if refine else None
   for it in range(refine):
     whole = np.array(imgs)
-    whole[:, :kept_px] = np.repeat(images_u8, completions, 0)[:, :kept_px]
+    whole[:, :kept_px] = kept
     hol, patch = io.encode(whole)
     codes, mask = prefix(hol, patch, rows, grid, variant == 'holistic')
     seq = draw(codes, mask, jax.random.fold_in(key, 1_000_003 + it))
