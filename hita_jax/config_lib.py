@@ -385,6 +385,7 @@ def add_zero_shot_sections(config: mlc.ConfigDict) -> mlc.ConfigDict:
       'fractions': ('0.25,0.5,0.75', 'retained fractions r: the upper round(r x grid) token rows'),
       'variants': ('holistic,none', "'holistic': the masked image's holistic codes forced; 'none': sampled"),
       'completions': (1, 'completions per image (the grid shows up to 4)'),
+      'cfg_scale': (0.0, "CFG of the completions; 0 = the sample section's"),
       # the kept pixels pasted over the completion are re-encoded and sampled again (tasks/inpaint.py)
       'refine': (0, 'extra encode-and-sample rounds after the first completion'),
       'fill': ('grey', "the masked area when first encoded: 'grey' or 'median' (the kept rows' median colour)"),

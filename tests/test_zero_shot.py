@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from hita_jax import config_lib, sharding
+from hita_jax.errors import UserError
 from hita_jax.data.sources import labelled_images
 from hita_jax.models.gpt import GPT, gpt_config_from
 from hita_jax.models.tokenizer import Tokenizer
@@ -204,6 +205,7 @@ def test_inpaint_protocol_measures_and_grids(tmp_path, monkeypatch, gpt, io, tok
   assert set(report) == {'r0.25_holistic', 'r0.25_none', 'r0.75_holistic', 'r0.75_none'}
   m = report['r0.75_holistic']
   assert m['kept_token_rows'] == 6 and m['class_accuracy'] == np.mean(labels[:4] == labels[0])
+  assert m['cfg_scale'] == SAMPLE.cfg_scale
   assert -1.0 <= m['feature_similarity'] <= 1.0 and np.isfinite(m['fid'])
   assert np.isfinite(m['kept_psnr_db']) and np.isfinite(m['kept_psnr_reconstruction_db'])
   # FID on too few images for its features (ADM's evaluator refuses a complex sqrtm): the other
@@ -219,13 +221,27 @@ def test_inpaint_protocol_measures_and_grids(tmp_path, monkeypatch, gpt, io, tok
   assert pic.shape == (2 * 32, 3 * 32, 3)  # original | masked | one completion
 
 
+def test_inpaint_cfg_scale_replaces_the_sample_sections_only_when_set(demo_config):
+  config = demo_config.copy_and_resolve_references()
+  config.sample.cfg_scale = 3.0
+  config.inpaint.cfg_scale = 0.0
+  assert inpaint.sample_config(config).cfg_scale == 3.0
+  config.inpaint.cfg_scale = 4.5
+  sc = inpaint.sample_config(config)
+  assert sc.cfg_scale == 4.5 and sc.temperature == config.sample.temperature
+  assert config.sample.cfg_scale == 3.0  # the samples keep theirs
+  config.inpaint.cfg_scale = -1.0
+  with pytest.raises(UserError, match=r'inpaint.cfg_scale=-1.0'):
+    inpaint.sample_config(config)
+
+
 @pytest.mark.slow  # the task's own entry: fresh models, sampler compilation
 def test_inpaint_task_runs_from_its_config(tmp_path):
   config = _task_config(None, 'inpaint', **{
       'inpaint.num_images': 3, 'inpaint.fractions': '0.5', 'inpaint.variants': 'holistic',
-      'inpaint.features': '', 'inpaint.batch_size': 4, 'inpaint.classifier': 'tests.test_zero_shot:constant_classifier'})
+      'inpaint.features': '', 'inpaint.batch_size': 4, 'inpaint.cfg_scale': 2.0, 'inpaint.classifier': 'tests.test_zero_shot:constant_classifier'})
   report = inpaint.run(config, str(tmp_path))
-  assert 'class_accuracy' in report['r0.5_holistic']
+  assert 'class_accuracy' in report['r0.5_holistic'] and report['r0.5_holistic']['cfg_scale'] == 2.0
   assert os.path.exists(tmp_path / 'inpaint.json') and os.path.exists(tmp_path / 'inpaint_r0.5_holistic.png')
 
 

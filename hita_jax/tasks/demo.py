@@ -275,7 +275,8 @@ def make_outputs(config, workdir: str, tok_export: str, gpt_export: str, times: 
   m = dm.inpaint_images
   inpaint_report = inpaint.protocol(
       tok, gpt, test_imgs[:m], test_labels[:m], fractions=(0.25, 0.5, 0.75),
-      variants=('holistic', 'none'), sample_cfg=sc, key=jax.random.key(sc.seed + 1),
+      variants=('holistic', 'none'), sample_cfg=inpaint.sample_config(config),
+      key=jax.random.key(sc.seed + 1),
       classify=lambda x: classify(clf, x), features=lambda x: classifier_features(clf, x),
       out_dir=workdir, grid_images=dm.grid_columns, scale=scale, batch=m, refine=config.inpaint.refine,
       fill=config.inpaint.fill, io=io)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hita_jax import config_lib, pretrained
+from hita_jax.errors import UserError
 from hita_jax.data.images import image_grid, load_image_set, save_png
 from hita_jax.data.sources import labelled_images
 from hita_jax.metrics.adm import FIDStatistics
@@ -235,11 +236,24 @@ def protocol(tok, gpt, images_u8, labels, *, fractions, variants, sample_cfg, ke
       m = measure(res, images_u8, labels, recon, classify=classify, features=features,
                   orig_features=f_orig)
       report[f'r{r:g}_{v}'] = {'fraction': float(r), 'variant': v, 'refine': int(refine), 'fill': fill,
-                               **m}
+                               'cfg_scale': float(sample_cfg.cfg_scale), **m}
       if out_dir:
         pic, rows = grid_picture(images_u8, res, grid_images)
         save_png(os.path.join(out_dir, f'inpaint_r{r:g}_{v}.png'), image_grid(pic, rows=rows, scale=scale))
   return report
+
+
+def sample_config(config):
+  """The sample section with `inpaint.cfg_scale` in place of its CFG when set (> 0): a prefix
+  that fixes the layout may want another guidance than samples drawn from nothing."""
+  sc = config.sample.copy_and_resolve_references()
+  cfg = float(config.inpaint.get('cfg_scale', 0.0))
+  if cfg < 0:
+    raise UserError(f'inpaint.cfg_scale={cfg}: use 0 (the sample section\'s, '
+                    f'{sc.cfg_scale}) or a guidance scale > 0')
+  if cfg > 0:
+    sc.cfg_scale = cfg
+  return sc
 
 
 def run(config, workdir: str):
@@ -266,7 +280,7 @@ def run(config, workdir: str):
   variants = [v.strip() for v in ip.variants.split(',') if v.strip()]
   os.makedirs(workdir, exist_ok=True)
   report = protocol(tok, gpt, images, labels, fractions=fractions, variants=variants,
-                    sample_cfg=config.sample, key=jax.random.key(config.sample.seed),
+                    sample_cfg=sample_config(config), key=jax.random.key(config.sample.seed),
                     completions=ip.completions, classify=classify, features=features,
                     out_dir=workdir, grid_images=ip.grid_images, scale=ip.png_scale,
                     batch=ip.batch_size, refine=ip.refine, fill=ip.fill, legacy_pos128_embedding=bool(
