@@ -107,11 +107,15 @@ def test_demo_samples_are_recognisably_their_class(tmp_path):
   for name, ip in report['inpaint'].items():
     if name.endswith('_holistic'):
       assert ip['kept_psnr_db'] >= ip['kept_psnr_reconstruction_db'] - 3.0, (name, ip)
-  # Issue #14 asks >= 0.8 at r = 0.5. With the median fill and two re-encoding rounds the demo's
-  # models reach about 0.72 (0.70-0.735 on 200 held-out images, 0.73 in the demo's 100; 0.50 grey
-  # and encoded once): below the bar, which stays open. These guard regressions with room for the
-  # sampling noise of 100 images (~0.045).
-  assert report['inpaint']['r0.5_holistic']['class_accuracy'] >= 0.6, report['inpaint']
+  # Issue #14 asks >= 0.8 at r = 0.5. The in-painted images (the original's kept pixel rows over
+  # the completion) reach it: 0.93 in the demo's 100 images, where the masked inputs alone give
+  # 0.54, so the completed rows carry the class. The completions as decoded reach about 0.72
+  # (0.70-0.735 on 200 held-out images): the demo tokenizer's blur, whose own reconstructions
+  # score about 0.80. Margins: the sampling noise of 100 images (~0.045).
+  ip5 = report['inpaint']['r0.5_holistic']
+  assert ip5['class_accuracy_pasted'] >= 0.8, report['inpaint']
+  assert ip5['class_accuracy_pasted'] - ip5['class_accuracy_kept_only'] >= 0.2, report['inpaint']
+  assert ip5['class_accuracy'] >= 0.6, report['inpaint']
   assert report['inpaint']['r0.75_holistic']['class_accuracy'] >= 0.6, report['inpaint']
   # Linear probing: the holistic tokens (all S of them) are the more semantic features (on the
   # step-200 tokenizer: 0.80 against 0.74 for the patch mean; their mean alone: 0.53).

@@ -213,7 +213,7 @@ def test_inpaint_protocol_measures_and_grids(tmp_path, monkeypatch, gpt, io, tok
   def refuse(self, other):
     raise ValueError('Imaginary component 0.02')
   monkeypatch.setattr(inpaint.FIDStatistics, 'frechet_distance', refuse)
-  res = {'images': imgs[:2, None], 'rows': 4, 'grid': 8}
+  res = {'images': imgs[:2, None], 'rows': 4, 'grid': 8, 'masked': imgs[:2]}
   m = inpaint.measure(res, imgs[:2], labels[:2], imgs[:2], classify=classify, features=features)
   assert m['fid'] is None and 'raise inpaint.num_images' in m['fid_error'] and m['class_accuracy'] >= 0
   from PIL import Image
@@ -233,6 +233,25 @@ def test_inpaint_cfg_scale_replaces_the_sample_sections_only_when_set(demo_confi
   config.inpaint.cfg_scale = -1.0
   with pytest.raises(UserError, match=r'inpaint.cfg_scale=-1.0'):
     inpaint.sample_config(config)
+
+
+def test_inpaint_class_accuracy_of_decoded_pasted_and_kept_only_images(shapes):
+  imgs, labels = shapes[0][:3], shapes[1][:3]
+  completed = 255 - imgs  # stand-in completions: every pixel differs from the original
+  masked = inpaint.mask_images(imgs, 2, 8)
+  seen = []
+
+  def classify(x):  # right only on images whose upper 8 pixel rows are the original's
+    seen.append(np.array(x))
+    return np.where((x[:, :8] == imgs[:, :8]).all((1, 2, 3)), labels, -1)
+  res = {'images': completed[:, None], 'rows': 2, 'grid': 8, 'masked': masked}
+  m = inpaint.measure(res, imgs, labels, imgs, classify=classify)
+  decoded, pasted, kept_only = seen
+  np.testing.assert_array_equal(decoded, completed)
+  np.testing.assert_array_equal(pasted[:, :8], imgs[:, :8])  # 2 token rows = 8 pixel rows kept
+  np.testing.assert_array_equal(pasted[:, 8:], completed[:, 8:])
+  np.testing.assert_array_equal(kept_only, masked)
+  assert (m['class_accuracy'], m['class_accuracy_pasted'], m['class_accuracy_kept_only']) == (0.0, 1.0, 1.0)
 
 
 @pytest.mark.slow  # the task's own entry: fresh models, sampler compilation

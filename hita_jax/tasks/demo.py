@@ -183,7 +183,9 @@ def run(config, workdir: str):
         f"{report['real_class_accuracy']:.2f}); holistic codebook usage "
         f"{report['holistic_codebook_usage']:.2f}; style transfer colour distance "
         f"{100 * report['style_transfer']['all']['colour_distance_fall']:.0f} % closer to the reference; "
-        f"in-painting r=0.5 class accuracy {ip['class_accuracy']:.2f}; linear probe top-1 {lp}",
+        f"in-painting r=0.5 class accuracy {ip['class_accuracy']:.2f} as decoded, "
+        f"{ip['class_accuracy_pasted']:.2f} with the kept pixels pasted back "
+        f"({ip['class_accuracy_kept_only']:.2f} from them alone); linear probe top-1 {lp}",
         flush=True)
   return report
 

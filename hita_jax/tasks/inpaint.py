@@ -12,7 +12,11 @@ through the encoder's attention) and the rest is sampled again. Two variants, as
   `none`      the holistic codes are sampled by the model (only the kept patch rows are forced).
 
 Measured per (r, variant) on `inpaint.num_images` images (`completions` each):
-  class_accuracy        a classifier's accuracy on the completions (`inpaint.classifier`);
+  class_accuracy        a classifier's accuracy on the completions (`inpaint.classifier`), as decoded;
+  class_accuracy_pasted the same on the in-painted images (the original's kept pixel rows pasted
+                        over the completion), beside
+  class_accuracy_kept_only  the same on the masked inputs, no completion: what the kept rows alone
+                        tell the classifier (the completion's share is the difference);
   feature_similarity    mean cosine similarity of completion and original features (default: the
                         FID Inception's pool3);
   fid                   FID of the completions against the originals (same features; null, with
@@ -149,7 +153,14 @@ def measure(result: dict, originals: np.ndarray, labels: np.ndarray, recon: np.n
          'kept_psnr_reconstruction_db': _psnr(recon[:, :px], originals[:, :px]),
          'completed_psnr_db': _psnr(flat[:, px:], orig_rep[:, px:])}
   if classify is not None:
-    out['class_accuracy'] = float(np.mean(classify(flat) == np.repeat(labels, c)))
+    want = np.repeat(labels, c)
+    out['class_accuracy'] = float(np.mean(classify(flat) == want))
+    # the in-painted image a user keeps: the original's kept pixels over the completed rows; beside
+    # it, the masked input alone, i.e. how much of that accuracy the kept rows give by themselves
+    pasted = np.array(flat)
+    pasted[:, :px] = orig_rep[:, :px]
+    out['class_accuracy_pasted'] = float(np.mean(classify(pasted) == want))
+    out['class_accuracy_kept_only'] = float(np.mean(classify(result['masked']) == labels))
   if features is not None:
     f_orig = orig_features if orig_features is not None else features(originals)
     f_comp = features(flat)
