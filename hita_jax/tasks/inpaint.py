@@ -142,7 +142,9 @@ def _psnr(a, b) -> float:
 
 
 def measure(result: dict, originals: np.ndarray, labels: np.ndarray, recon: np.ndarray, *,
-            classify=None, features=None, orig_features=None) -> dict:
+            classify=None, features=None, orig_features=None, kept_only_accuracy=None) -> dict:
+  """`kept_only_accuracy`: the masked inputs' accuracy when already known (the same masked
+  inputs for every variant at one r)."""
   imgs = result['images']
   n, c = imgs.shape[:2]
   flat = imgs.reshape(n * c, *imgs.shape[2:])
@@ -160,7 +162,9 @@ def measure(result: dict, originals: np.ndarray, labels: np.ndarray, recon: np.n
     pasted = np.array(flat)
     pasted[:, :px] = orig_rep[:, :px]
     out['class_accuracy_pasted'] = float(np.mean(classify(pasted) == want))
-    out['class_accuracy_kept_only'] = float(np.mean(classify(result['masked']) == labels))
+    out['class_accuracy_kept_only'] = (
+        float(np.mean(classify(result['masked']) == labels)) if kept_only_accuracy is None
+        else kept_only_accuracy)
   if features is not None:
     f_orig = orig_features if orig_features is not None else features(originals)
     f_comp = features(flat)
@@ -240,12 +244,14 @@ def protocol(tok, gpt, images_u8, labels, *, fractions, variants, sample_cfg, ke
   f_orig = features(images_u8) if features is not None else None
   report = {}
   for r in fractions:
+    kept_only = None
     for v in variants:
       res = complete(gpt, io, images_u8, labels, r, v, jax.random.fold_in(key, int(r * 1000)),
                      sample_cfg=sample_cfg, completions=completions, batch=batch, refine=refine,
                      fill=fill, legacy_pos128_embedding=legacy_pos128_embedding)
       m = measure(res, images_u8, labels, recon, classify=classify, features=features,
-                  orig_features=f_orig)
+                  orig_features=f_orig, kept_only_accuracy=kept_only)
+      kept_only = m.get('class_accuracy_kept_only')
       report[f'r{r:g}_{v}'] = {'fraction': float(r), 'variant': v, 'refine': int(refine), 'fill': fill,
                                'cfg_scale': float(sample_cfg.cfg_scale), **m}
       if out_dir:
