@@ -219,12 +219,24 @@ def dino_disc_config(config: mlc.ConfigDict, batch_norm_groups: int = 1) -> Dino
 def load_config(spec: str) -> mlc.ConfigDict:
   """'configs/tokenizer_v.py:tiny' -> the ConfigDict its get_config('tiny') returns."""
   path, _, arg = spec.partition(':')
+  fix = '(fix --config=configs/<file>.py[:arg])'
   if not os.path.exists(path):
-    raise MissingPathError(f'config file not found: {path}')
+    raise MissingPathError(f'config file not found: {path} {fix}')
   mod_spec = importlib.util.spec_from_file_location('_hita_config', path)
+  if os.path.isdir(path) or mod_spec is None:
+    raise UserError(f'{path} is not a Python config file {fix}')
   mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
+  try:
+    mod_spec.loader.exec_module(mod)
+  except (SyntaxError, ValueError) as e:  # garbage, binary or non-UTF-8 files
+    raise UserError(f'{path} is not a Python config file ({type(e).__name__}: {e}) {fix}') from e
+  if not callable(getattr(mod, 'get_config', None)):
+    raise UserError(f'{path} defines no get_config(arg) function {fix}')
+  try:
+    return mod.get_config(arg or None)
+  except UserError as e:  # a bad ':arg': name the file it was given to
+    e.args = (f'{spec}: {e.args[0] if e.args else e}',) + e.args[1:]
+    raise
 
 
 # Epochs of the released AR models (official README), per tokenizer variant and GPT size; every

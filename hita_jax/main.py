@@ -27,7 +27,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from hita_jax import tasks  # noqa: E402
-from hita_jax.errors import UserError, closest  # noqa: E402
+from hita_jax import cli as hita_cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (path[:arg])', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for outputs, checkpoints and logs')
@@ -54,46 +54,10 @@ def initialize_distributed():
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
-def _config_key_errors(argv: list[str]) -> str | None:
-  """The first `--config.<key>` override naming no key of the config file, as a message with the
-  closest valid keys (checked before absl parses the flags, whose error is a traceback)."""
-  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
-  if not spec or not overrides:
-    return None
-  from hita_jax import config_lib
-  config = config_lib.load_config(spec)
-  for key in overrides:
-    node, parts = config, key.split('.')
-    for i, part in enumerate(parts):
-      keys = list(node.keys()) if hasattr(node, 'keys') else []
-      if part not in keys:
-        prefix = '.'.join(parts[:i])
-        near = [f'{prefix}.{k}' if prefix else k for k in closest(part, keys)]
-        hint = f'; did you mean {" or ".join(near)}?' if near else f'; valid keys here: {sorted(keys)}'
-        return f'--config.{key}: {spec} has no key {key!r}{hint}'
-      node = node[part]
-  return None
-
-
-def _fail(e: BaseException):
-  print(f'error: {e}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def cli(argv: list[str] | None = None):
-  """`python -m hita_jax.main`: absl's app.run with user errors shown as one line."""
-  argv = sys.argv if argv is None else argv
-  verbose = any(a.startswith(('--verbosity', '-v=')) for a in argv)
-  try:
-    message = _config_key_errors(argv)
-  except UserError as e:
-    if verbose:
-      raise
-    _fail(e)
-  if message:
-    _fail(message)
-  app.run(main, argv=argv)
+  """`python -m hita_jax.main`: absl's app.run with the config file, its overrides and every user
+  error shown as one line (hita_jax.cli)."""
+  hita_cli.run_absl(main, sys.argv if argv is None else argv)
 
 
 def main(argv):
@@ -118,12 +82,7 @@ def main(argv):
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
   logging.info('task %s, workdir %s, %d devices', task, workdir, jax.device_count())
-  try:
-    module.run(config, workdir)
-  except UserError as e:
-    if flags.FLAGS['verbosity'].present:
-      raise
-    _fail(e)
+  module.run(config, workdir)  # a UserError becomes one line in hita_cli.run_absl
 
 
 if __name__ == '__main__':
