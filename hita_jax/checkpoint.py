@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from flax import nnx
-from hita_jax.errors import SaveError, UserError, MissingPathError
+from hita_jax.errors import ExistingPathError, SaveError, UserError, MissingPathError
 
 from hita_jax import sharding
 
@@ -43,8 +43,8 @@ def save_params(directory: str, module_or_state, *, config: dict | None = None,
   directory = os.path.abspath(directory)
   if os.path.exists(os.path.join(directory, 'params')):
     if not overwrite:
-      raise FileExistsError(f'{directory} already holds a params checkpoint; choose another '
-                            'directory or pass overwrite=True (--overwrite)')
+      raise ExistingPathError(f'{directory} already holds a params checkpoint; choose another '
+                              'directory or pass overwrite=True (--overwrite)')
   sharding.sync('save_params:checked')  # no process may see another's fresh write as "existing"
   state = (nnx.state(module_or_state, filt) if isinstance(module_or_state, nnx.Module)
            else module_or_state)
@@ -111,8 +111,15 @@ def read_export_config(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, 'config.json')
   if not os.path.exists(path):
     raise MissingPathError(f'{path} not found: {directory} is not a hita_jax params export')
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except ValueError as e:  # not JSON, or not UTF-8
+    raise UserError(f'{path} is not valid JSON ({e}): {directory} is not a hita_jax params '
+                    'export') from e
+  if not isinstance(config, dict):
+    raise UserError(f'{path} holds no JSON object: {directory} is not a hita_jax params export')
+  return config
 
 
 def _check_shapes(directory: str, metadata, target) -> None:

@@ -14,6 +14,10 @@ class MissingPathError(UserError, FileNotFoundError):
   """A weights file, export or data directory that does not exist."""
 
 
+class ExistingPathError(UserError, FileExistsError):
+  """An output path that already holds something and is not to be overwritten."""
+
+
 class MissingEntryError(UserError, KeyError):
   """A file that exists but lacks the entry asked for (an .npz array, a checkpoint key)."""
 

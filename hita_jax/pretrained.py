@@ -38,7 +38,7 @@ from hita_jax.convert import gpt as gpt_convert
 from hita_jax.convert import inception as inception_convert
 from hita_jax.convert import losses as losses_convert
 from hita_jax.convert import tokenizer as tokenizer_convert
-from hita_jax.convert.torch_files import load_state_dict_file
+from hita_jax.convert.torch_files import CheckpointFormatError, check_zip, load_state_dict_file
 from hita_jax.models.dino_discriminator import HEADS_TRAINABLE, DinoDiscConfig, DinoDiscriminator
 from hita_jax.models.dinov2 import DinoV2
 from hita_jax.models.discriminator import PatchGAN
@@ -83,12 +83,18 @@ def _has_dinov2(keys) -> bool:
 
 def _state_dict_keys(path: str, key: str) -> list[str]:
   """Parameter names of a weights file, reading only its index where the format allows."""
-  if path.endswith('.safetensors'):
-    with safe_open(path, 'np') as f:
-      return list(f.keys())
-  if path.endswith('.npz'):
-    with np.load(path, allow_pickle=False) as z:
-      return list(z.files)
+  try:
+    if path.endswith('.safetensors'):
+      with safe_open(path, 'np') as f:
+        return list(f.keys())
+    if path.endswith('.npz'):
+      check_zip(path)
+      with np.load(path, allow_pickle=False) as z:
+        return list(z.files)
+  except CheckpointFormatError:
+    raise
+  except Exception as e:  # safetensors and numpy raise their own types for a corrupt file
+    raise CheckpointFormatError(f'{path}: cannot read as {os.path.splitext(path)[1][1:]} ({e})') from e
   return list(load_state_dict_file(path, key=key))
 
 

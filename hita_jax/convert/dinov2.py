@@ -25,6 +25,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from hita_jax.convert import mapping
+from hita_jax.errors import MissingPathError, UserError
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config
 
 DINOV2_RULES = [
@@ -93,16 +94,19 @@ def config_from_hf(path: str) -> DinoV2Config:
   """DinoV2Config from a Hugging Face `config.json` (read through transformers' config classes)."""
   import transformers  # heavy: only for Hugging Face directories
   cfg_file = os.path.join(path, 'config.json') if os.path.isdir(path) else path
-  with open(cfg_file) as f:
-    model_type = json.load(f).get('model_type', 'dinov2')
+  try:
+    with open(cfg_file) as f:
+      model_type = json.load(f).get('model_type', 'dinov2')
+  except (ValueError, AttributeError) as e:  # not JSON or not UTF-8 (ValueErrors), not an object
+    raise UserError(f'{cfg_file} is not a Hugging Face config.json ({e})') from e
   cls = (transformers.Dinov2WithRegistersConfig if model_type == 'dinov2_with_registers'
          else transformers.Dinov2Config)
   c = cls.from_pretrained(os.path.dirname(cfg_file))
   regs = getattr(c, 'num_register_tokens', 0)
   if c.hidden_act not in ('gelu',):
-    raise ValueError(f'unsupported DINOv2 activation {c.hidden_act!r} (only exact GELU)')
+    raise UserError(f'{cfg_file}: unsupported DINOv2 activation {c.hidden_act!r} (only exact GELU)')
   if getattr(c, 'use_swiglu_ffn', False):
-    raise ValueError('SwiGLU DINOv2 variants (ViT-g) are not supported')
+    raise UserError(f'{cfg_file}: SwiGLU DINOv2 variants (ViT-g) are not supported')
   return DinoV2Config(embed_dim=c.hidden_size, depth=c.num_hidden_layers,
                       num_heads=c.num_attention_heads, mlp_ratio=c.mlp_ratio,
                       patch_size=c.patch_size, img_size=c.image_size, num_register_tokens=regs,
@@ -114,5 +118,10 @@ def load_hf_dinov2_dir(path: str) -> tuple[DinoV2Config, dict[str, np.ndarray]]:
   """A Hugging Face model directory -> (config, torch.hub-named state dict)."""
   weights = os.path.join(path, 'model.safetensors')
   if not os.path.exists(weights):
-    raise FileNotFoundError(f'{weights} not found (expected a Hugging Face DINOv2 directory)')
+    raise MissingPathError(f'{weights} not found (expected a Hugging Face DINOv2 directory)')
   return config_from_hf(path), hf_to_hub(dict(load_file(weights)))
+
+
+if __name__ == '__main__':  # the old command line (--src): say what replaced it
+  from hita_jax import cli
+  cli.moved('hita_jax.convert.dinov2', 'hita_jax.tools.convert dinov2 import', {'--src': '--checkpoint'})

@@ -22,6 +22,7 @@ import re
 import numpy as np
 
 from hita_jax.convert import mapping
+from hita_jax.errors import MissingEntryError, UserError
 from hita_jax.models.gpt import GPT
 
 # official key -> our variable: top level, and per layer (`layers.i.<key>` -> `blocks.<ours>[i]`)
@@ -56,7 +57,7 @@ def load_official_gpt(model: GPT, sd: dict[str, np.ndarray], *, strict: bool = T
     arr = np.asarray(sd[key], np.float32)
     arr = arr.T if transpose else arr
     if arr.shape != var.shape:
-      raise ValueError(f'{key}: shape {sd[key].shape} does not fit the config ({var.shape})')
+      raise UserError(f'{key}: shape {sd[key].shape} does not fit the config ({var.shape})')
     var[...] = arr
     used.add(key)
   n = model.cfg.n_layer
@@ -72,15 +73,16 @@ def load_official_gpt(model: GPT, sd: dict[str, np.ndarray], *, strict: bool = T
       arr = np.asarray(sd[key], np.float32)
       arr = arr.T if transpose else arr
       if arr.shape != stacked.shape[1:]:
-        raise ValueError(f'{key}: shape {sd[key].shape} does not fit the config ({stacked.shape[1:]})')
+        raise UserError(f'{key}: shape {sd[key].shape} does not fit the config ({stacked.shape[1:]})')
       stacked[i] = arr
       used.add(key)
     var[...] = stacked
   unexpected = sorted(k for k in sd if k not in used and not _IGNORED.search(k))
   if strict and (missing or unexpected):
-    raise KeyError(f'GPT checkpoint does not match the config: missing {missing[:8]} ({len(missing)}), '
-                   f'unexpected {unexpected[:8]} ({len(unexpected)}). Check the model size and '
-                   'the tokenizer-dependent sizes (vocab, holistic tokens, classes).')
+    raise MissingEntryError(f'GPT checkpoint does not match the config: missing {missing[:8]} '
+                            f'({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)}). '
+                            'Check the model size and the tokenizer-dependent sizes (vocab, '
+                            'holistic tokens, classes).')
   return {'missing': missing, 'unexpected': unexpected}
 
 
@@ -106,3 +108,8 @@ def official_adamw_moments(model_sd: dict[str, np.ndarray], optimizer: dict
   keys = [k for k in model_sd if not _IGNORED.search(k)]
   order = [k for k in keys if np.ndim(model_sd[k]) >= 2] + [k for k in keys if np.ndim(model_sd[k]) < 2]
   return mapping.torch_adam_moments(order, optimizer)
+
+
+if __name__ == '__main__':  # the old command line: say what replaced it
+  from hita_jax import cli
+  cli.moved('hita_jax.convert.gpt', 'hita_jax.tools.convert gpt')

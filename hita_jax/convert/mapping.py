@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from hita_jax.errors import ExistingPathError, MissingEntryError, UserError
+
 # Suffix rules shared by all models: our fp32 norm wrappers hold an inner `norm`.
 COMMON_RULES = [
     (r'\.norm\.scale$', '.weight'),
@@ -51,7 +53,7 @@ def to_ours(arr: np.ndarray, our_shape: tuple, our_dtype, *, key: str, kernel: b
     arr = arr.transpose(2, 3, 1, 0) if arr.ndim == 4 else arr.T if arr.ndim == 2 else arr
   if arr.shape != tuple(our_shape):
     if _strip_ones(arr.shape) != _strip_ones(our_shape):
-      raise ValueError(f'{key}: shape {arr.shape} does not fit our {tuple(our_shape)}')
+      raise UserError(f'{key}: shape {arr.shape} does not fit our {tuple(our_shape)}')
     arr = arr.reshape(our_shape)
   return arr.astype(our_dtype)
 
@@ -91,9 +93,9 @@ def import_params(module: nnx.Module, state_dict: dict[str, np.ndarray], rules, 
                       and not any(re.search(p, k) for p in ignore))
   report = {'missing': sorted(missing), 'unexpected': unexpected}
   if strict and (missing or unexpected):
-    raise KeyError(f'checkpoint does not match the model: missing {missing[:8]}'
-                   f'{"..." if len(missing) > 8 else ""} ({len(missing)}), unexpected '
-                   f'{unexpected[:8]}{"..." if len(unexpected) > 8 else ""} ({len(unexpected)})')
+    raise MissingEntryError(f'checkpoint does not match the model: missing {missing[:8]}'
+                            f'{"..." if len(missing) > 8 else ""} ({len(missing)}), unexpected '
+                            f'{unexpected[:8]}{"..." if len(unexpected) > 8 else ""} ({len(unexpected)})')
   return report
 
 
@@ -122,13 +124,13 @@ def write_state_dict(path: str, sd: dict[str, np.ndarray], *, overwrite: bool = 
   """Writes an official-layout state dict as .safetensors or .npz (never over an existing file
   unless asked)."""
   if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} exists; pass --overwrite to replace it')
+    raise ExistingPathError(f'{path} exists; pass --overwrite to replace it')
   if path.endswith('.safetensors'):
     save_file(sd, path)
   elif path.endswith('.npz'):
     np.savez(path, **sd)
   else:
-    raise ValueError(f'{path}: the output must end in .safetensors or .npz')
+    raise UserError(f'{path}: the output must end in .safetensors or .npz (fix --out)')
 
 
 def torch_adam_moments(order: Sequence[str | None], optimizer: dict

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from hita_jax.convert import mapping
+from hita_jax.errors import MissingEntryError
 from hita_jax.models.tokenizer import Tokenizer
 
 TOKENIZER_RULES = [
@@ -89,9 +90,10 @@ def load_official_tokenizer(model: Tokenizer, state_dict: dict[str, np.ndarray],
   report = mapping.import_params(model, sd, TOKENIZER_RULES, filt=tokenizer_filter(), strict=False)
   report['missing'] = [k for k in report['missing'] if not k.endswith('codebook_used')]
   if strict and (report['missing'] or report['unexpected']):
-    raise KeyError(f"tokenizer checkpoint does not match the config: missing {report['missing'][:10]}"
-                   f" ({len(report['missing'])}), unexpected {report['unexpected'][:10]}"
-                   f" ({len(report['unexpected'])}). Check the config (sizes, Hita-V vs Hita-U).")
+    raise MissingEntryError(f'tokenizer checkpoint does not match the config: missing '
+                            f"{report['missing'][:10]} ({len(report['missing'])}), unexpected "
+                            f"{report['unexpected'][:10]} ({len(report['unexpected'])}). Check the "
+                            'config (sizes, Hita-V vs Hita-U).')
   return report
 
 
@@ -116,3 +118,8 @@ def official_adam_moments(model_sd: dict[str, np.ndarray], optimizer: dict, num_
     if k == 'encode_transformer.pos_embed':
       order += [None] * num_dinov2_params
   return mapping.torch_adam_moments(order, optimizer)
+
+
+if __name__ == '__main__':  # the old command line: say what replaced it
+  from hita_jax import cli
+  cli.moved('hita_jax.convert.tokenizer', 'hita_jax.tools.convert tokenizer')

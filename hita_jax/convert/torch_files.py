@@ -197,11 +197,21 @@ def load_torch_checkpoint(path: str, *, use_torch: bool | None = None) -> Any:
       return _load_zip(path)
     return _load_legacy(path)
   except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, KeyError, struct.error) as e:
-    raise CheckpointFormatError(f'{path}: cannot read as a torch checkpoint ({e})') from e
+    raise CheckpointFormatError(f'{path}: cannot read as a torch checkpoint ({_reason(e)})') from e
   except Exception as e:  # torch raises its own error types for unsafe or corrupt files
     if type(e).__module__.startswith('torch') or 'Weights only load failed' in str(e):
-      raise CheckpointFormatError(f'{path}: cannot read as a torch checkpoint ({e})') from e
+      raise CheckpointFormatError(f'{path}: cannot read as a torch checkpoint ({_reason(e)})') from e
     raise
+
+
+def _reason(e: BaseException) -> str:
+  """The cause of a failed read on one line: of torch's weights-only message (a paragraph about
+  PyTorch 2.6's defaults and a documentation link) only what its unpickler found."""
+  text = str(e)
+  if 'WeightsUnpickler error:' in text:
+    text = text.split('WeightsUnpickler error:', 1)[1]
+    text = text.split('Check the documentation of torch.load', 1)[0]
+  return ' '.join(text.split())
 
 
 def load_state_dict_file(path: str, *, key: str | None = 'ema', use_torch: bool | None = None

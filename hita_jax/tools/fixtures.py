@@ -1,8 +1,10 @@
 """Reading a golden-fixture directory in the format of `shared/fixtures/official/`: model configs
 from its JSON files, weights through the loading module (`hita_jax.pretrained`), per-array
-tolerances from its README."""
+tolerances from its README. A fixture file that cannot be read, or a JSON lacking an entry a model
+description needs, raises a UserError naming the file (and the entry)."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -11,9 +13,10 @@ import numpy as np
 import math
 
 from flax import nnx
-from safetensors.numpy import load_file
 
 from hita_jax import pretrained
+from hita_jax.convert.torch_files import load_state_dict_file
+from hita_jax.errors import MissingEntryError, MissingPathError, UserError
 from hita_jax.models.dino_discriminator import DinoDiscConfig, DinoDiscriminator
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config
 from hita_jax.models.gpt import GPT, GPTConfig
@@ -22,9 +25,9 @@ from hita_jax.models.tokenizer import Tokenizer, TokenizerConfig
 
 def dinov2_config_from_json(d: dict) -> DinoV2Config:
   if str(d.get('act', 'GELU(erf)')).lower() not in ('gelu(erf)', 'gelu'):
-    raise ValueError(f"unsupported DINOv2 activation {d.get('act')}")
+    raise UserError(f"unsupported DINOv2 activation {d.get('act')}")
   if d.get('ffn_layer', 'mlp') != 'mlp':
-    raise ValueError(f"unsupported DINOv2 ffn_layer {d.get('ffn_layer')}")
+    raise UserError(f"unsupported DINOv2 ffn_layer {d.get('ffn_layer')}")
   return DinoV2Config(
       embed_dim=d['embed_dim'], depth=d['depth'], num_heads=d['num_heads'],
       mlp_ratio=d.get('mlp_ratio', 4.0), patch_size=d.get('patch_size', 14),
@@ -41,9 +44,9 @@ def tokenizer_config_from_json(j: dict) -> TokenizerConfig:
   dec = j['transformer_config']['decoder_config']['params']
   der = j.get('derived', {})
   if enc.get('layer_type', 'normal') != 'normal':
-    raise ValueError(f"unsupported layer_type {enc.get('layer_type')}")
+    raise UserError(f"unsupported layer_type {enc.get('layer_type')}")
   if not vq.get('codebook_l2_norm', True):
-    raise ValueError('only l2-normalised codebooks are supported (as the official models)')
+    raise UserError('only l2-normalised codebooks are supported (as the official models)')
   dino = dinov2_config_from_json(j['dinov2'])
   vfm = bool(dec.get('enable_vfm_recon', False))
   return TokenizerConfig(
@@ -63,15 +66,42 @@ def tokenizer_config_from_json(j: dict) -> TokenizerConfig:
 
 
 def _read_json(fixtures: str, name: str) -> dict:
-  with open(os.path.join(fixtures, f'{name}.json')) as f:
-    return json.load(f)
+  path = os.path.join(fixtures, f'{name}.json')
+  if not os.path.exists(path):
+    raise MissingPathError(f'fixture file not found: {path}')
+  try:
+    with open(path) as f:
+      j = json.load(f)
+  except ValueError as e:  # not JSON, or not UTF-8
+    raise UserError(f'{path} is not valid JSON ({e})') from e
+  if not isinstance(j, dict):
+    raise UserError(f'{path} holds no JSON object (found {type(j).__name__})')
+  return j
+
+
+@contextlib.contextmanager
+def _entries_of(fixtures: str, name: str):
+  """Inside: building a model description from `<name>.json`; a missing entry (or one of the
+  wrong type) or an unsupported value raises a UserError naming the file (and the entry)."""
+  path = os.path.join(fixtures, f'{name}.json')
+  try:
+    yield
+  except UserError as e:
+    e.args = (f'{path}: {e.args[0] if e.args else e}',) + e.args[1:]
+    raise
+  except (KeyError, TypeError) as e:
+    what = f'no entry {e.args[0]!r}' if isinstance(e, KeyError) else f'an entry of the wrong type ({e})'
+    raise MissingEntryError(f'{path} has {what}; it is not in the format of '
+                            'shared/fixtures/official') from e
 
 
 def tokenizer_from_fixture(fixtures: str, name: str) -> tuple[Tokenizer, dict]:
   """The official tokenizer `name` (e.g. `tokenizer_v`) with its fixture weights and DINOv2."""
   j = _read_json(fixtures, name)
+  with _entries_of(fixtures, name):
+    cfg = tokenizer_config_from_json(j)
   model = pretrained.load_tokenizer(
-      tokenizer_config_from_json(j), os.path.join(fixtures, j.get('weights', f'{name}.safetensors')),
+      cfg, os.path.join(fixtures, j.get('weights', f'{name}.safetensors')),
       dinov2=os.path.join(fixtures, j.get('dinov2_weights', 'dinov2.safetensors')))
   model.eval()
   return model, j
@@ -79,7 +109,9 @@ def tokenizer_from_fixture(fixtures: str, name: str) -> tuple[Tokenizer, dict]:
 
 def dinov2_from_fixture(fixtures: str) -> tuple[DinoV2, dict]:
   j = _read_json(fixtures, 'dinov2')
-  model = DinoV2(dinov2_config_from_json(j), rngs=nnx.Rngs(0))
+  with _entries_of(fixtures, 'dinov2'):
+    cfg = dinov2_config_from_json(j)
+  model = DinoV2(cfg, rngs=nnx.Rngs(0))
   pretrained.load_dinov2(model, os.path.join(fixtures, j.get('weights', 'dinov2.safetensors')))
   model.eval()
   return model, j
@@ -120,20 +152,20 @@ def tokenizer_names(fixtures: str) -> list[str]:
 
 
 def load_npz(path: str) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as z:
-    return {k: z[k] for k in z.files}
+  """The arrays of an .npz (a corrupt or unsafe file raises CheckpointFormatError naming it)."""
+  return load_state_dict_file(path, key=None)
 
 
 def gpt_config_from_json(j: dict) -> GPTConfig:
   """Official ModelArgs (fixture JSON) -> GPTConfig (dropouts off: fixtures are deterministic)."""
   a = j['model_args']
   if a.get('n_kv_head') not in (None, a['n_head']):
-    raise ValueError('grouped-query attention is not part of the official Hita GPT')
+    raise UserError('grouped-query attention is not part of the official Hita GPT')
   if a.get('model_type', 'c2i') != 'c2i':
-    raise ValueError(f"only class-conditional models are supported, got {a.get('model_type')}")
+    raise UserError(f"only class-conditional models are supported, got {a.get('model_type')}")
   grid = math.isqrt(a['block_size'])
   if grid * grid != a['block_size']:
-    raise ValueError(f"block_size {a['block_size']} is not a square grid")
+    raise UserError(f"block_size {a['block_size']} is not a square grid")
   return GPTConfig(
       dim=a['dim'], n_layer=a['n_layer'], n_head=a['n_head'], multiple_of=a.get('multiple_of', 256),
       ffn_dim_multiplier=a.get('ffn_dim_multiplier'), rope_base=a.get('rope_base', 10000),
@@ -145,7 +177,9 @@ def gpt_config_from_json(j: dict) -> GPTConfig:
 
 def gpt_from_fixture(fixtures: str) -> tuple[GPT, dict]:
   j = _read_json(fixtures, 'gpt')
-  model = pretrained.load_gpt(gpt_config_from_json(j), os.path.join(fixtures, j.get('weights', 'gpt.safetensors')))
+  with _entries_of(fixtures, 'gpt'):
+    cfg = gpt_config_from_json(j)
+  model = pretrained.load_gpt(cfg, os.path.join(fixtures, j.get('weights', 'gpt.safetensors')))
   model.eval()
   return model, j
 
@@ -166,10 +200,10 @@ def dino_disc_config_from_json(j: dict, batch_norm_groups: int = 1) -> DinoDiscC
   """Official DinoDisc description (`dino_disc.json`) -> DinoDiscConfig."""
   a, f = j['constructor_args'], j.get('fixed', {})
   if str(a.get('norm_type', 'bn')) != 'bn':
-    raise ValueError(f"only norm_type 'bn' (BatchNormLocal, as VQLoss builds it) is supported, "
-                     f"got {a.get('norm_type')}")
+    raise UserError(f"only norm_type 'bn' (BatchNormLocal, as VQLoss builds it) is supported, "
+                    f"got {a.get('norm_type')}")
   if str(f.get('mlp_act', "GELU(approximate='tanh')")) != "GELU(approximate='tanh')":
-    raise ValueError(f"unsupported DINO activation {f.get('mlp_act')}")
+    raise UserError(f"unsupported DINO activation {f.get('mlp_act')}")
   return DinoDiscConfig(
       embed_dim=f.get('embed_dim', 384), depth=a.get('depth', 12), num_heads=f.get('num_heads', 6),
       mlp_ratio=f.get('mlp_ratio', 4.0), patch_size=f.get('patch_size', 16),
@@ -181,15 +215,18 @@ def dino_disc_config_from_json(j: dict, batch_norm_groups: int = 1) -> DinoDiscC
 
 def dino_disc_state_dict(fixtures: str) -> tuple[dict[str, np.ndarray], dict]:
   j = _read_json(fixtures, 'dino_disc')
-  raw = load_file(os.path.join(fixtures, j.get('weights', 'dino_disc.safetensors')))
-  return unpack_bits(raw, j.get('packing', {})), j
+  raw = load_state_dict_file(os.path.join(fixtures, j.get('weights', 'dino_disc.safetensors')), key=None)
+  with _entries_of(fixtures, 'dino_disc'):
+    return unpack_bits(raw, j.get('packing', {})), j
 
 
 def dino_disc_from_fixture(fixtures: str) -> tuple[DinoDiscriminator, dict]:
   """The official DINO discriminator of the fixtures (frozen DINO + heads), in eval mode."""
   sd, j = dino_disc_state_dict(fixtures)
+  with _entries_of(fixtures, 'dino_disc'):
+    cfg = dino_disc_config_from_json(j)
   model = pretrained.load_dino_discriminator(
-      dino_disc_config_from_json(j), {k: v for k, v in sd.items() if k.startswith('dino_proxy.0.')},
+      cfg, {k: v for k, v in sd.items() if k.startswith('dino_proxy.0.')},
       heads_state_dict=sd)
   model.eval()
   return model, j

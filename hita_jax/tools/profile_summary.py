@@ -14,6 +14,8 @@ import gzip
 import json
 import os
 
+from hita_jax.errors import MissingPathError
+
 
 def device_kernel_table(trace_dir: str, top: int = 30) -> list[dict]:
   """Kernels on device streams of the newest Perfetto trace under `trace_dir`, by total time."""
@@ -21,7 +23,7 @@ def device_kernel_table(trace_dir: str, top: int = 30) -> list[dict]:
                  + glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True),
                  key=os.path.getmtime)
   if not files:
-    raise FileNotFoundError(f'no trace file under {trace_dir}')
+    raise MissingPathError(f'no trace file under {trace_dir} (fix --profile=<the trace directory>)')
   with gzip.open(files[-1], 'rt') as f:
     trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
