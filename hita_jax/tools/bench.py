@@ -26,10 +26,10 @@ import flax
 import optax
 from flax import nnx
 
-from hita_jax import config_lib, pretrained, sharding
+from hita_jax import cli, config_lib, pretrained, sharding
 from hita_jax.metrics import flops
 from hita_jax.metrics.inception_features import InceptionRunner
-from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
+from hita_jax.models.gpt import GPT, GPT_SIZES, REMAT_POLICIES, GPTConfig
 from hita_jax.models.sampler import generate
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
@@ -235,14 +235,15 @@ def _mem():
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=cli.VERBOSITY_HELP)
   p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'inception', 'tok_trainer'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
   p.add_argument('--profile', default=None, help='trace directory: also print the top device kernels')
   p.add_argument('--variant', default='V', choices=['V', 'U'])
-  p.add_argument('--remat', default='none')
+  p.add_argument('--remat', default='none', choices=sorted(REMAT_POLICIES))
   p.add_argument('--scan', action='store_true')
   p.add_argument('--cfg', type=float, default=1.5)
   p.add_argument('--iters', type=int, default=10)
@@ -266,4 +267,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

@@ -12,29 +12,32 @@
 `import` writes a params export (Orbax + config.json) that every task reads (`--config.init.*`);
 `export` writes the official key layout as `.safetensors` or `.npz`. Nothing is overwritten unless
 `--overwrite` is given. GPT imports record that the released sampler's position-S quirk must be
-reproduced for published numbers (`sample.legacy_pos128_embedding=True`).
+reproduced for published numbers (`sample.legacy_pos128_embedding=True`). A missing, unreadable or
+mismatched file or config prints one line `error: ...` naming it and the argument to fix (exit
+status 2); `--verbosity=1` shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-import sys
 
 from flax import nnx
 
-from hita_jax import checkpoint, config_lib, pretrained
+from hita_jax import checkpoint, cli, config_lib, pretrained
 from hita_jax.convert import dinov2 as dinov2_convert
 from hita_jax.convert import gpt as gpt_convert
 from hita_jax.convert import tokenizer as tokenizer_convert
 from hita_jax.convert.mapping import write_state_dict
+from hita_jax.errors import MissingEntryError
 from hita_jax.models.dinov2 import DINOV2_VARIANTS, DinoV2, DinoV2Config
 from hita_jax.models.gpt import gpt_config_from
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m hita_jax.tools.convert',
-                              description='Official Hita / DINOv2 weights <-> hita_jax params exports.')
+                              description='Official Hita / DINOv2 weights <-> hita_jax params exports.',
+                              epilog=cli.VERBOSITY_HELP)
   models = p.add_subparsers(dest='model', required=True)
   for model, ckpt_help in (('tokenizer', 'hita-tok.pt / .safetensors / .npz'),
                            ('gpt', 'GPT-B-50e.pt / .safetensors / .npz'),
@@ -64,7 +67,11 @@ def _dinov2_model(a) -> DinoV2:
   """The architecture: from a Hugging Face directory's or an export's config.json, else --variant."""
   src = getattr(a, 'checkpoint', None)
   if a.cmd == 'export':
-    cfg = DinoV2Config(**checkpoint.read_export_config(a.params)['config']['dinov2'])
+    saved = checkpoint.read_export_config(a.params).get('config') or {}
+    if 'dinov2' not in saved:
+      raise MissingEntryError(f'{a.params} is not a DINOv2 export (its config.json has no '
+                              f"config.dinov2; sections: {sorted(saved)})")
+    cfg = DinoV2Config(**saved['dinov2'])
   elif os.path.isdir(src) and os.path.exists(os.path.join(src, 'config.json')):
     cfg, _ = dinov2_convert.load_hf_dinov2_dir(src)
   else:
@@ -72,9 +79,27 @@ def _dinov2_model(a) -> DinoV2:
   return DinoV2(cfg, rngs=nnx.Rngs(0))
 
 
+_PATH_ARGS = ('checkpoint', 'dinov2', 'params', 'out', 'config')
+
+
 def main(argv=None):
-  p = parser()
-  a = p.parse_args(argv)
+  a = parser().parse_args(argv)
+  # a user error naming one of these paths gets the argument to fix appended
+  with cli.blame({f'--{k}': v for k, v in vars(a).items() if k in _PATH_ARGS}):
+    _convert(a)
+
+
+def _section(a, name: str):
+  """The config's `name` section, or a UserError naming the config and the argument to fix."""
+  config = config_lib.load_config(a.config)
+  if name not in config:
+    example = 'configs/tokenizer_v.py' if name == 'tokenizer' else 'configs/hita_b.py'
+    raise MissingEntryError(f'--config {a.config} has no {name} section (sections: {sorted(config)}); '
+                            f'fix --config, e.g. --config {example}')
+  return config[name]
+
+
+def _convert(a):
   if a.model == 'dinov2':
     model = _dinov2_model(a)
     if a.cmd == 'import':
@@ -85,36 +110,30 @@ def main(argv=None):
       return
     checkpoint.load_params(a.params, model)
     sd = dinov2_convert.export_dinov2(model)
+  elif a.model == 'tokenizer':
+    cfg = config_lib.tokenizer_config_from(_section(a, 'tokenizer'))
+    if a.cmd == 'import':
+      if not a.dinov2:
+        print('warning: no --dinov2 given; the export holds randomly initialised DINOv2 weights')
+      model = pretrained.load_tokenizer(cfg, a.checkpoint, key=a.key, dinov2=a.dinov2)
+      pretrained.save_tokenizer(a.out, model, overwrite=a.overwrite, metadata={
+          'source': os.path.abspath(a.checkpoint), 'key': a.key,
+          'dinov2': a.dinov2 and os.path.abspath(a.dinov2)})
+      print(f'wrote {a.out}')
+      return
+    sd = tokenizer_convert.export_official_tokenizer(pretrained.load_tokenizer(cfg, a.params))
   else:
-    config = config_lib.load_config(a.config)
-    if a.model == 'tokenizer':
-      cfg = config_lib.tokenizer_config_from(config.tokenizer)
-      if a.cmd == 'import':
-        if not a.dinov2:
-          print('warning: no --dinov2 given; the export holds randomly initialised DINOv2 weights')
-        model = pretrained.load_tokenizer(cfg, a.checkpoint, key=a.key, dinov2=a.dinov2)
-        pretrained.save_tokenizer(a.out, model, overwrite=a.overwrite, metadata={
-            'source': os.path.abspath(a.checkpoint), 'key': a.key,
-            'dinov2': a.dinov2 and os.path.abspath(a.dinov2)})
-        print(f'wrote {a.out}')
-        return
-      sd = tokenizer_convert.export_official_tokenizer(pretrained.load_tokenizer(cfg, a.params))
-    else:
-      cfg = gpt_config_from(config.gpt)
-      if a.cmd == 'import':
-        model = pretrained.load_gpt(cfg, a.checkpoint, key=a.key)
-        # Official checkpoints were evaluated with the released sampler: keep its quirk on.
-        pretrained.save_gpt(a.out, model, legacy_pos128_embedding=True, overwrite=a.overwrite,
-                            metadata={'source': os.path.abspath(a.checkpoint), 'key': a.key})
-        print(f'wrote {a.out} (sample.legacy_pos128_embedding = True)')
-        return
-      sd = gpt_convert.export_official_gpt(pretrained.load_gpt(cfg, a.params))
-  try:
-    write_state_dict(a.out, sd, overwrite=a.overwrite)
-  except (FileExistsError, ValueError) as e:
-    p.error(str(e))
+    cfg = gpt_config_from(_section(a, 'gpt'))
+    if a.cmd == 'import':
+      model = pretrained.load_gpt(cfg, a.checkpoint, key=a.key)
+      # Official checkpoints were evaluated with the released sampler: keep its quirk on.
+      pretrained.save_gpt(a.out, model, legacy_pos128_embedding=True, overwrite=a.overwrite,
+                          metadata={'source': os.path.abspath(a.checkpoint), 'key': a.key})
+      print(f'wrote {a.out} (sample.legacy_pos128_embedding = True)')
+      return
+    sd = gpt_convert.export_official_gpt(pretrained.load_gpt(cfg, a.params))
+  write_state_dict(a.out, sd, overwrite=a.overwrite)
   print(f'wrote {len(sd)} tensors to {a.out}')
 
-
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  cli.run(main)

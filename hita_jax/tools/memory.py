@@ -6,7 +6,9 @@ CPU host the step is compiled ahead of time for fake CPU devices, one compile pe
     python -m hita_jax.tools.memory --config=configs/hita_2b.py --device=gpu141 [--num_devices=2,4,8]
 
 The mesh is the config's (`--config.mesh=...`) or, with the default 'auto', the size's preset
-(config_lib.MESH_PRESETS). `--nocompile` skips the activations (lowering only).
+(config_lib.MESH_PRESETS). `--nocompile` skips the activations (lowering only). A missing or broken
+config file, an unknown `--config.<key>` or a config without `train_ar` prints one line
+`error: ...` (exit status 2).
 """
 from __future__ import annotations
 
@@ -108,8 +110,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   config = _FLAGS['config'].value
-  if config is None or 'train_ar' not in config:
+  if config is None:
     raise app.UsageError('--config=configs/hita_<size>.py (an AR recipe) is required')
+  if 'train_ar' not in config:
+    from hita_jax.errors import MissingEntryError
+    path = config_flags.get_config_filename(flags.FLAGS['config'])
+    raise MissingEntryError(f'--config={path} has no train_ar section (sections: {sorted(config)}); '
+                            'fix --config=configs/hita_<size>.py (an AR recipe)')
   counts = [int(n) for n in _FLAGS['num_devices'].value]
   import jax  # fake CPU devices for the ahead-of-time compile: set before the backend starts
   jax.config.update('jax_platforms', 'cpu')
@@ -118,5 +125,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from hita_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run_absl(main)

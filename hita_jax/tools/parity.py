@@ -5,7 +5,8 @@
 Works on any directory in the format of `shared/fixtures/official/`: every model it describes is
 rebuilt from its JSON, loaded through the converters and run on the saved inputs. One line per
 compared array (max abs / max relative error, or code-index agreement), then `PASS` or `FAIL`.
-Files the directory lacks are skipped and reported; the exit status is non-zero on failure.
+Files the directory lacks are skipped and reported; the exit status is non-zero on failure. A
+missing directory or an unreadable fixture file prints one line `error: ...` (exit status 2).
 
 Tolerances: where the fixture README gives an atol for an array, |got - ref| <= atol + 1e-5 |ref|
 (its suggested rule); otherwise the max error relative to the array's max magnitude must be <= 1e-4.
@@ -29,6 +30,7 @@ import re
 from flax import nnx
 from safetensors.numpy import load_file
 
+from hita_jax import cli
 from hita_jax.convert.dino_disc import export_dino_disc_heads
 from hita_jax.convert.losses import load_official_lpips, load_official_patchgan
 from hita_jax.data.images import codes_to_images, to_uint8
@@ -483,13 +485,20 @@ def check_dino_disc(d: str, rep: Report):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=cli.VERBOSITY_HELP)
   p.add_argument('--fixtures', required=True, help='directory in the format of shared/fixtures/official')
   args = p.parse_args(argv)
   d = args.fixtures
   if not os.path.isdir(d):
-    print(f'error: fixture directory {d} does not exist', file=sys.stderr)
+    print(f'error: fixture directory not found: {d} (fix --fixtures=<a directory in the format of '
+          'shared/fixtures/official>)', file=sys.stderr)
     return 2
+  with cli.blame({'--fixtures': d}):  # a missing or unreadable fixture file: one line naming it
+    return _check_all(d)
+
+
+def _check_all(d: str) -> int:
   rep = Report(fx.readme_tolerances(d))
   with jax.default_matmul_precision('float32'):
     check_dinov2(d, rep)
@@ -512,4 +521,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

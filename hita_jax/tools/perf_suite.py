@@ -13,6 +13,9 @@ docs/PERFORMANCE.md from the JSON (no hand-copied numbers).
 Ours is measured through what users run: `python -m hita_jax.main` with the shipped configs (AR
 training on synthetic codes, the trainer's own metrics.jsonl throughput), the jitted sampler of the
 `sample` task, and the tokenizer trainer's jitted step.
+
+A missing or unreadable input, a bad `--only` item or `--config-arg` prints one line `error: ...`
+(exit status 2); `--verbosity=1` shows the traceback.
 """
 from __future__ import annotations
 
@@ -24,6 +27,9 @@ import re
 import subprocess
 import sys
 import time
+
+from hita_jax import cli
+from hita_jax.errors import MissingPathError, UserError
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 BEGIN, END = '<!-- perf_suite:begin -->', '<!-- perf_suite:end -->'
@@ -98,11 +104,39 @@ def ours_bench(out_dir, kind, model, args, timeout=300):
   _emit(out_dir, rec)
 
 
+def parse_only(only) -> list[tuple[str, str, int]]:
+  """`--only` KIND:SIZE:BATCH items -> jobs; a malformed item is a UserError naming it."""
+  jobs = []
+  for item in only:
+    parts = item.split(':')
+    if len(parts) != 3 or parts[0] not in TARGETS or not parts[2].isdigit():
+      raise UserError(f'--only {item}: expected KIND:SIZE:BATCH with KIND one of {sorted(TARGETS)} '
+                      'and an integer BATCH, e.g. --only ar_train:B:64')
+    jobs.append((parts[0], parts[1], int(parts[2])))
+  return jobs
+
+
+def check_config_arg(config_arg: str, sizes) -> None:
+  """The AR configs the jobs run load with `config_arg` (else a UserError naming --config-arg or
+  the size), before any run starts."""
+  from hita_jax import config_lib
+  for size in sorted(set(sizes)):
+    path = os.path.join(ROOT, 'configs', f'hita_{size.lower()}.py')
+    if not os.path.exists(path):
+      raise MissingPathError(f'no AR config for size {size!r}: {path} does not exist (fix the SIZE '
+                             'of --only KIND:SIZE:BATCH)')
+    try:
+      config_lib.load_config(path + (f':{config_arg}' if config_arg else ''))
+    except UserError as e:
+      raise UserError(f'--config-arg {config_arg!r}: {cli.message(e)}') from e
+
+
 def run_ours(out_dir, only=None, steps=40, config_arg=''):
   jobs = ([('ar_train', s, b) for s, b in OURS_TRAIN] + [('sample', s, b) for s, b in OURS_SAMPLE]
           + [('tok_train', 'V', b) for b in OURS_TOK])
   if only:  # KIND:SIZE:BATCH items, any batch
-    jobs = [(k, s, int(b)) for k, s, b in (item.split(':') for item in only)]
+    jobs = parse_only(only)
+  check_config_arg(config_arg, [s for k, s, _ in jobs if k == 'ar_train'])
   for kind, size, batch in jobs:
     if kind == 'ar_train':
       ours_train(out_dir, size, batch, steps=steps, config_arg=config_arg)
@@ -140,10 +174,29 @@ def run_official(out_dir, checkout, lpips_lin, specs=None, timeout=560):
 
 # -- report --------------------------------------------------------------------------------------
 def load(dirs) -> list[dict]:
+  """The records of suite.jsonl files (or folders holding one); a missing or unreadable file is a
+  UserError naming it."""
+  fix = '(fix the report arguments: suite.jsonl files or folders holding one)'
   recs = []
   for d in dirs:
     path = os.path.join(d, 'suite.jsonl') if os.path.isdir(d) else d
-    recs += [json.loads(x) for x in open(path) if x.strip()]
+    if not os.path.isfile(path):
+      raise MissingPathError(f'{path} not found {fix}')
+    try:
+      with open(path) as f:
+        lines = f.readlines()
+    except UnicodeDecodeError as e:
+      raise UserError(f'{path} is not a text file of JSON lines ({e}) {fix}') from e
+    for n, x in enumerate(lines, 1):
+      if not x.strip():
+        continue
+      try:
+        rec = json.loads(x)
+      except ValueError as e:
+        raise UserError(f'{path}:{n} is not a JSON line ({e}) {fix}') from e
+      if not isinstance(rec, dict):
+        raise UserError(f'{path}:{n} holds no JSON object {fix}')
+      recs.append(rec)
   return recs
 
 
@@ -224,14 +277,16 @@ def markdown(rows, env, command: str, source: str = 'suite.jsonl') -> str:
 def write_doc(doc: str, text: str):
   body = open(doc).read() if os.path.exists(doc) else '# Performance\n\n' + BEGIN + '\n' + END + '\n'
   if BEGIN not in body or END not in body:
-    raise ValueError(f'{doc} has no {BEGIN} ... {END} section to regenerate')
+    raise UserError(f'{doc} has no {BEGIN} ... {END} section to regenerate (fix --write, or add the '
+                    'two markers where the table goes)')
   head, rest = body.split(BEGIN, 1)
   _, tail = rest.split(END, 1)
   open(doc, 'w').write(head + BEGIN + '\n' + text + '\n' + END + tail)
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=cli.VERBOSITY_HELP)
   sub = p.add_subparsers(dest='cmd', required=True)
   r = sub.add_parser('run')
   r.add_argument('part', choices=['ours', 'official'])
@@ -252,9 +307,11 @@ def main(argv=None):
       run_ours(a.out, a.only, a.steps, a.config_arg)
     else:
       if not a.official or not os.path.isdir(a.official):
-        raise SystemExit('run official: --official=<CVMI-Lab/Hita checkout> (or $OFFICIAL_HITA) is required')
+        raise MissingPathError(f'run official: no CVMI-Lab/Hita checkout at {a.official!r} (fix '
+                               '--official=<checkout> or $OFFICIAL_HITA)')
       if not a.lpips_lin or not os.path.exists(a.lpips_lin):
-        raise SystemExit("run official: --lpips-lin=<lpips/weights/v0.1/vgg.pth> (or $LPIPS_LIN) is required")
+        raise MissingPathError(f"run official: no LPIPS 'vgg.pth' at {a.lpips_lin!r} (fix "
+                               '--lpips-lin=<lpips/weights/v0.1/vgg.pth> or $LPIPS_LIN)')
       run_official(a.out, a.official, a.lpips_lin, a.only)
     return
   parts = []
@@ -268,4 +325,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  cli.run(main)

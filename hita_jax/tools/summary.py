@@ -4,7 +4,8 @@
 
 Prints a per-module table built with `nnx.eval_shape`, then one line per model:
 `tokenizer.trainable_params: N` (what the official checkpoint saves: no DINOv2, no usage buffers),
-`dinov2.params: N` and, for configs with a generator, `gpt.params: N`.
+`dinov2.params: N` and, for configs with a generator, `gpt.params: N`. A missing or broken config
+file or an unknown `--config.<key>` prints one line `error: ...` (exit status 2).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from absl import app
 from flax import nnx
 from ml_collections import config_flags
 
-from hita_jax import config_lib
+from hita_jax import cli, config_lib
 from hita_jax.models.gpt import GPT, gpt_config_from
 from hita_jax.models.tokenizer import Tokenizer, trainable_filter
 
@@ -76,4 +77,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_absl(main)
