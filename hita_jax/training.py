@@ -1,6 +1,7 @@
-"""Plumbing the training tasks share: LR schedules, EMA, global batches from per-process data, and
-one metric logger (CLU scalars and images for TensorBoard, `metrics.jsonl`, a progress line with
-throughput and ETA), so that each trainer loop reads step -> log -> save.
+"""Plumbing the training tasks share: LR schedules, EMA, a classifier's optimizer step, global
+batches from per-process data, and one metric logger (CLU scalars and images for TensorBoard,
+`metrics.jsonl`, a progress line with throughput and ETA), so that each trainer loop reads
+step -> log -> save.
 
 The logger follows flax's `periodic_actions.ReportProgress` (rate and ETA since the run's start,
 written every `every` steps) and MaxText's `MetricLogger` (per-step metrics stay on device until a
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from hita_jax import sharding
 from hita_jax.data.images import image_grid, save_png
@@ -41,6 +43,18 @@ def lr_schedule(lr: float, warmup_steps: int, warmup_init: float = 1e-7, decay: 
 
 def ema_update(ema, params, decay):
   return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
+
+
+@nnx.jit
+def classifier_step(model: nnx.Module, opt: nnx.Optimizer, x, y):
+  """One optimizer step of a classifier (`model(x)` -> logits) on integer labels `y`: mean softmax
+  cross-entropy, gradients of `opt`'s variables, `opt.update` in place; returns the loss. The
+  demo's shape judge and the linear probe train with it."""
+  def loss_fn(m):
+    return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  opt.update(model, grads)
+  return loss
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:

@@ -34,6 +34,7 @@ from hita_jax.data.images import image_grid, save_png
 from hita_jax.data.sources import SHAPE_CLASSES, DecodeAugment, ShapesSource, make_source
 from hita_jax.models.gpt import gpt_config_from
 from hita_jax.models.sampler import generate
+from hita_jax.training import classifier_step
 from hita_jax.tasks import extract_codes, inpaint, linear_probe, style_transfer, train_ar, train_tokenizer
 
 # -- a small shape classifier (measures class dependence of the samples) ----------------------------
@@ -86,17 +87,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
   feats = np.concatenate([shape_evidence(images), shape_evidence(np.clip(blurred, 0, 255).astype(np.uint8))])
   labels = np.concatenate([labels, labels])
 
-  @nnx.jit
-  def step(model, opt, x, y):
-    def loss_fn(m):
-      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return loss
-
   for _ in range(steps):
     idx = rng.integers(0, len(feats), batch)
-    step(model, opt, jnp.asarray(feats[idx]), jnp.asarray(labels[idx]))
+    classifier_step(model, opt, jnp.asarray(feats[idx]), jnp.asarray(labels[idx]))
   return model
 
 

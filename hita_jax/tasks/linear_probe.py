@@ -26,6 +26,7 @@ from flax import nnx
 from hita_jax import config_lib, pretrained, sharding
 from hita_jax.data.images import to_unit
 from hita_jax.data.sources import labelled_images
+from hita_jax.training import classifier_step
 
 FEATURE_SETS = ('holistic', 'holistic_flat', 'patch_mean', 'sequence_mean')
 
@@ -108,14 +109,6 @@ def train_probe(x_train, y_train, x_test, y_test, num_classes: int, pc, *, seed:
   opt = nnx.Optimizer(model, _optimizer(pc, steps), wrt=nnx.Param)
 
   @nnx.jit
-  def step(model, opt, x, y):
-    def loss_fn(m):
-      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    opt.update(model, grads)
-    return loss
-
-  @nnx.jit
   def predict(model, x):
     return jnp.argmax(model(x), -1)
 
@@ -124,7 +117,7 @@ def train_probe(x_train, y_train, x_test, y_test, num_classes: int, pc, *, seed:
   for _ in range(pc.epochs):
     order = jnp.asarray(rng.permutation(n)[:steps * bs].reshape(steps, bs))
     for idx in order:
-      loss = step(model, opt, xt[idx], yt[idx])
+      loss = classifier_step(model, opt, xt[idx], yt[idx])
   model.eval()
   top1 = lambda x, y: float(np.mean(np.asarray(predict(model, jnp.asarray(x, jnp.float32))) == y))  # noqa: E731
   return {'test_top1': top1(x_test, y_test), 'train_top1': top1(x_train, y_train),
