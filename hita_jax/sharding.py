@@ -7,6 +7,7 @@ tiny CPU models and full-size pods alike.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Sequence
 
@@ -109,16 +110,43 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
   return nnx.from_flat_state(flat)
 
 
+@contextlib.contextmanager
+def cheap_tracer_probes():
+  """Makes `getattr(tracer, 'sharding', None)` cheap while tracing.
+
+  flax's `Variable.set_value` (every RNG-stream count update, e.g. each initializer or dropout
+  call) probes the new value's `.sharding`; on a tracer JAX raises an AttributeError whose message
+  walks the whole jaxpr traced so far (`find_progenitors`), so tracing a large model costs O(ops^2):
+  80 s of the 234-s Hita-V build on the 2-core CPU. The probe only needs the AttributeError, so
+  the message is dropped while this is active (JAX internals: left alone where they moved)."""
+  try:
+    from jax._src import core as jax_core
+    original = jax_core.Tracer.__dict__['sharding']
+  except (ImportError, AttributeError, KeyError):
+    yield
+    return
+
+  def sharding(self):
+    raise AttributeError(f"'sharding' is not available on a tracer ({type(self).__name__})")
+
+  jax_core.Tracer.sharding = property(sharding)
+  try:
+    yield
+  finally:
+    jax_core.Tracer.sharding = original
+
+
 def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
   """Builds the module with every variable born sharded on `mesh` (no full copy on one device)."""
-  abstract = nnx.eval_shape(make_module)
-  graphdef, abs_state = nnx.split(abstract)
-  shardings = state_shardings(abs_state, mesh, rules)
+  with cheap_tracer_probes():
+    abstract = nnx.eval_shape(make_module)
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh, rules)
 
-  def init():
-    return nnx.split(make_module())[1]
+    def init():
+      return nnx.split(make_module())[1]
 
-  state = jax.jit(init, out_shardings=shardings)()
+    state = jax.jit(init, out_shardings=shardings)()
   return nnx.merge(graphdef, state)
 
 

@@ -1,0 +1,28 @@
+"""hita_jax.tools.tok_compile: the tokenizer trainer's first-step breakdown (build, trace, lower,
+compile per XLA option set, steady step) on the CPU demo config."""
+import json
+import math
+
+import pytest
+
+from hita_jax.tools import tok_compile
+from tests.conftest import ROOT
+
+
+def test_option_sets_parse_and_bad_ones_name_the_fix():
+  assert tok_compile._parse_option('default:') == ('default', {})
+  assert tok_compile._parse_option('x:xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=false') == (
+      'x', {'xla_gpu_autotune_level': 0, 'xla_gpu_enable_triton_gemm': False})
+  with pytest.raises(ValueError, match='NAME:xla_option=value'):
+    tok_compile._parse_option('x:xla_gpu_autotune_level')
+
+
+def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
+  monkeypatch.setenv('OUT', str(tmp_path))
+  tok_compile.main(['--config', f'{ROOT}/configs/demo.py:fast', '--batch', '2', '--steps', '1',
+                    '--options', 'no_fast_math:xla_cpu_enable_fast_math=false'])
+  recs = [json.loads(x) for x in open(tmp_path / 'tok_compile.jsonl')]
+  assert [r['stage'] for r in recs] == ['build', 'trace', 'trace_cheap_probes', 'lower', 'compile']
+  assert recs[4]['options'] == 'no_fast_math' and recs[4]['xla'] == {'xla_cpu_enable_fast_math': False}
+  assert recs[3]['hlo_lines'] > 1000
+  assert recs[4]['s'] > 0 and recs[4]['images_s'] > 0 and math.isfinite(recs[4]['g_loss'])
