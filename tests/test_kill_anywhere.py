@@ -17,7 +17,9 @@ from tests.conftest import ROOT
 from tests.faults_utils import ar_config, write_codes_dir
 
 KILLS = int(os.environ.get('HITA_KILLS', '2'))
-STEPS = 12
+# A restart keeps at most the last checkpoint (every 2 steps) and a kill lands 1-3 steps after it,
+# so many kills need a longer run, or it finishes before the last kill.
+STEPS = max(12, 3 * KILLS)
 
 
 def _records(workdir):
