@@ -1,4 +1,4 @@
-"""Hita end to end on a 2-core CPU in about 16-18 minutes: a small tokenizer, code extraction, a
+"""Hita end to end on an idle 2-core CPU in about 17-18 minutes: a small tokenizer, code extraction, a
 small AR model, class-conditional samples, the zero-shot tasks (`hita_jax/tasks/demo.py`).
 
 Usage: python -m hita_jax.main --config=configs/demo.py --workdir=runs/demo
