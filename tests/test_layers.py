@@ -10,7 +10,8 @@ from tests.conftest import ROOT
 LAYERS = [
     {'sharding', 'errors'},                                 # mesh and logical axes; user errors
     {'models'},                                             # NNX modules, sampler, resize kernels
-    {'convert', 'checkpoint', 'pretrained', 'config_lib'},  # weights (files -> models) and config schema
+    {'convert', 'checkpoint', 'pretrained', 'config_lib',   # weights (files -> models) and config schema;
+     'cli'},                                                # the command lines' error contract (reads configs)
     {'data', 'metrics'},                                    # pixels, sources, codes; FID/IS/PSNR/FLOPs
     {'training', 'tasks'},                                  # shared trainer plumbing, one module per task
     {'main'},                                               # the entry point
