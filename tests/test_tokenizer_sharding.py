@@ -40,6 +40,10 @@ def test_one_step_on_1_and_8_devices_agree(quick_compile):
   for axes in ('data=-1,fsdp=1', 'data=1,fsdp=-1'):
     m8, g8, d8 = _one_step(config, sharding.make_mesh(axes))
     for k in m1:
-      assert float(m8[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-6), (axes, k)
+      # A gradient norm sums squares over every parameter after the cross-device reduction, which
+      # adds in another order than one device: measured 6.7e-5 relative for d_grad_norm with FSDP
+      # on an AMD EPYC CI machine (2026-12-03); losses and the updated params stay at 1e-5.
+      rel = 1e-4 if k.endswith('grad_norm') else 1e-5
+      assert float(m8[k]) == pytest.approx(float(m1[k]), rel=rel, abs=1e-6), (axes, k)
     for a, b in zip(jax.tree.leaves(g1) + jax.tree.leaves(d1), jax.tree.leaves(g8) + jax.tree.leaves(d8)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=axes)
