@@ -26,7 +26,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from hita_jax import sharding, tasks  # noqa: E402
+from hita_jax import tasks  # noqa: E402
 from hita_jax import cli as hita_cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (path[:arg])', lock_config=True)
@@ -82,10 +82,7 @@ def main(argv):
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
   logging.info('task %s, workdir %s, %d devices', task, workdir, jax.device_count())
-  # Tracing a step updates many flax Variables; each probes a tracer's .sharding (see
-  # sharding.cheap_tracer_probes): keep those probes cheap for the whole task.
-  with sharding.cheap_tracer_probes():
-    module.run(config, workdir)  # a UserError becomes one line in hita_cli.run_absl
+  module.run(config, workdir)  # a UserError becomes one line in hita_cli.run_absl
 
 
 if __name__ == '__main__':
