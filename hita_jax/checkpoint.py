@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 from flax import nnx
-from hita_jax.errors import ExistingPathError, SaveError, UserError, MissingPathError
+from hita_jax.errors import ExistingPathError, SaveError, UserError, MissingPathError, read_json_object
 
 from hita_jax import sharding
 
@@ -108,18 +108,8 @@ def _recover_export(directory: str) -> None:
 
 
 def read_export_config(directory: str) -> dict[str, Any]:
-  path = os.path.join(directory, 'config.json')
-  if not os.path.exists(path):
-    raise MissingPathError(f'{path} not found: {directory} is not a hita_jax params export')
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except ValueError as e:  # not JSON, or not UTF-8
-    raise UserError(f'{path} is not valid JSON ({e}): {directory} is not a hita_jax params '
-                    'export') from e
-  if not isinstance(config, dict):
-    raise UserError(f'{path} holds no JSON object: {directory} is not a hita_jax params export')
-  return config
+  return read_json_object(os.path.join(directory, 'config.json'),
+                          f': {directory} is not a hita_jax params export')
 
 
 def _check_shapes(directory: str, metadata, target) -> None:

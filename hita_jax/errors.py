@@ -40,3 +40,20 @@ def require_path(path: str | None, what: str, flag: str) -> None:
   import os
   if path and path not in ('random', 'synthetic') and not os.path.exists(path):
     raise MissingPathError(f'{what} not found: {path} (fix --config.{flag}=<existing path>)')
+
+
+def read_json_object(path: str, context: str = '') -> dict:
+  """A JSON file that must hold an object: a missing, non-JSON or non-object file is a UserError
+  naming `path` (and `context`, e.g. ': DIR is not a hita_jax params export')."""
+  import json
+  import os
+  if not os.path.exists(path):
+    raise MissingPathError(f'{path} not found{context}')
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except ValueError as e:  # not JSON, or not UTF-8
+    raise UserError(f'{path} is not valid JSON ({e}){context}') from e
+  if not isinstance(value, dict):
+    raise UserError(f'{path} holds no JSON object (found {type(value).__name__}){context}')
+  return value

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 
 import numpy as np
@@ -16,7 +15,7 @@ from flax import nnx
 
 from hita_jax import pretrained
 from hita_jax.convert.torch_files import load_state_dict_file
-from hita_jax.errors import MissingEntryError, MissingPathError, UserError
+from hita_jax.errors import MissingEntryError, UserError, read_json_object
 from hita_jax.models.dino_discriminator import DinoDiscConfig, DinoDiscriminator
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config
 from hita_jax.models.gpt import GPT, GPTConfig
@@ -66,17 +65,7 @@ def tokenizer_config_from_json(j: dict) -> TokenizerConfig:
 
 
 def _read_json(fixtures: str, name: str) -> dict:
-  path = os.path.join(fixtures, f'{name}.json')
-  if not os.path.exists(path):
-    raise MissingPathError(f'fixture file not found: {path}')
-  try:
-    with open(path) as f:
-      j = json.load(f)
-  except ValueError as e:  # not JSON, or not UTF-8
-    raise UserError(f'{path} is not valid JSON ({e})') from e
-  if not isinstance(j, dict):
-    raise UserError(f'{path} holds no JSON object (found {type(j).__name__})')
-  return j
+  return read_json_object(os.path.join(fixtures, f'{name}.json'), ' (a golden-fixture file)')
 
 
 @contextlib.contextmanager
