@@ -85,7 +85,7 @@ def test_demo_fast_variant_runs_every_stage(tmp_path):
   assert report2['sample_class_accuracy'] == report['sample_class_accuracy']
 
 
-# The full demo (~16-18 min on an idle 2-core CPU, more beside other tests) is a benchmark-sized run:
+# The full demo (~12 min on an idle 2-core CPU, more beside other tests) is a benchmark-sized run:
 # its own marker, run explicitly (`pytest -m demo_full`), not in .ci/run, which has 60 minutes for
 # everything and covers every demo stage with the fast variant above. Figures: docs/PERFORMANCE.md.
 @pytest.mark.demo_full
