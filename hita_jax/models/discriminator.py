@@ -5,6 +5,9 @@ stride 1) -> conv4 s1 to one logit per patch (40 x 40 at 336 px). BatchNorm foll
 exactly: training normalises with the biased batch variance and updates the running statistics
 with momentum 0.1 and the *unbiased* variance; eval uses the running statistics.
 
+`dtype` is the convolutions' compute dtype (parameters stay fp32, BatchNorm and the logits fp32):
+the official trainer runs the discriminator under bf16 autocast, so its convolutions are bf16 there.
+
 `groups` splits the batch into that many equal replicas that are normalised separately, as plain
 BatchNorm2d under DDP does (statistics per GPU); the running statistics follow replica 0, whose
 module the official trainer saves. groups=1 normalises over the whole batch.
@@ -45,23 +48,23 @@ class TorchBatchNorm(nnx.Module):
     return y.reshape(b, h, w, c) * self.scale[...] + self.bias[...]
 
 
-def _conv(cin, cout, stride, bias, rngs):
+def _conv(cin, cout, stride, bias, rngs, dtype=jnp.float32):
   return nnx.Conv(cin, cout, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                  use_bias=bias, param_dtype=jnp.float32,
+                  use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
                   kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
 class PatchGAN(nnx.Module):
 
   def __init__(self, *, in_channels: int = 3, ndf: int = 64, n_layers: int = 3,
-               batch_norm_groups: int = 1, rngs: nnx.Rngs):
-    convs, norms = [_conv(in_channels, ndf, 2, True, rngs)], []
+               batch_norm_groups: int = 1, dtype=jnp.float32, rngs: nnx.Rngs):
+    convs, norms = [_conv(in_channels, ndf, 2, True, rngs, dtype)], []
     mult = 1
     for n in range(1, n_layers + 1):
       prev, mult = mult, min(2 ** n, 8)
-      convs.append(_conv(ndf * prev, ndf * mult, 2 if n < n_layers else 1, False, rngs))
+      convs.append(_conv(ndf * prev, ndf * mult, 2 if n < n_layers else 1, False, rngs, dtype))
       norms.append(TorchBatchNorm(ndf * mult, groups=batch_norm_groups, rngs=rngs))
-    convs.append(_conv(ndf * mult, 1, 1, True, rngs))
+    convs.append(_conv(ndf * mult, 1, 1, True, rngs, dtype))
     self.convs = nnx.List(convs)
     self.norms = nnx.List(norms)
 
@@ -70,4 +73,4 @@ class PatchGAN(nnx.Module):
     h = jax.nn.leaky_relu(self.convs[0](x.astype(jnp.float32)), 0.2)
     for conv, norm in zip(self.convs[1:-1], self.norms):
       h = jax.nn.leaky_relu(norm(conv(h)), 0.2)
-    return self.convs[-1](h)
+    return self.convs[-1](h).astype(jnp.float32)

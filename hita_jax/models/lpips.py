@@ -20,13 +20,16 @@ SCALE = (0.458, 0.448, 0.450)
 
 class LPIPS(nnx.Module):
 
-  def __init__(self, *, rngs: nnx.Rngs, dropout: float = 0.5):
+  def __init__(self, *, rngs: nnx.Rngs, dropout: float = 0.5, dtype=jnp.float32):
+    # dtype: the VGG convolutions' compute dtype. The official trainer computes LPIPS under bf16
+    # autocast (bf16 convolutions); the normalisation and distances below stay fp32.
     convs = []
     cin = 3
     for v in VGG16_CFG:
       if v == 'M':
         continue
-      convs.append(nnx.Conv(cin, v, (3, 3), padding='SAME', param_dtype=jnp.float32, rngs=rngs))
+      convs.append(nnx.Conv(cin, v, (3, 3), padding='SAME', dtype=dtype, param_dtype=jnp.float32,
+                            rngs=rngs))
       cin = v
     self.convs = nnx.List(convs)
     self.lins = nnx.List([nnx.Param(jnp.full((c,), 1.0 / c, jnp.float32)) for c in TAP_CHANNELS])
@@ -40,8 +43,9 @@ class LPIPS(nnx.Module):
     taps, ci = [], 0
     for v in VGG16_CFG + ('M',):
       if v == 'M':
-        taps.append(h)
-        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+        taps.append(h.astype(jnp.float32))
+        h = jax.lax.reduce_window(h, jnp.array(-jnp.inf, h.dtype), jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                  'VALID')
         continue
       h = jax.nn.relu(self.convs[ci](h))
       ci += 1

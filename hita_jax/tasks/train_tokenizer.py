@@ -88,13 +88,17 @@ def build(config, mesh):
   else:
     disc = sharding.create_sharded(
         lambda: PatchGAN(ndf=lc.disc_ndf, n_layers=lc.disc_layers, batch_norm_groups=groups,
+                         dtype=DTYPES[config.train_tokenizer.compute_dtype],
                          rngs=nnx.Rngs(config.seed + 2)), mesh, rules)
     if disc_sd is not None:
       pretrained.load_patchgan(disc, disc_sd)
       sharding.shard_module(disc, mesh, rules)
   disc.train()
   # perceptual_weight 0 (the CPU demo): no LPIPS network, no weights to locate.
-  lp = pretrained.load_lpips(lc.lpips_weights if lc.perceptual_weight else 'random')
+  # Both the PatchGAN's and LPIPS's convolutions in the compute dtype: the official trainer runs
+  # them under the same bf16 autocast as the generator.
+  lp = pretrained.load_lpips(lc.lpips_weights if lc.perceptual_weight else 'random',
+                             dtype=DTYPES[config.train_tokenizer.compute_dtype])
   sharding.shard_module(lp, mesh, rules)
 
   tr = config.train_tokenizer

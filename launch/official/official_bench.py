@@ -4,6 +4,7 @@ hita_jax copy of the workplace's shared/bench/official_bench.py (the official co
 copied). Added: any (mode, model, batch) as `MODE:MODEL:BATCH` arguments, e.g.
   ar_compiled:GPT-B:64  sample_compiled:GPT-XL:128  sample:GPT-XL:64  tok:16
 so the throughput-versus-batch curves and largest batches can be measured, split over several calls.
+The tokenizer records its 2 warm-up steps' seconds (torch.compile's compile time is in them).
 The original's modes below are unchanged.
 
 Measures what a user of the official code gets per GPU: AR training step throughput
@@ -39,10 +40,15 @@ res = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}
 PEAK = 989e12  # H100/H200 SXM dense bf16 datasheet
 
 
+WARM_S = {}  # last sync_time's warm-up seconds (holds torch.compile's compile time): hita_jax addition
+
+
 def sync_time(fn, warm, iters):
+    t = time.perf_counter()
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
+    WARM_S["s"] = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(iters):
         fn()
@@ -145,7 +151,8 @@ def tok_train(bs, compile=False):
         opt_d.step()
 
     dt = sync_time(step, 2, 5)
-    r = dict(batch=bs, step_s=dt, images_s=bs / dt, peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+    r = dict(batch=bs, step_s=dt, images_s=bs / dt, peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30,
+             warmup_2_steps_s=WARM_S["s"])
     del vq, loss, opt, opt_d
     torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
     return r
