@@ -44,8 +44,9 @@ class LPIPS(nnx.Module):
     for v in VGG16_CFG + ('M',):
       if v == 'M':
         taps.append(h.astype(jnp.float32))
-        h = jax.lax.reduce_window(h, jnp.array(-jnp.inf, h.dtype), jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-                                  'VALID')
+        # The Python-scalar init selects JAX's differentiable max-pool for any dtype (an array init,
+        # staged under jit, falls back to a generic reduce_window that has no gradient).
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
         continue
       h = jax.nn.relu(self.convs[ci](h))
       ci += 1
