@@ -56,6 +56,7 @@ def build(config, mesh):
   """Models, optimizers and the initial train state (born sharded)."""
   tcfg = config_lib.tokenizer_config_from(config.tokenizer)
   tcfg = dataclasses.replace(tcfg, dtype=config.train_tokenizer.compute_dtype)
+  compute_dtype = DTYPES[config.train_tokenizer.compute_dtype]  # the discriminators' and LPIPS's too
   rules = config_lib.axis_rules(config)
   init = config.init
   # An official vq_train.py checkpoint resumes as vq_train.py does: generator from `model`, EMA,
@@ -83,12 +84,12 @@ def build(config, mesh):
     disc = pretrained.load_dino_discriminator(
         config_lib.dino_disc_config(config, groups), init.dino_disc, heads_state_dict=disc_sd,
         allow_random=init.allow_random_dino_disc or not lc.disc_weight, seed=config.seed + 2,
-        dtype=DTYPES[config.train_tokenizer.compute_dtype])
+        dtype=compute_dtype)
     sharding.shard_module(disc, mesh, rules)
   else:
     disc = sharding.create_sharded(
         lambda: PatchGAN(ndf=lc.disc_ndf, n_layers=lc.disc_layers, batch_norm_groups=groups,
-                         dtype=DTYPES[config.train_tokenizer.compute_dtype],
+                         dtype=compute_dtype,
                          rngs=nnx.Rngs(config.seed + 2)), mesh, rules)
     if disc_sd is not None:
       pretrained.load_patchgan(disc, disc_sd)
@@ -98,7 +99,7 @@ def build(config, mesh):
   # Both the PatchGAN's and LPIPS's convolutions in the compute dtype: the official trainer runs
   # them under the same bf16 autocast as the generator.
   lp = pretrained.load_lpips(lc.lpips_weights if lc.perceptual_weight else 'random',
-                             dtype=DTYPES[config.train_tokenizer.compute_dtype])
+                             dtype=compute_dtype)
   sharding.shard_module(lp, mesh, rules)
 
   tr = config.train_tokenizer
