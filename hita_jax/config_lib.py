@@ -372,6 +372,8 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
                 "weights and KV cache while sampling: 'bfloat16' (official) or 'float32'"),
       'save_png': (True, 'also write one PNG per image'),
       'seed': (0, 'sampling seed'),
+      # each decode loop reads only the KV-cache prefix it needs (models/sampler.py)
+      'kv_segments': (0, 'decode loops over position ranges (0 = 1 on CPU, 8 on GPU/TPU)'),
   })
   add_zero_shot_sections(config)
   return config

@@ -1,6 +1,7 @@
 """GPT: official parameter counts, RoPE layout, KV cache vs full forward, scan/remat equivalence,
 conversion round trip, sampler behaviour (compile once, filters, prefix forcing, sharding)."""
 import dataclasses
+import functools
 import re
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from hita_jax import sharding
 from hita_jax.convert.gpt import export_official_gpt, load_official_gpt
 from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
 from hita_jax.models.rope import gpt_position_tables, rope_2d_table
-from hita_jax.models.sampler import filter_logits, generate
+from hita_jax.models.sampler import decode_segments, filter_logits, generate
+from hita_jax.models.sampler import generate as generate_any
 from tests.conftest import ROOT
 
 
@@ -88,9 +90,11 @@ def test_rope_head_dim_60_has_15_plus_15_frequencies():
   assert np.all(cos[:128] == 1) and np.all(sin[:128] == 0)
 
 
-@pytest.mark.parametrize('kw', [{}, {'n_head': 2}, {'grid': 5, 'num_holistic': 3}, {'scan_layers': True}])
-def test_kv_cache_equals_full_forward_fixed_mode(kw):
+@pytest.mark.parametrize('kw,segments', [({}, 1), ({'n_head': 2}, 1), ({'grid': 5, 'num_holistic': 3}, 1),
+                                         ({'scan_layers': True}, 1), ({}, 4), ({'scan_layers': True}, 3)])
+def test_kv_cache_equals_full_forward_fixed_mode(kw, segments):
   cfg = tiny_cfg(**kw)
+  generate = functools.partial(generate_any, kv_segments=segments)
   m = random_gpt(cfg)
   labels, q, z = codes(cfg)
   full = np.asarray(m(labels, q, z))
@@ -177,6 +181,51 @@ def test_sampler_compiles_once_per_shape():
   assert _generate._cache_size() == n == 1
   generate(m, jnp.asarray([1, 2, 3]), jax.random.key(0), cfg_scale=1.5)  # new batch: one more
   assert _generate._cache_size() == 2
+
+
+def test_decode_segments_cover_positions_split_at_s_and_bound_the_cache_read():
+  assert decode_segments(569, 128, 1, 576) == [(0, 569, 576, None)]
+  segs = decode_segments(569, 128, 8, 576)
+  assert segs[0][0] == 0 and segs[-1][1] == 569
+  assert all(a[1] == b[0] for a, b in zip(segs[:-1], segs[1:]))  # contiguous, no overlap
+  assert any(b == 128 for _, b, _, _ in segs)                    # S is a boundary
+  for a, b, kv, head in segs:
+    assert b <= kv <= 576 and kv % 8 == 0 and kv - b < 8       # reads the prefix it needs only
+    assert head == ('holistic' if b <= 128 else 'patch') and (b <= 128 or a >= 128)
+  read = sum((b - a) * kv for a, b, kv, _ in segs)
+  assert read < 0.6 * 569 * 576                                  # ~ (n + 1) / 2n of the full reads
+  assert decode_segments(5, 6, 4, 8)[-1][3] == 'holistic'        # a prefix shorter than S
+  from hita_jax.models.sampler import resolve_kv_segments
+  assert resolve_kv_segments(None, 'cpu') == 1 and resolve_kv_segments(0, 'gpu') == 8
+  with pytest.raises(ValueError, match='kv_segments'):
+    resolve_kv_segments(-1)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_segmented_decode_matches_one_loop_with_cfg(dtype):
+  """The segmented sampler (static cache prefixes, branch-free heads) against the one-loop
+  sampler: same greedy codes and logits with CFG, in fp32 and in the bf16 the sampler ships with
+  (and bf16 logits close to fp32's)."""
+  from hita_jax.models.sampler import for_sampling
+  cfg = tiny_cfg(grid=5, num_holistic=7)
+  m32 = random_gpt(cfg, seed=3)
+  m, state = for_sampling(m32, dtype)
+  labels = jnp.asarray([0, 1, 4])
+  run = lambda mm, st, n: generate(mm, labels, jax.random.key(2), cfg_scale=2.5, top_k=1, state=st,
+                                   kv_segments=n, return_logits=True)
+  one_codes, one_logits = run(m, state, 1)
+  for n in (2, 5):
+    codes_n, logits_n = run(m, state, n)
+    np.testing.assert_array_equal(np.asarray(codes_n), np.asarray(one_codes))
+    np.testing.assert_allclose(np.asarray(logits_n), np.asarray(one_logits),
+                               atol=1e-5 if dtype == 'float32' else 2e-2)
+  if dtype == 'bfloat16':  # teacher-force fp32's codes: bf16 segmented logits near fp32's
+    ref_codes, ref_logits = run(m32, nnx.state(m32), 1)
+    _, got = generate(m, labels, jax.random.key(2), cfg_scale=2.5, state=state, kv_segments=4,
+                      prefix_codes=ref_codes, prefix_mask=np.ones(ref_codes.shape[1], bool),
+                      return_logits=True)
+    err = np.abs(np.asarray(got) - np.asarray(ref_logits)).max()
+    assert err < 0.05 * np.abs(np.asarray(ref_logits)).max(), err
 
 
 def test_filters_and_sampling_statistics():

@@ -200,21 +200,25 @@ class Block(nnx.Module):
     o = causal_attention(q, k, v, impl=self.cfg.attn_impl, dropout=drop)
     return self.finish(x, o, keys)
 
-  def decode(self, x, pos_add, cos, sin, k_cache, v_cache, pos):
+  def decode(self, x, pos_add, cos, sin, k_cache, v_cache, pos, kv_len: int | None = None):
     """One position `pos` (scalar) for all batch rows with this layer's (B, H, T_max, hd) cache.
     Heads-major cache layout: the two attention products contract over hd / T with (B, H) as
-    batch dimensions, so XLA never transposes the cache."""
+    batch dimensions, so XLA never transposes the cache. `kv_len` (static, > pos) attends over
+    the cache's first kv_len positions only: the read of the cache is most of a decode step's
+    memory traffic, and positions >= kv_len are masked anyway."""
     q, k, v = self.qkv(x, pos_add, cos, sin)                    # (B, 1, H, hd)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
                                            (0, 0, pos, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
                                            (0, 0, pos, 0))
+    kv_len = min(kv_len or k_cache.shape[2], k_cache.shape[2])
+    k_read, v_read = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # static slices: fused reads
     scale = self.cfg.head_dim ** -0.5
-    logits = jnp.einsum('bhd,bhtd->bht', q[:, 0], k_cache.astype(q.dtype),
+    logits = jnp.einsum('bhd,bhtd->bht', q[:, 0], k_read.astype(q.dtype),
                         preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(jnp.arange(k_cache.shape[2]) <= pos, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
-    o = jnp.einsum('bht,bhtd->bhd', probs, v_cache).astype(x.dtype)[:, None]
+    logits = jnp.where(jnp.arange(kv_len) <= pos, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_read.dtype)
+    o = jnp.einsum('bht,bhtd->bhd', probs, v_read).astype(x.dtype)[:, None]
     return self.finish(x, o, [None] * 4), k_cache, v_cache
 
 
@@ -376,9 +380,13 @@ class GPT(nnx.Module):
         jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.cfg.n_layer)]
     return {'graphdef': graphdef, 'layers': layers, 'head': (head[:, :v], head[:, v:])}
 
-  def decode_step(self, x, cache, pos, weights=None):
+  def decode_step(self, x, cache, pos, weights=None, *, kv_len: int | None = None,
+                  head: str | None = None):
     """x (B, 1, dim) at scalar position `pos` -> (head-selected logits (B, V) fp32, cache).
-    Pass `weights=self.decode_weights()` computed outside the decode loop."""
+    Pass `weights=self.decode_weights()` computed outside the decode loop. Static hints for a
+    loop over a known range of positions: `kv_len` (> every pos of the range) bounds the cache
+    read; `head` ('holistic' when every pos < S, 'patch' when every pos >= S) picks the head
+    without a data-dependent branch."""
     cfg = self.cfg
     w = weights or self.decode_weights()
     graphdef = w['graphdef']
@@ -396,7 +404,7 @@ class GPT(nnx.Module):
         blk = nnx.merge(graphdef, layer_state, copy=True)
         kc = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
         vc = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
-        h, kc, vc = blk.decode(h, add_p, cos_p, sin_p, kc, vc, pos)
+        h, kc, vc = blk.decode(h, add_p, cos_p, sin_p, kc, vc, pos, kv_len)
         k_new = jax.lax.dynamic_slice_in_dim(kc, pos, 1, axis=2)[None]
         v_new = jax.lax.dynamic_slice_in_dim(vc, pos, 1, axis=2)[None]
         k_all = jax.lax.dynamic_update_slice(k_all, k_new, (i, 0, 0, pos, 0))
@@ -408,13 +416,18 @@ class GPT(nnx.Module):
       ks, vs = list(cache['k']), list(cache['v'])
       for i, layer_state in enumerate(w['layers']):
         blk = nnx.merge(graphdef, layer_state, copy=True)
-        x, ks[i], vs[i] = blk.decode(x, add_p, cos_p, sin_p, ks[i], vs[i], pos)
+        x, ks[i], vs[i] = blk.decode(x, add_p, cos_p, sin_p, ks[i], vs[i], pos, kv_len)
       cache = {'k': tuple(ks), 'v': tuple(vs)}
     h = self.norm(x)[:, 0]
     mm = lambda head: jnp.einsum('bd,dv->bv', h, head.astype(h.dtype),
                                  preferred_element_type=jnp.float32)
     # Holistic head below S, patch head from S on; only one of them is computed.
-    logits = jax.lax.cond(pos < s, lambda: mm(w['head'][0]), lambda: mm(w['head'][1]))
+    if head is None:
+      logits = jax.lax.cond(pos < s, lambda: mm(w['head'][0]), lambda: mm(w['head'][1]))
+    elif head in ('holistic', 'patch'):
+      logits = mm(w['head'][0 if head == 'holistic' else 1])
+    else:
+      raise ValueError(f"head must be None, 'holistic' or 'patch', got {head!r}")
     return logits, cache
 
 
