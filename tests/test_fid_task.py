@@ -46,3 +46,24 @@ def test_fid_task_names_what_is_missing_before_allocating(tmp_path):
   config.init.gpt = config.init.tokenizer = config.evaluate.ref_npz = str(tmp_path / 'nope')
   with pytest.raises(FileNotFoundError, match='init.gpt'):
     fid.validate(config)
+
+
+def test_random_exports_write_loadable_weights_once_and_refuse_bad_args(tmp_path, capsys):
+  from hita_jax import pretrained
+  from hita_jax.models.gpt import gpt_config_from
+  from hita_jax import cli
+  from hita_jax.tools import random_exports
+  out = random_exports.write(str(tmp_path), 'B', 'V', ref_images=3, ref_size=16, tiny=True)
+  with np.load(out['ref_npz']) as z:
+    assert z['arr_0'].shape == (3, 16, 16, 3) and z['arr_0'].dtype == np.uint8
+  config = config_lib.hita_recipe('B', 'variant=V,tiny')
+  gpt = pretrained.load_gpt(gpt_config_from(config.gpt), out['gpt'])
+  assert float(np.abs(np.asarray(gpt.head[...])).max()) > 0  # not the official zero head
+  assert not pretrained.wants_legacy_sampler(out['gpt'])
+  pretrained.load_tokenizer(config_lib.tokenizer_config_from(config.tokenizer), out['tokenizer'])
+  stamp = os.path.getmtime(os.path.join(out['gpt'], 'params'))
+  random_exports.write(str(tmp_path), 'B', 'V', ref_images=3, ref_size=16, tiny=True)  # kept
+  assert os.path.getmtime(os.path.join(out['gpt'], 'params')) == stamp
+  with pytest.raises(SystemExit) as e:
+    cli.run(random_exports.main, ['--out', str(tmp_path), '--ref-images', '1'])
+  assert e.value.code == 2 and '--ref-images' in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The `sample` task: ADM-compatible .npz, and resume after SIGKILL without lost or duplicated images."""
+import json
 import os
 import signal
 import subprocess
@@ -64,6 +65,14 @@ def test_sample_npz_and_resume_after_kill(tmp_path):
   with np.load(os.path.join(w, 'samples.npz')) as z:
     np.testing.assert_array_equal(z['arr_1'], ref_labels)
     np.testing.assert_array_equal(z['arr_0'], ref_imgs)
+  # stage times summed over the killed run and its resumption (written after every chunk)
+  t = json.load(open(os.path.join(w, 'sample_timings.json')))
+  resumed = t['this_run']['images']
+  assert 0 < resumed < 10
+  if t['runs'] == 2:    # the killed run recorded its chunk(s) before the kill
+    assert t['images'] == 10 and t['generate_s'] > t['this_run']['generate_s']
+  else:                 # killed between its chunk and the timings file
+    assert t['runs'] == 1 and t['images'] == resumed
   # classes drawn at random, as test_net.py (the default), from the sample seed
   from hita_jax.tasks.sample import labels_for
   np.testing.assert_array_equal(ref_labels, labels_for(10, 10, 'random', 0))

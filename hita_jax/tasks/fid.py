@@ -44,14 +44,17 @@ def run(config, workdir: str):
   samples_npz = sample.run(config, workdir)
   t_sampled = time.time()
   timing_file = os.path.join(workdir, 'sample_timings.json')  # written by process 0
-  stages = {}
+  stages, this_run = {}, {}
   if os.path.exists(timing_file):
     with open(timing_file) as f:
-      stages = {f'sample_{k}': v for k, v in json.load(f).items()}
+      timings = json.load(f)
+    this_run = timings.pop('this_run', {})
+    # summed over every run that sampled into this workdir (a resumed run adds to the first)
+    stages = {f'sample_{k}': v for k, v in timings.items()}
   stages['sample_total_s'] = t_sampled - t_start
-  # loading the weights, sharding and the compiles: what the sampler loop itself did not spend
+  # this run's loading of the weights, sharding and compiles: what its sampler loop did not spend
   stages['sample_setup_s'] = stages['sample_total_s'] - sum(
-      stages.get(k, 0.0) for k in ('sample_generate_s', 'sample_decode_s', 'sample_write_s'))
+      this_run.get(k, 0.0) for k in ('generate_s', 'decode_s', 'write_s'))
   ev = config.evaluate
   runner = InceptionRunner(pretrained.load_inception(ev.inception_weights), batch_size=ev.batch_size)
   timings = {}

@@ -71,6 +71,8 @@ def run(config, workdir: str):
   key = jax.random.key(sc.seed)
   t0, done_now = time.time(), 0
   stages = {'generate_s': 0.0, 'decode_s': 0.0, 'write_s': 0.0}  # this run's chunks only
+  timing_file = os.path.join(workdir, 'sample_timings.json')
+  base = _read_timings(timing_file) if sharding.is_main_process() else {}
   print(f'sampling {sc.num_images} images in {n_chunks} chunks of {batch} '
         f'(cfg {sc.cfg_scale}, legacy_pos128_embedding={bool(legacy)})', flush=True)
   # Process 0's disk decides which chunks are done, so that every process runs the same chunks.
@@ -86,7 +88,8 @@ def run(config, workdir: str):
     t = time.time()
     codes = generate(gpt, sharding.put(lab, lab_sh), jax.random.fold_in(key, c),
                      cfg_scale=sc.cfg_scale, cfg_interval=sc.cfg_interval, temperature=sc.temperature,
-                     top_k=sc.top_k, top_p=sc.top_p, legacy_pos128_embedding=bool(legacy))
+                     top_k=sc.top_k, top_p=sc.top_p, legacy_pos128_embedding=bool(legacy),
+                     kv_segments=sc.kv_segments)
     codes.block_until_ready()
     stages['generate_s'] += time.time() - t
     t = time.time()
@@ -100,6 +103,8 @@ def run(config, workdir: str):
       _atomic_savez(path, images=images, labels=lab[:real])
     stages['write_s'] += time.time() - t
     done_now += real
+    if sharding.is_main_process():
+      _write_timings(timing_file, base, stages, done_now)
     el = time.time() - t0
     left = sc.num_images - min((c + 1) * batch, sc.num_images)
     print(f'  chunk {c + 1}/{n_chunks}: {done_now / el:.2f} img/s, ETA {left / max(done_now / el, 1e-9):.0f}s',
@@ -110,11 +115,37 @@ def run(config, workdir: str):
     t = time.time()
     _assemble(chunk_dir, n_chunks, sc.num_images, labels, final)
     stages['write_s'] += time.time() - t
-    stages['images_this_run'] = done_now
-    with open(os.path.join(workdir, 'sample_timings.json'), 'w') as f:
-      json.dump(stages, f, indent=1)
+    _write_timings(timing_file, base, stages, done_now)
   sharding.sync('sample:npz_written')  # every process may read it next (the fid task does)
   return final
+
+
+def _read_timings(path: str) -> dict:
+  """The sums of earlier runs in this workdir (zeros for a fresh one or a torn file)."""
+  base = {'generate_s': 0.0, 'decode_s': 0.0, 'write_s': 0.0, 'images': 0, 'runs': 0}
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        prev = json.load(f)
+      base.update({k: prev[k] for k in base if k in prev})
+    except (OSError, ValueError):
+      pass  # a torn file: start the sums again rather than fail the samples
+  return base
+
+
+def _write_timings(path: str, base: dict, this_run: dict, images: int):
+  """sample_timings.json after every chunk: stage seconds and images summed over every run of this
+  workdir (a run killed mid-way and then resumed adds to the first), and `this_run`'s own."""
+  total = dict(base)
+  for k in ('generate_s', 'decode_s', 'write_s'):
+    total[k] += this_run[k]
+  total['images'] += images
+  total['runs'] += 1
+  total['this_run'] = dict(this_run, images=images)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(total, f, indent=1)
+  os.replace(tmp, path)
 
 
 def _assemble(chunk_dir: str, n_chunks: int, num_images: int, labels, final: str):

@@ -30,7 +30,7 @@ from hita_jax import cli, config_lib, pretrained, sharding
 from hita_jax.metrics import flops
 from hita_jax.metrics.inception_features import InceptionRunner
 from hita_jax.models.gpt import GPT, GPT_SIZES, REMAT_POLICIES, GPTConfig
-from hita_jax.models.sampler import generate
+from hita_jax.models.sampler import generate, resolve_kv_segments
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
 
@@ -106,7 +106,7 @@ def _jit_donating(fn):
   return jax.jit(fn, donate_argnums=(0, 1))
 
 
-def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None):
+def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_segments=None):
   cfg = full_size_config(size, dtype='bfloat16')
   model = GPT(cfg, rngs=nnx.Rngs(0))
   model.head[...] = jax.random.normal(jax.random.key(1), model.head.shape) * 0.02  # as the anchor
@@ -114,20 +114,21 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None):
   state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                        nnx.state(model))
   labels = jnp.asarray(np.random.RandomState(0).randint(0, cfg.num_classes, batch))
+  run = lambda k: generate(model, labels, jax.random.key(k), cfg_scale=cfg_scale, state=state,
+                           kv_segments=kv_segments).block_until_ready()
   t0 = time.perf_counter()
-  generate(model, labels, jax.random.key(0), cfg_scale=cfg_scale, state=state).block_until_ready()
+  run(0)
   first = time.perf_counter() - t0
   times = []
   for i in range(repeats):
     t0 = time.perf_counter()
-    generate(model, labels, jax.random.key(i + 1), cfg_scale=cfg_scale, state=state).block_until_ready()
+    run(i + 1)
     times.append(time.perf_counter() - t0)
   dt = float(np.median(times))
   out = dict(bench='sample', size=size, batch=batch, cfg=cfg_scale, tokens=cfg.seq_len, seconds=dt,
-             images_s=batch / dt, first_call_s=first)
+             images_s=batch / dt, first_call_s=first, kv_segments=resolve_kv_segments(kv_segments))
   out.update(_mem())
-  _maybe_profile(out, profile_dir, lambda: generate(model, labels, jax.random.key(9), cfg_scale=cfg_scale,
-                                                    state=state).block_until_ready())
+  _maybe_profile(out, profile_dir, lambda: run(9))
   return out
 
 
@@ -226,6 +227,39 @@ def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None):
   return out
 
 
+# (H = W, C) of the Hita tokenizer CNN's GroupNorms at 336 px (ch 128, ch_mult 1,1,2,2,4)
+GROUPNORM_SHAPES = ((336, 128), (168, 128), (84, 256), (42, 256), (21, 512))
+
+
+def bench_groupnorm(batch, repeats=20):
+  """Forward + backward of one GroupNorm(32) in bf16 at each CNN resolution: flax's GroupNorm
+  (one reduce over (H, W, C/G)) against layers.GroupNorm (per-channel column sums), same params."""
+  from hita_jax.models.layers import GroupNorm
+  rows = []
+  for hw, c in GROUPNORM_SHAPES:
+    m = GroupNorm(c, groups=32, rngs=nnx.Rngs(0))
+    graphdef, st = nnx.split(m)
+    x = jax.random.normal(jax.random.key(0), (batch, hw, hw, c), jnp.bfloat16)
+    row = dict(hw=hw, channels=c)
+    for name, flax_path in (('flax_ms', True), ('columns_ms', False)):
+      def loss(s, xx):
+        mm = nnx.merge(graphdef, s, copy=True)
+        y = mm.norm(xx.astype(jnp.float32)).astype(xx.dtype) if flax_path else mm(xx)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+      f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+      jax.block_until_ready(f(st, x))
+      t0 = time.perf_counter()
+      for _ in range(repeats):
+        out = f(st, x)
+      jax.block_until_ready(out)
+      row[name] = (time.perf_counter() - t0) / repeats * 1e3
+    rows.append(row)
+    print(row, flush=True)
+  return dict(bench='groupnorm_fwd_bwd', batch=batch, rows=rows,
+              flax_total_ms=sum(r['flax_ms'] for r in rows),
+              columns_total_ms=sum(r['columns_ms'] for r in rows))
+
+
 def _mem():
   try:
     stats = jax.devices()[0].memory_stats() or {}
@@ -237,7 +271,8 @@ def _mem():
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
-  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'inception', 'tok_trainer'])
+  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'inception', 'tok_trainer',
+                                  'groupnorm'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
@@ -247,15 +282,19 @@ def main(argv=None):
   p.add_argument('--scan', action='store_true')
   p.add_argument('--cfg', type=float, default=1.5)
   p.add_argument('--iters', type=int, default=10)
+  p.add_argument('--kv-segments', type=int, default=0,
+                 help='sample: decode loops over position ranges (0 = by platform)')
   a = p.parse_args(argv)
   if a.what == 'gpt_train':
     res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters, profile_dir=a.profile)
   elif a.what == 'ar_trainer':
     res = bench_ar_trainer(a.size, a.batch, attn=a.attn)
   elif a.what == 'sample':
-    res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile)
+    res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile, kv_segments=a.kv_segments)
   elif a.what == 'tok_trainer':
     res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile)
+  elif a.what == 'groupnorm':
+    res = bench_groupnorm(a.batch)
   else:
     res = bench_inception(a.batch)
   res.update(env_info())
