@@ -65,37 +65,11 @@ class LayerNorm(_Fp32Norm):
     self.norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs, **_norm_args())
 
 
-class GroupNorm(nnx.Module):
-  """torch.nn.GroupNorm(32, C, eps=1e-6) on NHWC, fp32 statistics, output in the input dtype.
-
-  Two-pass variance as PyTorch, but each pass is a per-channel sum over the spatial axes (an XLA
-  column reduction over (B, H*W, C), then a tiny sum over the channels of a group): reducing the
-  (B, H, W, G, C/G) view over (1, 2, 4) at once made XLA split every statistic into several small
-  reduce kernels plus transposes (2,800 reduce launches per tokenizer step on the GPU). The
-  parameters live in an nnx.GroupNorm (`norm.scale`, `norm.bias`), the layout the converters use."""
+class GroupNorm(_Fp32Norm):
+  """torch.nn.GroupNorm(32, C, eps=1e-6) on NHWC."""
 
   def __init__(self, dim: int, *, groups: int = 32, eps: float = 1e-6, rngs: nnx.Rngs):
-    if dim % groups:
-      raise ValueError(f'GroupNorm: {dim} channels do not split into {groups} groups')
-    self.groups, self.eps = groups, eps
     self.norm = nnx.GroupNorm(dim, num_groups=groups, epsilon=eps, rngs=rngs, **_norm_args())
-
-  def __call__(self, x):
-    b, c = x.shape[0], x.shape[-1]
-    g = self.groups
-    xf = x.astype(jnp.float32).reshape(b, -1, c)
-    n = xf.shape[1] * (c // g)
-
-    def group_mean(per_channel_sum):  # (B, C) -> (B, 1, C): the mean of each channel's group
-      m = per_channel_sum.reshape(b, g, c // g).sum(-1) / n
-      return jnp.repeat(m, c // g, axis=-1)[:, None]
-
-    mu = group_mean(jnp.sum(xf, axis=1))
-    xc = xf - mu
-    var = group_mean(jnp.sum(xc * xc, axis=1))
-    y = xc * jax.lax.rsqrt(var + self.eps)
-    y = y * self.norm.scale[...] + self.norm.bias[...]
-    return y.reshape(x.shape).astype(x.dtype)
 
 
 def attention(q, k, v, *, mask=None, dropout: Callable | None = None):
