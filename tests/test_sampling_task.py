@@ -69,6 +69,7 @@ def test_sample_npz_and_resume_after_kill(tmp_path):
   t = json.load(open(os.path.join(w, 'sample_timings.json')))
   resumed = t['this_run']['images']
   assert 0 < resumed < 10
+  assert 0 < t['this_run']['first_chunk_generate_s'] <= t['this_run']['generate_s']
   if t['runs'] == 2:    # the killed run recorded its chunk(s) before the kill
     assert t['images'] == 10 and t['generate_s'] > t['this_run']['generate_s']
   else:                 # killed between its chunk and the timings file

@@ -227,39 +227,6 @@ def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None):
   return out
 
 
-# (H = W, C) of the Hita tokenizer CNN's GroupNorms at 336 px (ch 128, ch_mult 1,1,2,2,4)
-GROUPNORM_SHAPES = ((336, 128), (168, 128), (84, 256), (42, 256), (21, 512))
-
-
-def bench_groupnorm(batch, repeats=20):
-  """Forward + backward of one GroupNorm(32) in bf16 at each CNN resolution: flax's GroupNorm
-  (one reduce over (H, W, C/G)) against layers.GroupNorm (per-channel column sums), same params."""
-  from hita_jax.models.layers import GroupNorm
-  rows = []
-  for hw, c in GROUPNORM_SHAPES:
-    m = GroupNorm(c, groups=32, rngs=nnx.Rngs(0))
-    graphdef, st = nnx.split(m)
-    x = jax.random.normal(jax.random.key(0), (batch, hw, hw, c), jnp.bfloat16)
-    row = dict(hw=hw, channels=c)
-    for name, flax_path in (('flax_ms', True), ('columns_ms', False)):
-      def loss(s, xx):
-        mm = nnx.merge(graphdef, s, copy=True)
-        y = mm.norm(xx.astype(jnp.float32)).astype(xx.dtype) if flax_path else mm(xx)
-        return jnp.sum(y.astype(jnp.float32) ** 2)
-      f = jax.jit(jax.grad(loss, argnums=(0, 1)))
-      jax.block_until_ready(f(st, x))
-      t0 = time.perf_counter()
-      for _ in range(repeats):
-        out = f(st, x)
-      jax.block_until_ready(out)
-      row[name] = (time.perf_counter() - t0) / repeats * 1e3
-    rows.append(row)
-    print(row, flush=True)
-  return dict(bench='groupnorm_fwd_bwd', batch=batch, rows=rows,
-              flax_total_ms=sum(r['flax_ms'] for r in rows),
-              columns_total_ms=sum(r['columns_ms'] for r in rows))
-
-
 def _mem():
   try:
     stats = jax.devices()[0].memory_stats() or {}
@@ -271,8 +238,7 @@ def _mem():
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
-  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'inception', 'tok_trainer',
-                                  'groupnorm'])
+  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'inception', 'tok_trainer'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
@@ -293,8 +259,6 @@ def main(argv=None):
     res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile, kv_segments=a.kv_segments)
   elif a.what == 'tok_trainer':
     res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile)
-  elif a.what == 'groupnorm':
-    res = bench_groupnorm(a.batch)
   else:
     res = bench_inception(a.batch)
   res.update(env_info())
