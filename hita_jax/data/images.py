@@ -2,6 +2,7 @@
 code extraction, reading image files and folders, decoded codes as uint8 images, PNG grids."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 import zipfile
@@ -9,6 +10,7 @@ from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 from hita_jax.models.resize import torch_bicubic_resize
@@ -31,9 +33,11 @@ def to_uint8(x):
   return jnp.clip(127.5 * jnp.asarray(x).astype(jnp.float32) + 128.0, 0.0, 255.0).astype(jnp.uint8)
 
 
+@functools.partial(nnx.jit, static_argnames=('eval_size',))
 def codes_to_images(tokenizer, seq, *, eval_size: int | None = 256):
   """Official sample post-processing: decode [holistic | patch] codes at the tokenizer's size, resize
-  with PyTorch's bicubic (a=-0.75, no antialias) to `eval_size`, then `to_uint8`."""
+  with PyTorch's bicubic (a=-0.75, no antialias) to `eval_size`, then `to_uint8`. Jitted as one
+  program: op by op, the sample task decoded at 86 img/s on an H200, slower than its sampler."""
   hol, patch = split_codes(seq, tokenizer.cfg.num_holistic)
   img = tokenizer.decode(hol, patch)
   if eval_size and img.shape[1] != eval_size:

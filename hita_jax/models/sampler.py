@@ -12,8 +12,8 @@ is set, that code is written instead of the sampled one and fed to the next step
 The positions are decoded in `kv_segments` consecutive loops (static ranges, split at S): a loop
 reads only the cache prefix its last position needs and calls one head without a branch. The same
 distribution as one loop over everything (the masked tail adds exact zeros to the softmax; only
-the summation order may differ in the last bit); on a GPU
-the cache read is most of a step's memory traffic, so this roughly halves it. 'auto' (None) is
+the summation order may differ in the last bit); on a GPU the cache read is most of a step's
+memory traffic, so this roughly halves it. 'auto' (None) is
 one loop on CPU (each loop is compiled separately) and 8 elsewhere.
 
 `legacy_pos128_embedding=True` reproduces the released sampler's quirk: the last holistic code is
@@ -124,7 +124,7 @@ def _generate(graphdef, state, labels, key, cfg_scale, prefix_codes, prefix_mask
     return cache, seq, key, logit_buf
 
   carry = (cache, seq, key, logit_buf)
-  cache_len = cache['k'][0].shape[-2] if isinstance(cache['k'], tuple) else cache['k'].shape[-2]
+  cache_len = cache['k'][0].shape[-2]  # per-layer tuple or stacked array: T is the same axis
   for start, end, kv_len, head in decode_segments(length, model.cfg.num_holistic, kv_segments,
                                                   cache_len):
     carry = jax.lax.fori_loop(start, end, functools.partial(body, kv_len=kv_len, head=head), carry)

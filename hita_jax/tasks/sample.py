@@ -16,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from hita_jax import config_lib, pretrained, sharding
 from hita_jax.data.images import codes_to_images, save_png
@@ -59,11 +58,6 @@ def run(config, workdir: str):
   tok.eval()
   sharding.shard_module(gpt, mesh, rules)
   sharding.shard_module(tok, mesh, rules)  # decoding runs on the mesh too (and across processes)
-  # One jitted decode + resize + uint8 (op-by-op it ran at 86 img/s on an H200, slower than the
-  # sampler itself: 3 s for a chunk of 256).
-  tok_graph, tok_state = nnx.split(tok)
-  decode = jax.jit(lambda st, seq: codes_to_images(nnx.merge(tok_graph, st), seq,
-                                                   eval_size=sc.eval_size or None))
   n_dev = mesh.devices.size
   batch = sc.per_device_batch * n_dev
   labels = labels_for(sc.num_images, gcfg.num_classes, sc.classes, sc.seed)
@@ -99,7 +93,7 @@ def run(config, workdir: str):
     codes.block_until_ready()
     stages['generate_s'] += time.time() - t
     t = time.time()
-    images = sharding.to_host(decode(tok_state, codes))[:real]
+    images = sharding.to_host(codes_to_images(tok, codes, eval_size=sc.eval_size or None))[:real]
     stages['decode_s'] += time.time() - t
     t = time.time()
     if sharding.is_main_process():
