@@ -197,6 +197,8 @@ def test_decode_segments_cover_positions_split_at_s_and_bound_the_cache_read():
   assert decode_segments(5, 6, 4, 8)[-1][3] == 'holistic'        # a prefix shorter than S
   from hita_jax.models.sampler import resolve_kv_segments
   assert resolve_kv_segments(None, 'cpu') == 1 and resolve_kv_segments(0, 'gpu') == 8
+  assert resolve_kv_segments(0, 'gpu', fused_attention=True) == 2
+  assert resolve_kv_segments(0, 'cpu', fused_attention=True) == 1 and resolve_kv_segments(5, 'gpu', True) == 5
   with pytest.raises(ValueError, match='kv_segments'):
     resolve_kv_segments(-1)
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, decode_attention
 from hita_jax.models.layers import ATTN_IMPLS, DTYPES, causal_attention
 from hita_jax.models.rope import apply_rope, gpt_position_tables
 
@@ -51,6 +52,7 @@ class GPTConfig:
   drop_path_rate: float = 0.0
   dtype: str = 'float32'           # compute dtype; params are fp32
   attn_impl: str = 'auto'          # 'auto' (cuDNN on GPU, splash on TPU, XLA on CPU) | 'xla' | 'cudnn' | 'splash'
+  decode_attn_impl: str = 'auto'   # sampler's one-query attention: 'auto' (Pallas kernel on GPU) | 'xla' | 'pallas'
   remat: str = 'none'              # 'none' | 'minimal' | 'dots' | 'full'
   scan_layers: bool = False
 
@@ -61,6 +63,9 @@ class GPTConfig:
       raise ValueError('class-conditional Hita uses exactly one class token (cls_token_num=1)')
     if self.attn_impl not in ATTN_IMPLS:
       raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}')
+    if self.decode_attn_impl not in DECODE_ATTN_IMPLS:
+      raise ValueError(f'decode_attn_impl must be one of {DECODE_ATTN_IMPLS}, '
+                       f'got {self.decode_attn_impl!r}')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
 
@@ -204,21 +209,16 @@ class Block(nnx.Module):
     """One position `pos` (scalar) for all batch rows with this layer's (B, H, T_max, hd) cache.
     Heads-major cache layout: the two attention products contract over hd / T with (B, H) as
     batch dimensions, so XLA never transposes the cache. `kv_len` (static, > pos) attends over
-    the cache's first kv_len positions only: the read of the cache is most of a decode step's
-    memory traffic, and positions >= kv_len are masked anyway."""
+    the cache's first kv_len positions only on the XLA path (the read of the cache is most of a
+    decode step's memory traffic); the fused kernel reads exactly positions <= pos
+    (`decode_attn_impl`, see models/decode_attention.py)."""
     q, k, v = self.qkv(x, pos_add, cos, sin)                    # (B, 1, H, hd)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
                                            (0, 0, pos, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
                                            (0, 0, pos, 0))
-    kv_len = min(kv_len or k_cache.shape[2], k_cache.shape[2])
-    k_read, v_read = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # static slices: fused reads
-    scale = self.cfg.head_dim ** -0.5
-    logits = jnp.einsum('bhd,bhtd->bht', q[:, 0], k_read.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(jnp.arange(kv_len) <= pos, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_read.dtype)
-    o = jnp.einsum('bht,bhtd->bhd', probs, v_read).astype(x.dtype)[:, None]
+    o = decode_attention(q[:, 0], k_cache, v_cache, pos + 1, impl=self.cfg.decode_attn_impl,
+                         kv_len=kv_len)[:, None].astype(x.dtype)
     return self.finish(x, o, [None] * 4), k_cache, v_cache
 
 

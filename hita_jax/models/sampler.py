@@ -13,8 +13,10 @@ The positions are decoded in `kv_segments` consecutive loops (static ranges, spl
 reads only the cache prefix its last position needs and calls one head without a branch. The same
 distribution as one loop over everything (the masked tail adds exact zeros to the softmax; only
 the summation order may differ in the last bit); on a GPU the cache read is most of a step's
-memory traffic, so this roughly halves it. 'auto' (None) is
-one loop on CPU (each loop is compiled separately) and 8 elsewhere.
+memory traffic, so this roughly halves it. With the fused decode-attention kernel (GPU default,
+models/decode_attention.py) the kernel itself reads exactly the valid prefix, and the loops only
+keep the heads branch-free. 'auto' (None) is one loop on CPU (each loop is compiled separately),
+2 with the kernel and 8 otherwise.
 
 `legacy_pos128_embedding=True` reproduces the released sampler's quirk: the last holistic code is
 fed at position S through the *patch* table (training uses the holistic table). It is set for
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hita_jax.models.decode_attention import resolve_decode_attn_impl
 from hita_jax.models.gpt import GPT
 
 
@@ -59,9 +62,14 @@ def sample_token(key, logits, *, temperature: float = 1.0, top_k: int = 0, top_p
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def resolve_kv_segments(kv_segments: int | None, platform: str | None = None) -> int:
+def resolve_kv_segments(kv_segments: int | None, platform: str | None = None,
+                        fused_attention: bool = False) -> int:
+  """None / 0 = by platform: 1 loop on CPU; with the fused decode-attention kernel (which reads
+  exactly the valid prefix itself) 2, for the branch-free heads; else 8 on GPU / TPU."""
   if kv_segments is None or kv_segments == 0:
-    return 1 if (platform or jax.default_backend()) == 'cpu' else 8
+    if (platform or jax.default_backend()) == 'cpu':
+      return 1
+    return 2 if fused_attention else 8
   if kv_segments < 1:
     raise ValueError(f'kv_segments must be >= 1 (or 0 / None for auto), got {kv_segments}')
   return int(kv_segments)
@@ -167,8 +175,17 @@ def generate(model: GPT, labels, key, *, cfg_scale: float = 1.5, cfg_interval: i
                           top_p=float(top_p), cfg_interval=int(cfg_interval),
                           legacy_pos128_embedding=bool(legacy_pos128_embedding), length=int(length),
                           return_logits=return_logits,
-                          kv_segments=resolve_kv_segments(kv_segments))
+                          kv_segments=resolve_kv_segments(kv_segments,
+                                                          fused_attention=uses_fused_attention(model, b, cfg_scale)))
   return (seq, logits) if return_logits else seq
+
+
+def uses_fused_attention(model: GPT, batch: int, cfg_scale: float) -> bool:
+  """Whether the decode steps of `generate(model, labels of length batch, cfg_scale=...)` run the
+  fused decode-attention kernel (models/decode_attention.py)."""
+  cfg = model.cfg
+  rows = 2 * batch if cfg_scale > 1.0 else batch
+  return resolve_decode_attn_impl(cfg.decode_attn_impl, rows, cfg.n_head, cfg.head_dim) == 'pallas'
 
 
 def for_sampling(model: GPT, dtype: str) -> tuple[GPT, Any]:

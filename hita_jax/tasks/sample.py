@@ -86,10 +86,11 @@ def run(config, workdir: str):
     real = len(lab)
     lab = np.concatenate([lab, np.zeros(batch - real, np.int32)])  # fixed compiled shape
     t = time.time()
-    codes = generate(gpt, sharding.put(lab, lab_sh), jax.random.fold_in(key, c),
-                     cfg_scale=sc.cfg_scale, cfg_interval=sc.cfg_interval, temperature=sc.temperature,
-                     top_k=sc.top_k, top_p=sc.top_p, legacy_pos128_embedding=bool(legacy),
-                     kv_segments=sc.kv_segments)
+    with jax.set_mesh(mesh):  # the decode-attention kernel splits itself over the batch under it
+      codes = generate(gpt, sharding.put(lab, lab_sh), jax.random.fold_in(key, c),
+                       cfg_scale=sc.cfg_scale, cfg_interval=sc.cfg_interval,
+                       temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
+                       legacy_pos128_embedding=bool(legacy), kv_segments=sc.kv_segments)
     codes.block_until_ready()
     stages['generate_s'] += time.time() - t
     t = time.time()

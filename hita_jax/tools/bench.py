@@ -29,8 +29,9 @@ from flax import nnx
 from hita_jax import cli, config_lib, pretrained, sharding
 from hita_jax.metrics import flops
 from hita_jax.metrics.inception_features import InceptionRunner
+from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS
 from hita_jax.models.gpt import GPT, GPT_SIZES, REMAT_POLICIES, GPTConfig
-from hita_jax.models.sampler import generate, resolve_kv_segments
+from hita_jax.models.sampler import generate, resolve_kv_segments, uses_fused_attention
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
 
@@ -106,14 +107,16 @@ def _jit_donating(fn):
   return jax.jit(fn, donate_argnums=(0, 1))
 
 
-def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_segments=None):
-  cfg = full_size_config(size, dtype='bfloat16')
+def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_segments=None,
+                 decode_attn='auto'):
+  cfg = full_size_config(size, dtype='bfloat16', decode_attn_impl=decode_attn)
   model = GPT(cfg, rngs=nnx.Rngs(0))
   model.head[...] = jax.random.normal(jax.random.key(1), model.head.shape) * 0.02  # as the anchor
   model.eval()
   state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                        nnx.state(model))
   labels = jnp.asarray(np.random.RandomState(0).randint(0, cfg.num_classes, batch))
+  fused = uses_fused_attention(model, batch, cfg_scale)
   run = lambda k: generate(model, labels, jax.random.key(k), cfg_scale=cfg_scale, state=state,
                            kv_segments=kv_segments).block_until_ready()
   t0 = time.perf_counter()
@@ -126,7 +129,9 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
     times.append(time.perf_counter() - t0)
   dt = float(np.median(times))
   out = dict(bench='sample', size=size, batch=batch, cfg=cfg_scale, tokens=cfg.seq_len, seconds=dt,
-             images_s=batch / dt, first_call_s=first, kv_segments=resolve_kv_segments(kv_segments))
+             images_s=batch / dt, first_call_s=first,
+             kv_segments=resolve_kv_segments(kv_segments, fused_attention=fused),
+             decode_attn='pallas' if fused else 'xla')
   out.update(_mem())
   _maybe_profile(out, profile_dir, lambda: run(9))
   return out
@@ -250,13 +255,16 @@ def main(argv=None):
   p.add_argument('--iters', type=int, default=10)
   p.add_argument('--kv-segments', type=int, default=0,
                  help='sample: decode loops over position ranges (0 = by platform)')
+  p.add_argument('--decode-attn', default='auto', choices=list(DECODE_ATTN_IMPLS),
+                 help="sample: the decode step's attention (auto = the Pallas kernel on GPU)")
   a = p.parse_args(argv)
   if a.what == 'gpt_train':
     res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters, profile_dir=a.profile)
   elif a.what == 'ar_trainer':
     res = bench_ar_trainer(a.size, a.batch, attn=a.attn)
   elif a.what == 'sample':
-    res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile, kv_segments=a.kv_segments)
+    res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile, kv_segments=a.kv_segments,
+                       decode_attn=a.decode_attn)
   elif a.what == 'tok_trainer':
     res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile)
   else:

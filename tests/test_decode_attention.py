@@ -1,0 +1,146 @@
+"""The sampler's one-query attention: the Pallas kernel (interpret mode on CPU) against the XLA
+path, in fp32 and bf16, through the GPT sampler, and inside a shard_map on the 8-device mesh."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from hita_jax.models import decode_attention as da
+from hita_jax.models.sampler import for_sampling, generate
+from tests.test_gpt import random_gpt, tiny_cfg
+
+
+def _inputs(b, h, t, d, seed=0, dtype=jnp.float32):
+  k = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(k[0], (b, h, d))
+  kc = jax.random.normal(k[1], (b, h, t, d))
+  vc = jax.random.normal(k[2], (b, h, t, d))
+  return q.astype(dtype), kc.astype(dtype), vc.astype(dtype)
+
+
+def _reference(q, kc, vc, length):
+  """Plain numpy softmax attention over positions < length, in float64."""
+  q, kc, vc = (np.asarray(a, np.float64) for a in (q, kc, vc))
+  s = np.einsum('bhd,bhtd->bht', q, kc[:, :, :length]) / np.sqrt(q.shape[-1])
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('bht,bhtd->bhd', p, vc[:, :, :length])
+
+
+@pytest.mark.parametrize('d,t,length,block_k', [
+    (64, 72, 1, 16),     # only position 0
+    (64, 72, 37, 16),    # a partial last block
+    (64, 72, 72, 16),    # the whole cache, T a multiple of the block
+    (64, 40, 40, 32),    # the last block runs past T (masked loads)
+    (60, 40, 33, 16),    # GPT-2B's head dim: not a power of two (padded, masked columns)
+    (32, 130, 129, 64),
+])
+def test_kernel_matches_reference_fp32(d, t, length, block_k):
+  q, kc, vc = _inputs(2, 3, t, d, seed=d + t)
+  # garbage past `length` must not leak in: the kernel may not read it, the XLA path masks it
+  kc = kc.at[:, :, length:].set(1e4)
+  vc = vc.at[:, :, length:].set(jnp.nan)
+  ref = _reference(q, kc, vc, length)
+  run = jax.jit(lambda *a: da.decode_attention_pallas(*a, block_k=block_k, interpret=True))
+  got = np.asarray(run(q, kc, vc, jnp.int32(length)))
+  np.testing.assert_allclose(got, ref, atol=2e-6, rtol=1e-5)
+  xla = np.asarray(da.decode_attention_xla(q, kc.at[:, :, length:].set(0),
+                                           vc.at[:, :, length:].set(0), length))
+  np.testing.assert_allclose(xla, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_kernel_bf16_close_to_fp32():
+  """The bf16 cache and query the sampler ships with: the kernel's fp32 scores / softmax /
+  accumulator keep it as close to the fp32 result as the XLA bf16 path is."""
+  q, kc, vc = _inputs(4, 2, 96, 64, seed=7)
+  ref = _reference(q, kc, vc, 90)
+  args16 = [a.astype(jnp.bfloat16) for a in (q, kc, vc)]
+  got = da.decode_attention_pallas(*args16, jnp.int32(90), block_k=32, interpret=True)
+  assert got.dtype == jnp.bfloat16
+  xla = da.decode_attention_xla(*args16, 90)
+  err_kernel = np.abs(np.asarray(got, np.float64) - ref).max()
+  err_xla = np.abs(np.asarray(xla, np.float64) - ref).max()
+  assert err_kernel < 2e-2, err_kernel
+  assert err_kernel <= err_xla * 1.5 + 1e-3, (err_kernel, err_xla)
+
+
+def test_impl_resolution():
+  assert da.resolve_decode_attn_impl('auto', 64, 12, 64, 'cpu') == 'xla'
+  assert da.resolve_decode_attn_impl('auto', 128, 12, 60, 'gpu') == 'xla'   # head dim 60
+  assert da.resolve_decode_attn_impl('auto', 2, 12, 64, 'gpu') == 'xla'     # too few programs
+  assert da.resolve_decode_attn_impl('xla', 128, 12, 64, 'gpu') == 'xla'
+  assert da.resolve_decode_attn_impl('pallas', 1, 1, 60, 'cpu') == 'pallas'
+  with pytest.raises(ValueError, match='decode_attn_impl'):
+    da.resolve_decode_attn_impl('flash', 1, 1, 64)
+  with pytest.raises(ValueError, match='decode_attn_impl'):
+    tiny_cfg(decode_attn_impl='flash')
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_sampler_with_kernel_matches_xla_path(dtype):
+  """generate() with the kernel in every layer against the XLA path, with CFG, over one loop and
+  segmented loops. fp32: same greedy codes, logits equal to 1e-5. bf16 (what the sampler ships
+  with): greedy codes may part at near-ties, so the kernel is teacher-forced with the XLA path's
+  codes and its logits must be as close to the fp32 model's as the XLA path's are."""
+  cfg = tiny_cfg(grid=5, num_holistic=7, n_head=2)
+  labels = jnp.asarray([0, 1, 4])
+  models = {impl: for_sampling(random_gpt(dataclasses.replace(cfg, decode_attn_impl=impl), seed=3),
+                               dtype) for impl in ('xla', 'pallas')}
+  run = lambda impl, n, **kw: generate(models[impl][0], labels, jax.random.key(2), cfg_scale=2.5,
+                                       top_k=1, state=models[impl][1], kv_segments=n,
+                                       return_logits=True, **kw)
+  for n in (1, 3):
+    xla_codes, xla_logits = run('xla', n)
+    if dtype == 'float32':
+      codes_k, logits_k = run('pallas', n)
+      np.testing.assert_array_equal(np.asarray(codes_k), np.asarray(xla_codes))
+      np.testing.assert_allclose(np.asarray(logits_k), np.asarray(xla_logits), atol=1e-5)
+      continue
+    force = dict(prefix_codes=xla_codes, prefix_mask=np.ones(xla_codes.shape[1], bool))
+    _, logits_k = run('pallas', n, **force)
+    m32 = random_gpt(cfg, seed=3)
+    _, ref = generate(m32, labels, jax.random.key(2), cfg_scale=2.5, kv_segments=n,
+                      return_logits=True, **force)
+    ref = np.asarray(ref)
+    err_k = np.abs(np.asarray(logits_k) - ref).max()
+    err_x = np.abs(np.asarray(xla_logits) - ref).max()
+    assert err_k < 0.05 * np.abs(ref).max(), (err_k, err_x)
+    assert err_k <= 1.5 * err_x + 1e-3, (err_k, err_x)
+
+
+def test_kernel_under_a_mesh_is_split_over_the_batch():
+  """Under jax.set_mesh the kernel runs per batch shard (shard_map): same values as unsharded, and
+  axes that do not divide the batch stay replicated."""
+  assert jax.device_count() == 8
+  mesh = jax.make_mesh((4, 2), ('data', 'tensor'), axis_types=(AxisType.Auto,) * 2)
+  assert da._batch_axes(mesh, 8) == ('data', 'tensor')
+  assert da._batch_axes(mesh, 4) == ('data',)
+  assert da._batch_axes(mesh, 6) == ('tensor',)
+  q, kc, vc = _inputs(4, 3, 24, 16, seed=3)
+  ref = _reference(q, kc, vc, 19)
+  with jax.set_mesh(mesh):
+    sh = jax.sharding.NamedSharding(mesh, P('data'))
+    args = [jax.device_put(a, sh) for a in (q, kc, vc)]
+    fn = jax.jit(lambda *a: da.decode_attention(*a, impl='pallas', interpret=True))
+    got = fn(*args, jnp.int32(19))
+    text = fn.lower(*args, jnp.int32(19)).as_text()
+  np.testing.assert_allclose(np.asarray(got), ref, atol=2e-6, rtol=1e-5)
+  assert 'shard_map' in text or 'manual' in text.lower()
+
+
+def test_sampler_with_kernel_on_the_8_device_mesh():
+  """The sample task's setting: weights replicated, labels split over 'data', generate() under
+  jax.set_mesh with the kernel in every layer: the codes of the single-device XLA path."""
+  cfg = tiny_cfg(grid=4, num_holistic=5, n_head=2)
+  labels = jnp.asarray([0, 1, 4, 2, 3, 1, 0, 2])
+  ref = generate(random_gpt(cfg, seed=5), labels, jax.random.key(1), cfg_scale=2.0, top_k=1,
+                 kv_segments=2)
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+  m = random_gpt(dataclasses.replace(cfg, decode_attn_impl='pallas'), seed=5)
+  with jax.set_mesh(mesh):
+    lab = jax.device_put(labels, jax.sharding.NamedSharding(mesh, P('data')))
+    got = generate(m, lab, jax.random.key(1), cfg_scale=2.0, top_k=1, kv_segments=2)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
