@@ -373,7 +373,7 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
       'save_png': (True, 'also write one PNG per image'),
       'seed': (0, 'sampling seed'),
       # each decode loop reads only the KV-cache prefix it needs (models/sampler.py)
-      'kv_segments': (0, 'decode loops over position ranges (0 = 1 on CPU, 8 on GPU/TPU)'),
+      'kv_segments': (0, 'decode loops over position ranges (0 = 1 on CPU, 2 with the GPU decode kernel, else 8)'),
   })
   add_zero_shot_sections(config)
   return config

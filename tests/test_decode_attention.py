@@ -144,3 +144,16 @@ def test_sampler_with_kernel_on_the_8_device_mesh():
     lab = jax.device_put(labels, jax.sharding.NamedSharding(mesh, P('data')))
     got = generate(m, lab, jax.random.key(1), cfg_scale=2.0, top_k=1, kv_segments=2)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_bench_decode_attn_runs_both_paths(monkeypatch):
+  """`python -m hita_jax.tools.bench decode_attn` at a tiny shape: both paths timed, and both
+  near the fp32 reference (bf16 inputs)."""
+  from hita_jax.tools import bench
+  monkeypatch.setattr(bench, 'full_size_config', lambda size, **kw: bench.GPTConfig(
+      dim=64, n_layer=1, n_head=2, vocab_size=16, num_holistic=6, grid=4, num_classes=3, **kw))
+  res = bench.bench_decode_attn('B', 2, repeats=1)
+  assert res['rows'] == 4 and res['cache'] == 24 and sorted(res['lengths']) == ['12', '22', '6']
+  for row in res['lengths'].values():
+    assert row['pallas']['us'] > 0 and row['xla']['us'] > 0
+    assert row['pallas']['max_err'] < 2e-2 and row['xla']['max_err'] < 2e-2

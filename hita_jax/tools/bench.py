@@ -2,6 +2,7 @@
 
     python -m hita_jax.tools.bench gpt_train --size B --batch 64 [--attn cudnn] [--remat none]
     python -m hita_jax.tools.bench sample --size B --batch 64 --cfg 1.5
+    python -m hita_jax.tools.bench decode_attn --size B --batch 64   (the decode kernel vs XLA)
     python -m hita_jax.tools.bench inception --batch 500
     python -m hita_jax.tools.bench tok_trainer --batch 16      (train_tokenizer's step, Hita-V @336)
     ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
@@ -97,10 +98,15 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
 
 
 def _maybe_profile(out, profile_dir, once):
+  """With a trace directory: the 30 largest kernels and every kernel kind's total (printed, and
+  in the JSON line as 'profile' and 'profile_kinds')."""
   if profile_dir:
-    rows = profile_summary.profile(once, profile_dir)
-    print(profile_summary.format_table(rows), flush=True)
-    out['profile'] = rows
+    rows = profile_summary.profile(once, profile_dir, top=0)
+    kinds = profile_summary.group_by_kind(rows)
+    print(profile_summary.format_table(rows[:30] + rows[-1:]), flush=True)
+    print(profile_summary.format_table(kinds), flush=True)
+    out['profile'] = rows[:30] + rows[-1:]
+    out['profile_kinds'] = kinds
 
 
 def _jit_donating(fn):
@@ -134,6 +140,41 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
              decode_attn='pallas' if fused else 'xla')
   out.update(_mem())
   _maybe_profile(out, profile_dir, lambda: run(9))
+  return out
+
+
+def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=50):
+  """The decode step's attention alone at one layer's shape (CFG rows, bf16 cache of the full
+  sequence), the fused kernel against the XLA path, at a few valid lengths: microseconds per call
+  (asynchronous calls timed on the host, so launches included), GB/s of valid K + V read, and the
+  largest difference to an fp32 XLA reference."""
+  from hita_jax.models import decode_attention as da
+  cfg = full_size_config(size)
+  rows = 2 * batch if cfg_scale > 1 else batch
+  t = -(-cfg.seq_len // 8) * 8
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (rows, cfg.n_head, cfg.head_dim), jnp.bfloat16)
+  kc, vc = (jax.random.normal(k, (rows, cfg.n_head, t, cfg.head_dim), jnp.bfloat16) for k in keys[1:])
+  impls = {'pallas': jax.jit(da.decode_attention_pallas),
+           'xla': jax.jit(lambda *a: da.decode_attention_xla(*a[:3], a[3], kv_len=None))}
+  out = dict(bench='decode_attn', size=size, batch=batch, rows=rows, heads=cfg.n_head,
+             head_dim=cfg.head_dim, cache=t, lengths={})
+  for length in (cfg.num_holistic, t // 2, cfg.seq_len):
+    n = jnp.int32(length)
+    ref = da.decode_attention_xla(*(a.astype(jnp.float32) for a in (q, kc, vc)), length)
+    row = {}
+    for name, fn in impls.items():
+      got = fn(q, kc, vc, n).block_until_ready()
+      t0 = time.perf_counter()
+      for _ in range(repeats):
+        got = fn(q, kc, vc, n)
+      got.block_until_ready()
+      us = (time.perf_counter() - t0) / repeats * 1e6
+      gbs = 2 * rows * cfg.n_head * length * cfg.head_dim * 2 / (us * 1e-6) / 1e9
+      row[name] = dict(us=round(us, 1), gb_s=round(gbs), max_err=float(jnp.max(jnp.abs(
+          got.astype(jnp.float32) - ref))))
+    out['lengths'][str(length)] = row
+    print(length, row, flush=True)
   return out
 
 
@@ -243,7 +284,8 @@ def _mem():
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
-  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'inception', 'tok_trainer'])
+  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'decode_attn', 'inception',
+                                  'tok_trainer'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
@@ -265,6 +307,8 @@ def main(argv=None):
   elif a.what == 'sample':
     res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile, kv_segments=a.kv_segments,
                        decode_attn=a.decode_attn)
+  elif a.what == 'decode_attn':
+    res = bench_decode_attn(a.size, a.batch, a.cfg)
   elif a.what == 'tok_trainer':
     res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile)
   else:

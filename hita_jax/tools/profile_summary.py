@@ -18,7 +18,8 @@ from hita_jax.errors import MissingPathError
 
 
 def device_kernel_table(trace_dir: str, top: int = 30) -> list[dict]:
-  """Kernels on device streams of the newest Perfetto trace under `trace_dir`, by total time."""
+  """Kernels on device streams of the newest Perfetto trace under `trace_dir`, by total time
+  (the `top` largest, 0 = all, then an 'ALL' row)."""
   files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True)
                  + glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'), recursive=True),
                  key=os.path.getmtime)
@@ -42,8 +43,27 @@ def device_kernel_table(trace_dir: str, top: int = 30) -> list[dict]:
       calls[key[:90]] += 1
   whole = sum(total.values()) or 1.0
   return [{'kernel': k, 'calls': calls[k], 'ms': v / 1e3, 'share': v / whole}
-          for k, v in total.most_common(top)] + [{'kernel': 'ALL', 'calls': sum(calls.values()),
+          for k, v in total.most_common(top or None)] + [{'kernel': 'ALL', 'calls': sum(calls.values()),
                                                    'ms': whole / 1e3, 'share': 1.0}]
+
+
+def group_by_kind(rows: list[dict]) -> list[dict]:
+  """Rows of `device_kernel_table(..., top=0)` summed by kernel kind: the name without XLA's
+  numeric suffix (`loop_multiply_fusion.12` -> `loop_multiply_fusion`), so a loop body's many
+  small kernels show up as a few lines."""
+  import re
+  total, calls = collections.Counter(), collections.Counter()
+  whole = 0.0
+  for r in rows:
+    if r['kernel'] == 'ALL':
+      whole = r['ms']
+      continue
+    kind = re.sub(r'(\.\d+)+$', '', r['kernel'])
+    total[kind] += r['ms']
+    calls[kind] += r['calls']
+  whole = whole or sum(total.values()) or 1.0
+  return [{'kernel': k, 'calls': calls[k], 'ms': v, 'share': v / whole}
+          for k, v in total.most_common()]
 
 
 def profile(fn, trace_dir: str, repeats: int = 3, top: int = 30) -> list[dict]:
