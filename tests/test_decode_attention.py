@@ -155,5 +155,36 @@ def test_bench_decode_attn_runs_both_paths(monkeypatch):
   res = bench.bench_decode_attn('B', 2, repeats=1)
   assert res['rows'] == 4 and res['cache'] == 24 and sorted(res['lengths']) == ['12', '22', '6']
   for row in res['lengths'].values():
-    assert row['pallas']['us'] > 0 and row['xla']['us'] > 0
+    assert row['pallas']['us'] > 0 and row['xla']['us'] > 0 and row['pallas_update']['us'] > 0
     assert row['pallas']['max_err'] < 2e-2 and row['xla']['max_err'] < 2e-2
+
+
+@pytest.mark.parametrize('d,t,pos,block_k', [(64, 72, 0, 16), (64, 72, 37, 16), (64, 72, 71, 16),
+                                             (60, 40, 32, 16), (32, 130, 64, 64)])
+def test_update_kernel_writes_the_row_and_matches_xla(d, t, pos, block_k):
+  """The kernel that also writes the step's K / V row: same caches as an update slice (every
+  other row untouched) and the same output as the XLA path over positions <= pos."""
+  q, kc, vc = _inputs(2, 3, t, d, seed=d + pos)
+  kn, vn = (jax.random.normal(jax.random.key(9 + i), (2, 3, d)) for i in range(2))
+  ref_o, ref_k, ref_v = da.decode_attention_update(q, kn, vn, kc, vc, pos, impl='xla')
+  run = jax.jit(lambda *a: da.decode_attention_update_pallas(*a, block_k=block_k, interpret=True))
+  o, k2, v2 = run(q, kn, vn, kc, vc, jnp.int32(pos))
+  np.testing.assert_array_equal(np.asarray(k2), np.asarray(ref_k))
+  np.testing.assert_array_equal(np.asarray(v2), np.asarray(ref_v))
+  np.testing.assert_allclose(np.asarray(o), np.asarray(ref_o), atol=2e-6, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(o), _reference(q, ref_k, ref_v, pos + 1), atol=2e-6,
+                             rtol=1e-5)
+
+
+def test_update_kernel_bf16_close_to_fp32():
+  q, kc, vc = _inputs(4, 2, 96, 64, seed=11)
+  kn, vn = (jax.random.normal(jax.random.key(20 + i), (4, 2, 64)) for i in range(2))
+  _, k32, v32 = da.decode_attention_update(q, kn, vn, kc, vc, 70, impl='xla')
+  ref = _reference(q, k32, v32, 71)
+  args16 = [a.astype(jnp.bfloat16) for a in (q, kn, vn, kc, vc)]
+  o, k16, _ = da.decode_attention_update_pallas(*args16, jnp.int32(70), block_k=32, interpret=True)
+  assert o.dtype == k16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(k16[:, :, 70]), np.asarray(args16[1]))
+  err = np.abs(np.asarray(o, np.float64) - ref).max()
+  xla_o, _, _ = da.decode_attention_update(*args16, 70, impl='xla')
+  assert err < 2e-2 and err <= 1.5 * np.abs(np.asarray(xla_o, np.float64) - ref).max() + 1e-3

@@ -9,7 +9,9 @@ each valid position once at full bandwidth and nothing past `length`:
 - 'pallas': a Pallas (Triton) GPU kernel, one program per (row, head): it walks the cache in blocks
   of `block_k` positions up to the dynamic `length` with an online softmax (fp32 scores,
   max, sum and output accumulator), so QK, softmax and AV are one pass over exactly the valid
-  prefix. Off GPU it runs in Pallas interpret mode (tests on CPU).
+  prefix. The sampler calls `decode_attention_update`, whose kernel also writes the step's new
+  K / V row into the caches in place (aliased buffers) and takes that row from registers, so the
+  cache write costs no kernel of its own. Off GPU it runs in Pallas interpret mode (tests on CPU).
 - 'auto': 'pallas' on GPU when the head dim is a power of two (Triton blocks are powers of two;
   every official size but GPT-2B, head dim 60, qualifies) and there are at least 128 (row, head)
   programs to fill the chip; 'xla' otherwise.
@@ -62,14 +64,9 @@ def decode_attention_xla(q, k_cache, v_cache, length, *, kv_len: int | None = No
   return jnp.einsum('bht,bhtd->bhd', p, v).astype(q.dtype)
 
 
-def _kernel(length_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, head_dim: int,
-            block_d: int, scale: float):
+def _attend_prefix(q, k_ref, v_ref, length, col_ok, *, block_k: int, block_d: int):
+  """Online softmax of the scaled fp32 query `q` over cache rows [0, length): (acc, max, sum)."""
   from jax.experimental.pallas import triton as plgpu
-  length = length_ref[0]
-  cols = jnp.arange(block_d)
-  col_ok = cols < head_dim
-  q = plgpu.load(q_ref.at[pl.ds(0, block_d)], mask=col_ok, other=0.0).astype(jnp.float32)
-  q = q * scale
 
   def body(j, carry):
     acc, m, l = carry
@@ -83,15 +80,54 @@ def _kernel(length_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, head_dim: i
     s = jnp.sum(k.astype(jnp.float32) * q[None, :], axis=1)  # (block_k,) fp32
     s = jnp.where(ok, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s))
-    alpha = jnp.exp(m - m_new)
+    alpha = jnp.exp(m - m_new)                               # 0 while m is still -inf
     p = jnp.exp(s - m_new)                                   # 0 where masked
     acc = acc * alpha + jnp.sum(p[:, None] * v.astype(jnp.float32), axis=0)
     return acc, m_new, l * alpha + jnp.sum(p)
 
+  # The last block holds at least one row < length, so every block leaves m finite.
   n_blocks = (length + block_k - 1) // block_k
-  # Block 0 always holds position 0 (length >= 1), so m is finite after the first iteration.
   init = (jnp.zeros((block_d,), jnp.float32), jnp.float32(-jnp.inf), jnp.float32(0.0))
-  acc, _, l = jax.lax.fori_loop(0, n_blocks, body, init)
+  return jax.lax.fori_loop(0, n_blocks, body, init)
+
+
+def _load_vec(ref, col_ok, block_d):
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.load(ref.at[pl.ds(0, block_d)], mask=col_ok, other=0.0).astype(jnp.float32)
+
+
+def _kernel(length_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, head_dim: int,
+            block_d: int, scale: float):
+  from jax.experimental.pallas import triton as plgpu
+  col_ok = jnp.arange(block_d) < head_dim
+  q = _load_vec(q_ref, col_ok, block_d) * scale
+  acc, _, l = _attend_prefix(q, k_ref, v_ref, length_ref[0], col_ok, block_k=block_k,
+                             block_d=block_d)
+  plgpu.store(o_ref.at[pl.ds(0, block_d)], (acc / l).astype(o_ref.dtype), mask=col_ok)
+
+
+def _update_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, ko_ref, vo_ref, *,
+                   block_k: int, head_dim: int, block_d: int, scale: float):
+  """Writes the new K / V row at `pos` into the (aliased) caches and attends over rows <= pos:
+  rows < pos come from the cache, row pos from registers, so no program reads what it wrote."""
+  from jax.experimental.pallas import triton as plgpu
+  pos = pos_ref[0]
+  col_ok = jnp.arange(block_d) < head_dim
+  q = _load_vec(q_ref, col_ok, block_d) * scale
+  k_new = plgpu.load(kn_ref.at[pl.ds(0, block_d)], mask=col_ok, other=0.0)
+  v_new = plgpu.load(vn_ref.at[pl.ds(0, block_d)], mask=col_ok, other=0.0)
+  row = (pl.ds(pos, 1), pl.ds(0, block_d))
+  # ko / vo alias k / v (input_output_aliases): one buffer on the GPU; the row is written through
+  # the output refs so that interpret mode (separate arrays) sees it too
+  plgpu.store(ko_ref.at[row], k_new[None, :], mask=col_ok[None, :])
+  plgpu.store(vo_ref.at[row], v_new[None, :], mask=col_ok[None, :])
+  acc, m, l = _attend_prefix(q, k_ref, v_ref, pos, col_ok, block_k=block_k, block_d=block_d)
+  s_new = jnp.sum(q * k_new.astype(jnp.float32))
+  m_new = jnp.maximum(m, s_new)
+  alpha = jnp.exp(m - m_new)
+  p_new = jnp.exp(s_new - m_new)
+  acc = acc * alpha + p_new * v_new.astype(jnp.float32)
+  l = l * alpha + p_new
   plgpu.store(o_ref.at[pl.ds(0, block_d)], (acc / l).astype(o_ref.dtype), mask=col_ok)
 
 
@@ -128,6 +164,41 @@ def decode_attention_pallas(q, k_cache, v_cache, length, *, block_k: int = 64, n
   return out
 
 
+def decode_attention_update_pallas(q, k_new, v_new, k_cache, v_cache, pos, *, block_k: int = 64,
+                                   num_warps: int = 4, num_stages: int = 2,
+                                   interpret: bool | None = None):
+  """The kernel that also writes the step's K / V: caches updated in place at `pos` (aliased),
+  attention over positions <= pos -> (o (B, H, D), k_cache, v_cache)."""
+  from jax.experimental.pallas import triton as plgpu
+  b, h, d = q.shape
+  t = k_cache.shape[2]
+  if (k_new.shape != q.shape or v_new.shape != q.shape or k_cache.shape != (b, h, t, d)
+      or v_cache.shape != k_cache.shape):
+    raise ValueError(f'decode attention expects q, k_new, v_new (B, H, D) and caches (B, H, T, D); '
+                     f'got {q.shape}, {k_new.shape}, {v_new.shape}, {k_cache.shape}, {v_cache.shape}')
+  if interpret is None:
+    interpret = jax.default_backend() not in ('gpu', 'cuda')
+  block_d = max(16, pl.next_power_of_2(d))
+  kernel = functools.partial(_update_kernel, block_k=block_k, head_dim=d, block_d=block_d,
+                             scale=float(d) ** -0.5)
+  pos = jnp.reshape(jnp.asarray(pos, jnp.int32), (1,))
+  vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
+  cache = pl.BlockSpec((None, None, t, d), lambda i, j: (i, j, 0, 0))
+  return pl.pallas_call(
+      kernel,
+      grid=(b, h),
+      in_specs=[pl.BlockSpec((1,), lambda i, j: (0,)), vec, vec, vec, cache, cache],
+      out_specs=[vec, cache, cache],
+      out_shape=[jax.ShapeDtypeStruct((b, h, d), q.dtype),
+                 jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)],
+      input_output_aliases={4: 1, 5: 2},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name='hita_decode_attention_update',
+  )(pos, q, k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype), k_cache, v_cache)
+
+
 def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
   """The mesh axes (in order) whose product divides the batch: the kernel's shard_map splits the
   batch over them and keeps the rest replicated."""
@@ -140,6 +211,39 @@ def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
+def decode_attention_update(q, k_new, v_new, k_cache, v_cache, pos, *, impl: str = 'auto',
+                            kv_len: int | None = None, interpret: bool | None = None):
+  """One decode step's attention with its cache write: K / V rows (B, H, D) written at `pos` into
+  the heads-major caches, then q attends over positions <= pos -> (o, k_cache, v_cache). The
+  kernel does both in one pass (the write costs no extra launch); the XLA path is an update
+  slice and `decode_attention_xla` over the static prefix `kv_len`."""
+  b, h, d = q.shape
+  impl = resolve_decode_attn_impl(impl, b, h, d)
+  if impl == 'xla':
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[:, :, None].astype(k_cache.dtype),
+                                           (0, 0, pos, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[:, :, None].astype(v_cache.dtype),
+                                           (0, 0, pos, 0))
+    return decode_attention_xla(q, k_cache, v_cache, pos + 1, kv_len=kv_len), k_cache, v_cache
+  fn = functools.partial(decode_attention_update_pallas, interpret=interpret)
+  args = (q, k_new, v_new, k_cache, v_cache, jnp.asarray(pos, jnp.int32))
+  return _on_batch_shards(fn, args, b, n_out=3)
+
+
+def _on_batch_shards(fn, args, batch: int, n_out: int | None = None):
+  """fn(*args) directly, or under the context mesh inside a shard_map that splits every array
+  argument but the last (a scalar) and every output over the batch axis."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args)
+  spec = jax.sharding.PartitionSpec(_batch_axes(mesh, batch) or None)
+  rep = jax.sharding.PartitionSpec()
+  in_specs = (spec,) * (len(args) - 1) + (rep,)
+  out_specs = spec if n_out is None else (spec,) * n_out
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       check_vma=False)(*args)
+
+
 def decode_attention(q, k_cache, v_cache, length, *, impl: str = 'auto', kv_len: int | None = None,
                      interpret: bool | None = None):
   """q (B, H, D), heads-major caches (B, H, T, D), positions < `length` valid -> (B, H, D).
@@ -149,12 +253,4 @@ def decode_attention(q, k_cache, v_cache, length, *, impl: str = 'auto', kv_len:
   if impl == 'xla':
     return decode_attention_xla(q, k_cache, v_cache, length, kv_len=kv_len)
   fn = functools.partial(decode_attention_pallas, interpret=interpret)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return fn(q, k_cache, v_cache, length)
-  axes = _batch_axes(mesh, b)
-  spec = jax.sharding.PartitionSpec(axes or None)
-  rep = jax.sharding.PartitionSpec()
-  return jax.shard_map(lambda a, kc, vc, n: fn(a, kc, vc, n), mesh=mesh,
-                       in_specs=(spec, spec, spec, rep), out_specs=spec,
-                       check_vma=False)(q, k_cache, v_cache, jnp.asarray(length, jnp.int32))
+  return _on_batch_shards(fn, (q, k_cache, v_cache, jnp.asarray(length, jnp.int32)), b)

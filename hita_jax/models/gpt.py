@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, decode_attention
+from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, decode_attention_update
 from hita_jax.models.layers import ATTN_IMPLS, DTYPES, causal_attention
 from hita_jax.models.rope import apply_rope, gpt_position_tables
 
@@ -210,15 +210,12 @@ class Block(nnx.Module):
     Heads-major cache layout: the two attention products contract over hd / T with (B, H) as
     batch dimensions, so XLA never transposes the cache. `kv_len` (static, > pos) attends over
     the cache's first kv_len positions only on the XLA path (the read of the cache is most of a
-    decode step's memory traffic); the fused kernel reads exactly positions <= pos
-    (`decode_attn_impl`, see models/decode_attention.py)."""
+    decode step's memory traffic); the fused kernel writes the new K / V row itself and reads
+    exactly positions <= pos (`decode_attn_impl`, see models/decode_attention.py)."""
     q, k, v = self.qkv(x, pos_add, cos, sin)                    # (B, 1, H, hd)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
-                                           (0, 0, pos, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                           (0, 0, pos, 0))
-    o = decode_attention(q[:, 0], k_cache, v_cache, pos + 1, impl=self.cfg.decode_attn_impl,
-                         kv_len=kv_len)[:, None].astype(x.dtype)
+    o, k_cache, v_cache = decode_attention_update(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, pos,
+                                                  impl=self.cfg.decode_attn_impl, kv_len=kv_len)
+    o = o[:, None].astype(x.dtype)
     return self.finish(x, o, [None] * 4), k_cache, v_cache
 
 

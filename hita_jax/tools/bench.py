@@ -147,7 +147,8 @@ def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=50):
   """The decode step's attention alone at one layer's shape (CFG rows, bf16 cache of the full
   sequence), the fused kernel against the XLA path, at a few valid lengths: microseconds per call
   (asynchronous calls timed on the host, so launches included), GB/s of valid K + V read, and the
-  largest difference to an fp32 XLA reference."""
+  largest difference to an fp32 XLA reference; 'pallas_update' is the sampler's kernel, which also
+  writes the step's K / V row into the (donated) caches."""
   from hita_jax.models import decode_attention as da
   cfg = full_size_config(size)
   rows = 2 * batch if cfg_scale > 1 else batch
@@ -173,6 +174,19 @@ def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=50):
       gbs = 2 * rows * cfg.n_head * length * cfg.head_dim * 2 / (us * 1e-6) / 1e9
       row[name] = dict(us=round(us, 1), gb_s=round(gbs), max_err=float(jnp.max(jnp.abs(
           got.astype(jnp.float32) - ref))))
+    # the sampler's kernel: also writes the step's K / V row (caches donated, so updated in place)
+    upd = jax.jit(da.decode_attention_update_pallas, donate_argnums=(3, 4))
+    kc2, vc2 = kc + 0, vc + 0
+    got, kc2, vc2 = upd(q, q, q, kc2, vc2, n - 1)
+    got.block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+      got, kc2, vc2 = upd(q, q, q, kc2, vc2, n - 1)
+    got.block_until_ready()
+    us = (time.perf_counter() - t0) / repeats * 1e6
+    row['pallas_update'] = dict(us=round(us, 1), gb_s=round(
+        2 * rows * cfg.n_head * length * cfg.head_dim * 2 / (us * 1e-6) / 1e9))
+    del kc2, vc2
     out['lengths'][str(length)] = row
     print(length, row, flush=True)
   return out
