@@ -73,6 +73,7 @@ def test_impl_resolution():
   assert da.resolve_decode_attn_impl('auto', 2, 12, 64, 'gpu') == 'xla'     # too few programs
   assert da.resolve_decode_attn_impl('xla', 128, 12, 64, 'gpu') == 'xla'
   assert da.resolve_decode_attn_impl('pallas', 1, 1, 60, 'cpu') == 'pallas'
+  assert da.resolve_decode_attn_impl('pallas_write', 1, 1, 64, 'gpu') == 'pallas_write'
   with pytest.raises(ValueError, match='decode_attn_impl'):
     da.resolve_decode_attn_impl('flash', 1, 1, 64)
   with pytest.raises(ValueError, match='decode_attn_impl'):
@@ -88,19 +89,19 @@ def test_sampler_with_kernel_matches_xla_path(dtype):
   cfg = tiny_cfg(grid=5, num_holistic=7, n_head=2)
   labels = jnp.asarray([0, 1, 4])
   models = {impl: for_sampling(random_gpt(dataclasses.replace(cfg, decode_attn_impl=impl), seed=3),
-                               dtype) for impl in ('xla', 'pallas')}
+                               dtype) for impl in ('xla', 'pallas', 'pallas_write')}
   run = lambda impl, n, **kw: generate(models[impl][0], labels, jax.random.key(2), cfg_scale=2.5,
                                        top_k=1, state=models[impl][1], kv_segments=n,
                                        return_logits=True, **kw)
-  for n in (1, 3):
+  for n, kernel in ((1, 'pallas'), (3, 'pallas'), (3, 'pallas_write')):
     xla_codes, xla_logits = run('xla', n)
     if dtype == 'float32':
-      codes_k, logits_k = run('pallas', n)
+      codes_k, logits_k = run(kernel, n)
       np.testing.assert_array_equal(np.asarray(codes_k), np.asarray(xla_codes))
       np.testing.assert_allclose(np.asarray(logits_k), np.asarray(xla_logits), atol=1e-5)
       continue
     force = dict(prefix_codes=xla_codes, prefix_mask=np.ones(xla_codes.shape[1], bool))
-    _, logits_k = run('pallas', n, **force)
+    _, logits_k = run(kernel, n, **force)
     m32 = random_gpt(cfg, seed=3)
     _, ref = generate(m32, labels, jax.random.key(2), cfg_scale=2.5, kv_segments=n,
                       return_logits=True, **force)
@@ -139,11 +140,12 @@ def test_sampler_with_kernel_on_the_8_device_mesh():
   ref = generate(random_gpt(cfg, seed=5), labels, jax.random.key(1), cfg_scale=2.0, top_k=1,
                  kv_segments=2)
   mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
-  m = random_gpt(dataclasses.replace(cfg, decode_attn_impl='pallas'), seed=5)
-  with jax.set_mesh(mesh):
-    lab = jax.device_put(labels, jax.sharding.NamedSharding(mesh, P('data')))
-    got = generate(m, lab, jax.random.key(1), cfg_scale=2.0, top_k=1, kv_segments=2)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  for impl in ('pallas', 'pallas_write'):
+    m = random_gpt(dataclasses.replace(cfg, decode_attn_impl=impl), seed=5)
+    with jax.set_mesh(mesh):
+      lab = jax.device_put(labels, jax.sharding.NamedSharding(mesh, P('data')))
+      got = generate(m, lab, jax.random.key(1), cfg_scale=2.0, top_k=1, kv_segments=2)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
 def test_bench_decode_attn_runs_both_paths(monkeypatch):

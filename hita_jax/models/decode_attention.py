@@ -9,9 +9,12 @@ each valid position once at full bandwidth and nothing past `length`:
 - 'pallas': a Pallas (Triton) GPU kernel, one program per (row, head): it walks the cache in blocks
   of `block_k` positions up to the dynamic `length` with an online softmax (fp32 scores,
   max, sum and output accumulator), so QK, softmax and AV are one pass over exactly the valid
-  prefix. The sampler calls `decode_attention_update`, whose kernel also writes the step's new
-  K / V row into the caches in place (aliased buffers) and takes that row from registers, so the
-  cache write costs no kernel of its own. Off GPU it runs in Pallas interpret mode (tests on CPU).
+  prefix; the step's new K / V row is written by an XLA update slice before it. Off GPU it runs
+  in Pallas interpret mode (tests on CPU).
+- 'pallas_write': the same kernel also writes the step's K / V row into the caches in place
+  (aliased buffers) and takes that row from registers, so the cache write costs no kernel of its
+  own (the update slices were 7 % of a GPT-B decode step). Not yet timed on a GPU, so not 'auto''s
+  pick: `bench decode_attn` and `bench sample --decode-attn pallas_write` measure it.
 - 'auto': 'pallas' on GPU when the head dim is a power of two (Triton blocks are powers of two;
   every official size but GPT-2B, head dim 60, qualifies) and there are at least 128 (row, head)
   programs to fill the chip; 'xla' otherwise.
@@ -28,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-DECODE_ATTN_IMPLS = ('auto', 'xla', 'pallas')
+DECODE_ATTN_IMPLS = ('auto', 'xla', 'pallas', 'pallas_write')
+KERNEL_IMPLS = ('pallas', 'pallas_write')
 _MIN_PROGRAMS = 128
 
 
@@ -214,17 +218,18 @@ def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
 def decode_attention_update(q, k_new, v_new, k_cache, v_cache, pos, *, impl: str = 'auto',
                             kv_len: int | None = None, interpret: bool | None = None):
   """One decode step's attention with its cache write: K / V rows (B, H, D) written at `pos` into
-  the heads-major caches, then q attends over positions <= pos -> (o, k_cache, v_cache). The
-  kernel does both in one pass (the write costs no extra launch); the XLA path is an update
-  slice and `decode_attention_xla` over the static prefix `kv_len`."""
+  the heads-major caches, then q attends over positions <= pos -> (o, k_cache, v_cache).
+  'pallas_write' does both in one kernel; the others write with an update slice, then attend
+  (`decode_attention`)."""
   b, h, d = q.shape
   impl = resolve_decode_attn_impl(impl, b, h, d)
-  if impl == 'xla':
+  if impl != 'pallas_write':
     k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[:, :, None].astype(k_cache.dtype),
                                            (0, 0, pos, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[:, :, None].astype(v_cache.dtype),
                                            (0, 0, pos, 0))
-    return decode_attention_xla(q, k_cache, v_cache, pos + 1, kv_len=kv_len), k_cache, v_cache
+    o = decode_attention(q, k_cache, v_cache, pos + 1, impl=impl, kv_len=kv_len, interpret=interpret)
+    return o, k_cache, v_cache
   fn = functools.partial(decode_attention_update_pallas, interpret=interpret)
   args = (q, k_new, v_new, k_cache, v_cache, jnp.asarray(pos, jnp.int32))
   return _on_batch_shards(fn, args, b, n_out=3)

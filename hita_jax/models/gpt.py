@@ -52,7 +52,8 @@ class GPTConfig:
   drop_path_rate: float = 0.0
   dtype: str = 'float32'           # compute dtype; params are fp32
   attn_impl: str = 'auto'          # 'auto' (cuDNN on GPU, splash on TPU, XLA on CPU) | 'xla' | 'cudnn' | 'splash'
-  decode_attn_impl: str = 'auto'   # sampler's one-query attention: 'auto' (Pallas kernel on GPU) | 'xla' | 'pallas'
+  # the sampler's one-query attention: 'auto' (the Pallas kernel on GPU) | 'xla' | 'pallas' | 'pallas_write'
+  decode_attn_impl: str = 'auto'
   remat: str = 'none'              # 'none' | 'minimal' | 'dots' | 'full'
   scan_layers: bool = False
 
@@ -210,8 +211,8 @@ class Block(nnx.Module):
     Heads-major cache layout: the two attention products contract over hd / T with (B, H) as
     batch dimensions, so XLA never transposes the cache. `kv_len` (static, > pos) attends over
     the cache's first kv_len positions only on the XLA path (the read of the cache is most of a
-    decode step's memory traffic); the fused kernel writes the new K / V row itself and reads
-    exactly positions <= pos (`decode_attn_impl`, see models/decode_attention.py)."""
+    decode step's memory traffic); the fused kernel reads exactly positions <= pos, and with
+    'pallas_write' also writes the new K / V row (`decode_attn_impl`, models/decode_attention.py)."""
     q, k, v = self.qkv(x, pos_add, cos, sin)                    # (B, 1, H, hd)
     o, k_cache, v_cache = decode_attention_update(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, pos,
                                                   impl=self.cfg.decode_attn_impl, kv_len=kv_len)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hita_jax.models.decode_attention import resolve_decode_attn_impl
+from hita_jax.models.decode_attention import KERNEL_IMPLS, resolve_decode_attn_impl
 from hita_jax.models.gpt import GPT
 
 
@@ -175,8 +175,8 @@ def generate(model: GPT, labels, key, *, cfg_scale: float = 1.5, cfg_interval: i
                           top_p=float(top_p), cfg_interval=int(cfg_interval),
                           legacy_pos128_embedding=bool(legacy_pos128_embedding), length=int(length),
                           return_logits=return_logits,
-                          kv_segments=resolve_kv_segments(kv_segments,
-                                                          fused_attention=uses_fused_attention(model, b, cfg_scale)))
+                          kv_segments=resolve_kv_segments(
+                              kv_segments, fused_attention=uses_fused_attention(model, b, cfg_scale)))
   return (seq, logits) if return_logits else seq
 
 
@@ -185,7 +185,7 @@ def uses_fused_attention(model: GPT, batch: int, cfg_scale: float) -> bool:
   fused decode-attention kernel (models/decode_attention.py)."""
   cfg = model.cfg
   rows = 2 * batch if cfg_scale > 1.0 else batch
-  return resolve_decode_attn_impl(cfg.decode_attn_impl, rows, cfg.n_head, cfg.head_dim) == 'pallas'
+  return resolve_decode_attn_impl(cfg.decode_attn_impl, rows, cfg.n_head, cfg.head_dim) in KERNEL_IMPLS
 
 
 def for_sampling(model: GPT, dtype: str) -> tuple[GPT, Any]:

@@ -30,7 +30,7 @@ from flax import nnx
 from hita_jax import cli, config_lib, pretrained, sharding
 from hita_jax.metrics import flops
 from hita_jax.metrics.inception_features import InceptionRunner
-from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS
+from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, resolve_decode_attn_impl
 from hita_jax.models.gpt import GPT, GPT_SIZES, REMAT_POLICIES, GPTConfig
 from hita_jax.models.sampler import generate, resolve_kv_segments, uses_fused_attention
 from hita_jax.tasks import train_ar as ar
@@ -137,7 +137,8 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
   out = dict(bench='sample', size=size, batch=batch, cfg=cfg_scale, tokens=cfg.seq_len, seconds=dt,
              images_s=batch / dt, first_call_s=first,
              kv_segments=resolve_kv_segments(kv_segments, fused_attention=fused),
-             decode_attn='pallas' if fused else 'xla')
+             decode_attn=resolve_decode_attn_impl(decode_attn, 2 * batch if cfg_scale > 1 else batch,
+                                                  cfg.n_head, cfg.head_dim))
   out.update(_mem())
   _maybe_profile(out, profile_dir, lambda: run(9))
   return out
