@@ -96,6 +96,10 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
   config = mlc.ConfigDict()
   config.task = 'train_tokenizer'  # which hita_jax/tasks/<task>.py runs
   config.seed = 0                  # parameter init, data order and every random draw derive from it
+  # JAX's persistent compilation cache (and, on GPU, XLA's autotuning cache): 'workdir' =
+  # <workdir>/compilation_cache, so a resumed or repeated run skips the compile; a path (local or
+  # gs://) to share one between runs; '' = off. $JAX_COMPILATION_CACHE_DIR, when set, wins.
+  config.compilation_cache = 'workdir'
   config.tokenizer = tokenizer_model_config(variant, tiny=tiny)  # fields: models/tokenizer.py
   config.tokenizer_variant = variant  # 'V' or 'U' (Hita-U: VFM reconstruction head)
   config.init = _section({

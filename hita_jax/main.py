@@ -54,6 +54,20 @@ def initialize_distributed():
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
+def setup_compilation_cache(config, workdir: str) -> str | None:
+  """Points JAX's persistent compilation cache at `config.compilation_cache` (see config_lib):
+  the directory used, or None when off. $JAX_COMPILATION_CACHE_DIR (read by JAX itself) wins."""
+  env = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if env:
+    return env
+  where = config.get('compilation_cache', '')
+  if not where:
+    return None
+  path = os.path.join(workdir, 'compilation_cache') if where == 'workdir' else where
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
+
+
 def cli(argv: list[str] | None = None):
   """`python -m hita_jax.main`: absl's app.run with the config file, its overrides and every user
   error shown as one line (hita_jax.cli)."""
@@ -78,10 +92,12 @@ def main(argv):
     raise app.UsageError('--coordinator_address/--num_processes/--process_id need --distributed')
   module = importlib.import_module(f'hita_jax.tasks.{task}')
   os.makedirs(workdir, exist_ok=True)
+  cache = setup_compilation_cache(config, workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
-  logging.info('task %s, workdir %s, %d devices', task, workdir, jax.device_count())
+  logging.info('task %s, workdir %s, %d devices, compilation cache %s', task, workdir,
+               jax.device_count(), cache)
   module.run(config, workdir)  # a UserError becomes one line in hita_cli.run_absl
 
 

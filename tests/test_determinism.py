@@ -54,11 +54,18 @@ def test_synthetic_codes_are_a_function_of_seed_and_step():
   np.testing.assert_array_equal(np.concatenate(halves), a[0]['patch_codes'])
 
 
-def _train_ar(workdir):
+def _train_ar(workdir, cache=None):
+  """3 steps of train_ar; `cache` = the run's config.compilation_cache (the test run's shared
+  $JAX_COMPILATION_CACHE_DIR is then dropped, since it would win)."""
   cmd = [sys.executable, '-m', 'hita_jax.main', f'--config={ROOT}/configs/hita_b.py:tiny',
          f'--workdir={workdir}', '--config.train_ar.codes_dir=synthetic', '--config.train_ar.num_steps=3',
          '--config.train_ar.log_every=1']
-  r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+  env = ENV
+  if cache is not None:
+    cmd.append(f'--config.compilation_cache={cache}')
+    env = {k: v for k, v in ENV.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'  # cache every program, however quick
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   losses = [json.loads(x)['loss'] for x in open(os.path.join(workdir, 'metrics.jsonl'))]
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '3', 'state'))
@@ -67,7 +74,17 @@ def _train_ar(workdir):
 
 @pytest.mark.slow
 def test_train_ar_is_bit_identical_across_fresh_processes(tmp_path):
-  (l1, s1), (l2, s2) = _train_ar(tmp_path / 'a'), _train_ar(tmp_path / 'b')
+  """Two fresh processes: the first compiles into its workdir's compilation cache (the default
+  config.compilation_cache='workdir'), the second runs from that cache (executables loaded, not
+  compiled) and must still give the same bits."""
+  l1, s1 = _train_ar(tmp_path / 'a', cache='workdir')
+  cache = tmp_path / 'a' / 'compilation_cache'
+  entries = sorted(os.listdir(cache))
+  assert entries, 'no compiled program was written to the workdir cache'
+  l2, s2 = _train_ar(tmp_path / 'b', cache=str(cache))
+  assert not os.path.exists(tmp_path / 'b' / 'compilation_cache')
+  # every program of the second run was found in the cache (XLA's own caches may add files)
+  assert {e for e in os.listdir(cache) if e.startswith('jit_')} == {e for e in entries if e.startswith('jit_')}
   assert l1 == l2 and len(l1) == 3
   flat1, flat2 = jax.tree_util.tree_leaves_with_path(s1), jax.tree_util.tree_leaves_with_path(s2)
   assert [p for p, _ in flat1] == [p for p, _ in flat2]
@@ -75,3 +92,23 @@ def test_train_ar_is_bit_identical_across_fresh_processes(tmp_path):
     x, y = np.asarray(x), np.asarray(y)
     assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)
   assert any('params' in jax.tree_util.keystr(p) for p, _ in flat1)
+
+
+def test_compilation_cache_setting(tmp_path, monkeypatch):
+  """config.compilation_cache: 'workdir' -> <workdir>/compilation_cache, a path as given, '' off;
+  $JAX_COMPILATION_CACHE_DIR wins over all of them."""
+  import ml_collections
+  from hita_jax import main
+  old = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+    cfg = lambda v: ml_collections.ConfigDict({'compilation_cache': v})
+    assert main.setup_compilation_cache(cfg('workdir'), str(tmp_path)) == str(tmp_path / 'compilation_cache')
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'compilation_cache')
+    assert main.setup_compilation_cache(cfg('/shared/xla'), str(tmp_path)) == '/shared/xla'
+    assert main.setup_compilation_cache(cfg(''), str(tmp_path)) is None
+    assert main.setup_compilation_cache(ml_collections.ConfigDict(), str(tmp_path)) is None
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/from/env')
+    assert main.setup_compilation_cache(cfg('workdir'), str(tmp_path)) == '/from/env'
+  finally:
+    jax.config.update('jax_compilation_cache_dir', old)
