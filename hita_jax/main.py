@@ -62,6 +62,7 @@ def setup_compilation_cache(config, workdir: str) -> str | None:
     return env
   where = config.get('compilation_cache', '')
   if not where:
+    jax.config.update('jax_compilation_cache_dir', None)
     return None
   path = os.path.join(workdir, 'compilation_cache') if where == 'workdir' else where
   jax.config.update('jax_compilation_cache_dir', path)

@@ -2,6 +2,7 @@
 processes, and the data order is a function of (seed, step) only (resume-equivalent)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -64,12 +65,14 @@ def _train_ar(workdir, cache=None):
   if cache is not None:
     cmd.append(f'--config.compilation_cache={cache}')
     env = {k: v for k, v in ENV.items() if k != 'JAX_COMPILATION_CACHE_DIR'}
-    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'  # cache every program, however quick
+    # cache every program however quick, fail on a broken entry, log each hit and miss
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_RAISE_PERSISTENT_CACHE_ERRORS='1',
+               JAX_LOG_COMPILES='1', JAX_EXPLAIN_CACHE_MISSES='1')
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   losses = [json.loads(x)['loss'] for x in open(os.path.join(workdir, 'metrics.jsonl'))]
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '3', 'state'))
-  return losses, state
+  return losses, state, r.stderr
 
 
 @pytest.mark.slow
@@ -77,14 +80,17 @@ def test_train_ar_is_bit_identical_across_fresh_processes(tmp_path):
   """Two fresh processes: the first compiles into its workdir's compilation cache (the default
   config.compilation_cache='workdir'), the second runs from that cache (executables loaded, not
   compiled) and must still give the same bits."""
-  l1, s1 = _train_ar(tmp_path / 'a', cache='workdir')
+  l1, s1, log1 = _train_ar(tmp_path / 'a', cache='workdir')
   cache = tmp_path / 'a' / 'compilation_cache'
   entries = sorted(os.listdir(cache))
-  assert entries, 'no compiled program was written to the workdir cache'
-  l2, s2 = _train_ar(tmp_path / 'b', cache=str(cache))
+  assert any(e.startswith('jit_') for e in entries), f'nothing written to the workdir cache: {entries}'
+  assert 'PERSISTENT COMPILATION CACHE MISS' in log1 and 'cache hit' not in log1
+  l2, s2, log2 = _train_ar(tmp_path / 'b', cache=str(cache))
   assert not os.path.exists(tmp_path / 'b' / 'compilation_cache')
-  # every program of the second run was found in the cache (XLA's own caches may add files)
-  assert {e for e in os.listdir(cache) if e.startswith('jit_')} == {e for e in entries if e.startswith('jit_')}
+  # every program of the second run came from the cache: hits logged, no miss, no new entry
+  hits = re.findall(r"Persistent compilation cache hit for '([^']+)'", log2)
+  assert len(hits) >= 3 and 'PERSISTENT COMPILATION CACHE MISS' not in log2, log2[-3000:]
+  assert sorted(os.listdir(cache)) == entries
   assert l1 == l2 and len(l1) == 3
   flat1, flat2 = jax.tree_util.tree_leaves_with_path(s1), jax.tree_util.tree_leaves_with_path(s2)
   assert [p for p, _ in flat1] == [p for p, _ in flat2]

@@ -26,6 +26,7 @@ mesh context on several devices 'auto' keeps the XLA path.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -47,11 +48,22 @@ def resolve_decode_attn_impl(impl: str, batch: int, heads: int, head_dim: int,
   if impl != 'auto':
     return impl
   platform = platform or jax.default_backend()
-  if platform not in ('gpu', 'cuda') or not _is_pow2(head_dim) or batch * heads < _MIN_PROGRAMS:
+  if platform not in ('gpu', 'cuda') or not _is_pow2(head_dim):
     return 'xla'
   mesh = jax.sharding.get_abstract_mesh()
-  if (mesh.empty or mesh.size == 1) and jax.device_count() > 1:
-    return 'xla'  # a bare custom call would be replicated by the partitioner
+  if mesh.empty or mesh.size == 1:
+    if jax.device_count() > 1:
+      return 'xla'  # a bare custom call would be replicated by the partitioner
+    shards = 1
+  else:
+    axes = _batch_axes(mesh, batch)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if shards != mesh.size:
+      # an axis that does not split the batch ('tensor', or one the batch does not divide) would
+      # make every device on it repeat the kernel, and reshard the caches around it
+      return 'xla'
+  if batch // shards * heads < _MIN_PROGRAMS:
+    return 'xla'  # too few (row, head) programs per device to fill the chip
   return 'pallas'
 
 
@@ -107,7 +119,9 @@ def _kernel(length_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, head_dim: i
   q = _load_vec(q_ref, col_ok, block_d) * scale
   acc, _, l = _attend_prefix(q, k_ref, v_ref, length_ref[0], col_ok, block_k=block_k,
                              block_d=block_d)
-  plgpu.store(o_ref.at[pl.ds(0, block_d)], (acc / l).astype(o_ref.dtype), mask=col_ok)
+  # length 0 (nothing to attend to) gives zeros, not 0 / 0
+  o = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)
+  plgpu.store(o_ref.at[pl.ds(0, block_d)], o.astype(o_ref.dtype), mask=col_ok)
 
 
 def _update_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, ko_ref, vo_ref, *,
@@ -185,7 +199,8 @@ def decode_attention_update_pallas(q, k_new, v_new, k_cache, v_cache, pos, *, bl
   block_d = max(16, pl.next_power_of_2(d))
   kernel = functools.partial(_update_kernel, block_k=block_k, head_dim=d, block_d=block_d,
                              scale=float(d) ** -0.5)
-  pos = jnp.reshape(jnp.asarray(pos, jnp.int32), (1,))
+  # clamped like the update slice of the XLA path (a row past T would land in the next slice)
+  pos = jnp.reshape(jnp.minimum(jnp.asarray(pos, jnp.int32), t - 1), (1,))
   vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
   cache = pl.BlockSpec((None, None, t, d), lambda i, j: (i, j, 0, 0))
   return pl.pallas_call(
@@ -204,12 +219,12 @@ def decode_attention_update_pallas(q, k_new, v_new, k_cache, v_cache, pos, *, bl
 
 
 def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
-  """The mesh axes (in order) whose product divides the batch: the kernel's shard_map splits the
-  batch over them and keeps the rest replicated."""
+  """The mesh axes (in order, 'tensor' left out: it splits heads, not rows) whose product divides
+  the batch: the kernel's shard_map splits the batch over them and keeps the rest replicated."""
   axes, n = [], 1
   for name in mesh.axis_names:
     size = mesh.shape[name]
-    if batch % (n * size) == 0:
+    if name != 'tensor' and batch % (n * size) == 0:
       axes.append(name)
       n *= size
   return tuple(axes)
@@ -251,8 +266,9 @@ def _on_batch_shards(fn, args, batch: int, n_out: int | None = None):
 
 def decode_attention(q, k_cache, v_cache, length, *, impl: str = 'auto', kv_len: int | None = None,
                      interpret: bool | None = None):
-  """q (B, H, D), heads-major caches (B, H, T, D), positions < `length` valid -> (B, H, D).
-  `kv_len` (static, >= length) bounds the XLA path's read; the kernel reads up to `length`."""
+  """q (B, H, D), heads-major caches (B, H, T, D), positions < `length` valid (length >= 1) ->
+  (B, H, D). `kv_len` (static, >= length) bounds the XLA path's read; the kernel reads up to
+  `length`."""
   b, h, d = q.shape
   impl = resolve_decode_attn_impl(impl, b, h, d)
   if impl == 'xla':

@@ -177,16 +177,20 @@ def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=50):
           got.astype(jnp.float32) - ref))))
     # the sampler's kernel: also writes the step's K / V row (caches donated, so updated in place)
     upd = jax.jit(da.decode_attention_update_pallas, donate_argnums=(3, 4))
+    want = da.decode_attention_update(*(a.astype(jnp.float32) for a in (q, q, q, kc, vc)), n - 1,
+                                      impl='xla')
     kc2, vc2 = kc + 0, vc + 0
     got, kc2, vc2 = upd(q, q, q, kc2, vc2, n - 1)
-    got.block_until_ready()
+    err = max(float(jnp.max(jnp.abs(got.astype(jnp.float32) - want[0]))),
+              float(jnp.max(jnp.abs(kc2.astype(jnp.float32) - want[1]))),
+              float(jnp.max(jnp.abs(vc2.astype(jnp.float32) - want[2]))))
     t0 = time.perf_counter()
     for _ in range(repeats):
       got, kc2, vc2 = upd(q, q, q, kc2, vc2, n - 1)
     got.block_until_ready()
     us = (time.perf_counter() - t0) / repeats * 1e6
     row['pallas_update'] = dict(us=round(us, 1), gb_s=round(
-        2 * rows * cfg.n_head * length * cfg.head_dim * 2 / (us * 1e-6) / 1e9))
+        2 * rows * cfg.n_head * length * cfg.head_dim * 2 / (us * 1e-6) / 1e9), max_err=err)
     del kc2, vc2
     out['lengths'][str(length)] = row
     print(length, row, flush=True)
