@@ -47,8 +47,10 @@ def full_size_config(size: str, **kw) -> GPTConfig:
   return GPTConfig(**GPT_SIZES[size], vocab_size=16384, num_holistic=128, grid=21, num_classes=1000, **kw)
 
 
-def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3, iters=10, profile_dir=None):
-  cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan)
+def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3, iters=10, profile_dir=None,
+                    dropout_bits=32):
+  cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan,
+                         dropout_bits=dropout_bits)
   model = GPT(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tx = ar.adamw(1e-4, 0.9, 0.95, 0.05, 1.0)  # the train_ar optimizer at the official settings
@@ -83,7 +85,7 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
   tok_s = batch * t / dt
   peak = flops.device_peak_flops() or 989e12
   out = dict(bench='gpt_train', size=size, batch=batch, attn=attn, remat=remat, scan=scan,
-             step_s=dt, images_s=batch / dt, tokens_s=tok_s,
+             dropout_bits=dropout_bits, step_s=dt, images_s=batch / dt, tokens_s=tok_s,
              mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, t), peak),
              mfu_causal=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, t, causal=True), peak),
              loss=float(loss), warmup_s=compile_and_warm)
@@ -316,11 +318,14 @@ def main(argv=None):
   p.add_argument('--iters', type=int, default=10)
   p.add_argument('--kv-segments', type=int, default=0,
                  help='sample: decode loops over position ranges (0 = by platform)')
+  p.add_argument('--dropout-bits', type=int, default=32, choices=[16, 32],
+                 help='gpt_train: random bits per dropout decision (GPTConfig.dropout_bits)')
   p.add_argument('--decode-attn', default='auto', choices=list(DECODE_ATTN_IMPLS),
                  help="sample: the decode step's attention (auto = the Pallas kernel on GPU)")
   a = p.parse_args(argv)
   if a.what == 'gpt_train':
-    res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters, profile_dir=a.profile)
+    res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters, profile_dir=a.profile,
+                          dropout_bits=a.dropout_bits)
   elif a.what == 'ar_trainer':
     res = bench_ar_trainer(a.size, a.batch, attn=a.attn)
   elif a.what == 'sample':

@@ -1,0 +1,78 @@
+"""The 16-bit dropout masks (GPTConfig.dropout_bits=16): statistics, independence, sharding, bf16."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from hita_jax.models.gpt import dropout, keep_mask_16
+from tests.test_gpt import codes, random_gpt, tiny_cfg
+
+
+def test_keep_mask_16_statistics():
+  shape = (16, 300, 256)
+  keep, scale = keep_mask_16(jax.random.key(0), shape, 0.1)
+  keep = np.asarray(keep)
+  assert keep.shape == shape and keep.dtype == bool
+  p_drop = 6554 / 65536                               # round(0.1 * 65536) / 65536
+  n = keep.size
+  assert abs((1 - keep.mean()) - p_drop) < 5 * np.sqrt(p_drop * (1 - p_drop) / n)
+  assert scale == pytest.approx(1 / (1 - p_drop), rel=1e-12)   # E[keep * scale] = 1 exactly
+  flat = keep.reshape(-1).astype(np.float64)
+  for lag in (1, 2, 3, 4, 256):                       # the four 16-bit draws of one hash, rows
+    assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 5 / np.sqrt(n)
+  other = np.asarray(keep_mask_16(jax.random.key(1), shape, 0.1)[0])
+  agree = (keep == other).mean()                      # independent masks: p^2 + (1 - p)^2
+  assert abs(agree - ((1 - p_drop) ** 2 + p_drop ** 2)) < 0.005
+  assert np.asarray(keep_mask_16(jax.random.key(0), shape, 0.5)[0]).mean() == pytest.approx(0.5, abs=0.005)
+
+
+def test_keep_mask_16_is_the_same_when_sharded():
+  """Counters come from per-axis iotas, so a batch-sharded draw is the unsharded one, bit for bit."""
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+  sh = NamedSharding(mesh, P('data'))
+  x = jnp.ones((16, 40, 64))
+  f = lambda x, key: dropout(x, 0.1, key, 16)
+  ref = np.asarray(jax.jit(f)(x, jax.random.key(3)))
+  got = jax.jit(f, in_shardings=(sh, None), out_shardings=sh)(jax.device_put(x, sh), jax.random.key(3))
+  np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_dropout_16_bits_fp32_and_bf16_and_fallbacks():
+  x = jax.random.normal(jax.random.key(5), (8, 33, 64))
+  key = jax.random.key(7)
+  y32 = np.asarray(dropout(x, 0.1, key, 16))
+  keep, scale = keep_mask_16(key, x.shape, 0.1)
+  np.testing.assert_allclose(y32, np.where(np.asarray(keep), np.asarray(x) * scale, 0), rtol=1e-6)
+  y16 = np.asarray(dropout(x.astype(jnp.bfloat16), 0.1, key, 16), np.float32)
+  np.testing.assert_array_equal(y16 == 0, y32 == 0)            # the same mask in bf16
+  np.testing.assert_allclose(y16, y32, rtol=1e-2, atol=1e-2)    # bf16 rounding only
+  assert dropout(x, 0.0, key, 16) is x and dropout(x, 0.1, None, 16) is x
+  # a last axis not divisible by 4 falls back to jax.random.bernoulli
+  odd = jnp.ones((4, 10, 6))
+  np.testing.assert_array_equal(np.asarray(dropout(odd, 0.1, key, 16)),
+                                np.asarray(dropout(odd, 0.1, key, 32)))
+  with pytest.raises(ValueError, match='dropout_bits'):
+    tiny_cfg(dropout_bits=8)
+
+
+def test_gpt_trains_with_16_bit_dropout():
+  """The training loss with dropout_bits=16: finite values and gradients, different masks from
+  the 32-bit draw, and the same loss as 32 bits when every dropout rate is 0."""
+  cfg = tiny_cfg(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)
+  labels, q, z = codes(cfg)
+  out = {}
+  for bits in (16, 32):
+    m = random_gpt(dataclasses.replace(cfg, dropout_bits=bits))
+    loss = lambda mm: sum(mm.loss(labels, q, z, rng=jax.random.key(3)))
+    from flax import nnx
+    l, g = nnx.value_and_grad(loss)(m)
+    assert np.isfinite(float(l)) and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
+    out[bits] = float(l)
+  assert out[16] != out[32]
+  plain = tiny_cfg()
+  same = [float(sum(random_gpt(dataclasses.replace(plain, dropout_bits=b)).loss(
+      labels, q, z, rng=jax.random.key(3)))) for b in (16, 32)]
+  assert same[0] == same[1]
