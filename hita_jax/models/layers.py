@@ -2,6 +2,7 @@
 fp32 norms, attention with one implementation switch, the tokenizer's fused SwiGLU."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -91,13 +92,19 @@ ATTN_IMPLS = ('auto', 'xla', 'cudnn', 'splash')
 
 def resolve_attn_impl(impl: str, platform: str | None = None) -> str:
   """'auto' -> the fused kernel of the platform: cuDNN flash attention on GPU, the Pallas splash
-  kernel on TPU, the reference XLA path elsewhere (CPU)."""
+  kernel on TPU, the reference XLA path elsewhere (CPU). XLA cannot partition a Mosaic (splash)
+  kernel ('Mosaic kernels cannot be automatically partitioned'), so on several TPU devices splash
+  needs a mesh context (`jax.set_mesh`), under which it runs in a shard_map; without one 'auto'
+  takes the XLA path there (cuDNN attention partitions itself)."""
   if impl not in ATTN_IMPLS:
     raise ValueError(f'attn_impl must be one of {ATTN_IMPLS}, got {impl!r}')
   if impl != 'auto':
     return impl
   platform = platform or jax.default_backend()
-  return {'gpu': 'cudnn', 'cuda': 'cudnn', 'rocm': 'cudnn', 'tpu': 'splash'}.get(platform, 'xla')
+  if platform == 'tpu':
+    mesh = jax.sharding.get_abstract_mesh()
+    return 'splash' if jax.device_count() == 1 or not mesh.empty else 'xla'
+  return {'gpu': 'cudnn', 'cuda': 'cudnn', 'rocm': 'cudnn'}.get(platform, 'xla')
 
 
 def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
@@ -112,7 +119,25 @@ def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
     pad = (-t) % 64  # cuDNN flash attention rejects lengths such as 457/569; causal => pad is inert
     pq, pk, pv = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
     return jax.nn.dot_product_attention(pq, pk, pv, is_causal=True, implementation='cudnn')[:, :t]
-  return splash_causal_attention(q, k, v, interpret=jax.default_backend() != 'tpu')
+  on_tpu = jax.default_backend() == 'tpu'
+  fn = functools.partial(splash_causal_attention, interpret=not on_tpu)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    if on_tpu and jax.device_count() > 1 and mesh.empty:
+      raise ValueError("attn_impl='splash' on several TPU devices needs the mesh as context "
+                       "(jax.set_mesh), so that the kernel runs per shard; the tasks do not set "
+                       "it yet: use attn_impl='auto' or 'xla' (--config.gpt.attn_impl=auto)")
+    return fn(q, k, v)
+  # the kernel runs per shard: rows over the mesh axes that divide the batch, heads over 'tensor'
+  rows, n = [], 1
+  for name in mesh.axis_names:
+    if name != 'tensor' and q.shape[0] % (n * mesh.shape[name]) == 0:
+      rows.append(name)
+      n *= mesh.shape[name]
+  heads = 'tensor' if 'tensor' in mesh.axis_names and q.shape[2] % mesh.shape['tensor'] == 0 else None
+  spec = jax.sharding.PartitionSpec(tuple(rows) or None, None, heads, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
 
 
 def splash_causal_attention(q, k, v, *, interpret: bool = False, block: int = 128):
