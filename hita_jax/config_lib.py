@@ -10,6 +10,7 @@ import importlib.util
 import math
 import os
 
+import jax
 import ml_collections as mlc
 
 from hita_jax import sharding
@@ -377,7 +378,7 @@ def hita_recipe(size: str, arg: str | None) -> mlc.ConfigDict:
       'save_png': (True, 'also write one PNG per image'),
       'seed': (0, 'sampling seed'),
       # each decode loop reads only the KV-cache prefix it needs (models/sampler.py)
-      'kv_segments': (0, 'decode loops over position ranges (0 = 1 on CPU, 2 with the GPU decode kernel, else 8)'),
+      'kv_segments': (0, 'decode loops over position ranges (0: 1 on CPU, 2 with the GPU kernel, else 8)'),
   })
   add_zero_shot_sections(config)
   return config
@@ -449,3 +450,19 @@ def evaluate_section(mode: str = 'generation') -> mlc.ConfigDict:
       'batch_size': (500, 'Inception batch'),
       'distance_dtype': ('float16', 'precision/recall distances as the ADM evaluator'),
   })
+
+
+def setup_compilation_cache(config, workdir: str) -> str | None:
+  """Points JAX's persistent compilation cache at `config.compilation_cache` (see
+  base_tokenizer_config): the directory used, or None when off. $JAX_COMPILATION_CACHE_DIR (read
+  by JAX itself) wins. Called by main before the task compiles anything."""
+  env = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if env:
+    return env
+  where = config.get('compilation_cache', '')
+  if not where:
+    jax.config.update('jax_compilation_cache_dir', None)
+    return None
+  path = os.path.join(workdir, 'compilation_cache') if where == 'workdir' else where
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path

@@ -26,7 +26,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from hita_jax import tasks  # noqa: E402
+from hita_jax import config_lib, tasks  # noqa: E402
 from hita_jax import cli as hita_cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'config file (path[:arg])', lock_config=True)
@@ -54,21 +54,6 @@ def initialize_distributed():
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
-def setup_compilation_cache(config, workdir: str) -> str | None:
-  """Points JAX's persistent compilation cache at `config.compilation_cache` (see config_lib):
-  the directory used, or None when off. $JAX_COMPILATION_CACHE_DIR (read by JAX itself) wins."""
-  env = os.environ.get('JAX_COMPILATION_CACHE_DIR')
-  if env:
-    return env
-  where = config.get('compilation_cache', '')
-  if not where:
-    jax.config.update('jax_compilation_cache_dir', None)
-    return None
-  path = os.path.join(workdir, 'compilation_cache') if where == 'workdir' else where
-  jax.config.update('jax_compilation_cache_dir', path)
-  return path
-
-
 def cli(argv: list[str] | None = None):
   """`python -m hita_jax.main`: absl's app.run with the config file, its overrides and every user
   error shown as one line (hita_jax.cli)."""
@@ -93,7 +78,7 @@ def main(argv):
     raise app.UsageError('--coordinator_address/--num_processes/--process_id need --distributed')
   module = importlib.import_module(f'hita_jax.tasks.{task}')
   os.makedirs(workdir, exist_ok=True)
-  cache = setup_compilation_cache(config, workdir)
+  cache = config_lib.setup_compilation_cache(config, workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))

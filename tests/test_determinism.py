@@ -104,17 +104,18 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
   """config.compilation_cache: 'workdir' -> <workdir>/compilation_cache, a path as given, '' off;
   $JAX_COMPILATION_CACHE_DIR wins over all of them."""
   import ml_collections
-  from hita_jax import main
+  from hita_jax import config_lib
   old = jax.config.jax_compilation_cache_dir
   try:
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
     cfg = lambda v: ml_collections.ConfigDict({'compilation_cache': v})
-    assert main.setup_compilation_cache(cfg('workdir'), str(tmp_path)) == str(tmp_path / 'compilation_cache')
+    expect = str(tmp_path / 'compilation_cache')
+    assert config_lib.setup_compilation_cache(cfg('workdir'), str(tmp_path)) == expect
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'compilation_cache')
-    assert main.setup_compilation_cache(cfg('/shared/xla'), str(tmp_path)) == '/shared/xla'
-    assert main.setup_compilation_cache(cfg(''), str(tmp_path)) is None
-    assert main.setup_compilation_cache(ml_collections.ConfigDict(), str(tmp_path)) is None
+    assert config_lib.setup_compilation_cache(cfg('/shared/xla'), str(tmp_path)) == '/shared/xla'
+    assert config_lib.setup_compilation_cache(cfg(''), str(tmp_path)) is None
+    assert config_lib.setup_compilation_cache(ml_collections.ConfigDict(), str(tmp_path)) is None
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/from/env')
-    assert main.setup_compilation_cache(cfg('workdir'), str(tmp_path)) == '/from/env'
+    assert config_lib.setup_compilation_cache(cfg('workdir'), str(tmp_path)) == '/from/env'
   finally:
     jax.config.update('jax_compilation_cache_dir', old)
