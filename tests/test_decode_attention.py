@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from hita_jax.models import decode_attention as da
+from hita_jax.models.layers import batch_mesh_axes
 from hita_jax.models.sampler import for_sampling, generate
 from tests.test_gpt import random_gpt, tiny_cfg
 
@@ -132,9 +133,9 @@ def test_kernel_under_a_mesh_is_split_over_the_batch():
   axes that do not divide the batch stay replicated."""
   assert jax.device_count() == 8
   mesh = jax.make_mesh((4, 2), ('data', 'tensor'), axis_types=(AxisType.Auto,) * 2)
-  assert da._batch_axes(mesh, 8) == ('data',)     # 'tensor' splits heads, never rows
-  assert da._batch_axes(mesh, 4) == ('data',)
-  assert da._batch_axes(mesh, 6) == ()
+  assert batch_mesh_axes(mesh, 8) == ('data',)     # 'tensor' splits heads, never rows
+  assert batch_mesh_axes(mesh, 4) == ('data',)
+  assert batch_mesh_axes(mesh, 6) == ()
   q, kc, vc = _inputs(4, 3, 24, 16, seed=3)
   ref = _reference(q, kc, vc, 19)
   with jax.set_mesh(mesh):

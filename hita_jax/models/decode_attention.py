@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from hita_jax.models.layers import batch_mesh_axes
+
 DECODE_ATTN_IMPLS = ('auto', 'xla', 'pallas', 'pallas_write')
 KERNEL_IMPLS = ('pallas', 'pallas_write')
 _MIN_PROGRAMS = 128
@@ -56,7 +58,7 @@ def resolve_decode_attn_impl(impl: str, batch: int, heads: int, head_dim: int,
       return 'xla'  # a bare custom call would be replicated by the partitioner
     shards = 1
   else:
-    axes = _batch_axes(mesh, batch)
+    axes = batch_mesh_axes(mesh, batch)
     shards = math.prod(mesh.shape[a] for a in axes)
     if shards != mesh.size:
       # an axis that does not split the batch ('tensor', or one the batch does not divide) would
@@ -149,6 +151,16 @@ def _update_kernel(pos_ref, q_ref, kn_ref, vn_ref, k_ref, v_ref, o_ref, ko_ref, 
   plgpu.store(o_ref.at[pl.ds(0, block_d)], (acc / l).astype(o_ref.dtype), mask=col_ok)
 
 
+def _configure(kernel, head_dim: int, block_k: int, interpret: bool | None):
+  """The kernel with its static sizes bound (columns padded to a power of two, at least 16, as
+  Triton blocks need) and interpret mode (default: off a GPU)."""
+  if interpret is None:
+    interpret = jax.default_backend() not in ('gpu', 'cuda')
+  block_d = max(16, pl.next_power_of_2(head_dim))
+  return functools.partial(kernel, block_k=block_k, head_dim=head_dim, block_d=block_d,
+                           scale=float(head_dim) ** -0.5), interpret
+
+
 def decode_attention_pallas(q, k_cache, v_cache, length, *, block_k: int = 64, num_warps: int = 4,
                             num_stages: int = 2, interpret: bool | None = None):
   """The fused kernel (see the module docstring); same contract as `decode_attention_xla`."""
@@ -158,11 +170,7 @@ def decode_attention_pallas(q, k_cache, v_cache, length, *, block_k: int = 64, n
   if k_cache.shape != (b, h, t, d) or v_cache.shape != k_cache.shape:
     raise ValueError(f'decode attention expects q (B, H, D) and caches (B, H, T, D); got '
                      f'{q.shape}, {k_cache.shape}, {v_cache.shape}')
-  if interpret is None:
-    interpret = jax.default_backend() not in ('gpu', 'cuda')
-  block_d = max(16, pl.next_power_of_2(d))
-  kernel = functools.partial(_kernel, block_k=block_k, head_dim=d, block_d=block_d,
-                             scale=float(d) ** -0.5)
+  kernel, interpret = _configure(_kernel, d, block_k, interpret)
   length = jnp.reshape(jnp.asarray(length, jnp.int32), (1,))
   out = pl.pallas_call(
       kernel,
@@ -194,11 +202,7 @@ def decode_attention_update_pallas(q, k_new, v_new, k_cache, v_cache, pos, *, bl
       or v_cache.shape != k_cache.shape):
     raise ValueError(f'decode attention expects q, k_new, v_new (B, H, D) and caches (B, H, T, D); '
                      f'got {q.shape}, {k_new.shape}, {v_new.shape}, {k_cache.shape}, {v_cache.shape}')
-  if interpret is None:
-    interpret = jax.default_backend() not in ('gpu', 'cuda')
-  block_d = max(16, pl.next_power_of_2(d))
-  kernel = functools.partial(_update_kernel, block_k=block_k, head_dim=d, block_d=block_d,
-                             scale=float(d) ** -0.5)
+  kernel, interpret = _configure(_update_kernel, d, block_k, interpret)
   # clamped like the update slice of the XLA path (a row past T would land in the next slice)
   pos = jnp.reshape(jnp.minimum(jnp.asarray(pos, jnp.int32), t - 1), (1,))
   vec = pl.BlockSpec((None, None, d), lambda i, j: (i, j, 0))
@@ -216,18 +220,6 @@ def decode_attention_update_pallas(q, k_new, v_new, k_cache, v_cache, pos, *, bl
       interpret=interpret,
       name='hita_decode_attention_update',
   )(pos, q, k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype), k_cache, v_cache)
-
-
-def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
-  """The mesh axes (in order, 'tensor' left out: it splits heads, not rows) whose product divides
-  the batch: the kernel's shard_map splits the batch over them and keeps the rest replicated."""
-  axes, n = [], 1
-  for name in mesh.axis_names:
-    size = mesh.shape[name]
-    if name != 'tensor' and batch % (n * size) == 0:
-      axes.append(name)
-      n *= size
-  return tuple(axes)
 
 
 def decode_attention_update(q, k_new, v_new, k_cache, v_cache, pos, *, impl: str = 'auto',
@@ -256,7 +248,7 @@ def _on_batch_shards(fn, args, batch: int, n_out: int | None = None):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn(*args)
-  spec = jax.sharding.PartitionSpec(_batch_axes(mesh, batch) or None)
+  spec = jax.sharding.PartitionSpec(batch_mesh_axes(mesh, batch) or None)
   rep = jax.sharding.PartitionSpec()
   in_specs = (spec,) * (len(args) - 1) + (rep,)
   out_specs = spec if n_out is None else (spec,) * n_out

@@ -107,6 +107,17 @@ def resolve_attn_impl(impl: str, platform: str | None = None) -> str:
   return {'gpu': 'cudnn', 'cuda': 'cudnn', 'rocm': 'cudnn'}.get(platform, 'xla')
 
 
+def batch_mesh_axes(mesh, batch: int) -> tuple[str, ...]:
+  """The mesh axes (in order; 'tensor' left out: it splits heads, not rows) whose product divides
+  the batch: a kernel's shard_map splits the rows over them and keeps the rest replicated."""
+  axes, n = [], 1
+  for name in mesh.axis_names:
+    if name != 'tensor' and batch % (n * mesh.shape[name]) == 0:
+      axes.append(name)
+      n *= mesh.shape[name]
+  return tuple(axes)
+
+
 def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
   """Causal self-attention on (B, T, H, D) by `impl` (see resolve_attn_impl). The fused kernels
   have no attention-probability dropout, so a non-None `dropout` always takes the XLA path.
@@ -129,13 +140,8 @@ def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
                        "it yet: use attn_impl='auto' or 'xla' (--config.gpt.attn_impl=auto)")
     return fn(q, k, v)
   # the kernel runs per shard: rows over the mesh axes that divide the batch, heads over 'tensor'
-  rows, n = [], 1
-  for name in mesh.axis_names:
-    if name != 'tensor' and q.shape[0] % (n * mesh.shape[name]) == 0:
-      rows.append(name)
-      n *= mesh.shape[name]
   heads = 'tensor' if 'tensor' in mesh.axis_names and q.shape[2] % mesh.shape['tensor'] == 0 else None
-  spec = jax.sharding.PartitionSpec(tuple(rows) or None, None, heads, None)
+  spec = jax.sharding.PartitionSpec(batch_mesh_axes(mesh, q.shape[0]) or None, None, heads, None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)
 

@@ -180,12 +180,16 @@ def generate(model: GPT, labels, key, *, cfg_scale: float = 1.5, cfg_interval: i
   return (seq, logits) if return_logits else seq
 
 
-def uses_fused_attention(model: GPT, batch: int, cfg_scale: float) -> bool:
-  """Whether the decode steps of `generate(model, labels of length batch, cfg_scale=...)` run the
-  fused decode-attention kernel (models/decode_attention.py)."""
+def decode_attn_impl_for(model: GPT, batch: int, cfg_scale: float) -> str:
+  """The decode attention (models/decode_attention.py) that the steps of `generate(model, labels
+  of length batch, cfg_scale=...)` run: CFG doubles the rows."""
   cfg = model.cfg
   rows = 2 * batch if cfg_scale > 1.0 else batch
-  return resolve_decode_attn_impl(cfg.decode_attn_impl, rows, cfg.n_head, cfg.head_dim) in KERNEL_IMPLS
+  return resolve_decode_attn_impl(cfg.decode_attn_impl, rows, cfg.n_head, cfg.head_dim)
+
+
+def uses_fused_attention(model: GPT, batch: int, cfg_scale: float) -> bool:
+  return decode_attn_impl_for(model, batch, cfg_scale) in KERNEL_IMPLS
 
 
 def for_sampling(model: GPT, dtype: str) -> tuple[GPT, Any]:

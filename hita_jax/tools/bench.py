@@ -30,9 +30,9 @@ from flax import nnx
 from hita_jax import cli, config_lib, pretrained, sharding
 from hita_jax.metrics import flops
 from hita_jax.metrics.inception_features import InceptionRunner
-from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, resolve_decode_attn_impl
+from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, KERNEL_IMPLS
 from hita_jax.models.gpt import GPT, GPT_SIZES, REMAT_POLICIES, GPTConfig
-from hita_jax.models.sampler import generate, resolve_kv_segments, uses_fused_attention
+from hita_jax.models.sampler import decode_attn_impl_for, generate, resolve_kv_segments
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
 
@@ -124,7 +124,7 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
   state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                        nnx.state(model))
   labels = jnp.asarray(np.random.RandomState(0).randint(0, cfg.num_classes, batch))
-  fused = uses_fused_attention(model, batch, cfg_scale)
+  impl = decode_attn_impl_for(model, batch, cfg_scale)
   run = lambda k: generate(model, labels, jax.random.key(k), cfg_scale=cfg_scale, state=state,
                            kv_segments=kv_segments).block_until_ready()
   t0 = time.perf_counter()
@@ -138,9 +138,8 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
   dt = float(np.median(times))
   out = dict(bench='sample', size=size, batch=batch, cfg=cfg_scale, tokens=cfg.seq_len, seconds=dt,
              images_s=batch / dt, first_call_s=first,
-             kv_segments=resolve_kv_segments(kv_segments, fused_attention=fused),
-             decode_attn=resolve_decode_attn_impl(decode_attn, 2 * batch if cfg_scale > 1 else batch,
-                                                  cfg.n_head, cfg.head_dim))
+             kv_segments=resolve_kv_segments(kv_segments, fused_attention=impl in KERNEL_IMPLS),
+             decode_attn=impl)
   out.update(_mem())
   _maybe_profile(out, profile_dir, lambda: run(9))
   return out
