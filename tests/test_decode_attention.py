@@ -213,3 +213,30 @@ def test_kernel_with_nothing_to_attend_gives_zeros():
   q, kc, vc = _inputs(1, 2, 16, 32)
   out = da.decode_attention_pallas(q, kc, vc, jnp.int32(0), block_k=16, interpret=True)
   np.testing.assert_array_equal(np.asarray(out), 0)
+
+
+def test_bench_decode_attn_tune_and_sample_tuning(monkeypatch):
+  """`bench decode_attn --tune` sweeps launch parameters (interpret mode here, so only that each
+  combination runs and is ranked); `tuning()` reaches the kernels the sampler traces, and rejects
+  unknown names."""
+  from hita_jax.tools import bench
+  monkeypatch.setattr(bench, 'full_size_config', lambda size, **kw: bench.GPTConfig(
+      dim=64, n_layer=1, n_head=2, vocab_size=16, num_holistic=6, grid=4, num_classes=3, **kw))
+  seen = []
+  real = da.decode_attention_pallas
+  monkeypatch.setattr(da, 'decode_attention_pallas', lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+  assert len(bench.DECODE_TUNE_GRID) == 36
+  monkeypatch.setattr(bench, 'DECODE_TUNE_GRID', [dict(block_k=8, num_warps=4, num_stages=1),
+                                                  dict(block_k=16, num_warps=2, num_stages=2)])
+  res = bench.bench_decode_attn('B', 2, repeats=1, tune=True)
+  assert len(res['tune']) == 2 and {r['block_k'] for r in res['tune']} == {8, 16}
+  assert res['tune_best']['total_us'] == min(r['total_us'] for r in res['tune'])
+  seen.clear()
+  with da.tuning(block_k=16, num_stages=3):
+    da.decode_attention(*_inputs(2, 2, 24, 64, seed=0), 5, impl='pallas')
+  assert seen[-1]['block_k'] == 16 and seen[-1]['num_stages'] == 3 and seen[-1]['num_warps'] == 4
+  assert da._TUNING == {'block_k': 64, 'num_warps': 4, 'num_stages': 2}
+  with pytest.raises(ValueError, match='block_n'):
+    with da.tuning(block_n=8):
+      pass
+  assert bench._parse_tuning('128,8,3') == dict(block_k=128, num_warps=8, num_stages=3)

@@ -20,9 +20,17 @@ def test_option_sets_parse_and_bad_ones_name_the_fix():
 def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
   monkeypatch.setenv('OUT', str(tmp_path))
   tok_compile.main(['--config', f'{ROOT}/configs/demo.py:fast', '--batch', '2', '--steps', '1',
-                    '--options', 'no_fast_math:xla_cpu_enable_fast_math=false'])
+                    '--options', 'no_fast_math:xla_cpu_enable_fast_math=false', '--save-hlo',
+                    '--profile', str(tmp_path / 'trace')])
   recs = [json.loads(x) for x in open(tmp_path / 'tok_compile.jsonl')]
-  assert [r['stage'] for r in recs] == ['build', 'trace', 'trace_cheap_probes', 'lower', 'compile']
+  assert [r['stage'] for r in recs] == ['build', 'trace', 'trace_cheap_probes', 'lower', 'compile',
+                                        'profile']
   assert recs[4]['options'] == 'no_fast_math' and recs[4]['xla'] == {'xla_cpu_enable_fast_math': False}
   assert recs[3]['hlo_lines'] > 1000
   assert recs[4]['s'] > 0 and recs[4]['images_s'] > 0 and math.isfinite(recs[4]['g_loss'])
+  hlo = recs[4]['hlo']
+  assert hlo['instructions'] > 100 and hlo['fusions'] > 10
+  import gzip
+  with gzip.open(tmp_path / 'tok_step_no_fast_math.hlo.txt.gz', 'rt') as f:
+    assert tok_compile.hlo_stats(f.read()) == hlo
+  assert recs[5]['options'] == 'no_fast_math' and recs[5]['kinds']

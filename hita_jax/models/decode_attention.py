@@ -25,6 +25,7 @@ mesh context on several devices 'auto' keeps the XLA path.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -37,6 +38,25 @@ from hita_jax.models.layers import batch_mesh_axes
 DECODE_ATTN_IMPLS = ('auto', 'xla', 'pallas', 'pallas_write')
 KERNEL_IMPLS = ('pallas', 'pallas_write')
 _MIN_PROGRAMS = 128
+# The kernel's launch parameters when the model calls it (measured on an H200: `bench decode_attn
+# --tune`); `tuning()` overrides them while a step is traced (benchmarks).
+_TUNING = {'block_k': 64, 'num_warps': 4, 'num_stages': 2}
+
+
+@contextlib.contextmanager
+def tuning(**kw):
+  """Within this context, kernels traced through `decode_attention[_update]` use these launch
+  parameters (block_k, num_warps, num_stages) instead of the defaults."""
+  unknown = set(kw) - set(_TUNING)
+  if unknown:
+    raise ValueError(f'unknown decode kernel parameter(s) {sorted(unknown)}; known: {sorted(_TUNING)}')
+  old = dict(_TUNING)
+  _TUNING.update(kw)
+  try:
+    yield
+  finally:
+    _TUNING.clear()
+    _TUNING.update(old)
 
 
 def _is_pow2(n: int) -> bool:
@@ -237,7 +257,7 @@ def decode_attention_update(q, k_new, v_new, k_cache, v_cache, pos, *, impl: str
                                            (0, 0, pos, 0))
     o = decode_attention(q, k_cache, v_cache, pos + 1, impl=impl, kv_len=kv_len, interpret=interpret)
     return o, k_cache, v_cache
-  fn = functools.partial(decode_attention_update_pallas, interpret=interpret)
+  fn = functools.partial(decode_attention_update_pallas, interpret=interpret, **_TUNING)
   args = (q, k_new, v_new, k_cache, v_cache, jnp.asarray(pos, jnp.int32))
   return _on_batch_shards(fn, args, b, n_out=3)
 
@@ -265,5 +285,5 @@ def decode_attention(q, k_cache, v_cache, length, *, impl: str = 'auto', kv_len:
   impl = resolve_decode_attn_impl(impl, b, h, d)
   if impl == 'xla':
     return decode_attention_xla(q, k_cache, v_cache, length, kv_len=kv_len)
-  fn = functools.partial(decode_attention_pallas, interpret=interpret)
+  fn = functools.partial(decode_attention_pallas, interpret=interpret, **_TUNING)
   return _on_batch_shards(fn, (q, k_cache, v_cache, jnp.asarray(length, jnp.int32)), b)

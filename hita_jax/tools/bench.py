@@ -2,7 +2,8 @@
 
     python -m hita_jax.tools.bench gpt_train --size B --batch 64 [--attn cudnn] [--remat none]
     python -m hita_jax.tools.bench sample --size B --batch 64 --cfg 1.5
-    python -m hita_jax.tools.bench decode_attn --size B --batch 64   (the decode kernel vs XLA)
+    python -m hita_jax.tools.bench decode_attn --size B --batch 64 [--tune]  (decode kernel vs XLA)
+    python -m hita_jax.tools.bench sample --size B --decode-tuning 128,4,3   (kernel launch params)
     python -m hita_jax.tools.bench inception --batch 500
     python -m hita_jax.tools.bench tok_trainer --batch 16      (train_tokenizer's step, Hita-V @336)
     ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
@@ -15,6 +16,7 @@ Each result is printed as one JSON line (and appended to $OUT/bench.jsonl when $
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -116,7 +118,13 @@ def _jit_donating(fn):
 
 
 def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_segments=None,
-                 decode_attn='auto'):
+                 decode_attn='auto', decode_tuning=None):
+  from hita_jax.models import decode_attention as da
+  if decode_tuning:  # traced inside the context: the first call below compiles with it
+    with da.tuning(**decode_tuning):
+      out = bench_sample(size, batch, cfg_scale, repeats, profile_dir, kv_segments, decode_attn)
+    out['decode_tuning'] = decode_tuning
+    return out
   cfg = full_size_config(size, dtype='bfloat16', decode_attn_impl=decode_attn)
   model = GPT(cfg, rngs=nnx.Rngs(0))
   model.head[...] = jax.random.normal(jax.random.key(1), model.head.shape) * 0.02  # as the anchor
@@ -145,12 +153,32 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
   return out
 
 
-def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=50):
+# what `bench decode_attn --tune` tries (36 launch-parameter sets)
+DECODE_TUNE_GRID = [dict(block_k=bk, num_warps=w, num_stages=st)
+                    for bk in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3, 4)]
+
+
+def _chain_timer(step, carry, repeats, chain=20):
+  """Microseconds per call of `step(carry) -> carry`, `chain` calls in one jitted program (each
+  call feeds the next, so none is hoisted or merged) launched `repeats` times: kernel time, not
+  the host's dispatch of tiny programs."""
+  many = jax.jit(lambda c: functools.reduce(lambda c, _: step(c), range(chain), c),
+                 donate_argnums=(0,))
+  carry = jax.block_until_ready(many(carry))
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    carry = many(carry)
+  jax.block_until_ready(carry)
+  return (time.perf_counter() - t0) / (repeats * chain) * 1e6
+
+
+def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=20, tune=False):
   """The decode step's attention alone at one layer's shape (CFG rows, bf16 cache of the full
   sequence), the fused kernel against the XLA path, at a few valid lengths: microseconds per call
-  (asynchronous calls timed on the host, so launches included), GB/s of valid K + V read, and the
-  largest difference to an fp32 XLA reference; 'pallas_update' is the sampler's kernel, which also
-  writes the step's K / V row into the (donated) caches."""
+  (20 chained calls per program, so kernel time), GB/s of valid K + V read, and the largest
+  difference to an fp32 XLA reference; 'pallas_update' is the sampler's kernel, which also writes
+  the step's K / V row into the (donated) caches. `tune`: also every (block_k, num_warps,
+  num_stages) of a small grid for the plain kernel, with the best per length and over all."""
   from hita_jax.models import decode_attention as da
   cfg = full_size_config(size)
   rows = 2 * batch if cfg_scale > 1 else batch
@@ -158,44 +186,57 @@ def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=50):
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (rows, cfg.n_head, cfg.head_dim), jnp.bfloat16)
   kc, vc = (jax.random.normal(k, (rows, cfg.n_head, t, cfg.head_dim), jnp.bfloat16) for k in keys[1:])
-  impls = {'pallas': jax.jit(da.decode_attention_pallas),
-           'xla': jax.jit(lambda *a: da.decode_attention_xla(*a[:3], a[3], kv_len=None))}
+  impls = {'pallas': da.decode_attention_pallas,
+           'xla': lambda *a: da.decode_attention_xla(*a[:3], a[3], kv_len=None)}
   out = dict(bench='decode_attn', size=size, batch=batch, rows=rows, heads=cfg.n_head,
-             head_dim=cfg.head_dim, cache=t, lengths={})
-  for length in (cfg.num_holistic, t // 2, cfg.seq_len):
+             head_dim=cfg.head_dim, cache=t, lengths={}, tuning=dict(da._TUNING))
+  lengths = (cfg.num_holistic, t // 2, cfg.seq_len)
+  gb_s = lambda length, us: round(2 * rows * cfg.n_head * length * cfg.head_dim * 2 / (us * 1e-6) / 1e9)
+
+  def time_attend(fn, n):
+    # the output (B, H, D) becomes the next call's query
+    return _chain_timer(lambda c: (fn(c[0], c[1], c[2], n), c[1], c[2]), (q + 0, kc + 0, vc + 0),
+                        repeats)
+
+  for length in lengths:
     n = jnp.int32(length)
     ref = da.decode_attention_xla(*(a.astype(jnp.float32) for a in (q, kc, vc)), length)
     row = {}
     for name, fn in impls.items():
-      got = fn(q, kc, vc, n).block_until_ready()
-      t0 = time.perf_counter()
-      for _ in range(repeats):
-        got = fn(q, kc, vc, n)
-      got.block_until_ready()
-      us = (time.perf_counter() - t0) / repeats * 1e6
-      gbs = 2 * rows * cfg.n_head * length * cfg.head_dim * 2 / (us * 1e-6) / 1e9
-      row[name] = dict(us=round(us, 1), gb_s=round(gbs), max_err=float(jnp.max(jnp.abs(
+      got = jax.jit(fn)(q, kc, vc, n)
+      us = time_attend(fn, n)
+      row[name] = dict(us=round(us, 1), gb_s=gb_s(length, us), max_err=float(jnp.max(jnp.abs(
           got.astype(jnp.float32) - ref))))
     # the sampler's kernel: also writes the step's K / V row (caches donated, so updated in place)
-    upd = jax.jit(da.decode_attention_update_pallas, donate_argnums=(3, 4))
+    upd = jax.jit(da.decode_attention_update_pallas)
     want = da.decode_attention_update(*(a.astype(jnp.float32) for a in (q, q, q, kc, vc)), n - 1,
                                       impl='xla')
-    kc2, vc2 = kc + 0, vc + 0
-    got, kc2, vc2 = upd(q, q, q, kc2, vc2, n - 1)
+    got, kc2, vc2 = upd(q, q, q, kc, vc, n - 1)
     err = max(float(jnp.max(jnp.abs(got.astype(jnp.float32) - want[0]))),
               float(jnp.max(jnp.abs(kc2.astype(jnp.float32) - want[1]))),
               float(jnp.max(jnp.abs(vc2.astype(jnp.float32) - want[2]))))
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-      got, kc2, vc2 = upd(q, q, q, kc2, vc2, n - 1)
-    got.block_until_ready()
-    us = (time.perf_counter() - t0) / repeats * 1e6
-    row['pallas_update'] = dict(us=round(us, 1), gb_s=round(
-        2 * rows * cfg.n_head * length * cfg.head_dim * 2 / (us * 1e-6) / 1e9), max_err=err)
     del kc2, vc2
+    us = _chain_timer(lambda c: da.decode_attention_update_pallas(c[0], c[0], c[0], c[1], c[2], n - 1),
+                      (q + 0, kc + 0, vc + 0), repeats)
+    row['pallas_update'] = dict(us=round(us, 1), gb_s=gb_s(length, us), max_err=err)
     out['lengths'][str(length)] = row
     print(length, row, flush=True)
+  if tune:
+    results = []
+    for params in DECODE_TUNE_GRID:
+      try:
+        us = [time_attend(functools.partial(da.decode_attention_pallas, **params), jnp.int32(n))
+              for n in lengths]
+      except Exception as e:  # e.g. too much shared memory for the block
+        print('tune', params, 'failed:', str(e).splitlines()[0][:200], flush=True)
+        continue
+      results.append(dict(params, us=[round(u, 1) for u in us], total_us=round(sum(us), 1)))
+      print('tune', results[-1], flush=True)
+    results.sort(key=lambda r: r['total_us'])
+    out['tune'] = results
+    out['tune_best'] = results[0] if results else None
   return out
+
 
 
 def bench_inception(batch, repeats=5):
@@ -301,6 +342,16 @@ def _mem():
     return {}
 
 
+def _parse_tuning(text):
+  if not text:
+    return None
+  try:
+    bk, warps, stages = (int(x) for x in text.split(','))
+  except ValueError:
+    raise SystemExit(f'--decode-tuning {text!r}: write BLOCK_K,WARPS,STAGES, e.g. 128,4,3')
+  return dict(block_k=bk, num_warps=warps, num_stages=stages)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
@@ -319,6 +370,10 @@ def main(argv=None):
                  help='sample: decode loops over position ranges (0 = by platform)')
   p.add_argument('--dropout-bits', type=int, default=32, choices=[16, 32],
                  help='gpt_train: random bits per dropout decision (GPTConfig.dropout_bits)')
+  p.add_argument('--tune', action='store_true',
+                 help='decode_attn: also sweep the kernel\'s block_k / num_warps / num_stages')
+  p.add_argument('--decode-tuning', default=None, metavar='BLOCK_K,WARPS,STAGES',
+                 help='sample: the decode kernel\'s launch parameters (default: the module\'s)')
   p.add_argument('--decode-attn', default='auto', choices=list(DECODE_ATTN_IMPLS),
                  help="sample: the decode step's attention (auto = the Pallas kernel on GPU)")
   a = p.parse_args(argv)
@@ -329,9 +384,9 @@ def main(argv=None):
     res = bench_ar_trainer(a.size, a.batch, attn=a.attn)
   elif a.what == 'sample':
     res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile, kv_segments=a.kv_segments,
-                       decode_attn=a.decode_attn)
+                       decode_attn=a.decode_attn, decode_tuning=_parse_tuning(a.decode_tuning))
   elif a.what == 'decode_attn':
-    res = bench_decode_attn(a.size, a.batch, a.cfg)
+    res = bench_decode_attn(a.size, a.batch, a.cfg, tune=a.tune)
   elif a.what == 'tok_trainer':
     res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile)
   else:

@@ -14,8 +14,10 @@ Prints one JSON line per stage; with $OUT set also appends them to $OUT/tok_comp
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import re
 import time
 
 import jax
@@ -45,7 +47,17 @@ def _parse_option(text: str):
   return name, opts
 
 
-def run(batch: int, variant: str, options: list[str], steps: int, config_path: str | None = None):
+def hlo_stats(text: str) -> dict:
+  """Counts in an optimized HLO module's text: instructions, fusions (kernels XLA generates),
+  custom calls (cuBLAS / cuDNN / Triton), while loops."""
+  return {'instructions': len(re.findall(r'^\s+(?:ROOT )?%?[\w.-]+ = ', text, re.M)),
+          'fusions': len(re.findall(r' fusion\(', text)),
+          'custom_calls': len(re.findall(r' custom-call\(', text)),
+          'whiles': len(re.findall(r' while\(', text))}
+
+
+def run(batch: int, variant: str, options: list[str], steps: int, config_path: str | None = None,
+        profile_dir: str | None = None, save_hlo: bool = False):
   from hita_jax.tasks import train_tokenizer as tt
   jax.config.update('jax_enable_compilation_cache', False)  # cold compiles only
   config = config_lib.load_config(config_path or os.path.join(
@@ -92,8 +104,25 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
       state, m = compiled(state, lp_state, batches[i % 2], key)
     float(m['g_loss'])
     dt = (time.perf_counter() - t0) / steps
+    text = compiled.as_text() or ''
     _emit({**info, 'stage': 'compile', 'options': name, 'xla': opts, 's': compile_s,
-           'step_s': dt, 'images_s': batch / dt, 'g_loss': float(m['g_loss'])})
+           'step_s': dt, 'images_s': batch / dt, 'g_loss': float(m['g_loss']), 'hlo': hlo_stats(text)})
+    if save_hlo and os.environ.get('OUT'):
+      with gzip.open(os.path.join(os.environ['OUT'], f'tok_step_{name}.hlo.txt.gz'), 'wt') as f:
+        f.write(text)
+  if profile_dir:  # the last compiled program, kernels grouped by kind
+    from hita_jax.tools import profile_summary
+
+    def once():
+      nonlocal state
+      for i in range(2):
+        state, m = compiled(state, lp_state, batches[i], key)
+      float(m['g_loss'])
+    rows = profile_summary.profile(once, profile_dir, repeats=1, top=0)
+    kinds = profile_summary.group_by_kind(rows)
+    print(profile_summary.format_table(rows[:40]), flush=True)
+    print(profile_summary.format_table(kinds), flush=True)
+    _emit({**info, 'stage': 'profile', 'options': name, 'kinds': kinds, 'top': rows[:40]})
 
 
 def main(argv=None):
@@ -104,8 +133,11 @@ def main(argv=None):
   p.add_argument('--config', default=None, help='another config file (default configs/tokenizer_<variant>.py)')
   p.add_argument('--steps', type=int, default=10)
   p.add_argument('--options', nargs='*', default=[], help='NAME:xla_option=value[,...] per compile')
+  p.add_argument('--profile', default=None, help='trace directory: profile 2 steps of the last program')
+  p.add_argument('--save-hlo', action='store_true',
+                 help='write each optimized program to $OUT/tok_step_<name>.hlo.txt.gz')
   a = p.parse_args(argv)
-  run(a.batch, a.variant, a.options, a.steps, a.config)
+  run(a.batch, a.variant, a.options, a.steps, a.config, a.profile, a.save_hlo)
 
 
 if __name__ == '__main__':
