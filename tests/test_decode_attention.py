@@ -234,8 +234,8 @@ def test_bench_decode_attn_tune_and_sample_tuning(monkeypatch):
   seen.clear()
   with da.tuning(block_k=16, num_stages=3):
     da.decode_attention(*_inputs(2, 2, 24, 64, seed=0), 5, impl='pallas')
-  assert seen[-1]['block_k'] == 16 and seen[-1]['num_stages'] == 3 and seen[-1]['num_warps'] == 4
-  assert da._TUNING == {'block_k': 64, 'num_warps': 4, 'num_stages': 2}
+  assert seen[-1]['block_k'] == 16 and seen[-1]['num_stages'] == 3 and seen[-1]['num_warps'] == 2
+  assert da._TUNING == {'block_k': 64, 'num_warps': 2, 'num_stages': 2}
   with pytest.raises(ValueError, match='block_n'):
     with da.tuning(block_n=8):
       pass

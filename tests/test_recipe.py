@@ -363,3 +363,19 @@ def test_tokenizer_resumes_vq_train_checkpoints(torch, tmp_path):
     upd, _ = tx.update(ours(gg if key == 'g' else dg), opt, params)
     want = ours({k: p.detach() for k, p in (g if key == 'g' else d).items()})
     same(optax.apply_updates(params, upd), want, rtol=1e-6, atol=1e-7)
+
+
+def test_gpu_compiler_options_reach_only_a_gpu_step(monkeypatch):
+  """train_ar's `gpu_compiler_options` (cuBLAS GEMMs by default) are passed to the step's jit on a
+  GPU backend only: TPU and CPU compilers get none (xla_gpu_* names are GPU options)."""
+  config = config_lib.load_config(f'{ROOT}/configs/hita_b.py')
+  opts = config.train_ar.gpu_compiler_options
+  assert opts.to_dict() == {'xla_gpu_enable_triton_gemm': False}
+  for backend, want in (('cpu', None), ('tpu', None), ('gpu', {'xla_gpu_enable_triton_gemm': False})):
+    monkeypatch.setattr(config_lib.jax, 'default_backend', lambda b=backend: b)
+    assert config_lib.gpu_compiler_options(opts) == want
+  assert config_lib.gpu_compiler_options({}) is None
+  # what the CPU compiler does with the option: accepts and ignores it (the step's code path)
+  monkeypatch.undo()
+  f = jax.jit(lambda x: x @ x, compiler_options={'xla_gpu_enable_triton_gemm': False})
+  assert float(f(jnp.ones((2, 2)))[0, 0]) == 2.0

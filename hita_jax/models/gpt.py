@@ -51,9 +51,10 @@ class GPTConfig:
   resid_dropout: float = 0.1
   ffn_dropout: float = 0.1
   drop_path_rate: float = 0.0
-  # random bits per dropout decision: 32 = jax.random.bernoulli; 16 = keep_mask_16 (4x fewer
-  # Threefry hashes, drop probability quantised to 1/65536, expectation kept exact)
-  dropout_bits: int = 32
+  # random bits per dropout decision: 16 = keep_mask_16 (4x fewer Threefry hashes, drop
+  # probability quantised to 1/65536, expectation kept exact; GPT-B/64 step +2.7 % on an H200);
+  # 32 = jax.random.bernoulli
+  dropout_bits: int = 16
   dtype: str = 'float32'           # compute dtype; params are fp32
   attn_impl: str = 'auto'          # 'auto' (cuDNN on GPU, splash on TPU, XLA on CPU) | 'xla' | 'cudnn' | 'splash'
   # the sampler's one-query attention: 'auto' (the Pallas kernel on GPU) | 'xla' | 'pallas' | 'pallas_write'

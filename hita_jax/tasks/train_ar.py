@@ -219,7 +219,8 @@ def run(config, workdir: str):
   mngr = checkpoint.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=ar.ckpt_every,
                                        keep=ar.keep_checkpoints, best_metric='loss')
   state, start = checkpoint.resume(mngr, state, it)
-  step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,))
+  step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,),
+                    compiler_options=config_lib.gpu_compiler_options(ar.get('gpu_compiler_options')))
   ndim = {'image': 4, 'label': 1, 'holistic_codes': 2, 'patch_codes': 2}
   shardings = {k: sharding.batch_sharding(mesh, rules, n) for k, n in ndim.items()}
   tokens = parts.cfg.seq_len

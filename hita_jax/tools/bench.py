@@ -50,7 +50,7 @@ def full_size_config(size: str, **kw) -> GPTConfig:
 
 
 def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3, iters=10, profile_dir=None,
-                    dropout_bits=32):
+                    dropout_bits=16):
   cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan,
                          dropout_bits=dropout_bits)
   model = GPT(cfg, rngs=nnx.Rngs(0))
@@ -368,7 +368,7 @@ def main(argv=None):
   p.add_argument('--iters', type=int, default=10)
   p.add_argument('--kv-segments', type=int, default=0,
                  help='sample: decode loops over position ranges (0 = by platform)')
-  p.add_argument('--dropout-bits', type=int, default=32, choices=[16, 32],
+  p.add_argument('--dropout-bits', type=int, default=16, choices=[16, 32],
                  help='gpt_train: random bits per dropout decision (GPTConfig.dropout_bits)')
   p.add_argument('--tune', action='store_true',
                  help='decode_attn: also sweep the kernel\'s block_k / num_warps / num_stages')
