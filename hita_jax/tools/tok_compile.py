@@ -18,6 +18,7 @@ import gzip
 import json
 import os
 import re
+import sys
 import time
 
 import jax
@@ -92,10 +93,17 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   lowered = traced.lower()
   _emit({**info, 'stage': 'lower', 's': time.perf_counter() - t0,
          'hlo_lines': lowered.as_text().count('\n')})
+  compiled = None
   for text in options or ['default:']:
     name, opts = _parse_option(text)
+    # marks where this compile's XLA log lines (TF_CPP_VMODULE timers, on stderr) begin
+    print(f'=== tok_compile: compile {name}', file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    compiled = lowered.compile(compiler_options=opts or None)
+    try:
+      compiled = lowered.compile(compiler_options=opts or None)
+    except Exception as e:  # e.g. an option this XLA does not know: report it, go on with the next
+      _emit({**info, 'stage': 'compile', 'options': name, 'xla': opts, 'error': str(e).splitlines()[0]})
+      continue
     compile_s = time.perf_counter() - t0
     state, m = compiled(state, lp_state, batches[0], key)
     float(m['g_loss'])
@@ -110,7 +118,7 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
     if save_hlo and os.environ.get('OUT'):
       with gzip.open(os.path.join(os.environ['OUT'], f'tok_step_{name}.hlo.txt.gz'), 'wt') as f:
         f.write(text)
-  if profile_dir:  # the last compiled program, kernels grouped by kind
+  if profile_dir and compiled is not None:  # the last compiled program, kernels grouped by kind
     from hita_jax.tools import profile_summary
 
     def once():
