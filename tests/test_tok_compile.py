@@ -18,13 +18,22 @@ def test_option_sets_parse_and_bad_ones_name_the_fix():
 
 
 def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
+  """Build, trace, lower, compile per option set (an option XLA does not know is reported and
+  skipped before the build), the optimized HLO's counts, a profile, and an exported step that a
+  second run compiles without building."""
   monkeypatch.setenv('OUT', str(tmp_path))
+  exp = tmp_path / 'step.exp'
   tok_compile.main(['--config', f'{ROOT}/configs/demo.py:fast', '--batch', '2', '--steps', '1',
-                    '--options', 'no_fast_math:xla_cpu_enable_fast_math=false', '--save-hlo',
-                    '--profile', str(tmp_path / 'trace')])
+                    '--options', 'no_fast_math:xla_cpu_enable_fast_math=false',
+                    'bogus:xla_no_such_option_anywhere=1', '--save-hlo',
+                    '--profile', str(tmp_path / 'trace'), '--export', str(exp)])
   recs = [json.loads(x) for x in open(tmp_path / 'tok_compile.jsonl')]
-  assert [r['stage'] for r in recs] == ['build', 'trace', 'trace_cheap_probes', 'lower', 'compile',
-                                        'profile']
+  assert recs[0]['stage'] == 'check_options' and recs[0]['options'] == 'bogus'
+  assert 'xla_no_such_option_anywhere' in recs[0]['error']
+  recs = recs[1:]
+  assert [r['stage'] for r in recs] == ['build', 'export', 'trace', 'trace_cheap_probes', 'lower',
+                                        'compile', 'profile']
+  del recs[1]
   assert recs[4]['options'] == 'no_fast_math' and recs[4]['xla'] == {'xla_cpu_enable_fast_math': False}
   assert recs[3]['hlo_lines'] > 1000
   assert recs[4]['s'] > 0 and recs[4]['images_s'] > 0 and math.isfinite(recs[4]['g_loss'])
@@ -34,3 +43,9 @@ def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
   with gzip.open(tmp_path / 'tok_step_no_fast_math.hlo.txt.gz', 'rt') as f:
     assert tok_compile.hlo_stats(f.read()) == hlo
   assert recs[5]['options'] == 'no_fast_math' and recs[5]['kinds']
+  # the exported step compiles in a run that builds nothing
+  (tmp_path / 'tok_compile.jsonl').unlink()
+  tok_compile.main(['--from-export', str(exp), '--steps', '1', '--options', 'default:'])
+  recs = [json.loads(x) for x in open(tmp_path / 'tok_compile.jsonl')]
+  assert [r['stage'] for r in recs] == ['lower', 'compile']
+  assert recs[1]['s'] > 0 and recs[1]['step_s'] > 0 and recs[1]['hlo']['fusions'] > 10

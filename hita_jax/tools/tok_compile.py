@@ -9,7 +9,16 @@ it twice (without and with `sharding.cheap_tracer_probes`), lowers once, then co
 lowered program once per option set (`jax.stages.Lowered.compile(compiler_options=...)`) and times
 `--steps` steps of each. XLA keeps autotuning results in memory within a process, so only the first
 compile that autotunes is a cold figure: list the option sets in the order you want them measured.
+Option sets are first tried on a one-op program; ones this XLA rejects are reported and skipped.
+
+Cold figures for several option sets without a build each (the build is ~70 s at full size):
+
+    python -m hita_jax.tools.tok_compile --batch 16 --export /tmp/step.exp     # once
+    python -m hita_jax.tools.tok_compile --from-export /tmp/step.exp --options NAME:...   # per set
+
 Prints one JSON line per stage; with $OUT set also appends them to $OUT/tok_compile.jsonl.
+With TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,hlo_pass_pipeline=1 XLA logs each HLO
+pass's time on stderr; a '=== tok_compile: compile NAME' line marks where each compile begins.
 """
 from __future__ import annotations
 
@@ -57,10 +66,92 @@ def hlo_stats(text: str) -> dict:
           'whiles': len(re.findall(r' while\(', text))}
 
 
+def check_options(options: list[str]) -> list[tuple[str, dict]]:
+  """Parsed option sets that this XLA accepts (each tried on a one-op program first, so an unknown
+  option costs a second, not a build and a failed compile); rejected ones are reported."""
+  good = []
+  for text in options or ['default:']:
+    name, opts = _parse_option(text)
+    try:
+      jax.jit(lambda x: x + 1).lower(jnp.float32(0)).compile(compiler_options=opts or None)
+    except Exception as e:
+      _emit({'stage': 'check_options', 'options': name, 'xla': opts, 'error': str(e).splitlines()[0]})
+      continue
+    good.append((name, opts))
+  return good
+
+
+def _compile_each(lowered, option_sets, run_step, info, steps, save_hlo):
+  """Compiles `lowered` once per option set and times `steps` calls of run_step(compiled, i) (which
+  blocks and returns the generator loss, or None); returns the last compiled program."""
+  compiled = None
+  for name, opts in option_sets:
+    # marks where this compile's XLA log lines (TF_CPP_VMODULE timers, on stderr) begin
+    print(f'=== tok_compile: compile {name}', file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+      compiled = lowered.compile(compiler_options=opts or None)
+    except Exception as e:  # report it, go on with the next option set
+      _emit({**info, 'stage': 'compile', 'options': name, 'xla': opts, 'error': str(e).splitlines()[0]})
+      continue
+    compile_s = time.perf_counter() - t0
+    run_step(compiled, 0)
+    t0 = time.perf_counter()
+    for i in range(steps):
+      loss = run_step(compiled, i)
+    dt = (time.perf_counter() - t0) / steps
+    text = compiled.as_text() or ''
+    _emit({**info, 'stage': 'compile', 'options': name, 'xla': opts, 's': compile_s,
+           'step_s': dt, 'images_s': info['batch'] / dt, 'g_loss': loss, 'hlo': hlo_stats(text)})
+    if save_hlo and os.environ.get('OUT'):
+      with gzip.open(os.path.join(os.environ['OUT'], f'tok_step_{name}.hlo.txt.gz'), 'wt') as f:
+        f.write(text)
+  return compiled
+
+
+def _step_for_export(parts, config):
+  """The jitted G + D step as a function of flat leaves (NNX variables in the state pytree cannot
+  be serialized by jax.export) and raw key data."""
+  from hita_jax.tasks import train_tokenizer as tt
+
+  def make(treedef):
+    def fn(leaves, key_data):
+      s, lp, b = jax.tree.unflatten(treedef, leaves)
+      return jax.tree.leaves(tt.train_step(parts, config, s, lp, b, jax.random.wrap_key_data(key_data)))
+    return fn
+  return make
+
+
+def run_exported(path: str, options: list[str], steps: int, save_hlo: bool = False):
+  """Cold compiles of a step written by `--export`, without building any model: each process that
+  runs this measures the first compile of its option set (inputs are zeros of the saved shapes)."""
+  jax.config.update('jax_enable_compilation_cache', False)
+  option_sets = check_options(options)
+  with open(path, 'rb') as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  # zeros of the saved shapes, placed as the step was exported (its device count must be present)
+  mesh = sharding.make_mesh([('data', exported.nr_devices)])
+  placed = [jax.device_put(jnp.zeros(a.shape, a.dtype), sh)
+            for a, sh in zip(exported.in_avals, exported.in_shardings_jax(mesh))]
+  (leaves, key_data), _ = jax.tree.unflatten(exported.in_tree, placed)
+  info = {'from_export': os.path.basename(path), 'batch': int(os.environ.get('TOK_BATCH', 16)),
+          'jax': jax.__version__, 'device': jax.devices()[0].device_kind}
+  t0 = time.perf_counter()
+  lowered = jax.jit(exported.call).trace(leaves, key_data).lower()
+  _emit({**info, 'stage': 'lower', 's': time.perf_counter() - t0})
+
+  def run_step(compiled, i):
+    del i
+    jax.block_until_ready(compiled(leaves, key_data))
+    return None
+  _compile_each(lowered, option_sets, run_step, info, steps, save_hlo)
+
+
 def run(batch: int, variant: str, options: list[str], steps: int, config_path: str | None = None,
-        profile_dir: str | None = None, save_hlo: bool = False):
+        profile_dir: str | None = None, save_hlo: bool = False, export_path: str | None = None):
   from hita_jax.tasks import train_tokenizer as tt
   jax.config.update('jax_enable_compilation_cache', False)  # cold compiles only
+  option_sets = check_options(options)
   config = config_lib.load_config(config_path or os.path.join(
       os.path.dirname(__file__), '..', '..', 'configs', f'tokenizer_{variant.lower()}.py'))
   config.train_tokenizer.global_batch_size = batch
@@ -79,6 +170,14 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   batches = [{'image': jnp.asarray(r.randint(0, 256, (batch, size, size, 3)).astype(np.uint8))}
              for _ in range(2)]
   key = jax.random.key(0)
+  if export_path:
+    leaves, treedef = jax.tree.flatten((state, lp_state, batches[0]))
+    t0 = time.perf_counter()
+    exported = jax.export.export(jax.jit(_step_for_export(parts, config)(treedef)))(
+        leaves, jax.random.key_data(key))
+    with open(export_path, 'wb') as f:
+      f.write(exported.serialize())
+    _emit({**info, 'stage': 'export', 's': time.perf_counter() - t0, 'path': export_path})
   step = jax.jit(lambda s, lp, b, k: tt.train_step(parts, config, s, lp, b, k), donate_argnums=(0,))
   t0 = time.perf_counter()
   step.trace(state, lp_state, batches[0], key)
@@ -93,44 +192,20 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   lowered = traced.lower()
   _emit({**info, 'stage': 'lower', 's': time.perf_counter() - t0,
          'hlo_lines': lowered.as_text().count('\n')})
-  compiled = None
-  for text in options or ['default:']:
-    name, opts = _parse_option(text)
-    # marks where this compile's XLA log lines (TF_CPP_VMODULE timers, on stderr) begin
-    print(f'=== tok_compile: compile {name}', file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    try:
-      compiled = lowered.compile(compiler_options=opts or None)
-    except Exception as e:  # e.g. an option this XLA does not know: report it, go on with the next
-      _emit({**info, 'stage': 'compile', 'options': name, 'xla': opts, 'error': str(e).splitlines()[0]})
-      continue
-    compile_s = time.perf_counter() - t0
-    state, m = compiled(state, lp_state, batches[0], key)
-    float(m['g_loss'])
-    t0 = time.perf_counter()
-    for i in range(steps):
-      state, m = compiled(state, lp_state, batches[i % 2], key)
-    float(m['g_loss'])
-    dt = (time.perf_counter() - t0) / steps
-    text = compiled.as_text() or ''
-    _emit({**info, 'stage': 'compile', 'options': name, 'xla': opts, 's': compile_s,
-           'step_s': dt, 'images_s': batch / dt, 'g_loss': float(m['g_loss']), 'hlo': hlo_stats(text)})
-    if save_hlo and os.environ.get('OUT'):
-      with gzip.open(os.path.join(os.environ['OUT'], f'tok_step_{name}.hlo.txt.gz'), 'wt') as f:
-        f.write(text)
+
+  def run_step(compiled, i):
+    nonlocal state
+    state, m = compiled(state, lp_state, batches[i % 2], key)
+    return float(m['g_loss'])
+  compiled = _compile_each(lowered, option_sets, run_step, info, steps, save_hlo)
   if profile_dir and compiled is not None:  # the last compiled program, kernels grouped by kind
     from hita_jax.tools import profile_summary
-
-    def once():
-      nonlocal state
-      for i in range(2):
-        state, m = compiled(state, lp_state, batches[i], key)
-      float(m['g_loss'])
-    rows = profile_summary.profile(once, profile_dir, repeats=1, top=0)
+    rows = profile_summary.profile(lambda: [run_step(compiled, i) for i in range(2)], profile_dir,
+                                   repeats=1, top=0)
     kinds = profile_summary.group_by_kind(rows)
     print(profile_summary.format_table(rows[:40]), flush=True)
     print(profile_summary.format_table(kinds), flush=True)
-    _emit({**info, 'stage': 'profile', 'options': name, 'kinds': kinds, 'top': rows[:40]})
+    _emit({**info, 'stage': 'profile', 'options': option_sets[-1][0], 'kinds': kinds, 'top': rows[:40]})
 
 
 def main(argv=None):
@@ -144,8 +219,15 @@ def main(argv=None):
   p.add_argument('--profile', default=None, help='trace directory: profile 2 steps of the last program')
   p.add_argument('--save-hlo', action='store_true',
                  help='write each optimized program to $OUT/tok_step_<name>.hlo.txt.gz')
+  p.add_argument('--export', default=None, metavar='FILE',
+                 help='also write the step (jax.export, serialized) for --from-export runs')
+  p.add_argument('--from-export', default=None, metavar='FILE',
+                 help='no build: compile a step written by --export (one cold compile per process)')
   a = p.parse_args(argv)
-  run(a.batch, a.variant, a.options, a.steps, a.config, a.profile, a.save_hlo)
+  if a.from_export:
+    run_exported(a.from_export, a.options, a.steps, a.save_hlo)
+  else:
+    run(a.batch, a.variant, a.options, a.steps, a.config, a.profile, a.save_hlo, a.export)
 
 
 if __name__ == '__main__':
