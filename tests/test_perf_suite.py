@@ -48,3 +48,17 @@ def test_report_regenerates_only_its_section(tmp_path):
   (tmp_path / 'bare.md').write_text('# no markers\n')
   with pytest.raises(ValueError, match='perf_suite:begin'):
     perf_suite.write_doc(str(tmp_path / 'bare.md'), 'x')
+
+
+def test_ar_train_records_carry_their_environment(tmp_path, monkeypatch):
+  """An `ar_train` record (a `main` subprocess that reports no versions) carries this machine's
+  versions, so a lease that measured only training rows still has its environment line."""
+  import jax
+  env = perf_suite._env()
+  assert env['jax'] == jax.__version__ and env['python']
+  monkeypatch.setattr(perf_suite, '_sh', lambda cmd, timeout: (1, 'no run here'))
+  perf_suite.ours_train(str(tmp_path), 'B', 2)
+  rec = json.loads((tmp_path / 'suite.jsonl').read_text().splitlines()[0])
+  assert rec['jax'] == jax.__version__ and rec['error'] == 'no run here'
+  rows, env = perf_suite.table(perf_suite.load([str(tmp_path / 'suite.jsonl')]))
+  assert env['jax'] == jax.__version__

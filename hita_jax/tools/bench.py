@@ -101,11 +101,11 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
   return out
 
 
-def _maybe_profile(out, profile_dir, once):
+def _maybe_profile(out, profile_dir, once, repeats=3):
   """With a trace directory: the 30 largest kernels and every kernel kind's total (printed, and
   in the JSON line as 'profile' and 'profile_kinds')."""
   if profile_dir:
-    rows = profile_summary.profile(once, profile_dir, top=0)
+    rows = profile_summary.profile(once, profile_dir, repeats=repeats, top=0)
     kinds = profile_summary.group_by_kind(rows)
     print(profile_summary.format_table(rows[:30] + rows[-1:]), flush=True)
     print(profile_summary.format_table(kinds), flush=True)
@@ -149,7 +149,8 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
              kv_segments=resolve_kv_segments(kv_segments, fused_attention=impl in KERNEL_IMPLS),
              decode_attn=impl)
   out.update(_mem())
-  _maybe_profile(out, profile_dir, lambda: run(9))
+  # one run: an XL run is ~270k kernels, and three of them outlast a 100 s budget to parse
+  _maybe_profile(out, profile_dir, lambda: run(9), repeats=1)
   return out
 
 

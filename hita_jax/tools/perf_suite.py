@@ -66,6 +66,25 @@ def _sh(cmd: list[str], timeout: float, env=None) -> tuple[int, str]:
     return 124, f'timed out after {timeout} s: {(e.stdout or b"")[-2000:]!r}'
 
 
+def _env() -> dict:
+  """Versions and device of this machine, for records whose run (a `main` subprocess) reports none
+  (a lease that measured only `ar_train` rows otherwise has no environment line)."""
+  import importlib.metadata
+  import platform
+  env = {'python': platform.python_version()}
+  for name in ('jax', 'flax', 'optax'):
+    try:
+      env[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  try:
+    env['device'] = subprocess.run(['nvidia-smi', '--query-gpu=name', '--format=csv,noheader'],
+                                   capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
+  except (OSError, IndexError, subprocess.SubprocessError):
+    pass
+  return env
+
+
 def ours_train(out_dir, size, batch, steps=40, timeout=240, config_arg=''):
   """`python -m hita_jax.main --config=configs/hita_<size>.py` on synthetic codes; steady-state
   images/s and MFU from the trainer's metrics.jsonl (the first logging period holds the compile)."""
@@ -78,7 +97,7 @@ def ours_train(out_dir, size, batch, steps=40, timeout=240, config_arg=''):
   t0 = time.time()
   rc, log = _sh(cmd, timeout)
   rec = {'side': 'ours', 'kind': 'ar_train', 'model': size, 'batch': batch, 'command': ' '.join(cmd[1:]),
-         'wall_s': time.time() - t0}
+         'wall_s': time.time() - t0, **_env()}
   path = os.path.join(work, 'metrics.jsonl')
   lines = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
   steady = [x for x in lines if 'images_per_s' in x][1:]
