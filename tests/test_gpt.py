@@ -385,3 +385,34 @@ def test_loss_multiplies_each_row_by_its_head_half_only():
   bf = random_gpt(dataclasses.replace(cfg, dtype='bfloat16'))
   lh16, lp16 = bf.loss(labels, q, z)
   np.testing.assert_allclose([float(lh16), float(lp16)], ref, rtol=2e-2)
+
+
+def test_sequence_padding_for_the_attention_kernel_is_inert(monkeypatch):
+  """The model pads the sequence once to the attention kernel's block (cuDNN 64, splash 128;
+  none for XLA) and drops the padded rows before the head: the same logits, losses and gradients
+  as without padding, in fp32 and in bf16 (padding forced here through the XLA path)."""
+  from hita_jax.models import gpt as gpt_mod
+  from hita_jax.models.layers import causal_pad
+  assert causal_pad(569, 'cudnn') == 7 and causal_pad(576, 'cudnn') == 0
+  assert causal_pad(569, 'splash') == 71 and causal_pad(569, 'xla') == 0
+  assert causal_pad(569, 'auto') == 0  # CPU: the XLA path pads nothing
+  for dtype, tol in (('float32', 1e-6), ('bfloat16', 0.0)):
+    cfg = tiny_cfg(attn_impl='xla', dtype=dtype)
+    labels, q, z = codes(cfg)
+    m = random_gpt(cfg, seed=4)
+    graphdef, params = nnx.split(m)
+
+    def loss(p):
+      lh, lp = nnx.merge(graphdef, p, copy=True).loss(labels, q, z)
+      return lh + lp
+    ref = (m(labels, q, z), *jax.value_and_grad(loss)(params))
+    with monkeypatch.context() as mp:
+      mp.setattr(gpt_mod, 'causal_pad', lambda t, impl: 11)
+      got = (m(labels, q, z), *jax.value_and_grad(loss)(params))
+    assert got[0].shape == ref[0].shape
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+      if tol:
+        np.testing.assert_allclose(a, b, atol=tol, rtol=1e-5)
+      else:  # bf16: as close as two bf16 runs of different length can be
+        np.testing.assert_allclose(a, b, atol=5e-3, rtol=5e-3)

@@ -121,3 +121,22 @@ def test_tokenizer_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
   assert 'g_loss' not in m[2] and np.isfinite(m[3]['g_loss']) and m[4]['nonfinite_steps'] == 2
   leaves = _checkpoint_leaves(w, 4)
   assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def test_keep_if_finite_selects_per_array_without_a_conditional():
+  """Old or new state per array (PRNG keys too), step always advanced; a select per array, so
+  XLA's program has no conditional (whose outputs it filled by copying the whole new state)."""
+  from hita_jax import training
+  old = {'step': jnp.int32(3), 'w': jnp.zeros((4, 2)), 'n': jnp.int32(7), 'key': jax.random.key(0)}
+  new = {'step': jnp.int32(4), 'w': jnp.ones((4, 2)), 'n': jnp.int32(8), 'key': jax.random.key(1)}
+  fn = jax.jit(lambda o, n, loss: training.keep_if_finite(o, n, {'loss': loss}, ('loss',)))
+  for loss, want, flag in ((1.0, new, 0), (float('nan'), old, 1)):
+    state, m = fn(old, new, jnp.float32(loss))
+    assert int(state['step']) == 4 and int(m['nonfinite']) == flag
+    np.testing.assert_array_equal(state['w'], want['w'])
+    assert int(state['n']) == int(want['n'])
+    np.testing.assert_array_equal(jax.random.key_data(state['key']), jax.random.key_data(want['key']))
+  hlo = fn.lower(old, new, jnp.float32(1.0)).compile().as_text()
+  assert not re.search(r' conditional\(', hlo)  # the op (the test's own name is in the metadata)
+  with pytest.raises(TypeError):  # a state array whose dtype changed is an error, as with the cond
+    training.keep_if_finite(old, {**new, 'w': new['w'].astype(jnp.bfloat16)}, {'loss': 1.0}, ('loss',))

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, decode_attention_update
-from hita_jax.models.layers import ATTN_IMPLS, DTYPES, causal_attention
+from hita_jax.models.layers import ATTN_IMPLS, DTYPES, causal_attention, causal_pad
 from hita_jax.models.rope import apply_rope, gpt_position_tables
 
 
@@ -354,10 +354,15 @@ class GPT(nnx.Module):
     x = dropout(self.embed_sequence(labels, holistic_codes, patch_codes), self.cfg.token_dropout, keys[1],
                 self.cfg.dropout_bits)
     t = x.shape[1]
-    _, cos, sin = self.position_tables(t)
-    add = self.pos_add(t)
+    # one pad of the sequence to the attention kernel's block (cuDNN: 64) instead of one per layer
+    # of q, k, v and the output; the padded rows come last, so the causal mask hides them from
+    # every real row, and they are dropped before the norm and the head
+    tp = t + causal_pad(t, self.cfg.attn_impl)
+    x = jnp.pad(x, ((0, 0), (0, tp - t), (0, 0)))
+    _, cos, sin = self.position_tables(tp)
+    add = self.pos_add(tp)
     layer_keys = jax.random.split(keys[2], self.cfg.n_layer) if keys[2] is not None else None
-    return self._layer_loop(x, lambda blk, h, key: blk(h, add, cos, sin, key), layer_keys)
+    return self._layer_loop(x, lambda blk, h, key: blk(h, add, cos, sin, key), layer_keys)[:, :t]
 
   def __call__(self, labels, holistic_codes, patch_codes, *, rng=None):
     """Teacher-forced logits (B, S + n, 2V) in fp32; row p predicts token p of cat(q, z)."""

@@ -118,6 +118,19 @@ def batch_mesh_axes(mesh, batch: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
+SPLASH_BLOCK = 128
+CUDNN_BLOCK = 64  # cuDNN flash attention rejects lengths such as 457 / 569
+
+
+def causal_pad(t: int, impl: str) -> int:
+  """Rows to append to a length-t causal sequence so that `causal_attention` with `impl` needs no
+  padding of its own: a model pads its activations once (padded rows sit after every real row, so
+  a causal mask keeps them out of every real row) instead of each layer padding q, k, v and
+  slicing the output (with gradients, ~4 % of a GPT-B/64 training step on an H200)."""
+  block = {'cudnn': CUDNN_BLOCK, 'splash': SPLASH_BLOCK}.get(resolve_attn_impl(impl))
+  return (-t) % block if block else 0
+
+
 def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
   """Causal self-attention on (B, T, H, D) by `impl` (see resolve_attn_impl). The fused kernels
   have no attention-probability dropout, so a non-None `dropout` always takes the XLA path.
@@ -127,7 +140,7 @@ def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
   if dropout is not None or impl == 'xla':
     return attention(q, k, v, mask=causal_mask(t), dropout=dropout)
   if impl == 'cudnn':
-    pad = (-t) % 64  # cuDNN flash attention rejects lengths such as 457/569; causal => pad is inert
+    pad = (-t) % CUDNN_BLOCK  # causal: the padded keys come after every real query
     pq, pk, pv = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
     return jax.nn.dot_product_attention(pq, pk, pv, is_causal=True, implementation='cudnn')[:, :t]
   on_tpu = jax.default_backend() == 'tpu'
@@ -146,7 +159,7 @@ def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
                        check_vma=False)(q, k, v)
 
 
-def splash_causal_attention(q, k, v, *, interpret: bool = False, block: int = 128):
+def splash_causal_attention(q, k, v, *, interpret: bool = False, block: int = SPLASH_BLOCK):
   """Causal attention through the Pallas TPU splash kernel (`interpret=True` runs it on CPU for
   tests). The sequence is padded to the block size; padded keys sit after every real query, so
   the causal mask already hides them."""
