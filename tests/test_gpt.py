@@ -388,22 +388,28 @@ def test_loss_multiplies_each_row_by_its_head_half_only():
 
 
 def test_sequence_padding_for_the_attention_kernel_is_inert(monkeypatch):
-  """The model pads the sequence once to the attention kernel's block (cuDNN 64, splash 128;
-  none for XLA) and drops the padded rows before the head: the same logits, losses and gradients
-  as without padding, in fp32 and in bf16 (padding forced here through the XLA path)."""
+  """The model pads the sequence once to the attention kernel's block (cuDNN 64, splash 128 when
+  the pad is small; none for XLA) and drops the padded rows before the head: the same logits,
+  losses and gradients as without padding, in fp32 and bf16, and with dropout on (16- and 32-bit
+  masks are drawn for the real rows only). Padding is forced here through the XLA path."""
   from hita_jax.models import gpt as gpt_mod
   from hita_jax.models.layers import causal_pad
   assert causal_pad(569, 'cudnn') == 7 and causal_pad(576, 'cudnn') == 0
-  assert causal_pad(569, 'splash') == 71 and causal_pad(569, 'xla') == 0
-  assert causal_pad(569, 'auto') == 0  # CPU: the XLA path pads nothing
-  for dtype, tol in (('float32', 1e-6), ('bfloat16', 0.0)):
-    cfg = tiny_cfg(attn_impl='xla', dtype=dtype)
+  assert causal_pad(569, 'xla') == 0 and causal_pad(569, 'auto') == 0  # CPU: XLA pads nothing
+  assert causal_pad(569, 'splash') == 0 and causal_pad(1000, 'splash') == 24  # 71 rows: too many
+  assert causal_pad(100, 'cudnn') == 0  # 28 rows: more than 1/16 of the sequence
+  drop = dict(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)
+  cases = [(dict(dtype='float32'), None, 1e-6), (dict(dtype='bfloat16'), None, 5e-3),
+           (dict(dtype='float32', dropout_bits=16, **drop), jax.random.key(7), 1e-6),
+           (dict(dtype='float32', dropout_bits=32, **drop), jax.random.key(7), 1e-6)]
+  for kw, rng, tol in cases:
+    cfg = tiny_cfg(attn_impl='xla', **kw)
     labels, q, z = codes(cfg)
     m = random_gpt(cfg, seed=4)
     graphdef, params = nnx.split(m)
 
     def loss(p):
-      lh, lp = nnx.merge(graphdef, p, copy=True).loss(labels, q, z)
+      lh, lp = nnx.merge(graphdef, p, copy=True).loss(labels, q, z, rng=rng)
       return lh + lp
     ref = (m(labels, q, z), *jax.value_and_grad(loss)(params))
     with monkeypatch.context() as mp:
@@ -411,8 +417,5 @@ def test_sequence_padding_for_the_attention_kernel_is_inert(monkeypatch):
       got = (m(labels, q, z), *jax.value_and_grad(loss)(params))
     assert got[0].shape == ref[0].shape
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-      a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-      if tol:
-        np.testing.assert_allclose(a, b, atol=tol, rtol=1e-5)
-      else:  # bf16: as close as two bf16 runs of different length can be
-        np.testing.assert_allclose(a, b, atol=5e-3, rtol=5e-3)
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol,
+                                 rtol=max(tol, 1e-5))

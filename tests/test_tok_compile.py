@@ -31,9 +31,9 @@ def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
   assert recs[0]['stage'] == 'check_options' and recs[0]['options'] == 'bogus'
   assert 'xla_no_such_option_anywhere' in recs[0]['error']
   recs = recs[1:]
-  assert [r['stage'] for r in recs] == ['build', 'export', 'trace', 'trace_cheap_probes', 'lower',
+  assert [r['stage'] for r in recs] == ['build', 'trace', 'trace_cheap_probes', 'lower', 'export',
                                         'compile', 'profile']
-  del recs[1]
+  del recs[4]
   assert recs[4]['options'] == 'no_fast_math' and recs[4]['xla'] == {'xla_cpu_enable_fast_math': False}
   assert recs[3]['hlo_lines'] > 1000
   assert recs[4]['s'] > 0 and recs[4]['images_s'] > 0 and math.isfinite(recs[4]['g_loss'])
@@ -49,3 +49,4 @@ def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
   recs = [json.loads(x) for x in open(tmp_path / 'tok_compile.jsonl')]
   assert [r['stage'] for r in recs] == ['lower', 'compile']
   assert recs[1]['s'] > 0 and recs[1]['step_s'] > 0 and recs[1]['hlo']['fusions'] > 10
+  assert recs[1]['batch'] == 2  # read from the exported image input

@@ -47,17 +47,21 @@ _TUNING = {'block_k': 64, 'num_warps': 2, 'num_stages': 2}
 @contextlib.contextmanager
 def tuning(**kw):
   """Within this context, kernels traced through `decode_attention[_update]` use these launch
-  parameters (block_k, num_warps, num_stages) instead of the defaults."""
+  parameters (block_k, num_warps, num_stages) instead of the defaults. For benchmarks: the
+  parameters are not part of any jit cache key, so JAX's caches are cleared on entry and exit
+  (a sampler traced with other parameters is traced again, not reused)."""
   unknown = set(kw) - set(_TUNING)
   if unknown:
     raise ValueError(f'unknown decode kernel parameter(s) {sorted(unknown)}; known: {sorted(_TUNING)}')
   old = dict(_TUNING)
   _TUNING.update(kw)
+  jax.clear_caches()
   try:
     yield
   finally:
     _TUNING.clear()
     _TUNING.update(old)
+    jax.clear_caches()
 
 
 def _is_pow2(n: int) -> bool:

@@ -128,16 +128,22 @@ REMAT_POLICIES = {
 }
 
 
-def dropout(x, rate: float, key, bits: int = 32):
+def dropout(x, rate: float, key, bits: int = 32, rows: int | None = None):
   """Inverted dropout; `key=None` or rate 0 is the identity (eval / deterministic). bits=32 draws
-  `jax.random.bernoulli` (one Threefry call per element); bits=16 draws `keep_mask_16`."""
+  `jax.random.bernoulli` (one Threefry call per element); bits=16 draws `keep_mask_16`. `rows`:
+  only x[:, :rows] are real (the rest pads the sequence for the attention kernel): the mask is
+  drawn for the real rows alone, so it is the one an unpadded sequence gets."""
   if key is None or rate <= 0.0:
     return x
+  shape = x.shape if rows is None else (x.shape[0], rows) + x.shape[2:]
   if bits == 16 and x.shape[-1] % 4 == 0 and jax.random.key_data(key).shape == (2,):
-    keep, scale = keep_mask_16(key, x.shape, rate)
-    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), 0).astype(x.dtype)
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    keep, scale = keep_mask_16(key, shape, rate)
+  else:
+    keep, scale = jax.random.bernoulli(key, 1.0 - rate, shape), 1.0 / (1.0 - rate)
+  if shape != x.shape:
+    keep = jnp.pad(keep, ((0, 0), (0, x.shape[1] - rows)) + ((0, 0),) * (x.ndim - 2),
+                   constant_values=True)
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), 0).astype(x.dtype)
 
 
 def keep_mask_16(key, shape, rate: float):
@@ -224,26 +230,27 @@ class Block(nnx.Module):
     k = apply_rope(k + add, cos, sin)
     return q, k, v
 
-  def finish(self, x, o, keys):
-    """Output projection, residuals and the FFN. keys: (resid, ffn, drop_path) dropout keys."""
+  def finish(self, x, o, keys, rows=None):
+    """Output projection, residuals and the FFN. keys: (resid, ffn, drop_path) dropout keys;
+    `rows`: the real rows of a padded sequence (dropout masks are drawn for those)."""
     b, t = o.shape[:2]
     cfg = self.cfg
     o = checkpoint_name(self._mm(o.reshape(b, t, -1), self.wo), 'attn_out')
-    h = x + drop_path(dropout(o, cfg.resid_dropout, keys[0], cfg.dropout_bits), cfg.drop_path_rate,
-                      keys[2])
+    h = x + drop_path(dropout(o, cfg.resid_dropout, keys[0], cfg.dropout_bits, rows),
+                      cfg.drop_path_rate, keys[2])
     y = self.ffn_norm(h)
     hidden = checkpoint_name(jax.nn.silu(self._mm(y, self.w1)) * self._mm(y, self.w3), 'mlp_hidden')
-    out = dropout(self._mm(hidden, self.w2), cfg.ffn_dropout, keys[1], cfg.dropout_bits)
+    out = dropout(self._mm(hidden, self.w2), cfg.ffn_dropout, keys[1], cfg.dropout_bits, rows)
     return h + drop_path(out, cfg.drop_path_rate, keys[3])
 
-  def __call__(self, x, pos_add, cos, sin, key=None):
-    """Full causal sequence (training / teacher forcing)."""
+  def __call__(self, x, pos_add, cos, sin, key=None, rows=None):
+    """Full causal sequence (training / teacher forcing); `rows` as in `finish`."""
     keys = list(jax.random.split(key, 5)) if key is not None else [None] * 5
     q, k, v = self.qkv(x, pos_add, cos, sin)
     drop = (functools.partial(dropout, rate=self.cfg.attn_dropout, key=keys[4])
             if keys[4] is not None and self.cfg.attn_dropout > 0 else None)
     o = causal_attention(q, k, v, impl=self.cfg.attn_impl, dropout=drop)
-    return self.finish(x, o, keys)
+    return self.finish(x, o, keys, rows)
 
   def decode(self, x, pos_add, cos, sin, k_cache, v_cache, pos, kv_len: int | None = None):
     """One position `pos` (scalar) for all batch rows with this layer's (B, H, T_max, hd) cache.
@@ -357,12 +364,16 @@ class GPT(nnx.Module):
     # one pad of the sequence to the attention kernel's block (cuDNN: 64) instead of one per layer
     # of q, k, v and the output; the padded rows come last, so the causal mask hides them from
     # every real row, and they are dropped before the norm and the head
-    tp = t + causal_pad(t, self.cfg.attn_impl)
+    # (attention-probability dropout takes the XLA path, which needs no padding)
+    attn_dropout = rng is not None and self.cfg.attn_dropout > 0
+    tp = t + (0 if attn_dropout else causal_pad(t, self.cfg.attn_impl))
     x = jnp.pad(x, ((0, 0), (0, tp - t), (0, 0)))
+    rows = t if tp > t else None
     _, cos, sin = self.position_tables(tp)
     add = self.pos_add(tp)
     layer_keys = jax.random.split(keys[2], self.cfg.n_layer) if keys[2] is not None else None
-    return self._layer_loop(x, lambda blk, h, key: blk(h, add, cos, sin, key), layer_keys)[:, :t]
+    return self._layer_loop(x, lambda blk, h, key: blk(h, add, cos, sin, key, rows),
+                            layer_keys)[:, :t]
 
   def __call__(self, labels, holistic_codes, patch_codes, *, rng=None):
     """Teacher-forced logits (B, S + n, 2V) in fp32; row p predicts token p of cat(q, z)."""

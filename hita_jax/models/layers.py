@@ -126,9 +126,12 @@ def causal_pad(t: int, impl: str) -> int:
   """Rows to append to a length-t causal sequence so that `causal_attention` with `impl` needs no
   padding of its own: a model pads its activations once (padded rows sit after every real row, so
   a causal mask keeps them out of every real row) instead of each layer padding q, k, v and
-  slicing the output (with gradients, ~4 % of a GPT-B/64 training step on an H200)."""
+  slicing the output (with gradients, ~4 % of a GPT-B/64 training step on an H200). Only when the
+  pad is at most 1/16 of t (cuDNN: 569 -> 576): every layer's GEMMs run on the padded rows too, so
+  a large pad (splash: 569 -> 640) stays inside the attention call."""
   block = {'cudnn': CUDNN_BLOCK, 'splash': SPLASH_BLOCK}.get(resolve_attn_impl(impl))
-  return (-t) % block if block else 0
+  pad = (-t) % block if block else 0
+  return pad if pad * 16 <= t else 0
 
 
 def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):

@@ -187,7 +187,8 @@ def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=20, tune=False):
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (rows, cfg.n_head, cfg.head_dim), jnp.bfloat16)
   kc, vc = (jax.random.normal(k, (rows, cfg.n_head, t, cfg.head_dim), jnp.bfloat16) for k in keys[1:])
-  impls = {'pallas': da.decode_attention_pallas,
+  kernel = functools.partial(da.decode_attention_pallas, **da._TUNING)  # what the sampler runs
+  impls = {'pallas': kernel,
            'xla': lambda *a: da.decode_attention_xla(*a[:3], a[3], kv_len=None)}
   out = dict(bench='decode_attn', size=size, batch=batch, rows=rows, heads=cfg.n_head,
              head_dim=cfg.head_dim, cache=t, lengths={}, tuning=dict(da._TUNING))
@@ -209,7 +210,8 @@ def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=20, tune=False):
       row[name] = dict(us=round(us, 1), gb_s=gb_s(length, us), max_err=float(jnp.max(jnp.abs(
           got.astype(jnp.float32) - ref))))
     # the sampler's kernel: also writes the step's K / V row (caches donated, so updated in place)
-    upd = jax.jit(da.decode_attention_update_pallas)
+    update_kernel = functools.partial(da.decode_attention_update_pallas, **da._TUNING)
+    upd = jax.jit(update_kernel)
     want = da.decode_attention_update(*(a.astype(jnp.float32) for a in (q, q, q, kc, vc)), n - 1,
                                       impl='xla')
     got, kc2, vc2 = upd(q, q, q, kc, vc, n - 1)
@@ -217,7 +219,7 @@ def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=20, tune=False):
               float(jnp.max(jnp.abs(kc2.astype(jnp.float32) - want[1]))),
               float(jnp.max(jnp.abs(vc2.astype(jnp.float32) - want[2]))))
     del kc2, vc2
-    us = _chain_timer(lambda c: da.decode_attention_update_pallas(c[0], c[0], c[0], c[1], c[2], n - 1),
+    us = _chain_timer(lambda c: update_kernel(c[0], c[0], c[0], c[1], c[2], n - 1),
                       (q + 0, kc + 0, vc + 0), repeats)
     row['pallas_update'] = dict(us=round(us, 1), gb_s=gb_s(length, us), max_err=err)
     out['lengths'][str(length)] = row
@@ -268,7 +270,9 @@ def bench_ar_trainer(size, batch, steps=20, attn='auto'):
   mesh = sharding.make_mesh([('data', -1)])
   parts, state, _ = ar.build(config, mesh)
   it = ar.make_data(config, parts)
-  step = jax.jit(lambda s, b, r: ar.train_step(parts, config, s, None, b, r), donate_argnums=(0,))
+  step = jax.jit(lambda s, b, r: ar.train_step(parts, config, s, None, b, r), donate_argnums=(0,),
+                 compiler_options=config_lib.gpu_compiler_options(
+                     config.train_ar.get('gpu_compiler_options')))  # as train_ar compiles it
   key = jax.random.key(0)
   t0 = time.perf_counter()
   for i in range(3):

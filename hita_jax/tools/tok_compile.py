@@ -83,8 +83,9 @@ def check_options(options: list[str]) -> list[tuple[str, dict]]:
 
 def _compile_each(lowered, option_sets, run_step, info, steps, save_hlo):
   """Compiles `lowered` once per option set and times `steps` calls of run_step(compiled, i) (which
-  blocks and returns the generator loss, or None); returns the last compiled program."""
-  compiled = None
+  blocks and returns the generator loss, or None); returns the last program that compiled and
+  its option set's name."""
+  compiled = compiled_name = None
   for name, opts in option_sets:
     # marks where this compile's XLA log lines (TF_CPP_VMODULE timers, on stderr) begin
     print(f'=== tok_compile: compile {name}', file=sys.stderr, flush=True)
@@ -95,7 +96,8 @@ def _compile_each(lowered, option_sets, run_step, info, steps, save_hlo):
       _emit({**info, 'stage': 'compile', 'options': name, 'xla': opts, 'error': str(e).splitlines()[0]})
       continue
     compile_s = time.perf_counter() - t0
-    run_step(compiled, 0)
+    compiled_name = name
+    loss = run_step(compiled, 0)
     t0 = time.perf_counter()
     for i in range(steps):
       loss = run_step(compiled, i)
@@ -106,7 +108,7 @@ def _compile_each(lowered, option_sets, run_step, info, steps, save_hlo):
     if save_hlo and os.environ.get('OUT'):
       with gzip.open(os.path.join(os.environ['OUT'], f'tok_step_{name}.hlo.txt.gz'), 'wt') as f:
         f.write(text)
-  return compiled
+  return compiled, compiled_name
 
 
 def _step_for_export(parts, config):
@@ -124,7 +126,9 @@ def _step_for_export(parts, config):
 
 def run_exported(path: str, options: list[str], steps: int, save_hlo: bool = False):
   """Cold compiles of a step written by `--export`, without building any model: each process that
-  runs this measures the first compile of its option set (inputs are zeros of the saved shapes)."""
+  runs this measures the first compile of its option set (inputs are zeros of the saved shapes).
+  The exported program donates nothing, so state and new state are both resident (a few GB for
+  Hita-V); its step time is close to, not the same as, the trainer's donated step."""
   jax.config.update('jax_enable_compilation_cache', False)
   option_sets = check_options(options)
   with open(path, 'rb') as f:
@@ -134,7 +138,8 @@ def run_exported(path: str, options: list[str], steps: int, save_hlo: bool = Fal
   placed = [jax.device_put(jnp.zeros(a.shape, a.dtype), sh)
             for a, sh in zip(exported.in_avals, exported.in_shardings_jax(mesh))]
   (leaves, key_data), _ = jax.tree.unflatten(exported.in_tree, placed)
-  info = {'from_export': os.path.basename(path), 'batch': int(os.environ.get('TOK_BATCH', 16)),
+  images = [a for a in exported.in_avals if a.dtype == jnp.uint8 and a.ndim == 4]  # the batch
+  info = {'from_export': os.path.basename(path), 'batch': images[0].shape[0] if images else None,
           'jax': jax.__version__, 'device': jax.devices()[0].device_kind}
   t0 = time.perf_counter()
   lowered = jax.jit(exported.call).trace(leaves, key_data).lower()
@@ -170,14 +175,6 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   batches = [{'image': jnp.asarray(r.randint(0, 256, (batch, size, size, 3)).astype(np.uint8))}
              for _ in range(2)]
   key = jax.random.key(0)
-  if export_path:
-    leaves, treedef = jax.tree.flatten((state, lp_state, batches[0]))
-    t0 = time.perf_counter()
-    exported = jax.export.export(jax.jit(_step_for_export(parts, config)(treedef)))(
-        leaves, jax.random.key_data(key))
-    with open(export_path, 'wb') as f:
-      f.write(exported.serialize())
-    _emit({**info, 'stage': 'export', 's': time.perf_counter() - t0, 'path': export_path})
   step = jax.jit(lambda s, lp, b, k: tt.train_step(parts, config, s, lp, b, k), donate_argnums=(0,))
   t0 = time.perf_counter()
   step.trace(state, lp_state, batches[0], key)
@@ -192,12 +189,20 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   lowered = traced.lower()
   _emit({**info, 'stage': 'lower', 's': time.perf_counter() - t0,
          'hlo_lines': lowered.as_text().count('\n')})
+  if export_path:  # after the timed trace, which its own trace would have warmed
+    leaves, treedef = jax.tree.flatten((state, lp_state, batches[0]))
+    t0 = time.perf_counter()
+    exported = jax.export.export(jax.jit(_step_for_export(parts, config)(treedef)))(
+        leaves, jax.random.key_data(key))
+    with open(export_path, 'wb') as f:
+      f.write(exported.serialize())
+    _emit({**info, 'stage': 'export', 's': time.perf_counter() - t0, 'path': export_path})
 
   def run_step(compiled, i):
     nonlocal state
     state, m = compiled(state, lp_state, batches[i % 2], key)
     return float(m['g_loss'])
-  compiled = _compile_each(lowered, option_sets, run_step, info, steps, save_hlo)
+  compiled, compiled_name = _compile_each(lowered, option_sets, run_step, info, steps, save_hlo)
   if profile_dir and compiled is not None:  # the last compiled program, kernels grouped by kind
     from hita_jax.tools import profile_summary
     rows = profile_summary.profile(lambda: [run_step(compiled, i) for i in range(2)], profile_dir,
@@ -205,7 +210,7 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
     kinds = profile_summary.group_by_kind(rows)
     print(profile_summary.format_table(rows[:40]), flush=True)
     print(profile_summary.format_table(kinds), flush=True)
-    _emit({**info, 'stage': 'profile', 'options': option_sets[-1][0], 'kinds': kinds, 'top': rows[:40]})
+    _emit({**info, 'stage': 'profile', 'options': compiled_name, 'kinds': kinds, 'top': rows[:40]})
 
 
 def main(argv=None):
@@ -214,7 +219,7 @@ def main(argv=None):
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--variant', default='V', choices=['V', 'U'])
   p.add_argument('--config', default=None, help='another config file (default configs/tokenizer_<variant>.py)')
-  p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--steps', type=int, default=10, help='timed steps per compiled program (>= 1)')
   p.add_argument('--options', nargs='*', default=[], help='NAME:xla_option=value[,...] per compile')
   p.add_argument('--profile', default=None, help='trace directory: profile 2 steps of the last program')
   p.add_argument('--save-hlo', action='store_true',
@@ -224,6 +229,8 @@ def main(argv=None):
   p.add_argument('--from-export', default=None, metavar='FILE',
                  help='no build: compile a step written by --export (one cold compile per process)')
   a = p.parse_args(argv)
+  if a.steps < 1:
+    p.error('--steps must be at least 1')
   if a.from_export:
     run_exported(a.from_export, a.options, a.steps, a.save_hlo)
   else:
