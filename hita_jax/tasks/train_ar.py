@@ -203,6 +203,14 @@ def validate(config):
                       f'{g.grid ** 2}: extract with the tokenizer config this GPT is built for')
 
 
+def jit_train_step(parts, config):
+  """`train_step` jitted as the trainer runs it: state donated, the config's XLA options on GPU
+  (`train_ar.gpu_compiler_options`). Called as step(state, tok_state, batch, rng)."""
+  return jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,),
+                 compiler_options=config_lib.gpu_compiler_options(
+                     config.train_ar.get('gpu_compiler_options')))
+
+
 def run(config, workdir: str):
   ar = config.train_ar
   validate(config)
@@ -219,8 +227,7 @@ def run(config, workdir: str):
   mngr = checkpoint.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=ar.ckpt_every,
                                        keep=ar.keep_checkpoints, best_metric='loss')
   state, start = checkpoint.resume(mngr, state, it)
-  step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,),
-                    compiler_options=config_lib.gpu_compiler_options(ar.get('gpu_compiler_options')))
+  step_fn = jit_train_step(parts, config)
   ndim = {'image': 4, 'label': 1, 'holistic_codes': 2, 'patch_codes': 2}
   shardings = {k: sharding.batch_sharding(mesh, rules, n) for k, n in ndim.items()}
   tokens = parts.cfg.seq_len

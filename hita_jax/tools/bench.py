@@ -105,10 +105,7 @@ def _maybe_profile(out, profile_dir, once, repeats=3):
   """With a trace directory: the 30 largest kernels and every kernel kind's total (printed, and
   in the JSON line as 'profile' and 'profile_kinds')."""
   if profile_dir:
-    rows = profile_summary.profile(once, profile_dir, repeats=repeats, top=0)
-    kinds = profile_summary.group_by_kind(rows)
-    print(profile_summary.format_table(rows[:30] + rows[-1:]), flush=True)
-    print(profile_summary.format_table(kinds), flush=True)
+    rows, kinds = profile_summary.profile_by_kind(once, profile_dir, repeats=repeats)
     out['profile'] = rows[:30] + rows[-1:]
     out['profile_kinds'] = kinds
 
@@ -241,7 +238,6 @@ def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=20, tune=False):
   return out
 
 
-
 def bench_inception(batch, repeats=5):
   """pool3 (+ sFID features and logits) of uint8 256x256 images at `batch`, random weights
   (speed only), fp32 at HIGHEST precision as in evaluation, ADM preprocessing included."""
@@ -270,9 +266,8 @@ def bench_ar_trainer(size, batch, steps=20, attn='auto'):
   mesh = sharding.make_mesh([('data', -1)])
   parts, state, _ = ar.build(config, mesh)
   it = ar.make_data(config, parts)
-  step = jax.jit(lambda s, b, r: ar.train_step(parts, config, s, None, b, r), donate_argnums=(0,),
-                 compiler_options=config_lib.gpu_compiler_options(
-                     config.train_ar.get('gpu_compiler_options')))  # as train_ar compiles it
+  jitted = ar.jit_train_step(parts, config)  # as train_ar compiles it
+  step = lambda s, b, r: jitted(s, None, b, r)
   key = jax.random.key(0)
   t0 = time.perf_counter()
   for i in range(3):

@@ -13,7 +13,6 @@ config file, an unknown `--config.<key>` or a config without `train_ar` prints o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 from absl import app, flags
@@ -78,9 +77,7 @@ def plan(config, num_devices: int, *, compile_step: bool = True) -> dict:
   batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=sharding.batch_sharding(mesh, rules, len(s)))
            for k, s in shapes.items()}
   parts = ar.Parts(gpt_def, tx, None, gcfg)
-  step = jax.jit(functools.partial(ar.train_step, parts, config), donate_argnums=(0,),
-                 compiler_options=config_lib.gpu_compiler_options(
-                     config.train_ar.get('gpu_compiler_options')))  # the program train_ar runs
+  step = ar.jit_train_step(parts, config)  # the program train_ar runs
   lowered = step.lower(state, None, batch, jax.random.key(0))
   out = {'mesh': spec, 'params': _per_device_bytes(params), 'opt': _per_device_bytes(opt),
          'ema': _per_device_bytes(params), 'activations': None}

@@ -75,6 +75,16 @@ def profile(fn, trace_dir: str, repeats: int = 3, top: int = 30) -> list[dict]:
   return device_kernel_table(trace_dir, top)
 
 
+def profile_by_kind(fn, trace_dir: str, repeats: int = 3, show: int = 30):
+  """Profiles fn() `repeats` times and prints the `show` largest kernels (and the total) and every
+  kernel kind's total -> (all kernel rows, kind rows)."""
+  rows = profile(fn, trace_dir, repeats=repeats, top=0)
+  kinds = group_by_kind(rows)
+  print(format_table(rows[:show] + rows[-1:]), flush=True)
+  print(format_table(kinds), flush=True)
+  return rows, kinds
+
+
 def format_table(rows: list[dict]) -> str:
   lines = [f"{'ms':>9} {'share':>6} {'calls':>6}  kernel"]
   lines += [f"{r['ms']:9.2f} {100 * r['share']:5.1f}% {r['calls']:6d}  {r['kernel']}" for r in rows]

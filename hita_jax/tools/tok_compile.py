@@ -111,17 +111,15 @@ def _compile_each(lowered, option_sets, run_step, info, steps, save_hlo):
   return compiled, compiled_name
 
 
-def _step_for_export(parts, config):
-  """The jitted G + D step as a function of flat leaves (NNX variables in the state pytree cannot
-  be serialized by jax.export) and raw key data."""
+def _step_for_export(parts, config, treedef):
+  """The G + D step as a function of flat leaves (NNX variables in the state pytree cannot be
+  serialized by jax.export) and raw key data."""
   from hita_jax.tasks import train_tokenizer as tt
 
-  def make(treedef):
-    def fn(leaves, key_data):
-      s, lp, b = jax.tree.unflatten(treedef, leaves)
-      return jax.tree.leaves(tt.train_step(parts, config, s, lp, b, jax.random.wrap_key_data(key_data)))
-    return fn
-  return make
+  def fn(leaves, key_data):
+    s, lp, b = jax.tree.unflatten(treedef, leaves)
+    return jax.tree.leaves(tt.train_step(parts, config, s, lp, b, jax.random.wrap_key_data(key_data)))
+  return fn
 
 
 def run_exported(path: str, options: list[str], steps: int, save_hlo: bool = False):
@@ -192,7 +190,7 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   if export_path:  # after the timed trace, which its own trace would have warmed
     leaves, treedef = jax.tree.flatten((state, lp_state, batches[0]))
     t0 = time.perf_counter()
-    exported = jax.export.export(jax.jit(_step_for_export(parts, config)(treedef)))(
+    exported = jax.export.export(jax.jit(_step_for_export(parts, config, treedef)))(
         leaves, jax.random.key_data(key))
     with open(export_path, 'wb') as f:
       f.write(exported.serialize())
@@ -205,11 +203,8 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   compiled, compiled_name = _compile_each(lowered, option_sets, run_step, info, steps, save_hlo)
   if profile_dir and compiled is not None:  # the last compiled program, kernels grouped by kind
     from hita_jax.tools import profile_summary
-    rows = profile_summary.profile(lambda: [run_step(compiled, i) for i in range(2)], profile_dir,
-                                   repeats=1, top=0)
-    kinds = profile_summary.group_by_kind(rows)
-    print(profile_summary.format_table(rows[:40]), flush=True)
-    print(profile_summary.format_table(kinds), flush=True)
+    rows, kinds = profile_summary.profile_by_kind(
+        lambda: [run_step(compiled, i) for i in range(2)], profile_dir, repeats=1, show=40)
     _emit({**info, 'stage': 'profile', 'options': compiled_name, 'kinds': kinds, 'top': rows[:40]})
 
 
