@@ -45,8 +45,10 @@ def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
   assert recs[5]['options'] == 'no_fast_math' and recs[5]['kinds']
   # the exported step compiles in a run that builds nothing
   (tmp_path / 'tok_compile.jsonl').unlink()
-  tok_compile.main(['--from-export', str(exp), '--steps', '1', '--options', 'default:'])
+  tok_compile.main(['--from-export', str(exp), '--steps', '1', '--options', 'default:',
+                    '--profile', str(tmp_path / 'prof2')])
   recs = [json.loads(x) for x in open(tmp_path / 'tok_compile.jsonl')]
-  assert [r['stage'] for r in recs] == ['lower', 'compile']
+  assert [r['stage'] for r in recs] == ['lower', 'compile', 'profile']
+  assert recs[2]['options'] == 'default' and recs[2]['kinds']
   assert recs[1]['s'] > 0 and recs[1]['step_s'] > 0 and recs[1]['hlo']['fusions'] > 10
   assert recs[1]['batch'] == 2  # read from the exported image input

@@ -21,8 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from hita_jax.models import decode_matmul
 from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, decode_attention_update
-from hita_jax.models.layers import ATTN_IMPLS, DTYPES, causal_attention, causal_pad
+from hita_jax.models.decode_matmul import DECODE_LAYER_IMPLS
+from hita_jax.models.layers import ATTN_IMPLS, DTYPES, batch_mesh_axes, causal_attention, causal_pad
 from hita_jax.models.rope import apply_rope, gpt_position_tables
 
 
@@ -59,6 +61,9 @@ class GPTConfig:
   attn_impl: str = 'auto'          # 'auto' (cuDNN on GPU, splash on TPU, XLA on CPU) | 'xla' | 'cudnn' | 'splash'
   # the sampler's one-query attention: 'auto' (the Pallas kernel on GPU) | 'xla' | 'pallas' | 'pallas_write'
   decode_attn_impl: str = 'auto'
+  # the sampler's per-layer products: 'xla' | 'pallas' (RMSNorm + qkv, RMSNorm + SwiGLU up, and
+  # the two residual products as fused kernels, models/decode_matmul.py; not yet timed on a GPU)
+  decode_layer_impl: str = 'xla'
   remat: str = 'none'              # 'none' | 'minimal' | 'dots' | 'full'
   scan_layers: bool = False
 
@@ -72,6 +77,9 @@ class GPTConfig:
     if self.decode_attn_impl not in DECODE_ATTN_IMPLS:
       raise ValueError(f'decode_attn_impl must be one of {DECODE_ATTN_IMPLS}, '
                        f'got {self.decode_attn_impl!r}')
+    if self.decode_layer_impl not in DECODE_LAYER_IMPLS:
+      raise ValueError(f'decode_layer_impl must be one of {DECODE_LAYER_IMPLS}, '
+                       f'got {self.decode_layer_impl!r}')
     if self.dropout_bits not in (16, 32):
       raise ValueError(f'dropout_bits must be 16 or 32, got {self.dropout_bits!r}')
     if self.remat not in REMAT_POLICIES:
@@ -219,9 +227,14 @@ class Block(nnx.Module):
 
   def qkv(self, x, pos_add, cos, sin):
     """Projections with Hita's position treatment: + holistic pos (first S positions) then RoPE."""
-    b, t, d = x.shape
-    h, hd = self.cfg.n_head, self.cfg.head_dim
     qkv = checkpoint_name(self._mm(self.attention_norm(x), self.wqkv), 'qkv')
+    return self.positions(qkv, pos_add, cos, sin)
+
+  def positions(self, qkv, pos_add, cos, sin):
+    """(B, T, 3 dim) projections -> q, k, v (B, T, H, hd) with the holistic position embedding
+    added to q and k, then RoPE."""
+    b, t, _ = qkv.shape
+    h, hd = self.cfg.n_head, self.cfg.head_dim
     q, k, v = (a.reshape(b, t, h, hd) for a in jnp.split(qkv, 3, axis=-1))
     add = pos_add.reshape(pos_add.shape[:-1] + (h, hd)).astype(q.dtype)
     if add.ndim == 3:
@@ -259,11 +272,43 @@ class Block(nnx.Module):
     the cache's first kv_len positions only on the XLA path (the read of the cache is most of a
     decode step's memory traffic); the fused kernel reads exactly positions <= pos, and with
     'pallas_write' also writes the new K / V row (`decode_attn_impl`, models/decode_attention.py)."""
-    q, k, v = self.qkv(x, pos_add, cos, sin)                    # (B, 1, H, hd)
+    fused = self.cfg.decode_layer_impl == 'pallas'
+    if fused:
+      qkv = _on_rows(decode_matmul.norm_matmul, (x[:, 0], self.attention_norm.weight[...],
+                                                 self.wqkv[...]), (0,), eps=self.cfg.norm_eps)
+      q, k, v = self.positions(qkv[:, None], pos_add, cos, sin)
+    else:
+      q, k, v = self.qkv(x, pos_add, cos, sin)                  # (B, 1, H, hd)
     o, k_cache, v_cache = decode_attention_update(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, pos,
                                                   impl=self.cfg.decode_attn_impl, kv_len=kv_len)
-    o = o[:, None].astype(x.dtype)
-    return self.finish(x, o, [None] * 4), k_cache, v_cache
+    if not fused:
+      o = o[:, None].astype(x.dtype)
+      return self.finish(x, o, [None] * 4), k_cache, v_cache
+    b = x.shape[0]
+    h = _on_rows(decode_matmul.matmul_residual,
+                 (o.reshape(b, -1).astype(x.dtype), self.wo[...], x[:, 0]), (0, 2))
+    hidden = _on_rows(decode_matmul.norm_matmul, (h, self.ffn_norm.weight[...], self.w1[...]), (0,),
+                      w_gate=self.w3[...], eps=self.cfg.norm_eps)
+    out = _on_rows(decode_matmul.matmul_residual, (hidden, self.w2[...], h), (0, 2))
+    return out[:, None], k_cache, v_cache
+
+
+def _on_rows(fn, args, row_args, **kw):
+  """fn(*args, **kw) for a decode_matmul kernel; under a mesh (`jax.set_mesh`) inside a shard_map
+  that splits the `row_args` over the batch axes and replicates the rest (the weights), since XLA
+  cannot partition a custom kernel itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args, **kw)
+  rows = jax.sharding.PartitionSpec(batch_mesh_axes(mesh, args[0].shape[0]) or None)
+  specs = tuple(rows if i in row_args else jax.sharding.PartitionSpec() for i in range(len(args)))
+  weights = {k: v for k, v in kw.items() if hasattr(v, 'shape')}
+  static = {k: v for k, v in kw.items() if k not in weights}
+  names = list(weights)
+  return jax.shard_map(
+      lambda *a: fn(*a[:len(args)], **dict(zip(names, a[len(args):])), **static), mesh=mesh,
+      in_specs=specs + (jax.sharding.PartitionSpec(),) * len(names), out_specs=rows,
+      check_vma=False)(*args, *weights.values())
 
 
 class GPT(nnx.Module):

@@ -4,6 +4,8 @@
     python -m hita_jax.tools.bench sample --size B --batch 64 --cfg 1.5
     python -m hita_jax.tools.bench decode_attn --size B --batch 64 [--tune]  (decode kernel vs XLA)
     python -m hita_jax.tools.bench sample --size B --decode-tuning 128,4,3   (kernel launch params)
+    python -m hita_jax.tools.bench decode_matmul --size B --batch 64 [--tune]  (fused layer products)
+    python -m hita_jax.tools.bench sample --size B --decode-layer pallas [--layer-tuning M,N,K,W,S]
     python -m hita_jax.tools.bench inception --batch 500
     python -m hita_jax.tools.bench tok_trainer --batch 16      (train_tokenizer's step, Hita-V @336)
     ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
@@ -33,6 +35,7 @@ from hita_jax import cli, config_lib, pretrained, sharding
 from hita_jax.metrics import flops
 from hita_jax.metrics.inception_features import InceptionRunner
 from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, KERNEL_IMPLS
+from hita_jax.models.decode_matmul import DECODE_LAYER_IMPLS
 from hita_jax.models.gpt import GPT, GPT_SIZES, REMAT_POLICIES, GPTConfig
 from hita_jax.models.sampler import decode_attn_impl_for, generate, resolve_kv_segments
 from hita_jax.tasks import train_ar as ar
@@ -115,14 +118,23 @@ def _jit_donating(fn):
 
 
 def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_segments=None,
-                 decode_attn='auto', decode_tuning=None):
+                 decode_attn='auto', decode_tuning=None, decode_layer='xla', layer_tuning=None):
   from hita_jax.models import decode_attention as da
+  from hita_jax.models import decode_matmul as dm
+  again = functools.partial(bench_sample, size, batch, cfg_scale, repeats, profile_dir, kv_segments,
+                            decode_attn, decode_layer=decode_layer)
   if decode_tuning:  # traced inside the context: the first call below compiles with it
     with da.tuning(**decode_tuning):
-      out = bench_sample(size, batch, cfg_scale, repeats, profile_dir, kv_segments, decode_attn)
+      out = again(layer_tuning=layer_tuning)
     out['decode_tuning'] = decode_tuning
     return out
-  cfg = full_size_config(size, dtype='bfloat16', decode_attn_impl=decode_attn)
+  if layer_tuning:
+    with dm.tuning(**layer_tuning):
+      out = again()
+    out['layer_tuning'] = layer_tuning
+    return out
+  cfg = full_size_config(size, dtype='bfloat16', decode_attn_impl=decode_attn,
+                         decode_layer_impl=decode_layer)
   model = GPT(cfg, rngs=nnx.Rngs(0))
   model.head[...] = jax.random.normal(jax.random.key(1), model.head.shape) * 0.02  # as the anchor
   model.eval()
@@ -144,7 +156,7 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
   out = dict(bench='sample', size=size, batch=batch, cfg=cfg_scale, tokens=cfg.seq_len, seconds=dt,
              images_s=batch / dt, first_call_s=first,
              kv_segments=resolve_kv_segments(kv_segments, fused_attention=impl in KERNEL_IMPLS),
-             decode_attn=impl)
+             decode_attn=impl, decode_layer=decode_layer)
   out.update(_mem())
   # one run: an XL run is ~270k kernels, and three of them outlast a 100 s budget to parse
   _maybe_profile(out, profile_dir, lambda: run(9), repeats=1)
@@ -233,6 +245,79 @@ def bench_decode_attn(size, batch, cfg_scale=1.5, repeats=20, tune=False):
       results.append(dict(params, us=[round(u, 1) for u in us], total_us=round(sum(us), 1)))
       print('tune', results[-1], flush=True)
     results.sort(key=lambda r: r['total_us'])
+    out['tune'] = results
+    out['tune_best'] = results[0] if results else None
+  return out
+
+
+# what `bench decode_matmul --tune` tries (72 launch-parameter sets)
+LAYER_TUNE_GRID = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+                   for bm in (32, 64, 128) for bn in (16, 32, 64) for bk in (128, 256)
+                   for w in (2, 4) for st in (2, 3)]
+
+
+def bench_decode_matmul(size, batch, cfg_scale=1.5, repeats=20, tune=False):
+  """One decode layer's products at the sampler's rows (CFG doubles them), bf16: the XLA path
+  (RMSNorm + qkv, output projection + residual, RMSNorm + SwiGLU up, down projection + residual)
+  against the fused kernels of models/decode_matmul.py, as a chain (each layer's output is the
+  next one's input; the attention is left out: its output is stood in for by a slice of qkv).
+  Microseconds per layer, GB/s of weights read, and the largest difference to fp32.
+  `tune`: every launch set of LAYER_TUNE_GRID, best first."""
+  from hita_jax.models import decode_matmul as dm
+  from hita_jax.models.gpt import RMSNorm
+  cfg = full_size_config(size)
+  rows = 2 * batch if cfg_scale > 1 else batch
+  d, f = cfg.dim, cfg.ffn_hidden
+  keys = jax.random.split(jax.random.key(0), 7)
+  w = {name: (0.02 * jax.random.normal(k, shape)).astype(jnp.bfloat16) for name, k, shape in
+       (('wqkv', keys[0], (d, 3 * d)), ('wo', keys[1], (d, d)), ('w1', keys[2], (d, f)),
+        ('w3', keys[3], (d, f)), ('w2', keys[4], (f, d)))}
+  gains = [1.0 + 0.1 * jax.random.normal(k, (d,)) for k in keys[5:7]]
+  x0 = jax.random.normal(jax.random.key(9), (rows, d), jnp.bfloat16)
+
+  def norm(x, g):
+    n = RMSNorm(d, cfg.norm_eps)
+    n.weight[...] = g
+    return n(x)
+
+  def xla_layer(x, w):
+    mm = lambda a, b: jnp.einsum('mk,kn->mn', a, b.astype(a.dtype))
+    qkv = mm(norm(x, gains[0]), w['wqkv'])
+    h = x + mm(qkv[:, :d], w['wo'])
+    y = norm(h, gains[1])
+    return h + mm(jax.nn.silu(mm(y, w['w1'])) * mm(y, w['w3']), w['w2'])
+
+  def fused_layer(x, w):
+    qkv = dm.norm_matmul(x, gains[0], w['wqkv'], eps=cfg.norm_eps)
+    h = dm.matmul_residual(qkv[:, :d], w['wo'], x)
+    hidden = dm.norm_matmul(h, gains[1], w['w1'], w_gate=w['w3'], eps=cfg.norm_eps)
+    return dm.matmul_residual(hidden, w['w2'], h)
+
+  weight_bytes = sum(a.size * 2 for a in w.values())
+  ref = xla_layer(x0.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in w.items()})
+  # the chain's carry is donated: fresh copies of the input and the weights per timing
+  time_layer = lambda fn: _chain_timer(lambda c: (fn(c[0], c[1]), c[1]),
+                                       (x0 + 0, jax.tree.map(lambda a: a + 0, w)), repeats)
+  out = dict(bench='decode_matmul', size=size, batch=batch, rows=rows, dim=d, ffn=f,
+             weight_mb=round(weight_bytes / 1e6, 2), tuning=dict(dm._TUNING), paths={})
+  for name, fn in (('xla', xla_layer), ('pallas', fused_layer)):
+    got = jax.jit(fn)(x0, w)
+    us = time_layer(fn)
+    out['paths'][name] = dict(us=round(us, 1), gb_s=round(weight_bytes / (us * 1e-6) / 1e9),
+                              max_err=float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))))
+    print(name, out['paths'][name], flush=True)
+  if tune:
+    results = []
+    for params in LAYER_TUNE_GRID:
+      try:
+        with dm.tuning(**params):
+          us = time_layer(fused_layer)
+      except Exception as e:  # e.g. too much shared memory for the blocks
+        print('tune', params, 'failed:', str(e).splitlines()[0][:200], flush=True)
+        continue
+      results.append(dict(params, us=round(us, 1)))
+      print('tune', results[-1], flush=True)
+    results.sort(key=lambda r: r['us'])
     out['tune'] = results
     out['tune_best'] = results[0] if results else None
   return out
@@ -352,11 +437,22 @@ def _parse_tuning(text):
   return dict(block_k=bk, num_warps=warps, num_stages=stages)
 
 
+def _parse_layer_tuning(text):
+  if not text:
+    return None
+  try:
+    bm, bn, bk, warps, stages = (int(x) for x in text.split(','))
+  except ValueError:
+    raise SystemExit(f'--layer-tuning {text!r}: write BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES, '
+                     'e.g. 64,32,128,4,3')
+  return dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
-  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'decode_attn', 'inception',
-                                  'tok_trainer'])
+  p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'decode_attn', 'decode_matmul',
+                                  'inception', 'tok_trainer'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
@@ -371,11 +467,15 @@ def main(argv=None):
   p.add_argument('--dropout-bits', type=int, default=16, choices=[16, 32],
                  help='gpt_train: random bits per dropout decision (GPTConfig.dropout_bits)')
   p.add_argument('--tune', action='store_true',
-                 help='decode_attn: also sweep the kernel\'s block_k / num_warps / num_stages')
+                 help='decode_attn / decode_matmul: also sweep the kernels\' launch parameters')
   p.add_argument('--decode-tuning', default=None, metavar='BLOCK_K,WARPS,STAGES',
                  help='sample: the decode kernel\'s launch parameters (default: the module\'s)')
   p.add_argument('--decode-attn', default='auto', choices=list(DECODE_ATTN_IMPLS),
                  help="sample: the decode step's attention (auto = the Pallas kernel on GPU)")
+  p.add_argument('--decode-layer', default='xla', choices=list(DECODE_LAYER_IMPLS),
+                 help="sample: the decode step's per-layer products (pallas = models/decode_matmul.py)")
+  p.add_argument('--layer-tuning', default=None, metavar='BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES',
+                 help="sample: the fused layer products' launch parameters (default: the module's)")
   a = p.parse_args(argv)
   if a.what == 'gpt_train':
     res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters, profile_dir=a.profile,
@@ -384,9 +484,12 @@ def main(argv=None):
     res = bench_ar_trainer(a.size, a.batch, attn=a.attn)
   elif a.what == 'sample':
     res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile, kv_segments=a.kv_segments,
-                       decode_attn=a.decode_attn, decode_tuning=_parse_tuning(a.decode_tuning))
+                       decode_attn=a.decode_attn, decode_tuning=_parse_tuning(a.decode_tuning),
+                       decode_layer=a.decode_layer, layer_tuning=_parse_layer_tuning(a.layer_tuning))
   elif a.what == 'decode_attn':
     res = bench_decode_attn(a.size, a.batch, a.cfg, tune=a.tune)
+  elif a.what == 'decode_matmul':
+    res = bench_decode_matmul(a.size, a.batch, a.cfg, tune=a.tune)
   elif a.what == 'tok_trainer':
     res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile)
   else:

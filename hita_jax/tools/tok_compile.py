@@ -122,7 +122,8 @@ def _step_for_export(parts, config, treedef):
   return fn
 
 
-def run_exported(path: str, options: list[str], steps: int, save_hlo: bool = False):
+def run_exported(path: str, options: list[str], steps: int, save_hlo: bool = False,
+                 profile_dir: str | None = None):
   """Cold compiles of a step written by `--export`, without building any model: each process that
   runs this measures the first compile of its option set (inputs are zeros of the saved shapes).
   The exported program donates nothing, so state and new state are both resident (a few GB for
@@ -147,7 +148,18 @@ def run_exported(path: str, options: list[str], steps: int, save_hlo: bool = Fal
     del i
     jax.block_until_ready(compiled(leaves, key_data))
     return None
-  _compile_each(lowered, option_sets, run_step, info, steps, save_hlo)
+  compiled, compiled_name = _compile_each(lowered, option_sets, run_step, info, steps, save_hlo)
+  _profile(compiled, compiled_name, run_step, info, profile_dir)
+
+
+def _profile(compiled, compiled_name, run_step, info, profile_dir):
+  """Two steps of the last compiled program profiled, kernels grouped by kind."""
+  if not profile_dir or compiled is None:
+    return
+  from hita_jax.tools import profile_summary
+  rows, kinds = profile_summary.profile_by_kind(
+      lambda: [run_step(compiled, i) for i in range(2)], profile_dir, repeats=1, show=40)
+  _emit({**info, 'stage': 'profile', 'options': compiled_name, 'kinds': kinds, 'top': rows[:40]})
 
 
 def run(batch: int, variant: str, options: list[str], steps: int, config_path: str | None = None,
@@ -201,11 +213,7 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
     state, m = compiled(state, lp_state, batches[i % 2], key)
     return float(m['g_loss'])
   compiled, compiled_name = _compile_each(lowered, option_sets, run_step, info, steps, save_hlo)
-  if profile_dir and compiled is not None:  # the last compiled program, kernels grouped by kind
-    from hita_jax.tools import profile_summary
-    rows, kinds = profile_summary.profile_by_kind(
-        lambda: [run_step(compiled, i) for i in range(2)], profile_dir, repeats=1, show=40)
-    _emit({**info, 'stage': 'profile', 'options': compiled_name, 'kinds': kinds, 'top': rows[:40]})
+  _profile(compiled, compiled_name, run_step, info, profile_dir)
 
 
 def main(argv=None):
@@ -227,7 +235,7 @@ def main(argv=None):
   if a.steps < 1:
     p.error('--steps must be at least 1')
   if a.from_export:
-    run_exported(a.from_export, a.options, a.steps, a.save_hlo)
+    run_exported(a.from_export, a.options, a.steps, a.save_hlo, a.profile)
   else:
     run(a.batch, a.variant, a.options, a.steps, a.config, a.profile, a.save_hlo, a.export)
 

@@ -1,0 +1,171 @@
+"""The decode step's fused products (models/decode_matmul.py, Pallas interpret mode on CPU) against
+the XLA path's arithmetic, in fp32 and bf16, through the sampler, and on the 8-device mesh."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from hita_jax.models import decode_matmul as dm
+from hita_jax.models.gpt import RMSNorm
+from hita_jax.models.sampler import for_sampling, generate
+from tests.test_gpt import random_gpt, tiny_cfg
+
+
+def _arrays(m, k, n, dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(ks[0], (m, k)).astype(dtype)
+  gain = 1.0 + 0.1 * jax.random.normal(ks[1], (k,))
+  w, w3 = (0.05 * jax.random.normal(key, (k, n)) for key in ks[2:4])
+  r = jax.random.normal(ks[4], (m, n)).astype(dtype)
+  return x, gain, w, w3, r
+
+
+def _xla_norm(x, gain, eps):
+  """The GPT's RMSNorm module on x (the XLA path)."""
+  norm = RMSNorm(x.shape[-1], eps)
+  norm.weight[...] = gain
+  return norm(x)
+
+
+def _mm(a, w):
+  return jnp.einsum('mk,kn->mn', a, w.astype(a.dtype))
+
+
+@pytest.mark.parametrize('m', [128, 16, 6])   # 6: rows padded to the 16-row block
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_kernels_match_the_xla_path(m, dtype):
+  """Each kernel against the same arithmetic as XLA ops: fp32 to 2e-6; bf16 within one bf16 step
+  of the output's magnitude (only the products' summation order and the SwiGLU's intermediate
+  roundings may differ)."""
+  k, n = 256, 96
+  x, gain, w, w3, r = _arrays(m, k, n, dtype, seed=m)
+  y = _xla_norm(x, gain, 1e-5)
+  cases = {
+      'norm_matmul': (dm.norm_matmul(x, gain, w, eps=1e-5), _mm(y, w)),
+      'norm_swiglu': (dm.norm_matmul(x, gain, w, w_gate=w3, eps=1e-5),
+                      jax.nn.silu(_mm(y, w)) * _mm(y, w3)),
+      'matmul_residual': (dm.matmul_residual(x, w, r), r + _mm(x, w)),
+  }
+  for name, (got, ref) in cases.items():
+    assert got.shape == (m, n) and got.dtype == dtype, name
+    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(got, ref, atol=2e-6, rtol=1e-5, err_msg=name)
+    else:
+      tol = 2 ** -7 * np.abs(ref).max()
+      assert np.abs(got - ref).max() <= tol, (name, np.abs(got - ref).max(), tol)
+
+
+def test_bf16_kernels_close_to_fp32():
+  """bf16-vs-fp32: the kernels' bf16 results are as close to the fp32 ones as XLA's bf16 are."""
+  x, gain, w, w3, r = _arrays(64, 128, 64, jnp.float32, seed=5)
+  b16 = lambda a: a.astype(jnp.bfloat16)
+  pairs = [
+      (lambda x, r: dm.norm_matmul(x, gain, w, w_gate=w3, eps=1e-5),
+       lambda x, r: jax.nn.silu(_mm(_xla_norm(x, gain, 1e-5), w)) * _mm(_xla_norm(x, gain, 1e-5), w3)),
+      (lambda x, r: dm.matmul_residual(x, w, r), lambda x, r: r + _mm(x, w)),
+  ]
+  for kernel, xla in pairs:
+    ref = np.asarray(xla(x, r), np.float64)
+    err_k = np.abs(np.asarray(kernel(b16(x), b16(r)), np.float64) - ref).max()
+    err_x = np.abs(np.asarray(xla(b16(x), b16(r)), np.float64) - ref).max()
+    assert err_k <= 1.5 * err_x + 1e-6, (err_k, err_x)
+
+
+def test_blocks_must_divide_the_dims():
+  assert dm.fits(768, 2304) and dm.fits(2048, 768) and dm.fits(1920, 5120)   # GPT-B, 2B
+  assert not dm.fits(40, 64)
+  x, gain, w, _, _ = _arrays(4, 40, 64, jnp.float32)
+  with pytest.raises(ValueError, match="K=40.*decode_layer_impl='xla'"):
+    dm.norm_matmul(x, gain, w)
+  with pytest.raises(ValueError, match='norm_matmul'):
+    dm.norm_matmul(x, gain[:8], w)
+
+
+def test_tuning_context_sets_and_restores():
+  before = dict(dm._TUNING)
+  with dm.tuning(block_n=16, num_warps=2):
+    assert dm._TUNING['block_n'] == 16 and dm._TUNING['num_warps'] == 2
+    x, gain, w, _, _ = _arrays(8, 64, 32, jnp.float32)
+    np.testing.assert_allclose(np.asarray(dm.norm_matmul(x, gain, w)),
+                               np.asarray(_mm(_xla_norm(x, gain, 1e-5), w)), atol=2e-6, rtol=1e-5)
+  assert dm._TUNING == before
+  with pytest.raises(ValueError, match='block_q'):
+    with dm.tuning(block_q=1):
+      pass
+  with pytest.raises(ValueError, match='decode_layer_impl'):
+    tiny_cfg(decode_layer_impl='triton')
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_sampler_with_fused_layers_matches_xla_path(dtype):
+  """generate() with the fused products in every layer (and the attention kernel) against the XLA
+  path, with CFG: fp32 the same greedy codes and logits to 1e-5; bf16 teacher-forced with the XLA
+  path's codes, logits as close to the fp32 model's as the XLA path's."""
+  cfg = tiny_cfg(grid=4, num_holistic=5, n_head=2)
+  labels = jnp.asarray([0, 1, 4])
+  variants = {'xla': dict(decode_layer_impl='xla', decode_attn_impl='xla'),
+              'fused': dict(decode_layer_impl='pallas', decode_attn_impl='pallas')}
+  models = {name: for_sampling(random_gpt(dataclasses.replace(cfg, **kw), seed=3), dtype)
+            for name, kw in variants.items()}
+  run = lambda name, **kw: generate(models[name][0], labels, jax.random.key(2), cfg_scale=2.5,
+                                    top_k=1, state=models[name][1], kv_segments=2,
+                                    return_logits=True, **kw)
+  xla_codes, xla_logits = run('xla')
+  if dtype == 'float32':
+    codes, logits = run('fused')
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(xla_codes))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(xla_logits), atol=1e-5)
+    return
+  force = dict(prefix_codes=xla_codes, prefix_mask=np.ones(xla_codes.shape[1], bool))
+  _, logits = run('fused', **force)
+  _, ref = generate(random_gpt(cfg, seed=3), labels, jax.random.key(2), cfg_scale=2.5,
+                    kv_segments=2, return_logits=True, **force)
+  ref = np.asarray(ref)
+  err_f = np.abs(np.asarray(logits) - ref).max()
+  err_x = np.abs(np.asarray(xla_logits) - ref).max()
+  assert err_f < 0.05 * np.abs(ref).max(), (err_f, err_x)
+  assert err_f <= 1.5 * err_x + 1e-3, (err_f, err_x)
+
+
+def test_sampler_with_fused_layers_on_the_8_device_mesh():
+  """Under jax.set_mesh the fused products run per batch shard (weights replicated): the codes of
+  the single-device XLA path."""
+  assert jax.device_count() == 8
+  cfg = tiny_cfg(grid=4, num_holistic=5, n_head=2)
+  labels = jnp.asarray([0, 1, 4, 2, 3, 1, 0, 2])
+  ref = generate(random_gpt(cfg, seed=5), labels, jax.random.key(1), cfg_scale=2.0, top_k=1,
+                 kv_segments=2)
+  m = random_gpt(dataclasses.replace(cfg, decode_layer_impl='pallas'), seed=5)
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    lab = jax.device_put(labels, jax.sharding.NamedSharding(mesh, P('data')))
+    got = generate(m, lab, jax.random.key(1), cfg_scale=2.0, top_k=1, kv_segments=2)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_bench_decode_matmul_and_sample_run_the_fused_layer(monkeypatch):
+  """`bench decode_matmul` (both paths timed, both near fp32, a two-set tune) and
+  `bench sample --decode-layer pallas --layer-tuning ...` at a tiny shape."""
+  from hita_jax.tools import bench
+  monkeypatch.setattr(bench, 'full_size_config', lambda size, **kw: bench.GPTConfig(
+      dim=64, n_layer=1, n_head=2, vocab_size=16, num_holistic=6, grid=4, num_classes=3, **kw))
+  monkeypatch.setattr(bench, 'LAYER_TUNE_GRID', [
+      dict(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2),
+      dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2)])
+  res = bench.bench_decode_matmul('B', 4, repeats=1, tune=True)
+  assert res['rows'] == 8 and res['ffn'] == 256
+  for path in ('xla', 'pallas'):
+    assert res['paths'][path]['us'] > 0 and res['paths'][path]['max_err'] < 0.1
+  assert len(res['tune']) == 2 and res['tune_best'] == res['tune'][0]
+  assert bench._parse_layer_tuning('32,16,64,2,3') == dict(block_m=32, block_n=16, block_k=64,
+                                                           num_warps=2, num_stages=3)
+  before = dict(dm._TUNING)
+  res = bench.bench_sample('B', 2, repeats=1, decode_layer='pallas',
+                           layer_tuning=dict(block_m=16, block_n=16, block_k=32, num_warps=4,
+                                             num_stages=2))
+  assert res['decode_layer'] == 'pallas' and res['images_s'] > 0
+  assert res['layer_tuning']['block_n'] == 16 and dm._TUNING == before
