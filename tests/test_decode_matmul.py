@@ -169,3 +169,48 @@ def test_bench_decode_matmul_and_sample_run_the_fused_layer(monkeypatch):
                                              num_stages=2))
   assert res['decode_layer'] == 'pallas' and res['images_s'] > 0
   assert res['layer_tuning']['block_n'] == 16 and dm._TUNING == before
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('holistic', [True, False])
+def test_qkv_rope_kernel_matches_the_block(dtype, holistic):
+  """norm_qkv_rope against Block.qkv's XLA path at one position: a holistic position (embedding
+  added, no rotation) and a patch position (rotation), outputs compared in half-split order."""
+  from flax import nnx
+  from hita_jax.models.gpt import Block, GPT
+  cfg = tiny_cfg(n_head=2, dtype='float32' if dtype == jnp.float32 else 'bfloat16')  # head dim 32
+  blk = Block(cfg, rngs=nnx.Rngs(4))
+  blk.attention_norm.weight[...] = 1.0 + 0.1 * jax.random.normal(jax.random.key(5), (cfg.dim,))
+  gpt = GPT(cfg, rngs=nnx.Rngs(6))
+  length = cfg.num_holistic + 8
+  _, cos, sin = gpt.position_tables(length)
+  p = 3 if holistic else cfg.num_holistic + 5
+  add = (gpt.pos_add(length)[p:p + 1]).astype(dtype)
+  x = jax.random.normal(jax.random.key(7), (6, 1, cfg.dim)).astype(dtype)
+  q, k, v = blk.qkv(x, add, cos[p:p + 1], sin[p:p + 1])
+  perm = dm.half_split_columns(cfg.n_head, cfg.head_dim)
+  ref = jnp.concatenate([q.reshape(6, -1)[:, perm], k.reshape(6, -1)[:, perm], v.reshape(6, -1)], -1)
+  cols = jnp.concatenate([perm, perm + cfg.dim, jnp.arange(2 * cfg.dim, 3 * cfg.dim)])
+  got = dm.norm_qkv_rope(x[:, 0], blk.attention_norm.weight[...], blk.wqkv[...][:, cols],
+                         add[0][perm], cos[p], sin[p], n_head=cfg.n_head, eps=cfg.norm_eps)
+  assert all(a.shape == (6, cfg.dim) and a.dtype == dtype for a in got)
+  got, ref = np.asarray(jnp.concatenate(got, -1), np.float32), np.asarray(ref, np.float32)
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(got, ref, atol=2e-6, rtol=1e-5)
+  else:
+    assert np.abs(got - ref).max() <= 2 ** -7 * np.abs(ref).max()
+  assert dm.rope_fits(64) and dm.rope_fits(32) and not dm.rope_fits(16) and not dm.rope_fits(60)
+
+
+@pytest.mark.parametrize('kw', [dict(n_head=4), dict(n_head=2, scan_layers=True)])
+def test_fused_sampler_variants(kw):
+  """Head dim 16 (no RoPE kernel: fused products, RoPE in XLA) and scanned layers (the permuted qkv
+  weights scanned with the layers): the greedy codes of the XLA path, fp32."""
+  cfg = tiny_cfg(grid=4, num_holistic=5, **kw)
+  labels = jnp.asarray([0, 3])
+  ref = generate(random_gpt(cfg, seed=8), labels, jax.random.key(3), cfg_scale=1.5, top_k=1,
+                 kv_segments=2, return_logits=True)
+  got = generate(random_gpt(dataclasses.replace(cfg, decode_layer_impl='pallas'), seed=8), labels,
+                 jax.random.key(3), cfg_scale=1.5, top_k=1, kv_segments=2, return_logits=True)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
+  np.testing.assert_allclose(np.asarray(got[1]), np.asarray(ref[1]), atol=1e-5)

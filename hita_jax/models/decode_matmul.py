@@ -117,6 +117,58 @@ def _norm_kernel(*refs, k: int, block_m: int, block_n: int, block_k: int, eps: f
   o_ref[rows, cols] = (silu * b).astype(o_ref.dtype)
 
 
+def _qkv_rope_kernel(x_ref, g_ref, w_ref, add_ref, cos_ref, sin_ref, q_ref, k_ref, v_ref, *, k: int,
+                     block_m: int, half: int, n_head: int, block_k: int, eps: float):
+  """One head of q, k or v (program column j: q heads, then k, then v): RMSNorm(x) @ w_half_split
+  as two column halves, plus the position embedding and the rotation for q and k. Three outputs,
+  so that no slice of a fused qkv has to be copied out for the attention kernel."""
+  dt = x_ref.dtype
+  i, j = pl.program_id(0), pl.program_id(1)
+  rows = pl.ds(i * block_m, block_m)
+  ca, cb = pl.ds(j * 2 * half, half), pl.ds(j * 2 * half + half, half)
+  n_k = k // block_k
+
+  def sum_sq(kk, acc):
+    xb = x_ref[rows, pl.ds(kk * block_k, block_k)].astype(jnp.float32)
+    return acc + jnp.sum(xb * xb, axis=1)
+  inv = jax.lax.rsqrt(jax.lax.fori_loop(0, n_k, sum_sq, jnp.zeros((block_m,), jnp.float32)) / k + eps)
+
+  def products(kk, accs):
+    ks = pl.ds(kk * block_k, block_k)
+    y = _normalised(x_ref, g_ref, rows, ks, inv, dt)
+    return accs[0] + _dot(y, w_ref[ks, ca]), accs[1] + _dot(y, w_ref[ks, cb])
+  zero = jnp.zeros((block_m, half), jnp.float32)
+  a, b = jax.lax.fori_loop(0, n_k, products, (zero, zero))
+  a, b = _round(a, dt), _round(b, dt)
+  head = j % n_head  # the head's columns in its output
+  oa, ob = pl.ds(head * 2 * half, half), pl.ds(head * 2 * half + half, half)
+
+  def rotated():
+    # as the XLA path: + the position embedding (rounded), then RoPE in fp32
+    ad = add_ref[pl.ds(head * 2 * half, half)].astype(jnp.float32)[None, :]
+    bd = add_ref[pl.ds(head * 2 * half + half, half)].astype(jnp.float32)[None, :]
+    a2, b2 = _round(a + ad, dt), _round(b + bd, dt)
+    c, s = cos_ref[...][None, :], sin_ref[...][None, :]
+    return (a2 * c - b2 * s).astype(dt), (b2 * c + a2 * s).astype(dt)
+
+  @pl.when(j < n_head)
+  def _():
+    ra, rb = rotated()
+    q_ref[rows, oa] = ra
+    q_ref[rows, ob] = rb
+
+  @pl.when((j >= n_head) & (j < 2 * n_head))
+  def _():
+    ra, rb = rotated()
+    k_ref[rows, oa] = ra
+    k_ref[rows, ob] = rb
+
+  @pl.when(j >= 2 * n_head)
+  def _():
+    v_ref[rows, oa] = a.astype(dt)
+    v_ref[rows, ob] = b.astype(dt)
+
+
 def _residual_kernel(a_ref, w_ref, r_ref, o_ref, *, k: int, block_m: int, block_n: int,
                      block_k: int):
   dt = o_ref.dtype
@@ -160,9 +212,11 @@ def _call(kernel, args, row_args: tuple[int, ...], m: int, n: int, block_m: int,
   return out[:m] if m_pad != m else out
 
 
-def norm_matmul(x, gain, w, *, w_gate=None, eps: float = 1e-5, interpret: bool | None = None):
+def norm_matmul(x, gain, w, *, w_gate=None, eps: float = 1e-5, out_dtype=None,
+                interpret: bool | None = None):
   """RMSNorm(x; gain, eps) @ w, or with `w_gate` silu(RMSNorm(x) @ w) * (RMSNorm(x) @ w_gate).
-  x (M, K) in the compute dtype, gain (K,), w / w_gate (K, N) (cast to x's dtype) -> (M, N)."""
+  x (M, K) in the compute dtype, gain (K,), w / w_gate (K, N) (cast to x's dtype) -> (M, N) in
+  `out_dtype` (default x's; float32 keeps the fp32 accumulation unrounded, e.g. for logits)."""
   m, k = x.shape
   n = w.shape[1]
   if gain.shape != (k,) or w.shape[0] != k or (w_gate is not None and w_gate.shape != w.shape):
@@ -173,8 +227,61 @@ def norm_matmul(x, gain, w, *, w_gate=None, eps: float = 1e-5, interpret: bool |
   kernel = functools.partial(_norm_kernel, k=k, block_m=block_m, block_n=block_n, block_k=block_k,
                              eps=float(eps), gated=gated)
   args = [x, gain, w.astype(x.dtype)] + ([w_gate.astype(x.dtype)] if gated else [])
-  return _call(kernel, args, (0,), m, n, block_m, block_n, x.dtype,
+  if gated and out_dtype is not None and jnp.dtype(out_dtype) != x.dtype:
+    raise ValueError('norm_matmul: the SwiGLU output is in the compute dtype')
+  return _call(kernel, args, (0,), m, n, block_m, block_n, out_dtype or x.dtype,
                'hita_decode_norm_swiglu' if gated else 'hita_decode_norm_matmul', interpret)
+
+
+def half_split_columns(n_head: int, head_dim: int) -> jnp.ndarray:
+  """Column order that turns each head's interleaved RoPE pairs (x[2m], x[2m+1]) into halves
+  (x[0::2] | x[1::2]): applied to q and k alike it leaves every q.k product (so the attention)
+  unchanged, and a kernel rotates a head as two column blocks instead of shuffling pairs."""
+  within = jnp.concatenate([jnp.arange(0, head_dim, 2), jnp.arange(1, head_dim, 2)])
+  return (jnp.arange(n_head)[:, None] * head_dim + within[None, :]).reshape(-1)
+
+
+def rope_fits(head_dim: int) -> bool:
+  """Whether `norm_qkv_rope` can take this head dim (half of it a power of two >= 16)."""
+  half = head_dim // 2
+  return head_dim % 2 == 0 and half >= 16 and half & (half - 1) == 0
+
+
+def norm_qkv_rope(x, gain, w_qkv, add, cos, sin, *, n_head: int, eps: float = 1e-5,
+                  interpret: bool | None = None):
+  """The decode step's whole qkv projection: RMSNorm(x) @ w_qkv, + `add` on q and k, then RoPE on
+  q and k, with q's and k's columns in `half_split_columns` order (w_qkv's q and k columns must
+  already be in it, e.g. `w[:, perm]`; so are the outputs, and the cache that takes k).
+  x (M, D), gain (D,), w_qkv (D, 3D), add (D,) (the position embedding row, in half-split order),
+  cos / sin (head_dim / 2,) of this position -> q, k, v, each (M, D)."""
+  from jax.experimental.pallas import triton as plgpu
+  m, d = x.shape
+  hd = d // n_head
+  if w_qkv.shape != (d, 3 * d) or add.shape != (d,) or gain.shape != (d,) or cos.shape != (hd // 2,):
+    raise ValueError(f'norm_qkv_rope: x {x.shape}, gain {gain.shape}, w_qkv {w_qkv.shape}, '
+                     f'add {add.shape}, cos {cos.shape} with {n_head} heads')
+  if not rope_fits(hd) or _block(d, _TUNING['block_k']) is None:
+    raise ValueError(f'norm_qkv_rope: head dim {hd} / K={d} have no Triton blocks; '
+                     "use decode_layer_impl='xla' for this model")
+  if interpret is None:
+    interpret = jax.default_backend() not in ('gpu', 'cuda')
+  block_m = max(16, min(_TUNING['block_m'], pl.next_power_of_2(m)))
+  block_k = _block(d, _TUNING['block_k'])
+  m_pad = -(-m // block_m) * block_m
+  dt = x.dtype
+  xp = jnp.pad(x, ((0, m_pad - m), (0, 0))) if m_pad != m else x
+  kernel = functools.partial(_qkv_rope_kernel, k=d, block_m=block_m, half=hd // 2, n_head=n_head,
+                             block_k=block_k, eps=float(eps))
+  outs = pl.pallas_call(
+      kernel,
+      grid=(m_pad // block_m, 3 * n_head),
+      out_shape=[jax.ShapeDtypeStruct((m_pad, d), dt)] * 3,
+      compiler_params=plgpu.CompilerParams(num_warps=_TUNING['num_warps'],
+                                           num_stages=_TUNING['num_stages']),
+      interpret=interpret,
+      name='hita_decode_norm_qkv_rope',
+  )(xp, gain, w_qkv.astype(dt), add.astype(dt), cos.astype(jnp.float32), sin.astype(jnp.float32))
+  return tuple(o[:m] for o in outs) if m_pad != m else tuple(outs)
 
 
 def matmul_residual(a, w, r, *, interpret: bool | None = None):

@@ -265,35 +265,46 @@ class Block(nnx.Module):
     o = causal_attention(q, k, v, impl=self.cfg.attn_impl, dropout=drop)
     return self.finish(x, o, keys, rows)
 
-  def decode(self, x, pos_add, cos, sin, k_cache, v_cache, pos, kv_len: int | None = None):
+  def decode(self, x, pos_add, cos, sin, k_cache, v_cache, pos, kv_len: int | None = None,
+             w_qkv_rope=None):
     """One position `pos` (scalar) for all batch rows with this layer's (B, H, T_max, hd) cache.
     Heads-major cache layout: the two attention products contract over hd / T with (B, H) as
     batch dimensions, so XLA never transposes the cache. `kv_len` (static, > pos) attends over
     the cache's first kv_len positions only on the XLA path (the read of the cache is most of a
     decode step's memory traffic); the fused kernel reads exactly positions <= pos, and with
-    'pallas_write' also writes the new K / V row (`decode_attn_impl`, models/decode_attention.py)."""
-    fused = self.cfg.decode_layer_impl == 'pallas'
-    if fused:
+    'pallas_write' also writes the new K / V row (`decode_attn_impl`, models/decode_attention.py).
+    `decode_layer_impl='pallas'`: the products as fused kernels (models/decode_matmul.py); with
+    `w_qkv_rope` (wqkv with q / k columns in half-split order, from `GPT.decode_weights`; then
+    `pos_add` is in that order too) the position embedding and RoPE happen in the qkv kernel and
+    q / k (so the cache) stay in that order, which leaves the attention unchanged."""
+    cfg = self.cfg
+    b = x.shape[0]
+    fused = cfg.decode_layer_impl == 'pallas'
+    if fused and w_qkv_rope is not None:
+      qkv = _on_rows(decode_matmul.norm_qkv_rope,
+                     (x[:, 0], self.attention_norm.weight[...], w_qkv_rope, pos_add[0], cos[0], sin[0]),
+                     (0,), n_out=3, n_head=cfg.n_head, eps=cfg.norm_eps)
+      q, k, v = (a.reshape(b, 1, cfg.n_head, cfg.head_dim) for a in qkv)
+    elif fused:
       qkv = _on_rows(decode_matmul.norm_matmul, (x[:, 0], self.attention_norm.weight[...],
-                                                 self.wqkv[...]), (0,), eps=self.cfg.norm_eps)
+                                                 self.wqkv[...]), (0,), eps=cfg.norm_eps)
       q, k, v = self.positions(qkv[:, None], pos_add, cos, sin)
     else:
       q, k, v = self.qkv(x, pos_add, cos, sin)                  # (B, 1, H, hd)
     o, k_cache, v_cache = decode_attention_update(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, pos,
-                                                  impl=self.cfg.decode_attn_impl, kv_len=kv_len)
+                                                  impl=cfg.decode_attn_impl, kv_len=kv_len)
     if not fused:
       o = o[:, None].astype(x.dtype)
       return self.finish(x, o, [None] * 4), k_cache, v_cache
-    b = x.shape[0]
     h = _on_rows(decode_matmul.matmul_residual,
                  (o.reshape(b, -1).astype(x.dtype), self.wo[...], x[:, 0]), (0, 2))
     hidden = _on_rows(decode_matmul.norm_matmul, (h, self.ffn_norm.weight[...], self.w1[...]), (0,),
-                      w_gate=self.w3[...], eps=self.cfg.norm_eps)
+                      w_gate=self.w3[...], eps=cfg.norm_eps)
     out = _on_rows(decode_matmul.matmul_residual, (hidden, self.w2[...], h), (0, 2))
     return out[:, None], k_cache, v_cache
 
 
-def _on_rows(fn, args, row_args, **kw):
+def _on_rows(fn, args, row_args, n_out=None, **kw):
   """fn(*args, **kw) for a decode_matmul kernel; under a mesh (`jax.set_mesh`) inside a shard_map
   that splits the `row_args` over the batch axes and replicates the rest (the weights), since XLA
   cannot partition a custom kernel itself."""
@@ -307,7 +318,8 @@ def _on_rows(fn, args, row_args, **kw):
   names = list(weights)
   return jax.shard_map(
       lambda *a: fn(*a[:len(args)], **dict(zip(names, a[len(args):])), **static), mesh=mesh,
-      in_specs=specs + (jax.sharding.PartitionSpec(),) * len(names), out_specs=rows,
+      in_specs=specs + (jax.sharding.PartitionSpec(),) * len(names),
+      out_specs=rows if n_out is None else (rows,) * n_out,
       check_vma=False)(*args, *weights.values())
 
 
@@ -473,11 +485,20 @@ class GPT(nnx.Module):
     per-layer slices of the stacked layers (slicing inside the loop made XLA copy every layer's
     weights at every step) and the two head halves (so a step multiplies by one half only)."""
     graphdef, state = nnx.split(self.blocks)
-    v = self.cfg.vocab_size
+    cfg = self.cfg
+    v = cfg.vocab_size
     head = self.head[...]
-    layers = state if self.cfg.scan_layers else [
-        jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.cfg.n_layer)]
-    return {'graphdef': graphdef, 'layers': layers, 'head': (head[:, :v], head[:, v:])}
+    layers = state if cfg.scan_layers else [
+        jax.tree.map(lambda a, i=i: a[i], state) for i in range(cfg.n_layer)]
+    w = {'graphdef': graphdef, 'layers': layers, 'head': (head[:, :v], head[:, v:])}
+    if cfg.decode_layer_impl == 'pallas' and decode_matmul.rope_fits(cfg.head_dim):
+      # q / k columns (and the holistic position table) in half-split order for the qkv kernel
+      perm = decode_matmul.half_split_columns(cfg.n_head, cfg.head_dim)
+      cols = jnp.concatenate([perm, perm + cfg.dim, jnp.arange(2 * cfg.dim, 3 * cfg.dim)])
+      wqkv = state['wqkv'][...][..., cols]
+      w['qkv_rope'] = wqkv if cfg.scan_layers else [wqkv[i] for i in range(cfg.n_layer)]
+      w['holistic_pos_rope'] = self.holistic_pos[...][:, perm]
+    return w
 
   def decode_step(self, x, cache, pos, weights=None, *, kv_len: int | None = None,
                   head: str | None = None):
@@ -494,32 +515,40 @@ class GPT(nnx.Module):
     cos_p = jax.lax.dynamic_slice_in_dim(cos, pos, 1)
     sin_p = jax.lax.dynamic_slice_in_dim(sin, pos, 1)
     s = cfg.num_holistic
-    row = jax.lax.dynamic_slice_in_dim(self.holistic_pos[...], jnp.minimum(pos, s - 1), 1)
+    rope = w.get('qkv_rope')  # fused qkv + RoPE: the position table in the kernel's column order
+    table = w['holistic_pos_rope'] if rope is not None else self.holistic_pos[...]
+    row = jax.lax.dynamic_slice_in_dim(table, jnp.minimum(pos, s - 1), 1)
     add_p = jnp.where(pos < s, row, 0).astype(self.compute_dtype)
 
     if cfg.scan_layers:
-      def body(carry, layer_state):
+      def body(carry, xs):
+        layer_state, w_rope = xs
         h, i, k_all, v_all = carry
         blk = nnx.merge(graphdef, layer_state, copy=True)
         kc = jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False)
         vc = jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False)
-        h, kc, vc = blk.decode(h, add_p, cos_p, sin_p, kc, vc, pos, kv_len)
+        h, kc, vc = blk.decode(h, add_p, cos_p, sin_p, kc, vc, pos, kv_len, w_rope)
         k_new = jax.lax.dynamic_slice_in_dim(kc, pos, 1, axis=2)[None]
         v_new = jax.lax.dynamic_slice_in_dim(vc, pos, 1, axis=2)[None]
         k_all = jax.lax.dynamic_update_slice(k_all, k_new, (i, 0, 0, pos, 0))
         v_all = jax.lax.dynamic_update_slice(v_all, v_new, (i, 0, 0, pos, 0))
         return (h, i + 1, k_all, v_all), None
-      (x, _, k, v), _ = jax.lax.scan(body, (x, 0, cache['k'], cache['v']), w['layers'])
+      (x, _, k, v), _ = jax.lax.scan(body, (x, 0, cache['k'], cache['v']), (w['layers'], rope))
       cache = {'k': k, 'v': v}
     else:
       ks, vs = list(cache['k']), list(cache['v'])
       for i, layer_state in enumerate(w['layers']):
         blk = nnx.merge(graphdef, layer_state, copy=True)
-        x, ks[i], vs[i] = blk.decode(x, add_p, cos_p, sin_p, ks[i], vs[i], pos, kv_len)
+        x, ks[i], vs[i] = blk.decode(x, add_p, cos_p, sin_p, ks[i], vs[i], pos, kv_len,
+                                     None if rope is None else rope[i])
       cache = {'k': tuple(ks), 'v': tuple(vs)}
-    h = self.norm(x)[:, 0]
-    mm = lambda head: jnp.einsum('bd,dv->bv', h, head.astype(h.dtype),
-                                 preferred_element_type=jnp.float32)
+    if cfg.decode_layer_impl == 'pallas':  # the output norm inside the head's product
+      mm = lambda head: _on_rows(decode_matmul.norm_matmul, (x[:, 0], self.norm.weight[...], head),
+                                 (0,), eps=cfg.norm_eps, out_dtype=jnp.float32)
+    else:
+      h = self.norm(x)[:, 0]
+      mm = lambda head: jnp.einsum('bd,dv->bv', h, head.astype(h.dtype),
+                                   preferred_element_type=jnp.float32)
     # Holistic head below S, patch head from S on; only one of them is computed.
     if head is None:
       logits = jax.lax.cond(pos < s, lambda: mm(w['head'][0]), lambda: mm(w['head'][1]))

@@ -37,6 +37,7 @@ from hita_jax.metrics.inception_features import InceptionRunner
 from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, KERNEL_IMPLS
 from hita_jax.models.decode_matmul import DECODE_LAYER_IMPLS
 from hita_jax.models.gpt import GPT, GPT_SIZES, REMAT_POLICIES, GPTConfig
+from hita_jax.models.rope import apply_rope
 from hita_jax.models.sampler import decode_attn_impl_for, generate, resolve_kv_segments
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
@@ -260,8 +261,11 @@ def bench_decode_matmul(size, batch, cfg_scale=1.5, repeats=20, tune=False):
   """One decode layer's products at the sampler's rows (CFG doubles them), bf16: the XLA path
   (RMSNorm + qkv, output projection + residual, RMSNorm + SwiGLU up, down projection + residual)
   against the fused kernels of models/decode_matmul.py, as a chain (each layer's output is the
-  next one's input; the attention is left out: its output is stood in for by a slice of qkv).
-  Microseconds per layer, GB/s of weights read, and the largest difference to fp32.
+  next one's input; the attention is left out: its output is stood in for by q + k, after the
+  position embedding and RoPE; the fused side's q / k are in half-split order, so its q + k is a
+  column permutation of the XLA side's and the outputs differ, only the times compare).
+  Microseconds per layer, GB/s of weights read, and each path's largest difference to itself in
+  fp32.
   `tune`: every launch set of LAYER_TUNE_GRID, best first."""
   from hita_jax.models import decode_matmul as dm
   from hita_jax.models.gpt import RMSNorm
@@ -280,38 +284,57 @@ def bench_decode_matmul(size, batch, cfg_scale=1.5, repeats=20, tune=False):
     n.weight[...] = g
     return n(x)
 
+  hd, nh = cfg.head_dim, cfg.n_head
+  add = (0.02 * jax.random.normal(jax.random.key(11), (d,))).astype(jnp.bfloat16)
+  angle = jnp.linspace(0.0, 3.0, hd // 2)  # a patch position: rotated and, here, also shifted
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  perm = dm.half_split_columns(nh, hd)
+  cols = jnp.concatenate([perm, perm + d, jnp.arange(2 * d, 3 * d)])
+  add_perm = add[perm]
+
   def xla_layer(x, w):
     mm = lambda a, b: jnp.einsum('mk,kn->mn', a, b.astype(a.dtype))
     qkv = mm(norm(x, gains[0]), w['wqkv'])
-    h = x + mm(qkv[:, :d], w['wo'])
+    q, k = (apply_rope((a + add).reshape(rows, 1, nh, hd), cos[None], sin[None]).reshape(rows, d)
+            for a in (qkv[:, :d], qkv[:, d:2 * d]))
+    h = x + mm(q + k, w['wo'])
     y = norm(h, gains[1])
     return h + mm(jax.nn.silu(mm(y, w['w1'])) * mm(y, w['w3']), w['w2'])
 
   def fused_layer(x, w):
-    qkv = dm.norm_matmul(x, gains[0], w['wqkv'], eps=cfg.norm_eps)
-    h = dm.matmul_residual(qkv[:, :d], w['wo'], x)
+    if dm.rope_fits(hd):  # what the sampler runs: q / k in half-split order, RoPE in the kernel
+      # w['wqkv'] is in half-split column order here (permuted once, below, as the sampler does)
+      q, k, _ = dm.norm_qkv_rope(x, gains[0], w['wqkv'], add_perm, cos, sin, n_head=nh,
+                                 eps=cfg.norm_eps)
+    else:
+      qkv = dm.norm_matmul(x, gains[0], w['wqkv'], eps=cfg.norm_eps)
+      q, k = qkv[:, :d], qkv[:, d:2 * d]
+    h = dm.matmul_residual(q + k, w['wo'], x)
     hidden = dm.norm_matmul(h, gains[1], w['w1'], w_gate=w['w3'], eps=cfg.norm_eps)
     return dm.matmul_residual(hidden, w['w2'], h)
 
   weight_bytes = sum(a.size * 2 for a in w.values())
-  ref = xla_layer(x0.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in w.items()})
+  weights = {'xla': w, 'pallas': {**w, 'wqkv': w['wqkv'][:, cols]} if dm.rope_fits(hd) else w}
+  f32 = lambda ws: {k: v.astype(jnp.float32) for k, v in ws.items()}
+  ref = {'xla': xla_layer(x0.astype(jnp.float32), f32(weights['xla'])),
+         'pallas': fused_layer(x0.astype(jnp.float32), f32(weights['pallas']))}
   # the chain's carry is donated: fresh copies of the input and the weights per timing
-  time_layer = lambda fn: _chain_timer(lambda c: (fn(c[0], c[1]), c[1]),
-                                       (x0 + 0, jax.tree.map(lambda a: a + 0, w)), repeats)
+  time_layer = lambda fn, ws: _chain_timer(lambda c: (fn(c[0], c[1]), c[1]),
+                                           (x0 + 0, jax.tree.map(lambda a: a + 0, ws)), repeats)
   out = dict(bench='decode_matmul', size=size, batch=batch, rows=rows, dim=d, ffn=f,
              weight_mb=round(weight_bytes / 1e6, 2), tuning=dict(dm._TUNING), paths={})
   for name, fn in (('xla', xla_layer), ('pallas', fused_layer)):
-    got = jax.jit(fn)(x0, w)
-    us = time_layer(fn)
+    got = jax.jit(fn)(x0, weights[name])
+    us = time_layer(fn, weights[name])
     out['paths'][name] = dict(us=round(us, 1), gb_s=round(weight_bytes / (us * 1e-6) / 1e9),
-                              max_err=float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref))))
+                              max_err=float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref[name]))))
     print(name, out['paths'][name], flush=True)
   if tune:
     results = []
     for params in LAYER_TUNE_GRID:
       try:
         with dm.tuning(**params):
-          us = time_layer(fused_layer)
+          us = time_layer(fused_layer, weights['pallas'])
       except Exception as e:  # e.g. too much shared memory for the blocks
         print('tune', params, 'failed:', str(e).splitlines()[0][:200], flush=True)
         continue
