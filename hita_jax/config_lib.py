@@ -157,6 +157,12 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       'warmup_init_lr': (1e-7, 'generator LR at step 0'),
       'lr_decay': ('constant', "after warm-up: 'constant' (official) or 'cosine'"),
       'grad_clip': (1.0, 'global-norm clip of G and D gradients'),
+      # 'flat': the clip and Adam of each network on one vector (its gradients concatenated):
+      # a few fused kernels instead of several per parameter (~550 generator tensors; the per-
+      # tensor work was over half of the step's lowered program); 'per_leaf': one moment array per
+      # parameter (checkpoints written before 2026-12-04); 'auto': flat when the parameters are
+      # replicated (data parallel, the default mesh), per_leaf when a mesh axis shards them
+      'optimizer_layout': ('auto', "'auto', 'flat' or 'per_leaf' (Adam moments' layout)"),
       'ema_decay': (0.99 if tiny else 0.9999, 'EMA of the generator (exported)'),
       'compute_dtype': ('float32' if tiny else 'bfloat16', "'float32', 'bfloat16' or 'float16'"),
       'log_every': (10 if tiny else 100, 'steps between metric lines'),

@@ -41,8 +41,15 @@ def lr_schedule(lr: float, warmup_steps: int, warmup_init: float = 1e-7, decay: 
   return optax.join_schedules([warm, after], [warmup_steps])
 
 
-def ema_update(ema, params, decay):
-  return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
+def ema_update(ema, params, decay: float, finite=None):
+  """ema * decay + params * (1 - decay), the weight 1 - decay taken in double precision as the
+  official `ema.mul_(decay).add_(p, alpha=1 - decay)`. `finite` (a traced bool): on a non-finite
+  step the weights become (1, 0), which returns the EMA exactly (params are finite then), so
+  `keep_if_finite` need not select it."""
+  keep, take = decay, 1.0 - decay
+  if finite is not None:
+    keep, take = jnp.where(finite, keep, 1.0), jnp.where(finite, take, 0.0)
+  return jax.tree.map(lambda e, p: e * keep + p.astype(e.dtype) * take, ema, params)
 
 
 @nnx.jit
@@ -63,16 +70,72 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax
           for k, v in local.items()}
 
 
+def flat_vector(tree):
+  """The leaves of `tree` raveled and concatenated in tree order (as `optax.flatten` does)."""
+  return jnp.concatenate([jnp.reshape(x, [-1]) for x in jax.tree.leaves(tree)])
+
+
+def grad_norm(grads, flat: bool):
+  """The gradients' global norm as the step's clip sees it: with a flat optimizer the norm of the
+  same concatenated vector (XLA shares it with the clip's), so the metric adds no per-tensor
+  reductions."""
+  return optax.global_norm(flat_vector(grads) if flat else grads)
+
+
+def init_optimizer_state(tx, params, mesh, flat: bool):
+  """`tx`'s state for `params`, born sharded: per parameter, or (flat) for their concatenation
+  (one replicated vector per moment; for replicated parameters)."""
+  if flat:
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(lambda p: tx.init(flat_vector(p)), out_shardings=rep)(params)
+  return sharding.init_optimizer(tx, params, mesh)
+
+
+def optimizer_step(tx, grads, opt_state, params, *, flat: bool, finite=None):
+  """One step of `tx` -> (new params, new optimizer state).
+
+  flat: `tx` updates the concatenated gradients (one vector: its clip norm, Adam moments and
+  update are a few fused kernels instead of several per parameter tensor), and each parameter
+  takes its slice of the update. `finite` (a traced bool, flat only) zeroes the update of a
+  non-finite step, so the parameters come back exactly as they were and `keep_if_finite` need not
+  select them (`kept=`); the optimizer state still has to be selected."""
+  if not flat:
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+  update, opt_state = tx.update(flat_vector(grads), opt_state)
+  if finite is not None:
+    update = jnp.where(finite, update, 0.0)
+  leaves, treedef = jax.tree.flatten(params)
+  offsets = np.cumsum([x.size for x in leaves])[:-1]
+  parts = jnp.split(update, offsets)
+  new = [(p + u.reshape(p.shape)).astype(p.dtype) for p, u in zip(leaves, parts)]
+  return jax.tree.unflatten(treedef, new), opt_state
+
+
 def restore_adam(opt_state, count: int, mu, nu, like):
   """`opt_state` with its Adam moments and bias-correction count replaced (a PyTorch Adam/AdamW
   state converted to our parameter layout); `mu`/`nu` are placed like the arrays of `like` (the
-  parameters). Other counters, e.g. an LR schedule's, are left as they are."""
+  parameters), or, when the state's moments are one flat vector (`optax.flatten`), concatenated
+  in `like`'s leaf order and placed like that vector. Other counters, e.g. an LR schedule's, are
+  left as they are."""
   place = lambda tree: jax.tree.map(lambda a, p: sharding.put(np.asarray(a, p.dtype), p.sharding),
                                     tree, like)
 
+  def place_like(tree, old):
+    if not isinstance(old, jax.Array) or isinstance(like, jax.Array):  # per-parameter moments
+      return place(tree)
+    leaves = jax.tree.leaves(tree)
+    if jax.tree.structure(tree) != jax.tree.structure(like):
+      raise ValueError('restore_adam: the moments do not have the parameters\' structure')
+    flat = np.concatenate([np.asarray(a, old.dtype).reshape(-1) for a in leaves])
+    if flat.shape != old.shape:
+      raise ValueError(f'restore_adam: {flat.shape[0]} moment values for a flat state of {old.shape[0]}')
+    return sharding.put(flat, old.sharding)
+
   def swap(s):
     if isinstance(s, optax.ScaleByAdamState):
-      return s._replace(count=jnp.asarray(count, s.count.dtype), mu=place(mu), nu=place(nu))
+      return s._replace(count=jnp.asarray(count, s.count.dtype), mu=place_like(mu, s.mu),
+                        nu=place_like(nu, s.nu))
     return s
   return jax.tree.map(swap, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
 
@@ -108,14 +171,22 @@ def _event_writer(workdir: str, main: bool):
   return metric_writers.create_default_writer(workdir, just_logging=not main)
 
 
-def keep_if_finite(old_state: dict, new_state: dict, metrics: dict, watch: tuple[str, ...]):
+def all_finite(metrics: dict, watch: tuple[str, ...]):
+  """Whether every `watch` metric (losses, gradient norms) is finite: the step's guard."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(metrics[k])) for k in watch]))
+
+
+def keep_if_finite(old_state: dict, new_state: dict, metrics: dict, watch: tuple[str, ...],
+                   kept: tuple[str, ...] = ()):
   """Inside the jitted step: `new_state` if every `watch` metric (losses, gradient norms) is
   finite, else `old_state` with only its step advanced (the batch is consumed, nothing is
   applied). Adds `nonfinite` (0/1) to the metrics. A select per array, not `lax.cond`: XLA fuses
   the select into the update that produces each new array, whereas the conditional copied the whole
   new state into its outputs every step (1,627 copies and 428 copy fusions in the tokenizer step's
-  2026-12-04 H200 program: the bulk of the "copies" share, ~5 %, of its 2026-12-03 profile)."""
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(metrics[k])) for k in watch]))
+  2026-12-04 H200 program: the bulk of the "copies" share, ~5 %, of its 2026-12-03 profile).
+  `kept`: state keys the caller already returns unchanged on a non-finite step (e.g. parameters
+  updated by `optimizer_step(..., finite=)`); they are taken as they are, without a select each."""
+  finite = all_finite(metrics, watch)
 
   def select(new, old):  # lax.select: shapes and dtypes must agree, as they had to for the cond
     return jax.lax.select(jnp.broadcast_to(finite, new.shape), new, old)
@@ -125,8 +196,9 @@ def keep_if_finite(old_state: dict, new_state: dict, metrics: dict, watch: tuple
       return jax.random.wrap_key_data(select(jax.random.key_data(new), jax.random.key_data(old)),
                                       impl=jax.random.key_impl(new))
     return select(new, old)
-  state = jax.tree.map(pick, new_state, old_state)
-  state = {**state, 'step': new_state['step']}
+  state = jax.tree.map(pick, {k: v for k, v in new_state.items() if k not in kept},
+                       {k: v for k, v in old_state.items() if k not in kept})
+  state = {**state, **{k: new_state[k] for k in kept}, 'step': new_state['step']}
   return state, {**metrics, 'nonfinite': jnp.logical_not(finite).astype(jnp.int32)}
 
 

@@ -140,3 +140,62 @@ def test_keep_if_finite_selects_per_array_without_a_conditional():
   assert not re.search(r' conditional\(', hlo)  # the op (the test's own name is in the metadata)
   with pytest.raises(TypeError):  # a state array whose dtype changed is an error, as with the cond
     training.keep_if_finite(old, {**new, 'w': new['w'].astype(jnp.bfloat16)}, {'loss': 1.0}, ('loss',))
+
+
+def test_tokenizer_skipped_step_leaves_everything_unchanged(monkeypatch):
+  """A tokenizer step with a NaN loss leaves G, D, both Adam states, the EMA and the statistics as
+  they were, in both optimizer layouts (flat: the update is zeroed and the EMA weights become
+  (1, 0) instead of a select per tensor); the next finite step moves the parameters and the EMA,
+  the same in both layouts."""
+  from hita_jax.models import losses
+  real = losses.reconstruction_loss
+
+  def rec(x, recon):  # NaN for an all-black batch (uint8 0 -> -1)
+    return jnp.where(jnp.all(x == -1.0), jnp.nan, real(x, recon))
+  monkeypatch.setattr(losses, 'reconstruction_loss', rec)
+  results = {layout: _tokenizer_skip_then_step(layout) for layout in ('flat', 'per_leaf')}
+  # the same arithmetic in both layouts, up to the summation order of the norms
+  for a, b in zip(results['flat'], results['per_leaf']):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _tokenizer_skip_then_step(layout):
+  from hita_jax import config_lib, sharding
+  from hita_jax.tasks import train_tokenizer as tt
+  config = config_lib.load_config(f'{ROOT}/configs/tokenizer_v.py:tiny')
+  config.tokenizer_loss.lpips_weights = 'random'
+  config.tokenizer_loss.disc_start = 0
+  config.train_tokenizer.optimizer_layout = layout
+  parts, state, frozen, _ = tt.build(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]))
+  assert parts.flat_optimizer == (layout == 'flat')
+  plain = lambda x: (jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+  host = lambda tree: jax.device_get(jax.tree.map(plain, tree))
+  before = host(state)
+  step = jax.jit(lambda s, b, r: tt.train_step(parts, config, s, frozen, b, r))
+  size = config.tokenizer.image_size
+  black = {'image': jnp.zeros((2, size, size, 3), jnp.uint8)}
+  new, metrics = step(state, black, jax.random.key(0))
+  assert int(metrics['nonfinite']) == 1 and int(new['step']) == 1
+  after = host(new)
+  for k in before:
+    if k == 'step':
+      continue
+    for a, b in zip(jax.tree.leaves(before[k]), jax.tree.leaves(after[k])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=k)
+  images = {'image': jnp.asarray(np.random.RandomState(1).randint(0, 256, (2, size, size, 3)), jnp.uint8)}
+  new, metrics = step(new, images, jax.random.key(0))
+  assert int(metrics['nonfinite']) == 0 and np.isfinite(float(metrics['g_loss']))
+  moved = host(new)
+  for k in ('g_params', 'd_params', 'ema'):
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after[k]), jax.tree.leaves(moved[k]))), k
+  return jax.tree.leaves(moved['g_params']) + jax.tree.leaves(moved['ema'])
+
+
+def test_optimizer_layout_auto_is_flat_only_for_replicated_parameters():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from hita_jax.tasks.train_tokenizer import optimizer_is_flat
+  mesh = jax.make_mesh((8,), ('fsdp',))
+  rep = {'w': jax.device_put(jnp.zeros((8, 4)), NamedSharding(mesh, P()))}
+  shard = {'w': jax.device_put(jnp.zeros((8, 4)), NamedSharding(mesh, P('fsdp')))}
+  assert optimizer_is_flat('auto', rep) and not optimizer_is_flat('auto', shard)
+  assert optimizer_is_flat('flat', shard) and not optimizer_is_flat('per_leaf', rep)

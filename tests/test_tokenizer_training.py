@@ -127,3 +127,37 @@ def test_lpips_bf16_convolutions_agree_with_fp32():
   assert float(jnp.linalg.norm(g16 - g32) / jnp.linalg.norm(g32)) < 0.05
   convs = re.findall(r'(\w+)\[[^\]]*\] = conv_general_dilated', str(jax.make_jaxpr(lambda v: bf16(x, v))(y)))
   assert convs == ['bf16'] * 26, convs  # 13 VGG convolutions on each image
+
+
+def test_resuming_a_checkpoint_of_the_other_optimizer_layout_names_the_fix(tmp_path):
+  """A per-parameter-moments checkpoint (written before the flat layout existed, or with
+  optimizer_layout=per_leaf) resumed by a flat run: a UserError naming the option; resuming with
+  that option restores it."""
+  import jax
+  from hita_jax import checkpoint, config_lib, sharding
+  from hita_jax.errors import UserError
+  from hita_jax.tasks import train_tokenizer as tt
+
+  class Position:  # a data iterator's checkpointable position
+    def get_state(self):
+      return b'{}'
+
+    def set_state(self, state):
+      pass
+
+    def start_prefetch(self):
+      pass
+  config = config_lib.load_config(f'{ROOT}/configs/tokenizer_v.py:tiny')
+  config.tokenizer_loss.lpips_weights = 'random'
+  mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
+  mngr = checkpoint.checkpoint_manager(str(tmp_path), every=1, keep=2, async_save=False)
+  config.train_tokenizer.optimizer_layout = 'per_leaf'
+  parts, state, _, _ = tt.build(config, mesh)
+  checkpoint.save_train_state(mngr, 3, state, Position())
+  mngr.wait_until_finished()
+  config.train_tokenizer.optimizer_layout = 'auto'  # flat here: one device
+  parts_flat, state_flat, _, _ = tt.build(config, mesh)
+  with pytest.raises(UserError, match="optimizer_layout=per_leaf"):
+    tt._resume(mngr, state_flat, Position(), parts_flat, config.train_tokenizer)
+  restored, step = tt._resume(mngr, state, Position(), parts, config.train_tokenizer)
+  assert step == 3

@@ -50,6 +50,17 @@ class Parts:
   tx_d: optax.GradientTransformation
   lpips_def: object
   cfg: object
+  flat_optimizer: bool = False  # Adam moments as one vector per network (optimizer_layout)
+
+
+def optimizer_is_flat(layout: str, params) -> bool:
+  """`train_tokenizer.optimizer_layout` -> whether the moments are flat: 'auto' is flat when no
+  parameter is sharded (one vector of replicated gradients costs no communication; under FSDP
+  or tensor sharding the per-parameter layout keeps each moment placed like its parameter)."""
+  if layout == 'auto':
+    return all(getattr(x, 'sharding', None) is None or x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(params))
+  return layout == 'flat'
 
 
 def build(config, mesh):
@@ -103,26 +114,29 @@ def build(config, mesh):
   sharding.shard_module(lp, mesh, rules)
 
   tr = config.train_tokenizer
-  sched = training.lr_schedule(tr.lr, tr.warmup_steps, tr.warmup_init_lr, tr.lr_decay, tr.num_steps)
-  adam = lambda lr: optax.adam(lr, b1=tr.b1, b2=tr.b2, eps=tr.adam_eps)
-  tx_g = optax.chain(optax.clip_by_global_norm(tr.grad_clip), adam(sched))
-  tx_d = optax.chain(optax.clip_by_global_norm(tr.grad_clip), adam(tr.lr))
-
   g_def, g_params, g_rest = nnx.split(tok, trainable_filter(), ...)
   # trainable (the PatchGAN, or the DINO discriminator's heads), per-call state (BatchNorm statistics
   # or spectral-norm vectors), frozen (the DINO; empty for the PatchGAN)
   d_def, d_params, d_stats, d_frozen = nnx.split(disc, HEADS_TRAINABLE, nnx.BatchStat, ...)
+  flat = optimizer_is_flat(tr.optimizer_layout, (g_params, d_params))
+  sched = training.lr_schedule(tr.lr, tr.warmup_steps, tr.warmup_init_lr, tr.lr_decay, tr.num_steps)
+  adam = lambda lr: optax.adam(lr, b1=tr.b1, b2=tr.b2, eps=tr.adam_eps)
+  # flat: each network's gradients concatenated, so the clip's norm and Adam run on one vector (the
+  # same arithmetic; the moments are stored as one vector per network), training.optimizer_step
+  tx_g = optax.chain(optax.clip_by_global_norm(tr.grad_clip), adam(sched))
+  tx_d = optax.chain(optax.clip_by_global_norm(tr.grad_clip), adam(tr.lr))
+
   lp_def, lp_state = nnx.split(lp)
   state = {
       'step': jnp.zeros((), jnp.int32),
       'g_params': g_params, 'g_rest': g_rest, 'd_params': d_params, 'd_stats': d_stats,
-      'opt_g': sharding.init_optimizer(tx_g, g_params, mesh),
-      'opt_d': sharding.init_optimizer(tx_d, d_params, mesh),
+      'opt_g': training.init_optimizer_state(tx_g, g_params, mesh, flat),
+      'opt_d': training.init_optimizer_state(tx_d, d_params, mesh, flat),
       'ema': jax.tree.map(jnp.copy, g_params),
   }
   if ckpt:
     state.update(_resumed(ckpt, tcfg, disc, state, config))
-  parts = Parts(g_def, d_def, tx_g, tx_d, lp_def, tcfg)
+  parts = Parts(g_def, d_def, tx_g, tx_d, lp_def, tcfg, flat)
   state = sharding.commit_to_mesh(state, mesh)
   frozen = sharding.commit_to_mesh({'lpips': lp_state, 'disc': d_frozen}, mesh)
   return parts, state, frozen, sched
@@ -214,20 +228,25 @@ def train_step(parts: Parts, config, state, frozen, batch, rng):
   (d_loss, (d_stats, lr_mean, lf_mean)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
       state['d_params'], d_stats)
 
-  upd_g, opt_g = parts.tx_g.update(g_grads, state['opt_g'], state['g_params'])
-  g_params = optax.apply_updates(state['g_params'], upd_g)
-  upd_d, opt_d = parts.tx_d.update(d_grads, state['opt_d'], state['d_params'])
-  d_params = optax.apply_updates(state['d_params'], upd_d)
-  new = {'step': step + 1, 'g_params': g_params, 'g_rest': g_rest, 'd_params': d_params,
-         'd_stats': d_stats, 'opt_g': opt_g, 'opt_d': opt_d,
-         'ema': training.ema_update(state['ema'], g_params, tr.ema_decay)}
   size = parts.cfg.codebook_size
+  flat = parts.flat_optimizer
   metrics.update(patch_codebook_usage=codes_used_fraction(pcodes, size),
                  holistic_codebook_usage=codes_used_fraction(hcodes, size), d_loss=d_loss, logits_real=lr_mean, logits_fake=lf_mean,
-                 g_grad_norm=optax.global_norm(g_grads), d_grad_norm=optax.global_norm(d_grads),
+                 g_grad_norm=training.grad_norm(g_grads, flat), d_grad_norm=training.grad_norm(d_grads, flat),
                  adv_weight=adv_w)
-  # a non-finite loss or gradient norm: nothing of this step is applied (G, D, EMA, BN statistics)
-  return training.keep_if_finite(state, new, metrics, NONFINITE_WATCH)
+  # A non-finite loss or gradient norm: nothing of this step is applied (G, D, EMA, BN statistics).
+  # With flat optimizers the updates themselves are zeroed and the EMA decay set to 1, so the
+  # parameters and the EMA need no select per tensor (`kept`).
+  finite = training.all_finite(metrics, NONFINITE_WATCH) if flat else None
+  g_params, opt_g = training.optimizer_step(parts.tx_g, g_grads, state['opt_g'], state['g_params'],
+                                            flat=flat, finite=finite)
+  d_params, opt_d = training.optimizer_step(parts.tx_d, d_grads, state['opt_d'], state['d_params'],
+                                            flat=flat, finite=finite)
+  new = {'step': step + 1, 'g_params': g_params, 'g_rest': g_rest, 'd_params': d_params,
+         'd_stats': d_stats, 'opt_g': opt_g, 'opt_d': opt_d,
+         'ema': training.ema_update(state['ema'], g_params, tr.ema_decay, finite)}
+  return training.keep_if_finite(state, new, metrics, NONFINITE_WATCH,
+                                 kept=('g_params', 'd_params', 'ema') if flat else ())
 
 
 # what `keep_if_finite` checks each step and the logger names when it stops the run
@@ -276,6 +295,7 @@ def validate(config):
             ('tokenizer_loss.disc_batch_norm', lc.disc_batch_norm, ['replica', 'global']),
             ('tokenizer_loss.disc_type', lc.disc_type, ['patchgan', 'dino']),
             ('train_tokenizer.lr_decay', tr.lr_decay, ['constant', 'cosine']),
+            ('train_tokenizer.optimizer_layout', tr.optimizer_layout, ['auto', 'flat', 'per_leaf']),
             ('train_tokenizer.compute_dtype', tr.compute_dtype, ['float32', 'bfloat16', 'float16']),
             ('data.source', config.data.source, ['shapes', 'folder', 'tfds'])]
   for key, value, valid in checks:
@@ -284,6 +304,23 @@ def validate(config):
   for key in ('global_batch_size', 'num_steps', 'log_every', 'ckpt_every', 'image_every'):
     if tr[key] <= 0:
       raise UserError(f'config.train_tokenizer.{key} must be positive, got {tr[key]}')
+
+
+def _resume(mngr, state, data_iter, parts, tr):
+  """checkpoint.resume, naming the fix when the checkpoint's Adam moments have the other layout."""
+  try:
+    return checkpoint.resume(mngr, state, data_iter)
+  except ValueError as e:
+    text = str(e)
+    if 'do not match' not in text or not any(f'opt_{n}[' in text for n in 'gd'):
+      raise
+    have = 'flat' if parts.flat_optimizer else 'per_leaf'
+    other = 'per_leaf' if parts.flat_optimizer else 'flat'
+    raise UserError(
+        f'the checkpoint under {mngr.directory} holds its Adam moments in another layout than this '
+        f"run's ('{have}', from train_tokenizer.optimizer_layout={tr.optimizer_layout!r}); resume it "
+        f'with --config.train_tokenizer.optimizer_layout={other} (checkpoints written before '
+        '2026-12-04 are per_leaf)') from e
 
 
 def run(config, workdir: str):
@@ -307,7 +344,7 @@ def run(config, workdir: str):
       process_count=jax.process_count())
   mngr = checkpoint.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=tr.ckpt_every,
                                        keep=tr.keep_checkpoints, best_metric='g_loss')
-  state, start = checkpoint.resume(mngr, state, data_iter)
+  state, start = _resume(mngr, state, data_iter, parts, tr)
   step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,))
   logger = training.MetricLogger(workdir, total_steps=tr.num_steps, start_step=start,
                                  every=tr.log_every, images_per_step=tr.global_batch_size,
