@@ -147,12 +147,19 @@ def test_sampler_with_fused_layers_on_the_8_device_mesh():
   np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
-def test_bench_decode_matmul_and_sample_run_the_fused_layer(monkeypatch):
-  """`bench decode_matmul` (both paths timed, both near fp32, a two-set tune) and
-  `bench sample --decode-layer pallas --layer-tuning ...` at a tiny shape."""
+def _tiny_bench(monkeypatch):
+  import functools
   from hita_jax.tools import bench
   monkeypatch.setattr(bench, 'full_size_config', lambda size, **kw: bench.GPTConfig(
       dim=64, n_layer=1, n_head=2, vocab_size=16, num_holistic=6, grid=4, num_classes=3, **kw))
+  # two chained layers per timed program, not 20 (interpret-mode kernels compile slowly)
+  monkeypatch.setattr(bench, '_chain_timer', functools.partial(bench._chain_timer, chain=2))
+  return bench
+
+
+def test_bench_decode_matmul_runs_both_paths(monkeypatch):
+  """`bench decode_matmul` at a tiny shape: both paths timed, both near fp32, a two-set tune."""
+  bench = _tiny_bench(monkeypatch)
   monkeypatch.setattr(bench, 'LAYER_TUNE_GRID', [
       dict(block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2),
       dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2)])
@@ -163,6 +170,12 @@ def test_bench_decode_matmul_and_sample_run_the_fused_layer(monkeypatch):
   assert len(res['tune']) == 2 and res['tune_best'] == res['tune'][0]
   assert bench._parse_layer_tuning('32,16,64,2,3') == dict(block_m=32, block_n=16, block_k=64,
                                                            num_warps=2, num_stages=3)
+
+
+def test_bench_sample_runs_the_fused_layer(monkeypatch):
+  """`bench sample --decode-layer pallas --layer-tuning ...` at a tiny shape; the module's launch
+  parameters are restored afterwards."""
+  bench = _tiny_bench(monkeypatch)
   before = dict(dm._TUNING)
   res = bench.bench_sample('B', 2, repeats=1, decode_layer='pallas',
                            layer_tuning=dict(block_m=16, block_n=16, block_k=32, num_warps=4,

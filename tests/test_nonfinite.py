@@ -142,6 +142,7 @@ def test_keep_if_finite_selects_per_array_without_a_conditional():
     training.keep_if_finite(old, {**new, 'w': new['w'].astype(jnp.bfloat16)}, {'loss': 1.0}, ('loss',))
 
 
+@pytest.mark.slow  # two tiny tokenizer builds and compiles (~65 s on the 2-core machine)
 def test_tokenizer_skipped_step_leaves_everything_unchanged(monkeypatch):
   """A tokenizer step with a NaN loss leaves G, D, both Adam states, the EMA and the statistics as
   they were, in both optimizer layouts (flat: the update is zeroed and the EMA weights become
