@@ -227,3 +227,33 @@ def test_fused_sampler_variants(kw):
                  jax.random.key(3), cfg_scale=1.5, top_k=1, kv_segments=2, return_logits=True)
   np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))
   np.testing.assert_allclose(np.asarray(got[1]), np.asarray(ref[1]), atol=1e-5)
+
+
+def test_kernels_lower_to_triton_for_cuda_on_a_cpu_machine():
+  """Cross-platform lowering (jax.export for 'cuda' without a GPU): every decode kernel goes through
+  Pallas' Triton lowering at GPT-B's shapes, so an op Triton lowering does not support fails here,
+  not first on a GPU lease. (Triton's own compile to PTX still happens only on a GPU.)"""
+  from hita_jax.models import decode_attention as da
+  m, d, f, heads = 128, 768, 2048, 12
+  arr = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
+  f32 = jnp.float32
+  kernels = {
+      'norm_matmul': (lambda x, g, w: dm.norm_matmul(x, g, w, interpret=False),
+                      (arr(m, d), arr(d, dt=f32), arr(d, 3 * d))),
+      'swiglu': (lambda x, g, w, w3: dm.norm_matmul(x, g, w, w_gate=w3, interpret=False),
+                 (arr(m, d), arr(d, dt=f32), arr(d, f), arr(d, f))),
+      'head': (lambda x, g, w: dm.norm_matmul(x, g, w, out_dtype=f32, interpret=False),
+               (arr(m, d), arr(d, dt=f32), arr(d, 16384))),
+      'residual': (lambda a, w, r: dm.matmul_residual(a, w, r, interpret=False),
+                   (arr(m, f), arr(f, d), arr(m, d))),
+      'qkv_rope': (lambda *a: dm.norm_qkv_rope(*a, n_head=heads, interpret=False),
+                   (arr(m, d), arr(d, dt=f32), arr(d, 3 * d), arr(d), arr(32, dt=f32), arr(32, dt=f32))),
+      'padded_rows': (lambda x, g, w: dm.norm_matmul(x, g, w, interpret=False),
+                      (arr(6, d), arr(d, dt=f32), arr(d, 3 * d))),
+      'decode_attention': (lambda q, k, v: da.decode_attention_pallas(q, k, v, 5, interpret=False),
+                           (arr(m, heads, 64), arr(m, heads, 576, 64), arr(m, heads, 576, 64))),
+  }
+  allow = [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
+  for name, (fn, args) in kernels.items():
+    exp = jax.export.export(jax.jit(fn), platforms=['cuda'], disabled_checks=allow)(*args)
+    assert '__gpu$xla.gpu.triton' in exp.mlir_module(), name
