@@ -218,6 +218,21 @@ def abstract_like(state):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+def latest_state_metadata(mngr) -> dict | None:
+  """The tree metadata (ArrayMetadata leaves: shapes, dtypes) of the latest step's train state, or
+  None without a checkpoint (or one whose metadata cannot be read). Cheap: reads no array."""
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  try:
+    md = ocp.StandardCheckpointer().metadata(os.path.join(str(mngr.directory), str(step), 'state'))
+  except (OSError, ValueError, KeyError):
+    return None
+  md = getattr(md, 'item_metadata', md)
+  md = getattr(md, 'tree', md)
+  return md if isinstance(md, dict) else None
+
+
 def resume(mngr, state, data_iter):
   """Restores the latest training state of `mngr` (and the data iterator, in place), if any;
   returns (state, step). The state lands on `state`'s shardings whatever mesh wrote it. A data

@@ -72,7 +72,10 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax
 
 def flat_vector(tree):
   """The leaves of `tree` raveled and concatenated in tree order (as `optax.flatten` does)."""
-  return jnp.concatenate([jnp.reshape(x, [-1]) for x in jax.tree.leaves(tree)])
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    raise ValueError('flat_vector: the tree has no arrays (no parameters to optimize?)')
+  return jnp.concatenate([jnp.reshape(x, [-1]) for x in leaves])
 
 
 def grad_norm(grads, flat: bool):
@@ -96,15 +99,17 @@ def optimizer_step(tx, grads, opt_state, params, *, flat: bool, finite=None):
 
   flat: `tx` updates the concatenated gradients (one vector: its clip norm, Adam moments and
   update are a few fused kernels instead of several per parameter tensor), and each parameter
-  takes its slice of the update. `finite` (a traced bool, flat only) zeroes the update of a
-  non-finite step, so the parameters come back exactly as they were and `keep_if_finite` need not
-  select them (`kept=`); the optimizer state still has to be selected."""
+  takes its slice of the update; `tx.update` gets no parameters there (a transformation that
+  needs them, e.g. weight decay, is not for this layout). `finite` (a traced bool, flat only)
+  replaces the update of a non-finite step by -0.0, so the parameters come back bit for bit
+  (p + -0.0 == p, signed zeros included) and `keep_if_finite` need not select them (`kept=`); the
+  optimizer state still has to be selected."""
   if not flat:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
   update, opt_state = tx.update(flat_vector(grads), opt_state)
   if finite is not None:
-    update = jnp.where(finite, update, 0.0)
+    update = jnp.where(finite, update, -0.0)
   leaves, treedef = jax.tree.flatten(params)
   offsets = np.cumsum([x.size for x in leaves])[:-1]
   parts = jnp.split(update, offsets)
@@ -115,8 +120,8 @@ def optimizer_step(tx, grads, opt_state, params, *, flat: bool, finite=None):
 def restore_adam(opt_state, count: int, mu, nu, like):
   """`opt_state` with its Adam moments and bias-correction count replaced (a PyTorch Adam/AdamW
   state converted to our parameter layout); `mu`/`nu` are placed like the arrays of `like` (the
-  parameters), or, when the state's moments are one flat vector (`optax.flatten`), concatenated
-  in `like`'s leaf order and placed like that vector. Other counters, e.g. an LR schedule's, are
+  parameters), or, when the state's moments are one flat vector (`optimizer_step(flat=True)`),
+  concatenated in `like`'s leaf order (`flat_vector`'s) and placed like that vector. Other counters, e.g. an LR schedule's, are
   left as they are."""
   place = lambda tree: jax.tree.map(lambda a, p: sharding.put(np.asarray(a, p.dtype), p.sharding),
                                     tree, like)

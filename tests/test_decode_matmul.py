@@ -78,6 +78,16 @@ def test_bf16_kernels_close_to_fp32():
 def test_blocks_must_divide_the_dims():
   assert dm.fits(768, 2304) and dm.fits(2048, 768) and dm.fits(1920, 5120)   # GPT-B, 2B
   assert not dm.fits(40, 64)
+  assert dm.layer_fits(768, 2048, 16384) and not dm.layer_fits(768, 2048, 1000)
+  # a model whose products do not all fit keeps the XLA path, with the same codes
+  cfg = tiny_cfg(vocab_size=40, decode_layer_impl='pallas')
+  assert not cfg.fused_decode_layer and tiny_cfg(decode_layer_impl='pallas').fused_decode_layer
+  labels = jnp.asarray([0, 1])
+  ref = generate(random_gpt(dataclasses.replace(cfg, decode_layer_impl='xla'), seed=2), labels,
+                 jax.random.key(0), cfg_scale=1.5, top_k=1, kv_segments=2)
+  got = generate(random_gpt(cfg, seed=2), labels, jax.random.key(0), cfg_scale=1.5, top_k=1,
+                 kv_segments=2)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
   x, gain, w, _, _ = _arrays(4, 40, 64, jnp.float32)
   with pytest.raises(ValueError, match="K=40.*decode_layer_impl='xla'"):
     dm.norm_matmul(x, gain, w)
@@ -253,7 +263,30 @@ def test_kernels_lower_to_triton_for_cuda_on_a_cpu_machine():
       'decode_attention': (lambda q, k, v: da.decode_attention_pallas(q, k, v, 5, interpret=False),
                            (arr(m, heads, 64), arr(m, heads, 576, 64), arr(m, heads, 576, 64))),
   }
+  # fp32 (sample.dtype=float32) products too
+  kernels['fp32_swiglu'] = (kernels['swiglu'][0], (arr(m, d, dt=f32), arr(d, dt=f32), arr(d, f, dt=f32),
+                                                   arr(d, f, dt=f32)))
+  kernels['fp32_residual'] = (kernels['residual'][0], (arr(m, f, dt=f32), arr(f, d, dt=f32),
+                                                       arr(m, d, dt=f32)))
   allow = [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
   for name, (fn, args) in kernels.items():
     exp = jax.export.export(jax.jit(fn), platforms=['cuda'], disabled_checks=allow)(*args)
     assert '__gpu$xla.gpu.triton' in exp.mlir_module(), name
+
+
+def test_fused_sampler_with_fsdp_sharded_weights():
+  """The XL / 2B presets shard the weights (FSDP): the fused layer replicates them once per
+  generate (`decode_weights`) and gives the codes of the single-device XLA path."""
+  from hita_jax import sharding
+  cfg = tiny_cfg(grid=4, num_holistic=5, n_head=2)
+  labels = jnp.asarray([0, 1, 4, 2, 3, 1, 0, 2])
+  ref = generate(random_gpt(cfg, seed=6), labels, jax.random.key(4), cfg_scale=2.0, top_k=1,
+                 kv_segments=2)
+  mesh = jax.make_mesh((2, 4), ('data', 'fsdp'), axis_types=(AxisType.Auto,) * 2)
+  m = sharding.shard_module(random_gpt(dataclasses.replace(cfg, decode_layer_impl='pallas'), seed=6),
+                            mesh, sharding.DEFAULT_RULES)
+  assert not m.blocks.w1[...].sharding.is_fully_replicated  # the FSDP placement under test
+  with jax.set_mesh(mesh):
+    lab = jax.device_put(labels, jax.sharding.NamedSharding(mesh, P(('data', 'fsdp'))))
+    got = generate(m, lab, jax.random.key(4), cfg_scale=2.0, top_k=1, kv_segments=2)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))

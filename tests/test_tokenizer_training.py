@@ -129,10 +129,10 @@ def test_lpips_bf16_convolutions_agree_with_fp32():
   assert convs == ['bf16'] * 26, convs  # 13 VGG convolutions on each image
 
 
-def test_resuming_a_checkpoint_of_the_other_optimizer_layout_names_the_fix(tmp_path):
+def test_optimizer_layout_follows_the_resumed_checkpoint(tmp_path):
   """A per-parameter-moments checkpoint (written before the flat layout existed, or with
-  optimizer_layout=per_leaf) resumed by a flat run: a UserError naming the option; resuming with
-  that option restores it."""
+  optimizer_layout=per_leaf): 'auto' resumes it in its own layout (so a run resumes whatever mesh
+  or layout wrote it), an explicit 'flat' stops with a UserError naming the option."""
   import jax
   from hita_jax import checkpoint, config_lib, sharding
   from hita_jax.errors import UserError
@@ -151,13 +151,23 @@ def test_resuming_a_checkpoint_of_the_other_optimizer_layout_names_the_fix(tmp_p
   config.tokenizer_loss.lpips_weights = 'random'
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
   mngr = checkpoint.checkpoint_manager(str(tmp_path), every=1, keep=2, async_save=False)
-  config.train_tokenizer.optimizer_layout = 'per_leaf'
-  parts, state, _, _ = tt.build(config, mesh)
+  assert tt.saved_optimizer_layout(mngr) is None
+  assert tt.resolve_optimizer_layout('auto', None) == 'auto'
+  parts, state, _, _ = tt.build(config, mesh, optimizer_layout='per_leaf')
   checkpoint.save_train_state(mngr, 3, state, Position())
   mngr.wait_until_finished()
-  config.train_tokenizer.optimizer_layout = 'auto'  # flat here: one device
-  parts_flat, state_flat, _, _ = tt.build(config, mesh)
-  with pytest.raises(UserError, match="optimizer_layout=per_leaf"):
-    tt._resume(mngr, state_flat, Position(), parts_flat, config.train_tokenizer)
-  restored, step = tt._resume(mngr, state, Position(), parts, config.train_tokenizer)
+  assert tt.saved_optimizer_layout(mngr) == 'per_leaf'
+  with pytest.raises(UserError, match='optimizer_layout=per_leaf or auto'):
+    tt.resolve_optimizer_layout('flat', 'per_leaf')
+  layout = tt.resolve_optimizer_layout('auto', tt.saved_optimizer_layout(mngr))
+  assert layout == 'per_leaf'
+  parts2, state2, _, _ = tt.build(config, mesh, optimizer_layout=layout)
+  assert not parts2.flat_optimizer
+  restored, step = checkpoint.resume(mngr, state2, Position())
   assert step == 3
+  # and a flat checkpoint reads as flat
+  flat_mngr = checkpoint.checkpoint_manager(str(tmp_path / 'flat'), every=1, keep=2, async_save=False)
+  _, state3, _, _ = tt.build(config, mesh, optimizer_layout='flat')
+  checkpoint.save_train_state(flat_mngr, 1, state3, Position())
+  flat_mngr.wait_until_finished()
+  assert tt.saved_optimizer_layout(flat_mngr) == 'flat'

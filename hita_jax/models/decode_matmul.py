@@ -3,22 +3,31 @@
 A decode step multiplies M = 2 x batch rows (CFG) by every weight of every layer. At M = 128 a
 GEMM reads its weights once and does little arithmetic, so each XLA GEMM of a GPT-B step (5.6 us,
 ~5x its weight-read time on an H200) and each norm / SwiGLU / residual kernel around it is mostly
-launch and tail. These kernels fold the element-wise work into the products, so a layer needs three
-kernels besides its attention instead of ~10:
+launch and tail. These kernels fold the element-wise work into the products, so a layer needs four
+kernels besides its attention instead of ~13:
 
-- `norm_matmul(x, gain, w)`: RMSNorm(x) @ w (the qkv projection): each program recomputes the fp32
-  row statistics of its rows (x is a few hundred KB, read from L2), then the product.
+- `norm_qkv_rope(x, gain, w_qkv, add, cos, sin)`: RMSNorm(x) @ w_qkv, + the holistic position
+  embedding and RoPE on q and k, as three outputs q / k / v. RoPE's interleaved pairs become two
+  column blocks per head through a column order (`half_split_columns`) given to q's and k's
+  weights alike, which leaves every q.k product unchanged.
 - `norm_matmul(x, gain, w, w_gate=w3)`: silu(RMSNorm(x) @ w) * (RMSNorm(x) @ w3), the SwiGLU up
   projections, two products per program sharing the normalised tile, written once as the hidden.
 - `matmul_residual(a, w, r)`: r + a @ w (the output projection and the FFN down projection).
+- `norm_matmul(x, gain, w)`: RMSNorm(x) @ w (the head, in fp32; the qkv projection where the head
+  dim has no RoPE kernel). Each program recomputes the fp32 statistics of its rows (a few hundred
+  KB, read from L2), then the product.
 
-Numerics follow the XLA path of `models/gpt.py`: the normalised rows are rounded to the compute
-dtype before the gain, each product accumulates in fp32 and is rounded to the compute dtype before
-the SwiGLU or the residual add. Only the summation order of the products may differ.
+Numerics follow the HLO of the XLA path in `models/gpt.py`: the normalised rows are rounded to the
+compute dtype before the gain, each product accumulates in fp32 and is rounded to the compute dtype
+before the position embedding, the SwiGLU or the residual add (SiLU is rounded once, as one op).
+fp32 products take the default matmul precision, as XLA's (TF32 tensor cores on a GPU). Besides
+that only the products' summation order differs (XLA may also skip some of its own bf16 roundings
+under its default excess-precision setting).
 
 The grid is (row blocks, column blocks); K is walked in `block_k` slices. Block sizes are powers of
-two (Triton) that must divide K and N ('xla' otherwise, see `fits`); rows are padded to the row
-block when M is not a multiple of it. Off a GPU the kernels run in Pallas interpret mode (tests).
+two (Triton) that must divide K and N (`fits`; the model keeps the XLA path for a product that
+does not fit); rows are padded to the row block when M is not a multiple of it. Off a GPU the
+kernels run in Pallas interpret mode (tests).
 """
 from __future__ import annotations
 
@@ -69,9 +78,7 @@ def fits(k: int, n: int, block_n: int | None = None, block_k: int | None = None)
 
 
 def _dot(a, b):
-  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _round(x, dtype):
@@ -241,6 +248,13 @@ def half_split_columns(n_head: int, head_dim: int) -> jnp.ndarray:
   return (jnp.arange(n_head)[:, None] * head_dim + within[None, :]).reshape(-1)
 
 
+def layer_fits(dim: int, ffn_hidden: int, vocab: int) -> bool:
+  """Whether every product of a decode layer and the head has Triton blocks (else the model keeps
+  the XLA path)."""
+  return all(fits(k, n) for k, n in ((dim, 3 * dim), (dim, dim), (dim, ffn_hidden),
+                                     (ffn_hidden, dim), (dim, vocab)))
+
+
 def rope_fits(head_dim: int) -> bool:
   """Whether `norm_qkv_rope` can take this head dim (half of it a power of two >= 16)."""
   half = head_dim // 2
@@ -257,7 +271,8 @@ def norm_qkv_rope(x, gain, w_qkv, add, cos, sin, *, n_head: int, eps: float = 1e
   from jax.experimental.pallas import triton as plgpu
   m, d = x.shape
   hd = d // n_head
-  if w_qkv.shape != (d, 3 * d) or add.shape != (d,) or gain.shape != (d,) or cos.shape != (hd // 2,):
+  if (w_qkv.shape != (d, 3 * d) or add.shape != (d,) or gain.shape != (d,)
+      or cos.shape != (hd // 2,) or sin.shape != cos.shape):
     raise ValueError(f'norm_qkv_rope: x {x.shape}, gain {gain.shape}, w_qkv {w_qkv.shape}, '
                      f'add {add.shape}, cos {cos.shape} with {n_head} heads')
   if not rope_fits(hd) or _block(d, _TUNING['block_k']) is None:

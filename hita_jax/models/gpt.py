@@ -86,6 +86,12 @@ class GPTConfig:
       raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
 
   @property
+  def fused_decode_layer(self) -> bool:
+    """decode_layer_impl='pallas' and every product has Triton blocks (else the XLA path)."""
+    return self.decode_layer_impl == 'pallas' and decode_matmul.layer_fits(
+        self.dim, self.ffn_hidden, self.vocab_size)
+
+  @property
   def head_dim(self) -> int:
     return self.dim // self.n_head
 
@@ -279,7 +285,7 @@ class Block(nnx.Module):
     q / k (so the cache) stay in that order, which leaves the attention unchanged."""
     cfg = self.cfg
     b = x.shape[0]
-    fused = cfg.decode_layer_impl == 'pallas'
+    fused = cfg.fused_decode_layer
     if fused and w_qkv_rope is not None:
       qkv = _on_rows(decode_matmul.norm_qkv_rope,
                      (x[:, 0], self.attention_norm.weight[...], w_qkv_rope, pos_add[0], cos[0], sin[0]),
@@ -313,7 +319,7 @@ def _on_rows(fn, args, row_args, n_out=None, **kw):
     return fn(*args, **kw)
   rows = jax.sharding.PartitionSpec(batch_mesh_axes(mesh, args[0].shape[0]) or None)
   specs = tuple(rows if i in row_args else jax.sharding.PartitionSpec() for i in range(len(args)))
-  weights = {k: v for k, v in kw.items() if hasattr(v, 'shape')}
+  weights = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}  # tracers are jax.Arrays
   static = {k: v for k, v in kw.items() if k not in weights}
   names = list(weights)
   return jax.shard_map(
@@ -491,7 +497,14 @@ class GPT(nnx.Module):
     layers = state if cfg.scan_layers else [
         jax.tree.map(lambda a, i=i: a[i], state) for i in range(cfg.n_layer)]
     w = {'graphdef': graphdef, 'layers': layers, 'head': (head[:, :v], head[:, v:])}
-    if cfg.decode_layer_impl == 'pallas' and decode_matmul.rope_fits(cfg.head_dim):
+    mesh = jax.sharding.get_abstract_mesh()
+    if cfg.fused_decode_layer and not mesh.empty and mesh.size > 1:
+      # the kernels take whole weights (`_on_rows` replicates them): gathered once per generate,
+      # not in every step, when a mesh shards them (FSDP / tensor presets)
+      rep = jax.sharding.PartitionSpec()
+      w['layers'] = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, rep), w['layers'])
+      w['head'] = tuple(jax.lax.with_sharding_constraint(h, rep) for h in w['head'])
+    if cfg.fused_decode_layer and decode_matmul.rope_fits(cfg.head_dim):
       # q / k columns (and the holistic position table) in half-split order for the qkv kernel
       perm = decode_matmul.half_split_columns(cfg.n_head, cfg.head_dim)
       cols = jnp.concatenate([perm, perm + cfg.dim, jnp.arange(2 * cfg.dim, 3 * cfg.dim)])
@@ -542,7 +555,7 @@ class GPT(nnx.Module):
         x, ks[i], vs[i] = blk.decode(x, add_p, cos_p, sin_p, ks[i], vs[i], pos, kv_len,
                                      None if rope is None else rope[i])
       cache = {'k': tuple(ks), 'v': tuple(vs)}
-    if cfg.decode_layer_impl == 'pallas':  # the output norm inside the head's product
+    if cfg.fused_decode_layer:  # the output norm inside the head's product
       mm = lambda head: _on_rows(decode_matmul.norm_matmul, (x[:, 0], self.norm.weight[...], head),
                                  (0,), eps=cfg.norm_eps, out_dtype=jnp.float32)
     else:

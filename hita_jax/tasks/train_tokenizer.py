@@ -63,8 +63,9 @@ def optimizer_is_flat(layout: str, params) -> bool:
   return layout == 'flat'
 
 
-def build(config, mesh):
-  """Models, optimizers and the initial train state (born sharded)."""
+def build(config, mesh, optimizer_layout: str | None = None):
+  """Models, optimizers and the initial train state (born sharded). `optimizer_layout` overrides
+  `train_tokenizer.optimizer_layout` (`run` passes the resumed checkpoint's)."""
   tcfg = config_lib.tokenizer_config_from(config.tokenizer)
   tcfg = dataclasses.replace(tcfg, dtype=config.train_tokenizer.compute_dtype)
   compute_dtype = DTYPES[config.train_tokenizer.compute_dtype]  # the discriminators' and LPIPS's too
@@ -118,7 +119,7 @@ def build(config, mesh):
   # trainable (the PatchGAN, or the DINO discriminator's heads), per-call state (BatchNorm statistics
   # or spectral-norm vectors), frozen (the DINO; empty for the PatchGAN)
   d_def, d_params, d_stats, d_frozen = nnx.split(disc, HEADS_TRAINABLE, nnx.BatchStat, ...)
-  flat = optimizer_is_flat(tr.optimizer_layout, (g_params, d_params))
+  flat = optimizer_is_flat(optimizer_layout or tr.optimizer_layout, (g_params, d_params))
   sched = training.lr_schedule(tr.lr, tr.warmup_steps, tr.warmup_init_lr, tr.lr_decay, tr.num_steps)
   adam = lambda lr: optax.adam(lr, b1=tr.b1, b2=tr.b2, eps=tr.adam_eps)
   # flat: each network's gradients concatenated, so the clip's norm and Adam run on one vector (the
@@ -306,21 +307,27 @@ def validate(config):
       raise UserError(f'config.train_tokenizer.{key} must be positive, got {tr[key]}')
 
 
-def _resume(mngr, state, data_iter, parts, tr):
-  """checkpoint.resume, naming the fix when the checkpoint's Adam moments have the other layout."""
+def saved_optimizer_layout(mngr) -> str | None:
+  """'flat' or 'per_leaf': the Adam moments' layout of the latest checkpoint under `mngr`, if any."""
+  md = checkpoint.latest_state_metadata(mngr)
   try:
-    return checkpoint.resume(mngr, state, data_iter)
-  except ValueError as e:
-    text = str(e)
-    if 'do not match' not in text or not any(f'opt_{n}[' in text for n in 'gd'):
-      raise
-    have = 'flat' if parts.flat_optimizer else 'per_leaf'
-    other = 'per_leaf' if parts.flat_optimizer else 'flat'
-    raise UserError(
-        f'the checkpoint under {mngr.directory} holds its Adam moments in another layout than this '
-        f"run's ('{have}', from train_tokenizer.optimizer_layout={tr.optimizer_layout!r}); resume it "
-        f'with --config.train_tokenizer.optimizer_layout={other} (checkpoints written before '
-        '2026-12-04 are per_leaf)') from e
+    mu = md['opt_g'][1][0]['mu']
+  except (TypeError, KeyError, IndexError):
+    return None
+  return 'per_leaf' if isinstance(mu, dict) else 'flat'
+
+
+def resolve_optimizer_layout(layout: str, saved: str | None) -> str:
+  """The layout a run uses: 'auto' follows the checkpoint it resumes (so a run resumes on any mesh
+  whatever layout wrote it); an explicit layout must match the checkpoint's."""
+  if saved is None or layout == saved:
+    return layout
+  if layout == 'auto':
+    print(f'optimizer_layout: {saved!r}, as the checkpoint being resumed', flush=True)
+    return saved
+  raise UserError(f"train_tokenizer.optimizer_layout={layout!r}, but the checkpoint being resumed "
+                  f"holds its Adam moments {saved!r} (checkpoints written before 2026-12-04 are "
+                  f"per_leaf): resume with --config.train_tokenizer.optimizer_layout={saved} or auto")
 
 
 def run(config, workdir: str):
@@ -332,7 +339,10 @@ def run(config, workdir: str):
   tr = config.train_tokenizer
   mesh = sharding.make_mesh(config_lib.mesh_spec(config, jax.device_count()))
   rules = config_lib.axis_rules(config)
-  parts, state, frozen, sched = build(config, mesh)
+  mngr = checkpoint.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=tr.ckpt_every,
+                                       keep=tr.keep_checkpoints, best_metric='g_loss')
+  layout = resolve_optimizer_layout(tr.optimizer_layout, saved_optimizer_layout(mngr))
+  parts, state, frozen, sched = build(config, mesh, optimizer_layout=layout)
   batch_sh = {'image': sharding.batch_sharding(mesh, rules, 4)}
   n_shards = sharding.batch_shards(batch_sh['image'])
   if tr.global_batch_size % n_shards:
@@ -342,9 +352,7 @@ def run(config, workdir: str):
       config.data, image_size=parts.cfg.image_size, global_batch=tr.global_batch_size,
       seed=config.seed, train=True, process_index=jax.process_index(),
       process_count=jax.process_count())
-  mngr = checkpoint.checkpoint_manager(os.path.join(workdir, 'checkpoints'), every=tr.ckpt_every,
-                                       keep=tr.keep_checkpoints, best_metric='g_loss')
-  state, start = _resume(mngr, state, data_iter, parts, tr)
+  state, start = checkpoint.resume(mngr, state, data_iter)
   step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,))
   logger = training.MetricLogger(workdir, total_steps=tr.num_steps, start_step=start,
                                  every=tr.log_every, images_per_step=tr.global_batch_size,

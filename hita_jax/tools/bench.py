@@ -261,9 +261,10 @@ def bench_decode_matmul(size, batch, cfg_scale=1.5, repeats=20, tune=False):
   """One decode layer's products at the sampler's rows (CFG doubles them), bf16: the XLA path
   (RMSNorm + qkv, output projection + residual, RMSNorm + SwiGLU up, down projection + residual)
   against the fused kernels of models/decode_matmul.py, as a chain (each layer's output is the
-  next one's input; the attention is left out: its output is stood in for by q + k, after the
-  position embedding and RoPE; the fused side's q / k are in half-split order, so its q + k is a
-  column permutation of the XLA side's and the outputs differ, only the times compare).
+  next one's input; the attention is left out: its output is stood in for by q + k + v, after the
+  position embedding and RoPE; the fused side's q / k are in half-split order, so its stand-in is
+  not the XLA side's and the outputs differ, only the times compare). `block_n` of the launch
+  parameters does not apply to the qkv kernel (one head per column program).
   Microseconds per layer, GB/s of weights read, and each path's largest difference to itself in
   fp32.
   `tune`: every launch set of LAYER_TUNE_GRID, best first."""
@@ -297,19 +298,19 @@ def bench_decode_matmul(size, batch, cfg_scale=1.5, repeats=20, tune=False):
     qkv = mm(norm(x, gains[0]), w['wqkv'])
     q, k = (apply_rope((a + add).reshape(rows, 1, nh, hd), cos[None], sin[None]).reshape(rows, d)
             for a in (qkv[:, :d], qkv[:, d:2 * d]))
-    h = x + mm(q + k, w['wo'])
+    h = x + mm(q + k + qkv[:, 2 * d:], w['wo'])
     y = norm(h, gains[1])
     return h + mm(jax.nn.silu(mm(y, w['w1'])) * mm(y, w['w3']), w['w2'])
 
   def fused_layer(x, w):
     if dm.rope_fits(hd):  # what the sampler runs: q / k in half-split order, RoPE in the kernel
       # w['wqkv'] is in half-split column order here (permuted once, below, as the sampler does)
-      q, k, _ = dm.norm_qkv_rope(x, gains[0], w['wqkv'], add_perm, cos, sin, n_head=nh,
+      q, k, v = dm.norm_qkv_rope(x, gains[0], w['wqkv'], add_perm, cos, sin, n_head=nh,
                                  eps=cfg.norm_eps)
     else:
       qkv = dm.norm_matmul(x, gains[0], w['wqkv'], eps=cfg.norm_eps)
-      q, k = qkv[:, :d], qkv[:, d:2 * d]
-    h = dm.matmul_residual(q + k, w['wo'], x)
+      q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
+    h = dm.matmul_residual(q + k + v, w['wo'], x)
     hidden = dm.norm_matmul(h, gains[1], w['w1'], w_gate=w['w3'], eps=cfg.norm_eps)
     return dm.matmul_residual(hidden, w['w2'], h)
 
