@@ -21,3 +21,13 @@ def random_images(b=2, size=64, seed=0):
 
 def param_leaves(module, filt=nnx.Param):
   return jax.tree.leaves(nnx.state(module, filt))
+
+
+def assert_logits_as_close_as_xla(logits, xla_logits, ref):
+  """A fused decode path's bf16 logits against the fp32 model's `ref`: within 5 % of its scale and
+  no further from it than the XLA path's bf16 logits (x1.5 + 1e-3)."""
+  ref = np.asarray(ref)
+  err = np.abs(np.asarray(logits) - ref).max()
+  err_xla = np.abs(np.asarray(xla_logits) - ref).max()
+  assert err < 0.05 * np.abs(ref).max(), (err, err_xla)
+  assert err <= 1.5 * err_xla + 1e-3, (err, err_xla)

@@ -25,7 +25,6 @@ mesh context on several devices 'auto' keeps the XLA path.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
@@ -33,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from hita_jax.models.layers import batch_mesh_axes
+from hita_jax.models.layers import batch_mesh_axes, kernel_tuning, on_batch_shards
 
 DECODE_ATTN_IMPLS = ('auto', 'xla', 'pallas', 'pallas_write')
 KERNEL_IMPLS = ('pallas', 'pallas_write')
@@ -44,24 +43,10 @@ _MIN_PROGRAMS = 128
 _TUNING = {'block_k': 64, 'num_warps': 2, 'num_stages': 2}
 
 
-@contextlib.contextmanager
 def tuning(**kw):
   """Within this context, kernels traced through `decode_attention[_update]` use these launch
-  parameters (block_k, num_warps, num_stages) instead of the defaults. For benchmarks: the
-  parameters are not part of any jit cache key, so JAX's caches are cleared on entry and exit
-  (a sampler traced with other parameters is traced again, not reused)."""
-  unknown = set(kw) - set(_TUNING)
-  if unknown:
-    raise ValueError(f'unknown decode kernel parameter(s) {sorted(unknown)}; known: {sorted(_TUNING)}')
-  old = dict(_TUNING)
-  _TUNING.update(kw)
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    _TUNING.clear()
-    _TUNING.update(old)
-    jax.clear_caches()
+  parameters (block_k, num_warps, num_stages) instead of the defaults (for benchmarks)."""
+  return kernel_tuning(_TUNING, 'decode kernel', **kw)
 
 
 def _is_pow2(n: int) -> bool:
@@ -264,21 +249,8 @@ def decode_attention_update(q, k_new, v_new, k_cache, v_cache, pos, *, impl: str
     return o, k_cache, v_cache
   fn = functools.partial(decode_attention_update_pallas, interpret=interpret, **_TUNING)
   args = (q, k_new, v_new, k_cache, v_cache, jnp.asarray(pos, jnp.int32))
-  return _on_batch_shards(fn, args, b, n_out=3)
-
-
-def _on_batch_shards(fn, args, batch: int, n_out: int | None = None):
-  """fn(*args) directly, or under the context mesh inside a shard_map that splits every array
-  argument but the last (a scalar) and every output over the batch axis."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return fn(*args)
-  spec = jax.sharding.PartitionSpec(batch_mesh_axes(mesh, batch) or None)
-  rep = jax.sharding.PartitionSpec()
-  in_specs = (spec,) * (len(args) - 1) + (rep,)
-  out_specs = spec if n_out is None else (spec,) * n_out
-  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       check_vma=False)(*args)
+  # every array but the scalar position split over the batch
+  return on_batch_shards(fn, args, split=(0, 1, 2, 3, 4), batch=b, n_out=3)
 
 
 def decode_attention(q, k_cache, v_cache, length, *, impl: str = 'auto', kv_len: int | None = None,
@@ -291,4 +263,5 @@ def decode_attention(q, k_cache, v_cache, length, *, impl: str = 'auto', kv_len:
   if impl == 'xla':
     return decode_attention_xla(q, k_cache, v_cache, length, kv_len=kv_len)
   fn = functools.partial(decode_attention_pallas, interpret=interpret, **_TUNING)
-  return _on_batch_shards(fn, (q, k_cache, v_cache, jnp.asarray(length, jnp.int32)), b)
+  return on_batch_shards(fn, (q, k_cache, v_cache, jnp.asarray(length, jnp.int32)), split=(0, 1, 2),
+                         batch=b)

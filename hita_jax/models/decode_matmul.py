@@ -31,34 +31,22 @@ kernels run in Pallas interpret mode (tests).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from hita_jax.models.layers import kernel_tuning
+
 DECODE_LAYER_IMPLS = ('xla', 'pallas')
 # Launch parameters; `bench decode_matmul --tune` measures them on a GPU. Not yet tuned on one.
 _TUNING = {'block_m': 64, 'block_n': 32, 'block_k': 128, 'num_warps': 4, 'num_stages': 3}
 
 
-@contextlib.contextmanager
 def tuning(**kw):
-  """Within this context the kernels use these launch parameters (see `_TUNING`); JAX's caches are
-  cleared on entry and exit since the parameters are in no jit cache key."""
-  unknown = set(kw) - set(_TUNING)
-  if unknown:
-    raise ValueError(f'unknown decode matmul parameter(s) {sorted(unknown)}; known: {sorted(_TUNING)}')
-  old = dict(_TUNING)
-  _TUNING.update(kw)
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    _TUNING.clear()
-    _TUNING.update(old)
-    jax.clear_caches()
+  """Within this context the kernels use these launch parameters (see `_TUNING`; for benchmarks)."""
+  return kernel_tuning(_TUNING, 'decode matmul', **kw)
 
 
 def _block(n: int, want: int) -> int | None:

@@ -24,7 +24,8 @@ from jax.ad_checkpoint import checkpoint_name
 from hita_jax.models import decode_matmul
 from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, decode_attention_update
 from hita_jax.models.decode_matmul import DECODE_LAYER_IMPLS
-from hita_jax.models.layers import ATTN_IMPLS, DTYPES, batch_mesh_axes, causal_attention, causal_pad
+from hita_jax.models.layers import (ATTN_IMPLS, DTYPES, causal_attention, causal_pad,
+                                    on_batch_shards)
 from hita_jax.models.rope import apply_rope, gpt_position_tables
 
 
@@ -286,14 +287,17 @@ class Block(nnx.Module):
     cfg = self.cfg
     b = x.shape[0]
     fused = cfg.fused_decode_layer
+    # the kernels under a mesh: rows (argument 0, and the residual) split over the batch axes,
+    # weights replicated (layers.on_batch_shards)
+    on_rows = functools.partial(on_batch_shards, batch=b)
     if fused and w_qkv_rope is not None:
-      qkv = _on_rows(decode_matmul.norm_qkv_rope,
-                     (x[:, 0], self.attention_norm.weight[...], w_qkv_rope, pos_add[0], cos[0], sin[0]),
-                     (0,), n_out=3, n_head=cfg.n_head, eps=cfg.norm_eps)
+      qkv = on_rows(functools.partial(decode_matmul.norm_qkv_rope, n_head=cfg.n_head, eps=cfg.norm_eps),
+                    (x[:, 0], self.attention_norm.weight[...], w_qkv_rope, pos_add[0], cos[0], sin[0]),
+                    split=(0,), n_out=3)
       q, k, v = (a.reshape(b, 1, cfg.n_head, cfg.head_dim) for a in qkv)
     elif fused:
-      qkv = _on_rows(decode_matmul.norm_matmul, (x[:, 0], self.attention_norm.weight[...],
-                                                 self.wqkv[...]), (0,), eps=cfg.norm_eps)
+      qkv = on_rows(functools.partial(decode_matmul.norm_matmul, eps=cfg.norm_eps),
+                    (x[:, 0], self.attention_norm.weight[...], self.wqkv[...]), split=(0,))
       q, k, v = self.positions(qkv[:, None], pos_add, cos, sin)
     else:
       q, k, v = self.qkv(x, pos_add, cos, sin)                  # (B, 1, H, hd)
@@ -302,31 +306,12 @@ class Block(nnx.Module):
     if not fused:
       o = o[:, None].astype(x.dtype)
       return self.finish(x, o, [None] * 4), k_cache, v_cache
-    h = _on_rows(decode_matmul.matmul_residual,
-                 (o.reshape(b, -1).astype(x.dtype), self.wo[...], x[:, 0]), (0, 2))
-    hidden = _on_rows(decode_matmul.norm_matmul, (h, self.ffn_norm.weight[...], self.w1[...]), (0,),
-                      w_gate=self.w3[...], eps=cfg.norm_eps)
-    out = _on_rows(decode_matmul.matmul_residual, (hidden, self.w2[...], h), (0, 2))
+    residual = lambda a, w, r: on_rows(decode_matmul.matmul_residual, (a, w, r), split=(0, 2))
+    h = residual(o.reshape(b, -1).astype(x.dtype), self.wo[...], x[:, 0])
+    swiglu = lambda y, g, w1, w3: decode_matmul.norm_matmul(y, g, w1, w_gate=w3, eps=cfg.norm_eps)
+    hidden = on_rows(swiglu, (h, self.ffn_norm.weight[...], self.w1[...], self.w3[...]), split=(0,))
+    out = residual(hidden, self.w2[...], h)
     return out[:, None], k_cache, v_cache
-
-
-def _on_rows(fn, args, row_args, n_out=None, **kw):
-  """fn(*args, **kw) for a decode_matmul kernel; under a mesh (`jax.set_mesh`) inside a shard_map
-  that splits the `row_args` over the batch axes and replicates the rest (the weights), since XLA
-  cannot partition a custom kernel itself."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return fn(*args, **kw)
-  rows = jax.sharding.PartitionSpec(batch_mesh_axes(mesh, args[0].shape[0]) or None)
-  specs = tuple(rows if i in row_args else jax.sharding.PartitionSpec() for i in range(len(args)))
-  weights = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}  # tracers are jax.Arrays
-  static = {k: v for k, v in kw.items() if k not in weights}
-  names = list(weights)
-  return jax.shard_map(
-      lambda *a: fn(*a[:len(args)], **dict(zip(names, a[len(args):])), **static), mesh=mesh,
-      in_specs=specs + (jax.sharding.PartitionSpec(),) * len(names),
-      out_specs=rows if n_out is None else (rows,) * n_out,
-      check_vma=False)(*args, *weights.values())
 
 
 class GPT(nnx.Module):
@@ -499,7 +484,7 @@ class GPT(nnx.Module):
     w = {'graphdef': graphdef, 'layers': layers, 'head': (head[:, :v], head[:, v:])}
     mesh = jax.sharding.get_abstract_mesh()
     if cfg.fused_decode_layer and not mesh.empty and mesh.size > 1:
-      # the kernels take whole weights (`_on_rows` replicates them): gathered once per generate,
+      # the kernels take whole weights (`on_batch_shards` replicates them): gathered once per generate,
       # not in every step, when a mesh shards them (FSDP / tensor presets)
       rep = jax.sharding.PartitionSpec()
       w['layers'] = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, rep), w['layers'])
@@ -556,8 +541,9 @@ class GPT(nnx.Module):
                                      None if rope is None else rope[i])
       cache = {'k': tuple(ks), 'v': tuple(vs)}
     if cfg.fused_decode_layer:  # the output norm inside the head's product
-      mm = lambda head: _on_rows(decode_matmul.norm_matmul, (x[:, 0], self.norm.weight[...], head),
-                                 (0,), eps=cfg.norm_eps, out_dtype=jnp.float32)
+      norm_head = functools.partial(decode_matmul.norm_matmul, eps=cfg.norm_eps, out_dtype=jnp.float32)
+      mm = lambda head: on_batch_shards(norm_head, (x[:, 0], self.norm.weight[...], head), split=(0,),
+                                        batch=x.shape[0])
     else:
       h = self.norm(x)[:, 0]
       mm = lambda head: jnp.einsum('bd,dv->bv', h, head.astype(h.dtype),

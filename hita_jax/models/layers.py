@@ -2,6 +2,7 @@
 fp32 norms, attention with one implementation switch, the tokenizer's fused SwiGLU."""
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Sequence
 
@@ -116,6 +117,40 @@ def batch_mesh_axes(mesh, batch: int) -> tuple[str, ...]:
       axes.append(name)
       n *= mesh.shape[name]
   return tuple(axes)
+
+
+def on_batch_shards(fn, args, split: tuple[int, ...], batch: int, n_out: int | None = None):
+  """fn(*args) for a custom kernel (which XLA cannot partition): directly, or under the context mesh
+  (`jax.set_mesh`) inside a shard_map that splits the arguments at positions `split` and every
+  output over the mesh axes dividing `batch`, and replicates the other arguments (weights,
+  scalars)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(*args)
+  rows = jax.sharding.PartitionSpec(batch_mesh_axes(mesh, batch) or None)
+  rep = jax.sharding.PartitionSpec()
+  in_specs = tuple(rows if i in split else rep for i in range(len(args)))
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs,
+                       out_specs=rows if n_out is None else (rows,) * n_out, check_vma=False)(*args)
+
+
+@contextlib.contextmanager
+def kernel_tuning(table: dict, what: str, **kw):
+  """Overrides a kernel module's launch-parameter table (`what` names it in errors) within the
+  context. The parameters are in no jit cache key, so JAX's caches are cleared on entry and exit
+  (a program traced with other parameters is traced again, not reused)."""
+  unknown = set(kw) - set(table)
+  if unknown:
+    raise ValueError(f'unknown {what} parameter(s) {sorted(unknown)}; known: {sorted(table)}')
+  old = dict(table)
+  table.update(kw)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    table.clear()
+    table.update(old)
+    jax.clear_caches()
 
 
 SPLASH_BLOCK = 128
