@@ -44,8 +44,8 @@ def lr_schedule(lr: float, warmup_steps: int, warmup_init: float = 1e-7, decay: 
 def ema_update(ema, params, decay: float, finite=None):
   """ema * decay + params * (1 - decay), the weight 1 - decay taken in double precision as the
   official `ema.mul_(decay).add_(p, alpha=1 - decay)`. `finite` (a traced bool): on a non-finite
-  step the weights become (1, 0), which returns the EMA exactly (params are finite then), so
-  `keep_if_finite` need not select it."""
+  step the weights become (1, 0), which returns the EMA's values (params are finite then; only a
+  -0.0 may come back as +0.0), so `keep_if_finite` need not select it."""
   keep, take = decay, 1.0 - decay
   if finite is not None:
     keep, take = jnp.where(finite, keep, 1.0), jnp.where(finite, take, 0.0)
@@ -121,8 +121,8 @@ def restore_adam(opt_state, count: int, mu, nu, like):
   """`opt_state` with its Adam moments and bias-correction count replaced (a PyTorch Adam/AdamW
   state converted to our parameter layout); `mu`/`nu` are placed like the arrays of `like` (the
   parameters), or, when the state's moments are one flat vector (`optimizer_step(flat=True)`),
-  concatenated in `like`'s leaf order (`flat_vector`'s) and placed like that vector. Other counters, e.g. an LR schedule's, are
-  left as they are."""
+  concatenated in `like`'s leaf order (`flat_vector`'s) and placed like that vector. Other
+  counters, e.g. an LR schedule's, are left as they are."""
   place = lambda tree: jax.tree.map(lambda a, p: sharding.put(np.asarray(a, p.dtype), p.sharding),
                                     tree, like)
 
