@@ -161,6 +161,7 @@ def test_sampler_with_kernel_on_the_8_device_mesh():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
 
 
+@pytest.mark.slow  # a device bench tool (kernels in interpret mode); the kernel tests above stay
 def test_bench_decode_attn_runs_both_paths(monkeypatch):
   """`python -m hita_jax.tools.bench decode_attn` at a tiny shape: both paths timed, and both
   near the fp32 reference (bf16 inputs)."""
@@ -212,6 +213,7 @@ def test_kernel_with_nothing_to_attend_gives_zeros():
   np.testing.assert_array_equal(np.asarray(out), 0)
 
 
+@pytest.mark.slow  # a device bench tool, as above
 def test_bench_decode_attn_tune_and_sample_tuning(monkeypatch):
   """`bench decode_attn --tune` sweeps launch parameters (interpret mode here, so only that each
   combination runs and is ranked); `tuning()` reaches the kernels the sampler traces, and rejects

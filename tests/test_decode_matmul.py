@@ -164,6 +164,7 @@ def _tiny_bench(monkeypatch):
   return bench
 
 
+@pytest.mark.slow  # a device bench tool (kernels in interpret mode); the kernel tests stay
 def test_bench_decode_matmul_runs_both_paths(monkeypatch):
   """`bench decode_matmul` at a tiny shape: both paths timed, both near fp32, a two-set tune."""
   bench = _tiny_bench(monkeypatch)

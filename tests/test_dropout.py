@@ -1,5 +1,6 @@
 """The 16-bit dropout masks (GPTConfig.dropout_bits=16): statistics, independence, sharding, bf16."""
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from hita_jax.models.gpt import dropout, keep_mask_16
+from tests.conftest import ROOT
 from tests.test_gpt import codes, random_gpt, tiny_cfg
 
 
@@ -76,3 +78,54 @@ def test_gpt_trains_with_16_bit_dropout():
   same = [float(sum(random_gpt(dataclasses.replace(plain, dropout_bits=b)).loss(
       labels, q, z, rng=jax.random.key(3)))) for b in (16, 32)]
   assert same[0] == same[1]
+
+
+def _keep_mask_16_stacked(key, shape, rate):
+  """The first spelling of keep_mask_16 (the four 16-bit words stacked): the reference its
+  broadcast-and-select form must equal bit for bit (it changed how XLA fuses it, not the mask)."""
+  from jax.extend.random import threefry2x32_p
+  *lead, c = shape
+  qshape = (*lead, c // 4)
+  counter = jnp.zeros(qshape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(len(qshape))):
+    counter = counter + jax.lax.broadcasted_iota(jnp.uint32, qshape, axis) * jnp.uint32(stride)
+    stride *= qshape[axis]
+  k = jax.random.key_data(key)
+  y1, y2 = threefry2x32_p.bind(k[0], k[1], counter, jnp.zeros(qshape, jnp.uint32))
+  lo16 = jnp.uint32(0xFFFF)
+  words = jnp.stack([y1 & lo16, y1 >> 16, y2 & lo16, y2 >> 16], axis=-1).reshape(shape)
+  return words >= int(round(rate * 65536))
+
+
+@pytest.mark.parametrize('shape', [(3, 7, 8), (2, 5, 12, 64)])
+def test_keep_mask_16_equals_its_stacked_spelling(shape):
+  for seed, rate in ((0, 0.1), (1, 0.5), (2, 0.013)):
+    key = jax.random.key(seed)
+    for fn in (lambda k: keep_mask_16(k, shape, rate)[0], jax.jit(lambda k: keep_mask_16(k, shape, rate)[0])):
+      np.testing.assert_array_equal(np.asarray(fn(key)), np.asarray(_keep_mask_16_stacked(key, shape, rate)))
+
+
+def test_test_suites_unrolled_threefry_draws_the_same_bits(tmp_path):
+  """conftest.py switches the CPU's Threefry lowering to the unrolled one (compile time only):
+  the draws must equal those of JAX's own CPU lowering, computed in a fresh process."""
+  import subprocess
+  import sys
+  code = '''
+import sys, numpy as np, jax
+from hita_jax.models.gpt import keep_mask_16
+k = jax.random.key(3)
+f = jax.jit(lambda k: (jax.random.uniform(k, (5, 7)), jax.random.normal(k, (33,)),
+                       jax.random.bits(jax.random.fold_in(k, 1), (4, 9)), keep_mask_16(k, (6, 8), 0.1)[0]))
+np.savez(sys.argv[1], *[np.asarray(a) for a in f(k)])
+'''
+  env = dict(os.environ, HITA_TEST_ROLLED_THREEFRY='1', JAX_PLATFORMS='cpu')
+  subprocess.run([sys.executable, '-c', code, str(tmp_path / 'rolled.npz')], check=True, env=env, cwd=ROOT)
+  from jax._src.interpreters import mlir  # the hook conftest.py set is in place here
+  from jax._src.random import threefry2x32 as tf
+  assert mlir._platform_specific_lowerings['cpu'][tf.threefry2x32_p].rule is tf._threefry2x32_lowering_rule
+  exec(code.replace('sys.argv[1]', repr(str(tmp_path / 'unrolled.npz'))), {})
+  a, b = np.load(tmp_path / 'rolled.npz'), np.load(tmp_path / 'unrolled.npz')
+  assert len(a.files) == 4
+  for name in a.files:
+    np.testing.assert_array_equal(a[name], b[name])

@@ -174,10 +174,13 @@ def test_codebook_usage_is_the_steps_distinct_codes():
   mesh = sharding.make_mesh([('data', 1)], jax.devices()[:1])
   parts, state, lp_state, _ = train_tokenizer.build(config, mesh)
   step = jax.jit(lambda s, b: train_tokenizer.train_step(parts, config, s, lp_state, b, jax.random.key(0)))
+  # the step's forward pass, same state and dropout streams (jitted: eager op-by-op dispatch of
+  # the whole tokenizer was most of this test's time)
+  forward = jax.jit(lambda p, r, x: {k: v for k, v in nnx.merge(parts.g_def, p, r, copy=True)(
+      images.to_unit(x)).items() if k.endswith('_codes')})
   for seed in range(2):
     x = np.random.RandomState(seed).randint(0, 256, (8, 64, 64, 3)).astype(np.uint8)
-    tok = nnx.merge(parts.g_def, state['g_params'], state['g_rest'], copy=True)
-    out = tok(images.to_unit(x))  # the step's forward pass, same state and dropout streams
+    out = forward(state['g_params'], state['g_rest'], x)
     state, metrics = step(state, {'image': jnp.asarray(x)})
     for kind in ('patch', 'holistic'):
       want = len(np.unique(np.asarray(out[f'{kind}_codes']))) / parts.cfg.codebook_size

@@ -17,6 +17,7 @@ def test_option_sets_parse_and_bad_ones_name_the_fix():
     tok_compile._parse_option('x:xla_gpu_autotune_level')
 
 
+@pytest.mark.slow  # ~1.5 min: two compiles of the demo step for a device-side tool
 def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
   """Build, trace, lower, compile per option set (an option XLA does not know is reported and
   skipped before the build), the optimized HLO's counts, a profile, and an exported step that a
