@@ -419,3 +419,37 @@ def test_sequence_padding_for_the_attention_kernel_is_inert(monkeypatch):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=tol,
                                  rtol=max(tol, 1e-5))
+
+
+def _apply_rope_stacked(x, cos, sin):
+  """The first spelling of apply_rope (pairs sliced apart, results stacked): the reference for its
+  pair-reversal form, forward and backward. The products and sums are the same; only which
+  product the backend contracts into a fused multiply-add may differ (one fp32 ulp)."""
+  dt = x.dtype
+  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  if cos.ndim == 2:
+    cos, sin = cos[None], sin[None]
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  x0, x1 = xf[..., 0], xf[..., 1]
+  return jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1).reshape(x.shape).astype(dt)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('batched_tables', [False, True])
+def test_apply_rope_equals_its_stacked_spelling(dtype, batched_tables):
+  from hita_jax.models.rope import apply_rope
+  _, cos, sin = gpt_position_tables(4, 5, 16, 10000.0, 30)
+  cos, sin = jnp.asarray(cos), jnp.asarray(sin)
+  x = jax.random.normal(jax.random.key(0), (2, 30, 3, 16)).astype(dtype)
+  if batched_tables:  # the sampler's per-row tables
+    cos, sin = jnp.stack([cos, cos[::-1]]), jnp.stack([sin, sin[::-1]])
+  # fp32: within an ulp or two; bf16: the same fp32 values rounded, so at most one bf16 step apart
+  tol = dict(rtol=2e-7, atol=5e-7) if dtype == jnp.float32 else dict(rtol=2 ** -8, atol=2 ** -8)
+  for f in (apply_rope, jax.jit(apply_rope)):
+    np.testing.assert_allclose(np.asarray(f(x, cos, sin), np.float32),
+                               np.asarray(_apply_rope_stacked(x, cos, sin), np.float32), **tol)
+  g = jax.random.normal(jax.random.key(1), x.shape).astype(dtype)
+  grad = lambda fn: jax.grad(lambda a: jnp.vdot(fn(a, cos, sin).astype(jnp.float32),
+                                                g.astype(jnp.float32)))(x)
+  np.testing.assert_allclose(np.asarray(jax.jit(grad, static_argnums=0)(apply_rope), np.float32),
+                             np.asarray(jax.jit(lambda: grad(_apply_rope_stacked))(), np.float32), **tol)

@@ -182,8 +182,12 @@ def keep_mask_16(key, shape, rate: float):
     stride *= qshape[axis]
   k = jax.random.key_data(key)
   y1, y2 = threefry2x32_p.bind(k[0], k[1], counter, jnp.zeros(qshape, jnp.uint32))
-  lo16 = jnp.uint32(0xFFFF)
-  words = jnp.stack([y1 & lo16, y1 >> 16, y2 & lo16, y2 >> 16], axis=-1).reshape(shape)
+  # element 4i + j takes 16 bits of hash i: (y1 low, y1 high, y2 low, y2 high)[j], spelled as
+  # broadcasts and a select rather than a stack, which XLA's GPU step kept as a concatenate kernel
+  # writing the whole mask; this form fuses into the dropout's own element-wise kernel
+  j = jax.lax.broadcasted_iota(jnp.uint32, (*qshape, 4), len(qshape))
+  word = jnp.where(j < 2, y1[..., None], y2[..., None])
+  words = ((word >> ((j & 1) * 16)) & jnp.uint32(0xFFFF)).reshape(shape)
   drop = int(round(rate * 65536))
   return words >= drop, 65536.0 / (65536 - drop)
 
@@ -383,8 +387,14 @@ class GPT(nnx.Module):
         return body(x, layer_state, key), None
       x, _ = jax.lax.scan(step, x, (state, keys))
       return x
-    for i in range(self.cfg.n_layer):
-      layer_state = jax.tree.map(lambda a: a[i], state)
+    # One split per stacked parameter rather than a[i] per layer: the gradient of a split is one
+    # concatenate of the per-layer gradients, where a[i]'s is a pad to the whole stack per layer,
+    # summed over the layers (n_layer padded copies of every weight's gradient in the step).
+    n = self.cfg.n_layer
+    leaves, treedef = jax.tree.flatten(state)
+    per_layer = [[p[0] for p in jnp.split(a, n, axis=0)] for a in leaves]
+    for i in range(n):
+      layer_state = jax.tree.unflatten(treedef, [layers[i] for layers in per_layer])
       x = body(x, layer_state, None if keys is None else keys[i])
     return x
 

@@ -53,12 +53,19 @@ def gpt_position_tables(num_holistic: int, grid: int, head_dim: int, base: float
 
 
 def apply_rope(x, cos, sin):
-  """x: (B, T, H, D); cos/sin: (T, D/2) or (B, T, D/2). Interleaved-pair rotation in fp32."""
+  """x: (B, T, H, D); cos/sin: (T, D/2) or (B, T, D/2). Interleaved-pair rotation in fp32:
+  (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
+
+  Written as x * c + swap(x) * (-s, s), where swap reverses each pair (one `rev` on a size-2
+  axis), instead of slicing x0 / x1 apart and stacking the results: the same products and sums
+  (x0 c + x1 (-s) == x0 c - x1 s; only the backend's choice of which product to contract into a
+  fused multiply-add can move a result by an ulp), without strided slices, a stack's concatenate
+  and, in the gradient, pads: a reverse and broadcasts fuse into one element-wise loop."""
   dt = x.dtype
-  xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
   if cos.ndim == 2:
     cos, sin = cos[None], sin[None]
-  c, s = cos[:, :, None, :], sin[:, :, None, :]
-  x0, x1 = xf[..., 0], xf[..., 1]
-  out = jnp.stack([x0 * c - x1 * s, x1 * c + x0 * s], axis=-1)
+  c = cos[:, :, None, :, None].astype(jnp.float32)
+  s = sin[:, :, None, :, None].astype(jnp.float32) * jnp.array([-1.0, 1.0], jnp.float32)
+  out = pairs * c + pairs[..., ::-1] * s
   return out.reshape(x.shape).astype(dt)
