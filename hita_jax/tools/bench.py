@@ -77,6 +77,8 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
     return optax.apply_updates(params, updates), opt_state, loss
 
   key = jax.random.key(0)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          (params, opt_state, key))  # the arguments are donated below
   t0 = time.perf_counter()
   for i in range(warmup):
     params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
@@ -101,17 +103,23 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
   def once():
     box[0], box[1], l = step(box[0], box[1], key)
     float(l)
-  _maybe_profile(out, profile_dir, once)
+  # the optimized module, to name the model line behind each kernel (one more compile, profiling only)
+  _maybe_profile(out, profile_dir, once,
+                 hlo=lambda: step.lower(*abstract).compile().as_text())
   return out
 
 
-def _maybe_profile(out, profile_dir, once, repeats=3):
+def _maybe_profile(out, profile_dir, once, repeats=3, hlo=None):
   """With a trace directory: the 30 largest kernels and every kernel kind's total (printed, and
-  in the JSON line as 'profile' and 'profile_kinds')."""
+  in the JSON line as 'profile' and 'profile_kinds'); with `hlo` (-> the program's optimized HLO
+  text) also the time by model source line ('profile_sources')."""
   if profile_dir:
     rows, kinds = profile_summary.profile_by_kind(once, profile_dir, repeats=repeats)
     out['profile'] = rows[:30] + rows[-1:]
     out['profile_kinds'] = kinds
+    if hlo is not None:
+      out['profile_sources'] = profile_summary.by_source_line(rows, hlo(), top=40)
+      print(profile_summary.format_sources(out['profile_sources']), flush=True)
 
 
 def _jit_donating(fn):

@@ -159,7 +159,10 @@ def _profile(compiled, compiled_name, run_step, info, profile_dir):
   from hita_jax.tools import profile_summary
   rows, kinds = profile_summary.profile_by_kind(
       lambda: [run_step(compiled, i) for i in range(2)], profile_dir, repeats=1, show=40)
-  _emit({**info, 'stage': 'profile', 'options': compiled_name, 'kinds': kinds, 'top': rows[:40]})
+  sources = profile_summary.by_source_line(rows, compiled.as_text(), top=40)
+  print(profile_summary.format_sources(sources), flush=True)
+  _emit({**info, 'stage': 'profile', 'options': compiled_name, 'kinds': kinds, 'top': rows[:40],
+         'sources': sources})
 
 
 def run(batch: int, variant: str, options: list[str], steps: int, config_path: str | None = None,
