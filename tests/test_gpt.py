@@ -471,3 +471,7 @@ def test_layer_gradients_are_one_concatenate_per_stacked_weight():
   stacked = len(jax.tree.leaves(nnx.state(m.blocks)))
   assert whole_stack['pad'] == 0 and whole_stack['add'] == 0, whole_stack
   assert whole_stack['concatenate'] <= stacked, whole_stack
+  # the same for the loss's holistic / patch split of the hidden rows and of the 2V head
+  b, t = labels.shape[0], cfg.seq_len
+  assert not re.search(rf'= f32\[{b},{t},{cfg.dim}\]\S* pad\(', hlo)
+  assert not re.search(rf'= f32\[{cfg.dim},{2 * cfg.vocab_size}\]\S* pad\(', hlo)

@@ -448,10 +448,12 @@ class GPT(nnx.Module):
     half never reaches the loss, so each row multiplies only its own half of the head (same values
     and gradients, half the head FLOPs and logits memory)."""
     h = self.norm(self.hidden(labels, holistic_codes, patch_codes, rng=rng))
-    s, v = self.cfg.num_holistic, self.cfg.vocab_size
-    head = self.head[...].astype(h.dtype)
-    return (head_cross_entropy(h[:, :s], head[:, :v], holistic_codes),
-            head_cross_entropy(h[:, s:], head[:, v:], patch_codes))
+    # splits, not two slices each: a split's gradient is one concatenate, two slices' are two
+    # pads to the whole array and their sum (the hidden rows' and the 2V head's gradients)
+    h_holistic, h_patch = jnp.split(h, [self.cfg.num_holistic], axis=1)
+    head_holistic, head_patch = jnp.split(self.head[...].astype(h.dtype), 2, axis=1)
+    return (head_cross_entropy(h_holistic, head_holistic, holistic_codes),
+            head_cross_entropy(h_patch, head_patch, patch_codes))
 
   # -- incremental decoding ---------------------------------------------------------------------
   def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
