@@ -183,8 +183,8 @@ def keep_mask_16(key, shape, rate: float):
   k = jax.random.key_data(key)
   y1, y2 = threefry2x32_p.bind(k[0], k[1], counter, jnp.zeros(qshape, jnp.uint32))
   # element 4i + j takes 16 bits of hash i: (y1 low, y1 high, y2 low, y2 high)[j], spelled as
-  # broadcasts and a select rather than a stack, which XLA's GPU step kept as a concatenate kernel
-  # writing the whole mask; this form fuses into the dropout's own element-wise kernel
+  # broadcasts and a select rather than a stack (a concatenate, which XLA can keep as a kernel of
+  # its own that writes the whole mask), so it can fuse into the dropout's element-wise kernel
   j = jax.lax.broadcasted_iota(jnp.uint32, (*qshape, 4), len(qshape))
   word = jnp.where(j < 2, y1[..., None], y2[..., None])
   words = ((word >> ((j & 1) * 16)) & jnp.uint32(0xFFFF)).reshape(shape)
