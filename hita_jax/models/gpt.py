@@ -182,14 +182,18 @@ def keep_mask_16(key, shape, rate: float):
     stride *= qshape[axis]
   k = jax.random.key_data(key)
   y1, y2 = threefry2x32_p.bind(k[0], k[1], counter, jnp.zeros(qshape, jnp.uint32))
-  # element 4i + j takes 16 bits of hash i: (y1 low, y1 high, y2 low, y2 high)[j], spelled as
-  # broadcasts and a select rather than a stack (a concatenate, which XLA can keep as a kernel of
-  # its own that writes the whole mask), so it can fuse into the dropout's element-wise kernel
-  j = jax.lax.broadcasted_iota(jnp.uint32, (*qshape, 4), len(qshape))
-  word = jnp.where(j < 2, y1[..., None], y2[..., None])
-  words = ((word >> ((j & 1) * 16)) & jnp.uint32(0xFFFF)).reshape(shape)
   drop = int(round(rate * 65536))
-  return words >= drop, 65536.0 / (65536 - drop)
+  return sixteen_bit_words(y1, y2).reshape(shape) >= drop, 65536.0 / (65536 - drop)
+
+
+def sixteen_bit_words(y1, y2):
+  """(..., n) uint32 hash halves -> (..., n, 4) 16-bit words: word j of hash i is
+  (y1 low, y1 high, y2 low, y2 high)[j]. Spelled as broadcasts and a select rather than a stack (a
+  concatenate, which XLA can keep as a kernel of its own that writes the whole mask), so it can
+  fuse into the dropout's element-wise kernel."""
+  j = jax.lax.broadcasted_iota(jnp.uint32, (*y1.shape, 4), y1.ndim)
+  word = jnp.where(j < 2, y1[..., None], y2[..., None])
+  return (word >> ((j & 1) * 16)) & jnp.uint32(0xFFFF)
 
 
 def drop_path(x, rate: float, key):
@@ -387,14 +391,7 @@ class GPT(nnx.Module):
         return body(x, layer_state, key), None
       x, _ = jax.lax.scan(step, x, (state, keys))
       return x
-    # One split per stacked parameter rather than a[i] per layer: the gradient of a split is one
-    # concatenate of the per-layer gradients, where a[i]'s is a pad to the whole stack per layer,
-    # summed over the layers (n_layer padded copies of every weight's gradient in the step).
-    n = self.cfg.n_layer
-    leaves, treedef = jax.tree.flatten(state)
-    per_layer = [[p[0] for p in jnp.split(a, n, axis=0)] for a in leaves]
-    for i in range(n):
-      layer_state = jax.tree.unflatten(treedef, [layers[i] for layers in per_layer])
+    for i, layer_state in enumerate(unstack_layers(state, self.cfg.n_layer)):
       x = body(x, layer_state, None if keys is None else keys[i])
     return x
 
@@ -491,8 +488,7 @@ class GPT(nnx.Module):
     cfg = self.cfg
     v = cfg.vocab_size
     head = self.head[...]
-    layers = state if cfg.scan_layers else [
-        jax.tree.map(lambda a, i=i: a[i], state) for i in range(cfg.n_layer)]
+    layers = state if cfg.scan_layers else unstack_layers(state, cfg.n_layer)
     w = {'graphdef': graphdef, 'layers': layers, 'head': (head[:, :v], head[:, v:])}
     mesh = jax.sharding.get_abstract_mesh()
     if cfg.fused_decode_layer and not mesh.empty and mesh.size > 1:
@@ -568,6 +564,15 @@ class GPT(nnx.Module):
     else:
       raise ValueError(f"head must be None, 'holistic' or 'patch', got {head!r}")
     return logits, cache
+
+
+def unstack_layers(state, n: int) -> list:
+  """The per-layer states of stacked (n, ...) layer parameters, by one split per parameter rather
+  than a[i] per layer: a split's gradient is one concatenate of the layers' gradients, a[i]'s a pad
+  to the whole stack per layer, summed over the layers (O(n^2) gradient traffic)."""
+  leaves, treedef = jax.tree.flatten(state)
+  per_leaf = [[p[0] for p in jnp.split(a, n, axis=0)] for a in leaves]
+  return [jax.tree.unflatten(treedef, [layers[i] for layers in per_leaf]) for i in range(n)]
 
 
 def head_cross_entropy(h, head, targets):

@@ -31,7 +31,7 @@ import flax
 import optax
 from flax import nnx
 
-from hita_jax import cli, config_lib, pretrained, sharding
+from hita_jax import checkpoint, cli, config_lib, pretrained, sharding
 from hita_jax.metrics import flops
 from hita_jax.metrics.inception_features import InceptionRunner
 from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, KERNEL_IMPLS
@@ -77,8 +77,7 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
     return optax.apply_updates(params, updates), opt_state, loss
 
   key = jax.random.key(0)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                          (params, opt_state, key))  # the arguments are donated below
+  abstract = checkpoint.abstract_like((params, opt_state, key))  # the arguments are donated below
   t0 = time.perf_counter()
   for i in range(warmup):
     params, opt_state, loss = step(params, opt_state, jax.random.fold_in(key, i))
