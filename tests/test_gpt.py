@@ -475,3 +475,44 @@ def test_layer_gradients_are_one_concatenate_per_stacked_weight():
   b, t = labels.shape[0], cfg.seq_len
   assert not re.search(rf'= f32\[{b},{t},{cfg.dim}\]\S* pad\(', hlo)
   assert not re.search(rf'= f32\[{cfg.dim},{2 * cfg.vocab_size}\]\S* pad\(', hlo)
+
+
+def test_head_logits_backward_multiplies_at_the_operands_dtype():
+  """The head's fp32 logits: the forward accumulates in fp32; the backward multiplies a cotangent
+  cast to the operands' dtype (autodiff's own multiplies fp32 by bf16, an fp32 GEMM on the GPU).
+  fp32 operands: autodiff's gradients; bf16: fp32's gradients within bf16 rounding."""
+  from hita_jax.models.gpt import cross_entropy, head_cross_entropy, logits_fp32
+  kh, kw, kt = jax.random.split(jax.random.key(7), 3)
+  h = jax.random.normal(kh, (3, 10, 32), jnp.float32)
+  w = jax.random.normal(kw, (32, 48), jnp.float32) * 0.2
+  t = jax.random.randint(kt, (3, 10), 0, 48)
+  plain = lambda h, w, t: cross_entropy(
+      jnp.einsum('...d,dv->...v', h, w, preferred_element_type=jnp.float32), t)
+  ref = jax.grad(plain, argnums=(0, 1))(h, w, t)
+  got = jax.grad(head_cross_entropy, argnums=(0, 1))(h, w, t)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  h16, w16 = h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  np.testing.assert_allclose(float(head_cross_entropy(h16, w16, t)), float(plain(h, w, t)), rtol=1e-2)
+  got16 = jax.grad(head_cross_entropy, argnums=(0, 1))(h16, w16, t)
+  for a, b in zip(got16, ref):
+    assert a.dtype == jnp.bfloat16
+    a = np.asarray(a, np.float32)
+    assert np.isfinite(a).all()
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
+  jaxpr = jax.make_jaxpr(jax.grad(head_cross_entropy, argnums=(0, 1)))(h16, w16, t)
+  dots = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == 'dot_general']
+  assert len(dots) == 3  # forward and the two backward products
+  for e in dots:
+    assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.bfloat16)}, e
+  np.testing.assert_array_equal(np.asarray(logits_fp32(h, w)), np.asarray(h @ w))
+
+
+def _all_eqns(jaxpr):
+  """Every equation of a jaxpr, inside custom_vjp / pjit bodies too."""
+  for e in jaxpr.eqns:
+    yield e
+    for p in e.params.values():
+      inner = getattr(p, 'jaxpr', p)
+      if hasattr(inner, 'eqns'):
+        yield from _all_eqns(inner)

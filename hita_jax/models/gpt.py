@@ -575,10 +575,36 @@ def unstack_layers(state, n: int) -> list:
   return [jax.tree.unflatten(treedef, [layers[i] for layers in per_leaf]) for i in range(n)]
 
 
+@jax.custom_vjp
+def logits_fp32(h, head):
+  """h @ head accumulated and returned in fp32, for a loss taken in fp32.
+
+  Its backward casts the fp32 cotangent to the operands' dtype before the two products. Autodiff's
+  own backward multiplies the fp32 cotangent by the bf16 operands, which XLA runs as fp32 matrix
+  products: on one H200 (GPT-B, batch 64, 2026-12-05) the head's backward took 7.1 ms a step
+  against 1.3 ms forward. A bf16 cotangent is what the official code's autocast backward uses too.
+  With fp32 operands the cast is a no-op and the gradients are autodiff's exactly."""
+  return jnp.einsum('...d,dv->...v', h, head, preferred_element_type=jnp.float32)
+
+
+def _logits_fp32_fwd(h, head):
+  return logits_fp32(h, head), (h, head)
+
+
+def _logits_fp32_bwd(res, g):
+  h, head = res
+  g = g.astype(jnp.result_type(h, head))  # the GEMMs still accumulate in fp32
+  d_h = jnp.einsum('...v,dv->...d', g, head).astype(h.dtype)
+  d_head = jnp.einsum('nd,nv->dv', h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1]))
+  return d_h, d_head.astype(head.dtype)
+
+
+logits_fp32.defvjp(_logits_fp32_fwd, _logits_fp32_bwd)
+
+
 def head_cross_entropy(h, head, targets):
   """Mean CE of the fp32 logits h @ head (accumulated in fp32 from `h`'s dtype) against targets."""
-  logits = jnp.einsum('...d,dv->...v', h, head, preferred_element_type=jnp.float32)
-  return cross_entropy(logits, targets)
+  return cross_entropy(logits_fp32(h, head), targets)
 
 
 def cross_entropy(logits, targets):
