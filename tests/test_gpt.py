@@ -16,6 +16,7 @@ from flax import nnx
 from hita_jax import sharding
 from hita_jax.convert.gpt import export_official_gpt, load_official_gpt
 from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
+from hita_jax.models.gpt import cross_entropy, head_cross_entropy, logits_fp32
 from hita_jax.models.rope import gpt_position_tables, rope_2d_table
 from hita_jax.models.sampler import decode_segments, filter_logits, generate
 from hita_jax.models.sampler import generate as generate_any
@@ -481,7 +482,6 @@ def test_head_logits_backward_multiplies_at_the_operands_dtype():
   """The head's fp32 logits: the forward accumulates in fp32; the backward multiplies a cotangent
   cast to the operands' dtype (autodiff's own multiplies fp32 by bf16, an fp32 GEMM on the GPU).
   fp32 operands: autodiff's gradients; bf16: fp32's gradients within bf16 rounding."""
-  from hita_jax.models.gpt import cross_entropy, head_cross_entropy, logits_fp32
   kh, kw, kt = jax.random.split(jax.random.key(7), 3)
   h = jax.random.normal(kh, (3, 10, 32), jnp.float32)
   w = jax.random.normal(kw, (32, 48), jnp.float32) * 0.2

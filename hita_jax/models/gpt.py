@@ -367,8 +367,7 @@ class GPT(nnx.Module):
 
   def logits(self, h):
     h = self.norm(h)
-    return jnp.einsum('...d,dv->...v', h, self.head[...].astype(h.dtype),
-                      preferred_element_type=jnp.float32)
+    return logits_fp32(h, self.head[...].astype(h.dtype))
 
   def drop_labels(self, labels, key):
     if key is None or self.cfg.class_dropout_prob <= 0:
