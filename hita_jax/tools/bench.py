@@ -54,7 +54,7 @@ def full_size_config(size: str, **kw) -> GPTConfig:
 
 
 def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3, iters=10, profile_dir=None,
-                    dropout_bits=16):
+                    dropout_bits=16, hlo_out=None):
   cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan,
                          dropout_bits=dropout_bits)
   model = GPT(cfg, rngs=nnx.Rngs(0))
@@ -103,8 +103,9 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
     box[0], box[1], l = step(box[0], box[1], key)
     float(l)
   # the optimized module, to name the model line behind each kernel (one more compile, profiling only)
-  _maybe_profile(out, profile_dir, once,
-                 hlo=lambda: step.lower(*abstract).compile().as_text())
+  hlo = lambda: step.lower(*abstract).compile().as_text()
+  _write_hlo(hlo_out, hlo)
+  _maybe_profile(out, profile_dir, once, hlo=hlo)
   return out
 
 
@@ -119,6 +120,14 @@ def _maybe_profile(out, profile_dir, once, repeats=3, hlo=None):
     if hlo is not None:
       out['profile_sources'] = profile_summary.by_source_line(rows, hlo(), top=40)
       print(profile_summary.format_sources(out['profile_sources']), flush=True)
+
+
+def _write_hlo(path, hlo):
+  """The step's optimized HLO text, gzipped, for reading its fusions offline (`--hlo PATH`)."""
+  if path:
+    import gzip
+    with gzip.open(path, 'wt') as f:
+      f.write(hlo())
 
 
 def _jit_donating(fn):
@@ -373,7 +382,7 @@ def bench_inception(batch, repeats=5):
   return out
 
 
-def bench_ar_trainer(size, batch, steps=20, attn='auto'):
+def bench_ar_trainer(size, batch, steps=20, attn='auto', profile_dir=None, hlo_out=None):
   """The `train_ar` trainer's own jitted step (AdamW, EMA, dropout, label drop) on synthetic codes."""
   config = config_lib.hita_recipe(size, None)
   config.train_ar.codes_dir = 'synthetic'
@@ -403,6 +412,15 @@ def bench_ar_trainer(size, batch, steps=20, attn='auto'):
              tokens_s=tok_s, mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(parts.cfg, t), peak),
              loss=float(m['loss']), warmup_s=warm)
   out.update(_mem())
+  abstract = checkpoint.abstract_like((state, None, batches[0], key))
+  hlo = lambda: jitted.lower(*abstract).compile().as_text()
+  _write_hlo(hlo_out, hlo)
+  box = [state]
+
+  def once():
+    box[0], mm = step(box[0], batches[0], key)
+    float(mm['loss'])
+  _maybe_profile(out, profile_dir, once, hlo=hlo)
   return out
 
 
@@ -488,6 +506,8 @@ def main(argv=None):
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
   p.add_argument('--profile', default=None, help='trace directory: also print the top device kernels')
+  p.add_argument('--hlo', default=None, metavar='PATH.gz',
+                 help='gpt_train / ar_trainer: also write the step\'s optimized HLO text (gzipped)')
   p.add_argument('--variant', default='V', choices=['V', 'U'])
   p.add_argument('--remat', default='none', choices=sorted(REMAT_POLICIES))
   p.add_argument('--scan', action='store_true')
@@ -510,9 +530,9 @@ def main(argv=None):
   a = p.parse_args(argv)
   if a.what == 'gpt_train':
     res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters, profile_dir=a.profile,
-                          dropout_bits=a.dropout_bits)
+                          dropout_bits=a.dropout_bits, hlo_out=a.hlo)
   elif a.what == 'ar_trainer':
-    res = bench_ar_trainer(a.size, a.batch, attn=a.attn)
+    res = bench_ar_trainer(a.size, a.batch, attn=a.attn, profile_dir=a.profile, hlo_out=a.hlo)
   elif a.what == 'sample':
     res = bench_sample(a.size, a.batch, a.cfg, profile_dir=a.profile, kv_segments=a.kv_segments,
                        decode_attn=a.decode_attn, decode_tuning=_parse_tuning(a.decode_tuning),
