@@ -92,3 +92,10 @@ def test_gpu_node_refuses_missing_settings():
   r = _bash('launch/gpu_node.sh', '--dry-run', '--coordinator', 'h:1', '--num-nodes', '2',
             '--node-rank', '2', '--workdir', '/w')
   assert r.returncode == 2 and 'not in 0..1' in r.stderr
+
+
+def test_ab_bench_refuses_a_missing_older_tree():
+  r = _bash(os.path.join(LAUNCH, 'ab_bench_gpu.sh'), 'gpt_train', env={'OLD': ''})
+  assert r.returncode != 0 and 'OLD=' in r.stderr
+  r = _bash(os.path.join(LAUNCH, 'ab_bench_gpu.sh'), 'gpt_train', env={'OLD': '/nonexistent.tar.gz'})
+  assert r.returncode == 2 and 'cannot unpack /nonexistent.tar.gz' in r.stderr
