@@ -526,14 +526,36 @@ def test_cross_entropy_gradient_is_softmax_minus_onehot_at_large_logits():
   np.testing.assert_allclose(g, np.asarray(jax.grad(ref)(x)), atol=2e-6)
 
 
-def test_gpt_logits_accumulate_in_fp32():
-  """GPT.logits' head (inference, teacher forcing) keeps fp32 products, as the decode step's."""
+def test_gpt_logits_accumulate_in_fp32_and_backpropagate_in_the_operands_dtype():
+  """GPT.logits' head (teacher forcing, inference) keeps fp32 products, as the decode step's; its
+  backward: autodiff's gradients for fp32 operands, bf16-only products for bf16 ones."""
   kh, kw = jax.random.split(jax.random.key(9))
   h = jax.random.normal(kh, (3, 10, 32), jnp.float32)
   w = jax.random.normal(kw, (32, 48), jnp.float32) * 0.2
   np.testing.assert_array_equal(np.asarray(logits_fp32(h, w)), np.asarray(h @ w))
-  out = logits_fp32(h.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  h16, w16 = h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  out = logits_fp32(h16, w16)
   assert out.dtype == jnp.float32
+  exact = np.asarray(h16, np.float32) @ np.asarray(w16, np.float32)
+  np.testing.assert_allclose(np.asarray(out), exact, rtol=1e-5, atol=1e-5)  # not bf16-rounded
+  assert np.abs(np.asarray(out) - np.asarray(out.astype(jnp.bfloat16), np.float32)).max() > 0
+  loss = lambda h, w: jnp.sum(jnp.sin(logits_fp32(h, w)))
+  plain = lambda h, w: jnp.sum(jnp.sin(h @ w))
+  for a, b in zip(jax.grad(loss, argnums=(0, 1))(h, w), jax.grad(plain, argnums=(0, 1))(h, w)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  dots = [e for e in _all_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h16, w16).jaxpr)
+          if e.primitive.name == 'dot_general']
+  assert len(dots) == 3
+  for e in dots[1:]:
+    assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.bfloat16)}, e
+
+
+def test_cross_entropy_negative_targets_count_from_the_end():
+  x = jax.random.normal(jax.random.key(5), (2, 3, 16), jnp.float32)
+  t = jnp.array([[0, -1, 5], [-16, 15, -3]])
+  np.testing.assert_allclose(float(cross_entropy(x, t)), float(cross_entropy(x, t % 16)), rtol=1e-7)
+  np.testing.assert_array_equal(np.asarray(jax.grad(cross_entropy)(x, t)),
+                                np.asarray(jax.grad(cross_entropy)(x, t % 16)))
 
 
 def _all_eqns(jaxpr):

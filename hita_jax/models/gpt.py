@@ -576,13 +576,10 @@ def unstack_layers(state, n: int) -> list:
 
 @jax.custom_vjp
 def logits_fp32(h, head):
-  """h @ head accumulated and returned in fp32, for a loss taken in fp32.
-
-  Its backward casts the fp32 cotangent to the operands' dtype before the two products. Autodiff's
-  own backward multiplies the fp32 cotangent by the bf16 operands, which XLA runs as fp32 matrix
-  products: on one H200 (GPT-B, batch 64, 2026-12-05) the head's backward took 7.1 ms a step
-  against 1.3 ms forward. A bf16 cotangent is what the official code's autocast backward uses too.
-  With fp32 operands the cast is a no-op and the gradients are autodiff's exactly."""
+  """h @ head accumulated and returned in fp32: `GPT.logits` (teacher-forced and inference logits,
+  as the decode step's head). Its backward casts the fp32 cotangent to the operands' dtype before
+  the two products: autodiff's would multiply it by the bf16 operands, which XLA runs as fp32 GEMMs
+  (5.5x the forward's time on an H200). The training loss takes `head_cross_entropy` instead."""
   return jnp.einsum('...d,dv->...v', h, head, preferred_element_type=jnp.float32)
 
 
@@ -604,16 +601,18 @@ logits_fp32.defvjp(_logits_fp32_fwd, _logits_fp32_bwd)
 def head_cross_entropy(h, head, targets):
   """Mean CE of the logits h @ head against targets, as the official step takes it: the product in
   the operands' dtype (under bf16 autocast `self.output(h)` is a bf16 Linear: fp32 accumulation,
-  bf16 result), then `.float()` and the loss in fp32. Autodiff of the cast hands the products a
-  cotangent in the operands' dtype, so the backward is two bf16 GEMMs as the official one, and the
-  logits saved for the backward are bf16 (half the bytes of fp32 ones; the head's logits are the
-  step's largest array). With fp32 operands nothing is rounded."""
+  bf16 result), then `.float()` and the loss in fp32. The CE's backward returns the cotangent in
+  that dtype, so the two backward products are bf16 GEMMs as the official ones, and the logits
+  kept for the backward (the step's largest array) are half the bytes of fp32 ones."""
   return cross_entropy(jnp.einsum('...d,dv->...v', h, head), targets)
 
 
 def cross_entropy(logits, targets):
-  """Mean of logsumexp(logits) - logits[target], computed in fp32 (no log-softmax array)."""
-  return jnp.mean(_ce_rows(logits, targets.astype(jnp.int32)))
+  """Mean of logsumexp(logits) - logits[target], computed in fp32 (no log-softmax array). A
+  negative target counts from the end, as indexing does (forward and backward alike)."""
+  targets = targets.astype(jnp.int32)
+  targets = jnp.where(targets < 0, targets + logits.shape[-1], targets)
+  return jnp.mean(_ce_rows(logits, targets))
 
 
 @jax.custom_vjp
