@@ -103,7 +103,7 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
     box[0], box[1], l = step(box[0], box[1], key)
     float(l)
   # the optimized module, to name the model line behind each kernel (one more compile, profiling only)
-  hlo = lambda: step.lower(*abstract).compile().as_text()
+  hlo = functools.cache(lambda: step.lower(*abstract).compile().as_text())  # --hlo and --profile share it
   _write_hlo(hlo_out, hlo)
   _maybe_profile(out, profile_dir, once, hlo=hlo)
   return out
@@ -413,7 +413,7 @@ def bench_ar_trainer(size, batch, steps=20, attn='auto', profile_dir=None, hlo_o
              loss=float(m['loss']), warmup_s=warm)
   out.update(_mem())
   abstract = checkpoint.abstract_like((state, None, batches[0], key))
-  hlo = lambda: jitted.lower(*abstract).compile().as_text()
+  hlo = functools.cache(lambda: jitted.lower(*abstract).compile().as_text())
   _write_hlo(hlo_out, hlo)
   box = [state]
 
