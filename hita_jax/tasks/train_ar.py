@@ -236,7 +236,8 @@ def run(config, workdir: str):
   logger = training.MetricLogger(workdir, total_steps=num_steps, start_step=start,
                                  every=ar.log_every, images_per_step=ar.global_batch_size,
                                  line_keys=('loss', 'loss_holistic', 'loss_patch'),
-                                 watch=NONFINITE_WATCH, max_nonfinite=ar.max_nonfinite_steps)
+                                 watch=NONFINITE_WATCH, max_nonfinite=ar.max_nonfinite_steps,
+                                 lag=True)  # the device runs the next step while a period is written
 
   def throughput():
     step_s = logger.last_step_time
