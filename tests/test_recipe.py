@@ -389,3 +389,19 @@ def test_gpu_compiler_options_reach_only_a_gpu_step(monkeypatch):
   monkeypatch.undo()
   f = jax.jit(lambda x: x @ x, compiler_options={'xla_gpu_enable_triton_gemm': False})
   assert float(f(jnp.ones((2, 2)))[0, 0]) == 2.0
+
+
+def test_tokenizer_gpu_compiler_options_reach_its_jit(monkeypatch):
+  """train_tokenizer's step is jitted with `train_tokenizer.gpu_compiler_options` on a GPU backend
+  (none by default; none ever on CPU / TPU), as the trainer and `bench tok_trainer` run it."""
+  from hita_jax.tasks import train_tokenizer as tt
+  config = config_lib.load_config(f'{ROOT}/configs/tokenizer_v.py')
+  assert config.train_tokenizer.gpu_compiler_options.to_dict() == {}
+  seen = []
+  real_jit = tt.jax.jit
+  monkeypatch.setattr(tt.jax, 'jit', lambda f, **kw: seen.append(kw) or real_jit(f, **kw))
+  config.train_tokenizer.gpu_compiler_options = {'xla_gpu_enable_triton_gemm': False}
+  for backend, want in (('cpu', None), ('gpu', {'xla_gpu_enable_triton_gemm': False})):
+    monkeypatch.setattr(config_lib.jax, 'default_backend', lambda b=backend: b)
+    tt.jit_train_step(None, config)
+    assert seen[-1] == {'donate_argnums': (0,), 'compiler_options': want}

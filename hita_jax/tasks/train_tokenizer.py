@@ -330,6 +330,14 @@ def resolve_optimizer_layout(layout: str, saved: str | None) -> str:
                   f"per_leaf): resume with --config.train_tokenizer.optimizer_layout={saved} or auto")
 
 
+def jit_train_step(parts, config):
+  """`train_step` jitted as the trainer runs it: state donated, the config's XLA options on GPU
+  (`train_tokenizer.gpu_compiler_options`). Called as step(state, frozen, batch, rng)."""
+  return jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,),
+                 compiler_options=config_lib.gpu_compiler_options(
+                     config.train_tokenizer.get('gpu_compiler_options')))
+
+
 def run(config, workdir: str):
   validate(config)
   pretrained.require_dinov2(config.init.tokenizer, config.init.dinov2, key=config.init.tokenizer_key,
@@ -353,7 +361,7 @@ def run(config, workdir: str):
       seed=config.seed, train=True, process_index=jax.process_index(),
       process_count=jax.process_count())
   state, start = checkpoint.resume(mngr, state, data_iter)
-  step_fn = jax.jit(functools.partial(train_step, parts, config), donate_argnums=(0,))
+  step_fn = jit_train_step(parts, config)
   logger = training.MetricLogger(workdir, total_steps=tr.num_steps, start_step=start,
                                  every=tr.log_every, images_per_step=tr.global_batch_size,
                                  line_keys=('g_loss', 'rec_loss', 'd_loss'), hparams=tr.to_dict(),

@@ -441,7 +441,7 @@ def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None):
   r = np.random.RandomState(0)
   batches = [{'image': jnp.asarray(r.randint(0, 256, (batch, size, size, 3)).astype(np.uint8))}
              for _ in range(2)]
-  step = jax.jit(lambda s, lp, b, k: tt.train_step(parts, config, s, lp, b, k), donate_argnums=(0,))
+  step = tt.jit_train_step(parts, config)  # as train_tokenizer compiles it
   key = jax.random.key(0)
   t0 = time.perf_counter()
   compiled = step.lower(state, lp_state, batches[0], key).compile()
