@@ -307,8 +307,8 @@ class MetricLogger:
     self._checked = max(self._checked, upto)
 
   def log(self, step: int, metrics: dict, extra: Callable[[], dict] | None = None) -> dict | None:
-    """Returns the scalars written in this call (with `lag`, those of the previous due step),
-    else None."""
+    """Returns the scalars written in this call (with `lag`, those of the previous due step; at
+    the last step, the last period's), else None."""
     self._acc.append(metrics)
     self._steps.append(step)
     written = self.flush()

@@ -71,3 +71,21 @@ def test_lag_still_stops_on_nonfinite_steps_in_a_row(tmp_path):
   log.log(3, _metrics(3, nonfinite=1))  # due: waits
   with pytest.raises(NonFiniteError, match='2 steps in a row'):
     log.check()  # before a save: the waiting period's flags are counted
+
+
+def test_lag_due_step_before_the_last_and_check_between_writes(tmp_path):
+  """Step 6 is due and 7 the last (every=3, total=7): step 7's call writes both periods; a check()
+  between lagged writes counts each non-finite step once."""
+  now, lagged = tmp_path / 'now', tmp_path / 'lag'
+  a, b = _logger(now, lag=False), _logger(lagged, lag=True)
+  for step in range(1, 8):
+    bad = int(step in (4, 5))
+    a.log(step, _metrics(step, bad))
+    b.log(step, _metrics(step, bad))
+    if step == 5:
+      a.check()
+      b.check()
+  assert b.nonfinite_total == a.nonfinite_total == 2
+  assert [r['step'] for r in _records(lagged)] == [3, 6, 7]
+  assert _strip(_records(now)) == _strip(_records(lagged))
+  assert _records(lagged)[1]['loss'] == 6.0  # steps 4 and 5 skipped

@@ -263,6 +263,10 @@ def run(config, workdir: str):
         checkpoint.save_train_state(mngr, step, state, it,
                                     metrics={'loss': training.finite_or_inf(metrics['loss'])})
   finally:  # a stopped run still completes the async save in flight (a finite state)
+    try:  # and still writes a logging period that waits for the next step (lag)
+      logger.flush()
+    except Exception:  # never hide the error that stopped the run
+      pass
     checkpoint.finish_saves(mngr)
   logger.close()
   export = os.path.join(workdir, 'export', 'ema')
