@@ -172,9 +172,12 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       'export_every': (0, 'steps between EMA exports during training (0 = only at the end)'),
       'show_ema': (True, 'reconstruction grids from the EMA weights'),
       'max_nonfinite_steps': (10, 'stop after this many non-finite (skipped) steps in a row (0 = never)'),
-      # none yet: the cold compile (~130 s on an H200) is half XLA's fusion autotuner; options that
-      # cut it are measured with `tools.tok_compile --options` before one becomes the default
-      'gpu_compiler_options': ({}, 'XLA options of the training step on GPU'),
+      # No fusion autotuner, cuBLAS GEMMs: the cold compile of the Hita-V/16 step 153.9 -> 125.2 s,
+      # step 0.1592 -> 0.1599 s (one H100, 2026-12-05 lease, `tools.tok_compile --from-export`);
+      # options of other platforms are not passed
+      'gpu_compiler_options': ({'xla_gpu_experimental_enable_fusion_autotuner': False,
+                                'xla_gpu_enable_triton_gemm': False},
+                               'XLA options of the training step on GPU'),
   })
   # Official VQLoss. vq_train.py: PatchGAN for Hita-V, the DINO discriminator for Hita-U
   # (configs/tokenizer_u.py sets disc_type='dino'); hinge D loss, softplus G loss, 0.5 from 20k.

@@ -393,10 +393,13 @@ def test_gpu_compiler_options_reach_only_a_gpu_step(monkeypatch):
 
 def test_tokenizer_gpu_compiler_options_reach_its_jit(monkeypatch):
   """train_tokenizer's step is jitted with `train_tokenizer.gpu_compiler_options` on a GPU backend
-  (none by default; none ever on CPU / TPU), as the trainer and `bench tok_trainer` run it."""
+  (by default no fusion autotuner and cuBLAS GEMMs; none ever on CPU / TPU), as the trainer and
+  `bench tok_trainer` run it."""
   from hita_jax.tasks import train_tokenizer as tt
-  config = config_lib.load_config(f'{ROOT}/configs/tokenizer_v.py')
-  assert config.train_tokenizer.gpu_compiler_options.to_dict() == {}
+  for variant in ('v', 'u'):
+    config = config_lib.load_config(f'{ROOT}/configs/tokenizer_{variant}.py')
+    assert config.train_tokenizer.gpu_compiler_options.to_dict() == {
+        'xla_gpu_experimental_enable_fusion_autotuner': False, 'xla_gpu_enable_triton_gemm': False}
   seen = []
   real_jit = tt.jax.jit
   monkeypatch.setattr(tt.jax, 'jit', lambda f, **kw: seen.append(kw) or real_jit(f, **kw))

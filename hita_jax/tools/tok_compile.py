@@ -10,6 +10,10 @@ lowered program once per option set (`jax.stages.Lowered.compile(compiler_option
 `--steps` steps of each. XLA keeps autotuning results in memory within a process, so only the first
 compile that autotunes is a cold figure: list the option sets in the order you want them measured.
 Option sets are first tried on a one-op program; ones this XLA rejects are reported and skipped.
+The step is jitted as the trainer jits it, so each option set merges over the config's
+`train_tokenizer.gpu_compiler_options` (on GPU; printed as `config_xla`): `NAME:` alone is the
+shipped configuration. An exported program (`--from-export`) compiles with XLA's own defaults plus
+the set: that is the way to compare against XLA's defaults.
 
 Cold figures for several option sets without a build each (the build is ~70 s at full size):
 
@@ -177,8 +181,11 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   config.init.allow_random_dino_disc = True
   config.tokenizer_loss.lpips_weights = 'random'
   mesh = sharding.make_mesh([('data', -1)])
+  # the step is jitted as the trainer jits it: each option set merges over these
   info = {'variant': variant, 'batch': batch, 'jax': jax.__version__,
-          'device': jax.devices()[0].device_kind}
+          'device': jax.devices()[0].device_kind,
+          'config_xla': config_lib.gpu_compiler_options(
+              config.train_tokenizer.get('gpu_compiler_options')) or {}}
   t0 = time.perf_counter()
   parts, state, lp_state, _ = tt.build(config, mesh)
   jax.block_until_ready(state)
