@@ -566,3 +566,55 @@ def _all_eqns(jaxpr):
       inner = getattr(p, 'jaxpr', p)
       if hasattr(inner, 'eqns'):
         yield from _all_eqns(inner)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('scan', [False, True])
+def test_two_qkv_products_match_one(dtype, scan):
+  """qkv_gemms=2 (q|k and v as two products on column splits of wqkv) computes the same loss and
+  gradients as the one (dim, 3 dim) product, in fp32 and in bf16 (where each output column is
+  the same dot product, so it stays within bf16 rounding of the fp32 reference)."""
+  cfg = tiny_cfg(n_layer=3, token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1,
+                 scan_layers=scan, dtype=dtype)
+  labels, q, z = codes(cfg)
+  out = {}
+  for gemms, dt in ((1, 'float32'), (1, dtype), (2, dtype)):
+    m = random_gpt(dataclasses.replace(cfg, qkv_gemms=gemms, dtype=dt))
+    graphdef, params = nnx.split(m)
+    loss = lambda p: sum(nnx.merge(graphdef, p, copy=True).loss(labels, q, z, rng=jax.random.key(3)))
+    l, g = jax.value_and_grad(loss)(params)
+    out[gemms, dt] = (float(l), [np.asarray(a, np.float32) for a in jax.tree.leaves(g)])
+  ref_l, ref_g = out[1, 'float32']
+  new_l, new_g = out[2, dtype]
+  same_l, same_g = out[1, dtype]
+  tight = dtype == 'float32'
+  assert new_l == pytest.approx(same_l, rel=1e-6 if tight else 2e-3)
+  assert new_l == pytest.approx(ref_l, rel=1e-6 if tight else 1e-2)
+  for a, b, r in zip(new_g, same_g, ref_g):
+    scale = float(np.abs(r).max()) + 1e-12
+    np.testing.assert_allclose(a, b, atol=(1e-6 if tight else 2e-2) * scale)
+    np.testing.assert_allclose(a, r, atol=(1e-5 if tight else 5e-2) * scale)
+
+
+def test_two_qkv_products_drop_the_activation_sized_split_and_concatenate():
+  """With qkv_gemms=2 the gradient concatenates only dq|dk (B, T, 2 dim), not (B, T, 3 dim), and
+  v is not sliced off a wider projection; with qkv_gemms=1 both are there (so this can fail)."""
+  cfg = tiny_cfg(dim=48, n_head=4, n_layer=3)
+  labels, q, z = codes(cfg)
+  b, t, d = labels.shape[0], cfg.seq_len, cfg.dim
+  ops = {}
+  for gemms in (1, 2):
+    m = random_gpt(dataclasses.replace(cfg, qkv_gemms=gemms))
+    graphdef, state = nnx.split(m)
+    loss = lambda s: sum(nnx.merge(graphdef, s).loss(labels, q, z))
+    hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+    ops[gemms] = collections.Counter(
+        (int(m_.group(1)), m_.group(2))
+        for m_ in re.finditer(rf'= f32\[{b},{t},(\d+)\]\S* (concatenate|slice)\(', hlo))
+  assert ops[1][3 * d, 'concatenate'] == cfg.n_layer, ops[1]
+  assert ops[2][3 * d, 'concatenate'] == 0, ops[2]
+  # (XLA may keep a concatenate both in a fusion and outside it: at least one per layer)
+  assert ops[2][2 * d, 'concatenate'] >= ops[1][2 * d, 'concatenate'] + cfg.n_layer, (ops[1], ops[2])
+  assert ops[2][d, 'slice'] == ops[1][d, 'slice'] - cfg.n_layer, (ops[1], ops[2])
+  with pytest.raises(ValueError, match='qkv_gemms'):
+    tiny_cfg(qkv_gemms=3)

@@ -67,6 +67,12 @@ class GPTConfig:
   decode_layer_impl: str = 'xla'
   remat: str = 'none'              # 'none' | 'minimal' | 'dots' | 'full'
   scan_layers: bool = False
+  # the full-sequence qkv projection: 1 = one (dim, 3 dim) product, then q / k / v split off it
+  # (v's slice is copied before attention, and the gradients concatenated back); 2 = two products
+  # on column splits of the same wqkv, q|k and v, so v comes out contiguous (one more product, a
+  # weight-sized concatenate in the gradient instead of an activation-sized one). Not yet timed on a
+  # GPU; the decode path is unchanged.
+  qkv_gemms: int = 1
 
   def __post_init__(self):
     if self.dim % self.n_head:
@@ -83,6 +89,8 @@ class GPTConfig:
                        f'got {self.decode_layer_impl!r}')
     if self.dropout_bits not in (16, 32):
       raise ValueError(f'dropout_bits must be 16 or 32, got {self.dropout_bits!r}')
+    if self.qkv_gemms not in (1, 2):
+      raise ValueError(f'qkv_gemms must be 1 or 2, got {self.qkv_gemms!r}')
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
 
@@ -242,15 +250,28 @@ class Block(nnx.Module):
 
   def qkv(self, x, pos_add, cos, sin):
     """Projections with Hita's position treatment: + holistic pos (first S positions) then RoPE."""
-    qkv = checkpoint_name(self._mm(self.attention_norm(x), self.wqkv), 'qkv')
-    return self.positions(qkv, pos_add, cos, sin)
+    y = self.attention_norm(x)
+    if self.cfg.qkv_gemms == 1:
+      qkv = checkpoint_name(self._mm(y, self.wqkv), 'qkv')
+      return self.positions(qkv, pos_add, cos, sin)
+    # a split (not two slices) of the weight: its gradient is one concatenate
+    w_qk, w_v = jnp.split(self.wqkv[...], [2 * self.cfg.dim], axis=-1)
+    qk = checkpoint_name(jnp.einsum('...i,io->...o', y, w_qk.astype(y.dtype)), 'qkv')
+    v = checkpoint_name(jnp.einsum('...i,io->...o', y, w_v.astype(y.dtype)), 'qkv')
+    return self.positions((qk, v), pos_add, cos, sin)
 
   def positions(self, qkv, pos_add, cos, sin):
-    """(B, T, 3 dim) projections -> q, k, v (B, T, H, hd) with the holistic position embedding
-    added to q and k, then RoPE."""
-    b, t, _ = qkv.shape
+    """(B, T, 3 dim) projections, or a (q|k (B, T, 2 dim), v (B, T, dim)) pair -> q, k, v
+    (B, T, H, hd) with the holistic position embedding added to q and k, then RoPE."""
     h, hd = self.cfg.n_head, self.cfg.head_dim
-    q, k, v = (a.reshape(b, t, h, hd) for a in jnp.split(qkv, 3, axis=-1))
+    if isinstance(qkv, tuple):
+      qk, v = qkv
+      b, t, _ = qk.shape
+      q, k = (a.reshape(b, t, h, hd) for a in jnp.split(qk, 2, axis=-1))
+      v = v.reshape(b, t, h, hd)
+    else:
+      b, t, _ = qkv.shape
+      q, k, v = (a.reshape(b, t, h, hd) for a in jnp.split(qkv, 3, axis=-1))
     add = pos_add.reshape(pos_add.shape[:-1] + (h, hd)).astype(q.dtype)
     if add.ndim == 3:
       add = add[None]
