@@ -36,6 +36,8 @@ def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
                                         'compile', 'profile']
   del recs[4]
   assert recs[4]['options'] == 'no_fast_math' and recs[4]['xla'] == {'xla_cpu_enable_fast_math': False}
+  # the config's GPU-only options are not merged on this CPU backend, and the record says so
+  assert all(r['config_xla'] == {} for r in recs)
   assert recs[3]['hlo_lines'] > 1000
   assert recs[4]['s'] > 0 and recs[4]['images_s'] > 0 and math.isfinite(recs[4]['g_loss'])
   hlo = recs[4]['hlo']
