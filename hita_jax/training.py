@@ -45,10 +45,16 @@ def ema_update(ema, params, decay: float, finite=None):
   """ema * decay + params * (1 - decay), the weight 1 - decay taken in double precision as the
   official `ema.mul_(decay).add_(p, alpha=1 - decay)`. `finite` (a traced bool): on a non-finite
   step the weights become (1, 0), which returns the EMA's values (params are finite then; only a
-  -0.0 may come back as +0.0), so `keep_if_finite` need not select it."""
+  -0.0 may come back as +0.0), so `keep_if_finite` need not select it. `ema` is a tree like
+  `params`, or one vector of them (`flat_vector`'s order): then the update is one fused kernel
+  instead of one per parameter tensor (a smaller program for XLA to fuse and compile)."""
   keep, take = decay, 1.0 - decay
   if finite is not None:
     keep, take = jnp.where(finite, keep, 1.0), jnp.where(finite, take, 0.0)
+  if jax.tree.structure(ema) != jax.tree.structure(params):
+    if not hasattr(ema, 'ndim') or ema.ndim != 1:
+      raise ValueError('ema_update: the EMA is neither shaped like the parameters nor one vector')
+    return ema * keep + flat_vector(params).astype(ema.dtype) * take
   return jax.tree.map(lambda e, p: e * keep + p.astype(e.dtype) * take, ema, params)
 
 
@@ -76,6 +82,29 @@ def flat_vector(tree):
   if not leaves:
     raise ValueError('flat_vector: the tree has no arrays (no parameters to optimize?)')
   return jnp.concatenate([jnp.reshape(x, [-1]) for x in leaves])
+
+
+def flat_copy(tree, mesh):
+  """`flat_vector(tree)` born replicated on `mesh` (a flat EMA's initial value)."""
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(flat_vector, out_shardings=rep)(tree)
+
+
+def unflatten_like(vector, like):
+  """The inverse of `flat_vector`: `vector` cut into `like`'s leaves (their shapes and dtypes, in
+  tree order), jitted and placed like them (one program, never eager ops on global arrays)."""
+  leaves, treedef = jax.tree.flatten(like)
+  n = sum(int(np.prod(x.shape)) for x in leaves)
+  if vector.shape != (n,):
+    raise ValueError(f'unflatten_like: a vector of {vector.shape} for {n} parameter values')
+
+  def cut(v):
+    parts = jnp.split(v, np.cumsum([int(np.prod(x.shape)) for x in leaves])[:-1])
+    return jax.tree.unflatten(treedef, [p.reshape(x.shape).astype(x.dtype) for p, x in zip(parts, leaves)])
+  shardings = [getattr(x, 'sharding', None) for x in leaves]
+  if all(isinstance(sh, jax.sharding.Sharding) for sh in shardings):
+    return jax.jit(cut, out_shardings=jax.tree.unflatten(treedef, shardings))(vector)
+  return jax.jit(cut)(vector)
 
 
 def grad_norm(grads, flat: bool):

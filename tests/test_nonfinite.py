@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from hita_jax import errors, training
 from hita_jax.models.gpt import GPT
@@ -168,7 +169,8 @@ def _tokenizer_skip_then_step(layout):
   config.tokenizer_loss.disc_start = 0
   config.train_tokenizer.optimizer_layout = layout
   parts, state, frozen, _ = tt.build(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]))
-  assert parts.flat_optimizer == (layout == 'flat')
+  assert parts.flat_optimizer == parts.flat_ema == (layout == 'flat')
+  assert (state['ema'].ndim == 1) if layout == 'flat' else isinstance(state['ema'], nnx.State)
   plain = lambda x: (jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
   host = lambda tree: jax.device_get(jax.tree.map(plain, tree))
   before = host(state)
@@ -192,7 +194,8 @@ def _tokenizer_skip_then_step(layout):
   moved = host(new)
   for k in ('g_params', 'd_params', 'ema'):
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after[k]), jax.tree.leaves(moved[k]))), k
-  return jax.tree.leaves(moved['g_params']) + jax.tree.leaves(moved['ema'])
+  # the EMA as the export sees it: a tree in both layouts
+  return jax.tree.leaves(moved['g_params']) + jax.tree.leaves(host(tt.ema_params(parts, new)))
 
 
 def test_optimizer_layout_auto_is_flat_only_for_replicated_parameters():

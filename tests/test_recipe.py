@@ -357,7 +357,8 @@ def test_tokenizer_resumes_vq_train_checkpoints(torch, tmp_path, layout):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or dict(rtol=0, atol=0)))
 
   same(state['g_params'], ours_g(model))
-  same(state['ema'], ours_g({k: 0.5 * v for k, v in model.items()}))
+  assert parts.flat_ema == (layout == 'flat')
+  same(train_tokenizer.ema_params(parts, state), ours_g({k: 0.5 * v for k, v in model.items()}))
   same(state['d_params'], ours_d(disc))
   np.testing.assert_allclose(np.asarray(state['d_stats']['norms'][0]['mean'][...]),
                              d_sd['main.3.running_mean'])

@@ -171,3 +171,51 @@ def test_optimizer_layout_follows_the_resumed_checkpoint(tmp_path):
   checkpoint.save_train_state(flat_mngr, 1, state3, Position())
   flat_mngr.wait_until_finished()
   assert tt.saved_optimizer_layout(flat_mngr) == 'flat'
+  # the EMA's layout: per tensor with per-tensor moments, one vector with flat ones; a flat-moments
+  # checkpoint with a per-tensor EMA (written before 2026-12-05) resumes in that layout
+  assert tt.saved_ema_layout(mngr) == 'tree' and tt.saved_ema_layout(flat_mngr) == 'flat'
+  parts4, state4, _, _ = tt.build(config, mesh, optimizer_layout='flat',
+                                  ema_layout=tt.saved_ema_layout(flat_mngr))
+  assert parts4.flat_optimizer and parts4.flat_ema and state4['ema'].ndim == 1
+  restored4, _ = checkpoint.resume(flat_mngr, state4, Position())
+  np.testing.assert_array_equal(np.asarray(restored4['ema']), np.asarray(state3['ema']))
+  old_mngr = checkpoint.checkpoint_manager(str(tmp_path / 'old'), every=1, keep=2, async_save=False)
+  _, state5, _, _ = tt.build(config, mesh, optimizer_layout='flat', ema_layout='tree')
+  checkpoint.save_train_state(old_mngr, 2, state5, Position())
+  old_mngr.wait_until_finished()
+  assert tt.saved_optimizer_layout(old_mngr) == 'flat' and tt.saved_ema_layout(old_mngr) == 'tree'
+  parts6, state6, _, _ = tt.build(config, mesh, optimizer_layout='flat',
+                                  ema_layout=tt.saved_ema_layout(old_mngr))
+  assert parts6.flat_optimizer and not parts6.flat_ema
+  restored6, step = checkpoint.resume(old_mngr, state6, Position())
+  assert step == 2
+  # both EMA layouts export the same weights
+  for a, b in zip(jax.tree.leaves(tt.ema_params(parts4, restored4)),
+                  jax.tree.leaves(tt.ema_params(parts6, restored6))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_flat_ema_update_equals_the_per_tensor_one():
+  """training.ema_update on one vector gives the per-tensor result in `flat_vector` order, with
+  the non-finite guard; unflatten_like inverts flat_vector and names a wrong length."""
+  import jax
+  import jax.numpy as jnp
+  from hita_jax import training
+  r = np.random.RandomState(0)
+  params = {'a': jnp.asarray(r.randn(3, 4), jnp.float32), 'b': {'c': jnp.asarray(r.randn(5), jnp.float32)}}
+  ema = jax.tree.map(lambda x: x * 0.5, params)
+  for finite in (None, jnp.bool_(True), jnp.bool_(False)):
+    tree = training.ema_update(ema, params, 0.999, finite)
+    flat = training.ema_update(training.flat_vector(ema), params, 0.999, finite)
+    np.testing.assert_array_equal(np.asarray(flat), np.asarray(training.flat_vector(tree)))
+    back = training.unflatten_like(flat, params)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  np.testing.assert_array_equal(np.asarray(training.ema_update(training.flat_vector(ema), params, 0.9,
+                                                               jnp.bool_(False))),
+                                np.asarray(training.flat_vector(ema)))
+  with pytest.raises(ValueError, match='unflatten_like'):
+    training.unflatten_like(jnp.zeros(3), params)
+  with pytest.raises(ValueError, match='neither shaped like'):
+    training.ema_update(jnp.zeros((2, 2)), params, 0.9)
