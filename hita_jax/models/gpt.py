@@ -71,7 +71,7 @@ class GPTConfig:
   # (v's slice is copied before attention, and the gradients concatenated back); 2 = two products
   # on column splits of the same wqkv, q|k and v, so v comes out contiguous (one more product, a
   # weight-sized concatenate in the gradient instead of an activation-sized one). Not yet timed on a
-  # GPU; the decode path is unchanged.
+  # GPU; the sampler's decode step keeps one product (its few rows are launch-bound).
   qkv_gemms: int = 1
 
   def __post_init__(self):
@@ -248,30 +248,25 @@ class Block(nnx.Module):
   def _mm(self, x, w):
     return jnp.einsum('...i,io->...o', x, w[...].astype(x.dtype))
 
-  def qkv(self, x, pos_add, cos, sin):
-    """Projections with Hita's position treatment: + holistic pos (first S positions) then RoPE."""
+  def qkv(self, x, pos_add, cos, sin, gemms: int = 1):
+    """Projections with Hita's position treatment: + holistic pos (first S positions) then RoPE.
+    `gemms` (`qkv_gemms`, the full-sequence forward only): 2 = q|k and v as two products."""
     y = self.attention_norm(x)
-    if self.cfg.qkv_gemms == 1:
+    if gemms == 1:
       qkv = checkpoint_name(self._mm(y, self.wqkv), 'qkv')
-      return self.positions(qkv, pos_add, cos, sin)
+      return self.positions(*jnp.split(qkv, 3, axis=-1), pos_add, cos, sin)
     # a split (not two slices) of the weight: its gradient is one concatenate
     w_qk, w_v = jnp.split(self.wqkv[...], [2 * self.cfg.dim], axis=-1)
-    qk = checkpoint_name(jnp.einsum('...i,io->...o', y, w_qk.astype(y.dtype)), 'qkv')
-    v = checkpoint_name(jnp.einsum('...i,io->...o', y, w_v.astype(y.dtype)), 'qkv')
-    return self.positions((qk, v), pos_add, cos, sin)
+    qk = checkpoint_name(self._mm(y, w_qk), 'qkv')
+    v = checkpoint_name(self._mm(y, w_v), 'qkv')
+    return self.positions(*jnp.split(qk, 2, axis=-1), v, pos_add, cos, sin)
 
-  def positions(self, qkv, pos_add, cos, sin):
-    """(B, T, 3 dim) projections, or a (q|k (B, T, 2 dim), v (B, T, dim)) pair -> q, k, v
-    (B, T, H, hd) with the holistic position embedding added to q and k, then RoPE."""
+  def positions(self, q, k, v, pos_add, cos, sin):
+    """(B, T, dim) projections -> q, k, v (B, T, H, hd) with the holistic position embedding
+    added to q and k, then RoPE."""
+    b, t, _ = q.shape
     h, hd = self.cfg.n_head, self.cfg.head_dim
-    if isinstance(qkv, tuple):
-      qk, v = qkv
-      b, t, _ = qk.shape
-      q, k = (a.reshape(b, t, h, hd) for a in jnp.split(qk, 2, axis=-1))
-      v = v.reshape(b, t, h, hd)
-    else:
-      b, t, _ = qkv.shape
-      q, k, v = (a.reshape(b, t, h, hd) for a in jnp.split(qkv, 3, axis=-1))
+    q, k, v = (a.reshape(b, t, h, hd) for a in (q, k, v))
     add = pos_add.reshape(pos_add.shape[:-1] + (h, hd)).astype(q.dtype)
     if add.ndim == 3:
       add = add[None]
@@ -295,7 +290,7 @@ class Block(nnx.Module):
   def __call__(self, x, pos_add, cos, sin, key=None, rows=None):
     """Full causal sequence (training / teacher forcing); `rows` as in `finish`."""
     keys = list(jax.random.split(key, 5)) if key is not None else [None] * 5
-    q, k, v = self.qkv(x, pos_add, cos, sin)
+    q, k, v = self.qkv(x, pos_add, cos, sin, gemms=self.cfg.qkv_gemms)
     drop = (functools.partial(dropout, rate=self.cfg.attn_dropout, key=keys[4])
             if keys[4] is not None and self.cfg.attn_dropout > 0 else None)
     o = causal_attention(q, k, v, impl=self.cfg.attn_impl, dropout=drop)
@@ -327,7 +322,7 @@ class Block(nnx.Module):
     elif fused:
       qkv = on_rows(functools.partial(decode_matmul.norm_matmul, eps=cfg.norm_eps),
                     (x[:, 0], self.attention_norm.weight[...], self.wqkv[...]), split=(0,))
-      q, k, v = self.positions(qkv[:, None], pos_add, cos, sin)
+      q, k, v = self.positions(*jnp.split(qkv[:, None], 3, axis=-1), pos_add, cos, sin)
     else:
       q, k, v = self.qkv(x, pos_add, cos, sin)                  # (B, 1, H, hd)
     o, k_cache, v_cache = decode_attention_update(q[:, 0], k[:, 0], v[:, 0], k_cache, v_cache, pos,
