@@ -90,17 +90,20 @@ def flat_copy(tree, mesh):
   return jax.jit(flat_vector, out_shardings=rep)(tree)
 
 
+def _cut(vector, leaves):
+  """`vector` cut into pieces shaped like `leaves`, in order (the inverse of `flat_vector`)."""
+  parts = jnp.split(vector, np.cumsum([x.size for x in leaves])[:-1])
+  return [p.reshape(x.shape) for p, x in zip(parts, leaves)]
+
+
 def unflatten_like(vector, like):
   """The inverse of `flat_vector`: `vector` cut into `like`'s leaves (their shapes and dtypes, in
   tree order), jitted and placed like them (one program, never eager ops on global arrays)."""
   leaves, treedef = jax.tree.flatten(like)
-  n = sum(int(np.prod(x.shape)) for x in leaves)
+  n = sum(x.size for x in leaves)
   if vector.shape != (n,):
     raise ValueError(f'unflatten_like: a vector of {vector.shape} for {n} parameter values')
-
-  def cut(v):
-    parts = jnp.split(v, np.cumsum([int(np.prod(x.shape)) for x in leaves])[:-1])
-    return jax.tree.unflatten(treedef, [p.reshape(x.shape).astype(x.dtype) for p, x in zip(parts, leaves)])
+  cut = lambda v: jax.tree.unflatten(treedef, [p.astype(x.dtype) for p, x in zip(_cut(v, leaves), leaves)])
   shardings = [getattr(x, 'sharding', None) for x in leaves]
   if all(isinstance(sh, jax.sharding.Sharding) for sh in shardings):
     return jax.jit(cut, out_shardings=jax.tree.unflatten(treedef, shardings))(vector)
@@ -140,9 +143,7 @@ def optimizer_step(tx, grads, opt_state, params, *, flat: bool, finite=None):
   if finite is not None:
     update = jnp.where(finite, update, -0.0)
   leaves, treedef = jax.tree.flatten(params)
-  offsets = np.cumsum([x.size for x in leaves])[:-1]
-  parts = jnp.split(update, offsets)
-  new = [(p + u.reshape(p.shape)).astype(p.dtype) for p, u in zip(leaves, parts)]
+  new = [(p + u).astype(p.dtype) for p, u in zip(leaves, _cut(update, leaves))]
   return jax.tree.unflatten(treedef, new), opt_state
 
 
