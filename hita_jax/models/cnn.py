@@ -19,10 +19,6 @@ from flax import nnx
 from hita_jax.models.layers import GroupNorm, conv
 
 
-def swish(x):
-  return x * jax.nn.sigmoid(x)
-
-
 class ResnetBlock(nnx.Module):
 
   def __init__(self, cin: int, cout: int, *, dropout: float = 0.0, groups: int = 32,
@@ -35,8 +31,8 @@ class ResnetBlock(nnx.Module):
     self.nin_shortcut = conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
 
   def __call__(self, x):
-    h = self.conv1(swish(self.norm1(x)))
-    h = self.conv2(self.dropout(swish(self.norm2(h))))
+    h = self.conv1(self.norm1(x, swish=True))
+    h = self.conv2(self.dropout(self.norm2(h, swish=True)))
     if self.nin_shortcut is not None:
       x = self.nin_shortcut(x)
     return x + h
@@ -153,7 +149,7 @@ class CNNEncoder(nnx.Module):
     for level in self.levels:
       h = level(h)
     h = self.mid(h)
-    return self.conv_out(swish(self.norm_out(h)))
+    return self.conv_out(self.norm_out(h, swish=True))
 
 
 class CNNDecoder(nnx.Module):
@@ -183,4 +179,4 @@ class CNNDecoder(nnx.Module):
     h = self.mid(self.conv_in(z.astype(self.dtype)))
     for level in self.levels:
       h = level(h)
-    return self.conv_out(swish(self.norm_out(h))).astype(jnp.float32)
+    return self.conv_out(self.norm_out(h, swish=True)).astype(jnp.float32)

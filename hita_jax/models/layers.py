@@ -67,11 +67,75 @@ class LayerNorm(_Fp32Norm):
     self.norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs, **_norm_args())
 
 
-class GroupNorm(_Fp32Norm):
-  """torch.nn.GroupNorm(32, C, eps=1e-6) on NHWC."""
+class GroupNorm(nnx.Module):
+  """torch.nn.GroupNorm(32, C, eps=1e-6) on channels-last input, in fp32, optionally followed by
+  swish: `norm(x, swish=True)` is the CNN's GN -> swish pair in one op (`group_norm`)."""
 
   def __init__(self, dim: int, *, groups: int = 32, eps: float = 1e-6, rngs: nnx.Rngs):
+    # nnx.GroupNorm only holds the parameters (checkpoint paths .../norm/{scale,bias}).
     self.norm = nnx.GroupNorm(dim, num_groups=groups, epsilon=eps, rngs=rngs, **_norm_args())
+    self.groups, self.eps = groups, eps
+
+  def __call__(self, x, *, swish: bool = False):
+    return group_norm(x, self.norm.scale[...], self.norm.bias[...], self.groups, self.eps, swish)
+
+
+def _grouped(x, groups: int):
+  """(N, ..., C) fp32 -> (N, ..., G, C/G) and the axes a group's statistics reduce over."""
+  xg = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+  return xg, tuple(range(1, x.ndim - 1)) + (x.ndim,)
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps, swish):
+  xg, axes = _grouped(x, groups)
+  # Two-pass variance in fp32, as torch (autocast runs group_norm in fp32) and flax's GroupNorm.
+  mean = jnp.mean(xg, axes, keepdims=True)
+  var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True)
+  rstd = jax.lax.rsqrt(var + eps)
+  gshape = xg.shape[-2:]
+  y = (xg - mean) * (rstd * scale.reshape(gshape)) + bias.reshape(gshape)
+  if swish:  # in fp32 like torch, whose GN output under autocast is fp32; one rounding after it
+    y = y * jax.nn.sigmoid(y)
+  return y.reshape(x.shape).astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _group_norm_bwd(groups, eps, swish, res, dy):
+  """Two passes over (x, dy): per-(sample, channel) sums of dy and dy*xhat, then dx. x is saved
+  instead of the normalised (and swished) activations; they are recomputed in each pass."""
+  del eps
+  x, mean, rstd, scale, bias = res
+  xg, axes = _grouped(x, groups)
+  gshape = xg.shape[-2:]
+  sc, bi = scale.reshape(gshape), bias.reshape(gshape)
+  xhat = (xg - mean) * rstd
+  dyg = dy.astype(jnp.float32).reshape(xg.shape)
+  if swish:
+    y = xhat * sc + bi
+    s = jax.nn.sigmoid(y)
+    dyg = dyg * (s * (1.0 + y * (1.0 - s)))
+  spatial = axes[:-1]
+  sum_dy = jnp.sum(dyg, spatial, keepdims=True)                 # (N, 1.., G, C/G)
+  sum_dy_xhat = jnp.sum(dyg * xhat, spatial, keepdims=True)
+  count = xg.size // (xg.shape[0] * groups)
+  a = jnp.sum(sum_dy * sc, -1, keepdims=True) / count           # group mean of dy*scale
+  b = jnp.sum(sum_dy_xhat * sc, -1, keepdims=True) / count      # group mean of dy*scale*xhat
+  dx = rstd * (dyg * sc - a - xhat * b)
+  batch_axes = tuple(range(sum_dy.ndim - 2))
+  dscale = jnp.sum(sum_dy_xhat, batch_axes).reshape(scale.shape)
+  dbias = jnp.sum(sum_dy, batch_axes).reshape(bias.shape)
+  return dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm(x, scale, bias, groups: int, eps: float, swish: bool = False):
+  """GroupNorm over the last axis of `x` (N, ..., C) in fp32, optionally then swish, returned in
+  x's dtype. Its VJP reads x and dy twice and writes dx once, where autodiff of the two-pass
+  statistics and a separate swish made several more passes over full-resolution activations
+  (the tokenizer step's largest non-convolution cost, docs/PERFORMANCE.md 2026-12-05e)."""
+  return _group_norm_fwd(x, scale, bias, groups, eps, swish)[0]
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 def attention(q, k, v, *, mask=None, dropout: Callable | None = None):

@@ -8,6 +8,7 @@
     python -m hita_jax.tools.bench sample --size B --decode-layer pallas [--layer-tuning M,N,K,W,S]
     python -m hita_jax.tools.bench inception --batch 500
     python -m hita_jax.tools.bench tok_trainer --batch 16      (train_tokenizer's step, Hita-V @336)
+    python -m hita_jax.tools.bench cnn_train --batch 16        (CNN encoder+decoder, fused vs autodiff GN)
     ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
 
 Random weights and codes at the official full size (vocab 16384, 128 holistic + 441 patch tokens,
@@ -54,7 +55,7 @@ def full_size_config(size: str, **kw) -> GPTConfig:
 
 
 def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3, iters=10, profile_dir=None,
-                    dropout_bits=16, hlo_out=None, qkv_gemms=1):
+                    dropout_bits=16, hlo_out=None, qkv_gemms=2):
   cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan,
                          dropout_bits=dropout_bits, qkv_gemms=qkv_gemms)
   model = GPT(cfg, rngs=nnx.Rngs(0))
@@ -498,11 +499,60 @@ def _parse_layer_tuning(text):
   return dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
 
 
+def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16):
+  """The tokenizer's CNN encoder + decoder (official widths, bf16 compute) forward and backward on an L2
+  loss, with the fused GroupNorm(+swish) op and with autodiff of the same formula, timed
+  alternately in one process (the A/B of `layers.group_norm`)."""
+  from unittest import mock
+  from hita_jax.models import layers
+  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
+  rngs = nnx.Rngs(0)
+  enc = CNNEncoder(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=512,
+                   dtype=dtype, rngs=rngs)
+  dec = CNNDecoder(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=3, z_channels=512,
+                   dtype=dtype, rngs=rngs)
+  graph, params, rest = nnx.split((enc, dec), nnx.Param, ...)
+  x = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3), minval=-1, maxval=1)
+
+  def loss(params, x):
+    e, d = nnx.merge(graph, params, rest)
+    return jnp.mean(jnp.square(d(e(x)) - x))
+
+  autodiff = lambda *a: layers._group_norm_fwd(*a)[0]  # the same formula, differentiated by JAX
+  steps, res = {}, {'bench': 'cnn_train', 'batch': batch, 'image_size': image_size}
+  for name, patch in (('fused', layers.group_norm), ('autodiff', autodiff)):
+    with mock.patch.object(layers, 'group_norm', patch):
+      t0 = time.perf_counter()
+      steps[name] = jax.jit(jax.value_and_grad(loss)).lower(params, x).compile()
+      res[f'{name}_compile_s'] = time.perf_counter() - t0
+  times = {name: [] for name in steps}
+  for _ in range(2):  # alternate, so drift hits both
+    for name, step in steps.items():
+      jax.block_until_ready(step(params, x))
+      t0 = time.perf_counter()
+      for _ in range(iters):
+        out = step(params, x)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / iters)
+  for name, t in times.items():
+    res[f'{name}_step_s'] = min(t)
+  # Both programs compute the same loss and gradients (up to bf16 rounding): the A/B is fair.
+  (l1, g1), (l2, g2) = (steps[n](params, x) for n in ('fused', 'autodiff'))
+  res['loss_abs_diff'] = float(abs(l1 - l2))
+  # Over all gradients at once: a leaf whose true gradient is 0 (the attention's key bias) has only
+  # rounding noise, which a per-leaf ratio would blow up.
+  sq = lambda t: sum(float(jnp.sum(jnp.square(v.astype(jnp.float32)))) for v in jax.tree.leaves(t))
+  res['grad_rel_diff'] = (sq(jax.tree.map(jnp.subtract, g1, g2)) / sq(g2)) ** 0.5
+  res['speedup'] = res['autodiff_step_s'] / res['fused_step_s']
+  res.update(_mem())
+  return res
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
   p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'decode_attn', 'decode_matmul',
-                                  'inception', 'tok_trainer'])
+                                  'inception', 'tok_trainer', 'cnn_train'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
@@ -518,7 +568,7 @@ def main(argv=None):
                  help='sample: decode loops over position ranges (0 = by platform)')
   p.add_argument('--dropout-bits', type=int, default=16, choices=[16, 32],
                  help='gpt_train: random bits per dropout decision (GPTConfig.dropout_bits)')
-  p.add_argument('--qkv-gemms', type=int, default=1, choices=[1, 2],
+  p.add_argument('--qkv-gemms', type=int, default=2, choices=[1, 2],
                  help='gpt_train: the qkv projection as one product or q|k and v apart (GPTConfig.qkv_gemms)')
   p.add_argument('--tune', action='store_true',
                  help='decode_attn / decode_matmul: also sweep the kernels\' launch parameters')
@@ -546,6 +596,8 @@ def main(argv=None):
     res = bench_decode_matmul(a.size, a.batch, a.cfg, tune=a.tune)
   elif a.what == 'tok_trainer':
     res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile)
+  elif a.what == 'cnn_train':
+    res = bench_cnn_train(a.batch, iters=a.iters)
   else:
     res = bench_inception(a.batch)
   res.update(env_info())
