@@ -47,7 +47,9 @@ def test_fp32_values_and_gradients_match_flax_then_swish(shape, groups, swish):
 @pytest.mark.parametrize('swish', [False, True])
 def test_bf16_matches_fp32_within_bf16_rounding(swish):
   """bf16 in and out (statistics and swish in fp32): values and gradients within bf16 error of
-  the fp32 op on the same (bf16-representable) inputs; dscale/dbias stay fp32."""
+  the fp32 op on the same (bf16-representable) inputs; dscale/dbias stay fp32. This checks the
+  rounding only (a wrong rule would be wrong on both sides): the fp32 test above checks the
+  gradients against flax."""
   shape, groups = (2, 8, 8, 64), 32
   x16, scale, bias = _inputs(shape, jnp.bfloat16, seed=3)
   x32 = x16.astype(jnp.float32)
@@ -76,6 +78,20 @@ def test_module_keeps_the_parameter_paths_and_matches_the_function():
   x, _, _ = _inputs((2, 4, 4, 32), jnp.float32)
   np.testing.assert_allclose(norm(x, swish=True),
                              group_norm(x, norm.norm.scale[...], norm.norm.bias[...], 8, 1e-6, True))
+
+
+def test_gradients_under_jit_remat_and_vmap_equal_eager():
+  x, scale, bias = _inputs((3, 4, 5, 16), jnp.float32, seed=7)
+  w = jax.random.normal(jax.random.key(2), x.shape)
+  loss = lambda x, s, b: jnp.sum(group_norm(x, s, b, 4, 1e-6, True) * w)
+  eager = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+  remat = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(x, scale, bias)
+  for a, b in zip(remat, eager):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # per example: each row normalised on its own, so vmap over rows equals the batched op
+  per_row = jax.vmap(lambda xi, wi: jax.grad(lambda xi: jnp.sum(
+      group_norm(xi[None], scale, bias, 4, 1e-6, True)[0] * wi))(xi))(x, w)
+  np.testing.assert_allclose(per_row, eager[0], rtol=1e-5, atol=1e-5)
 
 
 def _bytes_accessed(fn, x):
