@@ -499,7 +499,7 @@ def _parse_layer_tuning(text):
   return dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
 
 
-def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16):
+def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128, rounds=2):
   """The tokenizer's CNN encoder + decoder (official widths, bf16 compute) forward and backward on an L2
   loss, with the fused GroupNorm(+swish) op and with what it replaced (flax's GroupNorm in fp32,
   cast back, then swish in the activation dtype, autodiff), timed alternately in one process
@@ -508,9 +508,9 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16):
   from hita_jax.models import layers
   from hita_jax.models.cnn import CNNDecoder, CNNEncoder
   rngs = nnx.Rngs(0)
-  enc = CNNEncoder(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=512,
+  enc = CNNEncoder(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=512,
                    dtype=dtype, rngs=rngs)
-  dec = CNNDecoder(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=3, z_channels=512,
+  dec = CNNDecoder(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=3, z_channels=512,
                    dtype=dtype, rngs=rngs)
   graph, params, rest = nnx.split((enc, dec), nnx.Param, ...)
   x = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3), minval=-1, maxval=1)
@@ -533,7 +533,7 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16):
       steps[name] = jax.jit(jax.value_and_grad(loss)).lower(params, x).compile()
       res[f'{name}_compile_s'] = time.perf_counter() - t0
   times = {name: [] for name in steps}
-  for _ in range(2):  # alternate, so drift hits both
+  for _ in range(rounds):  # alternate, so drift hits both
     for name, step in steps.items():
       jax.block_until_ready(step(params, x))
       t0 = time.perf_counter()
