@@ -55,3 +55,19 @@ def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
   assert recs[2]['options'] == 'default' and recs[2]['kinds']
   assert recs[1]['s'] > 0 and recs[1]['step_s'] > 0 and recs[1]['hlo']['fusions'] > 10
   assert recs[1]['batch'] == 2  # read from the exported image input
+
+
+def test_config_overrides_set_typed_values_and_name_bad_keys():
+  from hita_jax import config_lib
+  from hita_jax.errors import UserError
+  config = config_lib.load_config(f'{ROOT}/configs/tokenizer_v.py:tiny')
+  assert tok_compile.apply_overrides(config, ['tokenizer.dinov2_scan=True',
+                                              'train_tokenizer.lr=2e-4']) == {
+      'tokenizer.dinov2_scan': True, 'train_tokenizer.lr': 2e-4}
+  assert config.tokenizer.dinov2_scan is True and config.train_tokenizer.lr == 2e-4
+  with pytest.raises(UserError, match="no key 'tokenizer.no_such_switch'"):
+    tok_compile.apply_overrides(config, ['tokenizer.no_such_switch=1'])
+  with pytest.raises(UserError, match='KEY=VALUE'):
+    tok_compile.apply_overrides(config, ['tokenizer.dinov2_scan'])
+  with pytest.raises(TypeError):  # the ConfigDict keeps a field's type
+    tok_compile.apply_overrides(config, ['tokenizer.dinov2_scan=fast'])

@@ -126,3 +126,29 @@ def test_cnn_norm_groups():
   assert groups == {8}
   with pytest.raises(ValueError, match='norm_groups'):
     CNNEncoder(ch=12, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, groups=8, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_scanned_dinov2_gives_the_unrolled_features_and_codes(dtype):
+  """tokenizer.dinov2_scan: the frozen DINOv2's blocks as one lax.scan over weights stacked in the
+  call (dense weights stacked in the compute dtype, norms fp32) computes what the unrolled blocks
+  do; the parameters (paths, values) are the same, so checkpoints and converters are unaffected."""
+  a = tiny_tokenizer('V', dtype=dtype)
+  b = tiny_tokenizer('V', dtype=dtype, dinov2_scan=True)
+  a.eval(), b.eval()
+  sa, sb = nnx.to_flat_state(nnx.state(a, nnx.Param)), nnx.to_flat_state(nnx.state(b, nnx.Param))
+  assert [p for p, _ in sa] == [p for p, _ in sb]
+  x = jnp.asarray(random_images(seed=3))
+  fa = jax.jit(lambda m, x: m.dinov2_features(x))(a, x)
+  fb = jax.jit(lambda m, x: m.dinov2_features(x))(b, x)
+  if dtype == 'float32':
+    np.testing.assert_allclose(fb, fa, rtol=1e-5, atol=1e-5)
+    for codes_a, codes_b in zip(jax.jit(lambda m, x: m.encode(x))(a, x),  # holistic, patch
+                                jax.jit(lambda m, x: m.encode(x))(b, x)):
+      np.testing.assert_array_equal(codes_a, codes_b)
+  else:  # XLA's bf16 fusion boundaries differ between the two programs: a few bf16 steps apart
+    np.testing.assert_allclose(fb, fa, rtol=0, atol=0.05 * float(jnp.abs(fa).max()))
+  jaxpr = jax.make_jaxpr(lambda x: b.dinov2_features(x))(x)
+  assert any(e.primitive.name == 'scan' for e in jaxpr.jaxpr.eqns)
+  assert not any(e.primitive.name == 'scan' for e in jax.make_jaxpr(
+      lambda x: a.dinov2_features(x))(x).jaxpr.eqns)

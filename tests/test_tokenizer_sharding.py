@@ -21,7 +21,8 @@ def _one_step(config, mesh):
 
 
 def test_one_step_on_1_and_8_devices_agree(quick_compile):
-  """Data-parallel (data=8) and FSDP (fsdp=8) against one device, from one shared reference."""
+  """Data-parallel (data=8) and FSDP (fsdp=8, DINOv2 scanned) against one device, from one shared
+  reference."""
   config = config_lib.load_config(f'{ROOT}/configs/tokenizer_u.py:tiny')
   config.tokenizer_loss.lpips_weights = 'random'
   config.tokenizer_loss.disc_start = 0
@@ -38,6 +39,9 @@ def test_one_step_on_1_and_8_devices_agree(quick_compile):
   config.tokenizer_loss.disc_type = 'patchgan'
   m1, g1, d1 = _one_step(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]))
   for axes in ('data=-1,fsdp=1', 'data=1,fsdp=-1'):
+    # The FSDP run also scans the frozen DINOv2's blocks over weights stacked from their shards
+    # (tokenizer.dinov2_scan; fp32 here, so the same values as the unrolled reference).
+    config.tokenizer.dinov2_scan = axes.endswith('fsdp=-1')
     m8, g8, d8 = _one_step(config, sharding.make_mesh(axes))
     for k in m1:
       # A gradient norm sums squares over every parameter after the cross-device reduction, which

@@ -80,10 +80,12 @@ class DinoBlock(nnx.Module):
 
 class DinoV2(nnx.Module):
 
-  def __init__(self, cfg: DinoV2Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, cfg: DinoV2Config, *, dtype=jnp.float32, scan_blocks: bool = False,
+               rngs: nnx.Rngs):
     self.cfg = cfg
     d = cfg.embed_dim
     self.dtype = dtype
+    self.scan_blocks = scan_blocks
     self.patch_embed = conv(3, d, cfg.patch_size, stride=cfg.patch_size, padding='VALID',
                             dtype=dtype, rngs=rngs)
     init = nnx.initializers.normal(0.02)
@@ -121,9 +123,29 @@ class DinoV2(nnx.Module):
     if self.register_tokens is not None:
       reg = jnp.broadcast_to(self.register_tokens[...].astype(t.dtype), (b,) + self.register_tokens.shape)
       t = jnp.concatenate([t[:, :1], reg, t[:, 1:]], axis=1)
-    for blk in self.blocks:
-      t = blk(t)
-    return self.norm(t)
+    return self.norm(self._blocks(t))
+
+  def _blocks(self, t):
+    if not self.scan_blocks:
+      for blk in self.blocks:
+        t = blk(t)
+      return t
+    # One lax.scan over the blocks' weights stacked inside the call: a program with one block
+    # instead of `depth` (the frozen tower's share of the tokenizer step's compile). The dense
+    # layers' weights are stacked already in the compute dtype, the cast each layer would make
+    # anyway (same values); norms and LayerScale keep fp32.
+    graph = nnx.graphdef(self.blocks[0])
+    dense_layers = ('qkv', 'proj', 'fc1', 'fc2')
+
+    def stack(path, *leaves):
+      a = jnp.stack(leaves)
+      return a.astype(self.dtype) if getattr(path[0], 'key', None) in dense_layers else a
+
+    stacked = jax.tree_util.tree_map_with_path(stack, *(nnx.state(b) for b in self.blocks))
+
+    def body(t, weights):
+      return nnx.merge(graph, weights)(t), None
+    return jax.lax.scan(body, t, stacked)[0]
 
   def features(self, x):
     """[CLS, patch tokens] after the final norm, registers dropped: (B, 1 + N, C)."""

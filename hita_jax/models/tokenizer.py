@@ -47,6 +47,9 @@ class TokenizerConfig:
   entropy_loss_ratio: float = 0.0
   dinov2: DinoV2Config = DinoV2Config()
   dinov2_input_size: int = 224
+  # the frozen DINOv2's blocks as one lax.scan (weights stacked inside the call) instead of unrolled:
+  # a smaller program to compile, the same values; opt-in until timed on a GPU
+  dinov2_scan: bool = False
   dtype: str = 'float32'          # compute dtype; params are always fp32
 
   @property
@@ -78,7 +81,7 @@ class Tokenizer(nnx.Module):
     self.cnn_encoder = CNNEncoder(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.encoder_res_blocks,
                                   z_channels=cfg.dim, dropout=cfg.cnn_dropout, groups=cfg.norm_groups,
                                   dtype=dt, rngs=rngs)
-    self.dinov2 = DinoV2(cfg.dinov2, dtype=dt, rngs=rngs)
+    self.dinov2 = DinoV2(cfg.dinov2, dtype=dt, scan_blocks=cfg.dinov2_scan, rngs=rngs)
     self.holistic_encoder = HolisticEncoder(
         dim=cfg.dim, dino_dim=cfg.dinov2.embed_dim, num_holistic=cfg.num_holistic,
         pos_grid=cfg.pos_grid, depth=cfg.depth, num_heads=cfg.num_heads, head_dim=cfg.head_dim,

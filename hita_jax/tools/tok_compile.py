@@ -20,6 +20,9 @@ Cold figures for several option sets without a build each (the build is ~70 s at
     python -m hita_jax.tools.tok_compile --batch 16 --export /tmp/step.exp     # once
     python -m hita_jax.tools.tok_compile --from-export /tmp/step.exp --options NAME:...   # per set
 
+`--set KEY=VALUE` changes the config before the build (e.g. `--set tokenizer.dinov2_scan=True`),
+for an A/B of a model or trainer switch run in two processes; the records carry it as `set`.
+
 Prints one JSON line per stage; with $OUT set also appends them to $OUT/tok_compile.jsonl.
 With TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,hlo_pass_pipeline=1 XLA logs each HLO
 pass's time on stderr; a '=== tok_compile: compile NAME' line marks where each compile begins.
@@ -27,6 +30,7 @@ pass's time on stderr; a '=== tok_compile: compile NAME' line marks where each c
 from __future__ import annotations
 
 import argparse
+import ast
 import gzip
 import json
 import os
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hita_jax import cli, config_lib, sharding
+from hita_jax.errors import UserError
 
 
 def _emit(rec: dict):
@@ -59,6 +64,30 @@ def _parse_option(text: str):
       raise ValueError(f'--options {text!r}: write NAME:xla_option=value[,...]')
     opts[k.strip()] = {'true': True, 'false': False}.get(v.lower(), int(v) if v.lstrip('-').isdigit() else v)
   return name, opts
+
+
+def apply_overrides(config, items: list[str]) -> dict:
+  """'section.key=value' items set on the config (values as Python literals, else strings; the
+  ConfigDict checks the type); returns them as a dict for the records."""
+  done = {}
+  for item in items:
+    key, sep, text = item.partition('=')
+    if not sep or not key:
+      raise UserError(f'--set {item!r}: write KEY=VALUE, e.g. --set tokenizer.dinov2_scan=True')
+    *parents, leaf = key.split('.')
+    node = config
+    for name in parents + [leaf]:
+      if name not in node:
+        raise UserError(f'--set {item!r}: the config has no key {key!r} (see the config file)')
+      if name != leaf:
+        node = node[name]
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node[leaf] = value
+    done[key] = value
+  return done
 
 
 def hlo_stats(text: str) -> dict:
@@ -170,7 +199,8 @@ def _profile(compiled, compiled_name, run_step, info, profile_dir):
 
 
 def run(batch: int, variant: str, options: list[str], steps: int, config_path: str | None = None,
-        profile_dir: str | None = None, save_hlo: bool = False, export_path: str | None = None):
+        profile_dir: str | None = None, save_hlo: bool = False, export_path: str | None = None,
+        overrides: list[str] = ()):
   from hita_jax.tasks import train_tokenizer as tt
   jax.config.update('jax_enable_compilation_cache', False)  # cold compiles only
   option_sets = check_options(options)
@@ -180,9 +210,10 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   config.init.allow_random_dinov2 = True
   config.init.allow_random_dino_disc = True
   config.tokenizer_loss.lpips_weights = 'random'
+  changed = apply_overrides(config, list(overrides))
   mesh = sharding.make_mesh([('data', -1)])
   # the step is jitted as the trainer jits it: each option set merges over these
-  info = {'variant': variant, 'batch': batch, 'jax': jax.__version__,
+  info = {'variant': variant, 'batch': batch, 'jax': jax.__version__, **({'set': changed} if changed else {}),
           'device': jax.devices()[0].device_kind,
           'config_xla': config_lib.gpu_compiler_options(
               config.train_tokenizer.get('gpu_compiler_options')) or {}}
@@ -241,13 +272,17 @@ def main(argv=None):
                  help='also write the step (jax.export, serialized) for --from-export runs')
   p.add_argument('--from-export', default=None, metavar='FILE',
                  help='no build: compile a step written by --export (one cold compile per process)')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='config change before the build, e.g. tokenizer.dinov2_scan=True (repeatable)')
   a = p.parse_args(argv)
+  if a.set and a.from_export:
+    p.error('--set changes the build; an exported step (--from-export) has none')
   if a.steps < 1:
     p.error('--steps must be at least 1')
   if a.from_export:
     run_exported(a.from_export, a.options, a.steps, a.save_hlo, a.profile)
   else:
-    run(a.batch, a.variant, a.options, a.steps, a.config, a.profile, a.save_hlo, a.export)
+    run(a.batch, a.variant, a.options, a.steps, a.config, a.profile, a.save_hlo, a.export, a.set)
 
 
 if __name__ == '__main__':
