@@ -72,18 +72,20 @@ class GroupNorm(nnx.Module):
   swish: `norm(x, swish=True)` is the CNN's GN -> swish pair in one op (`group_norm`)."""
 
   def __init__(self, dim: int, *, groups: int = 32, eps: float = 1e-6, rngs: nnx.Rngs):
-    # nnx.GroupNorm only holds the parameters (checkpoint paths .../norm/{scale,bias}).
+    # nnx.GroupNorm holds the parameters (checkpoint paths .../norm/{scale,bias}) and settings;
+    # `group_norm` computes it.
     self.norm = nnx.GroupNorm(dim, num_groups=groups, epsilon=eps, rngs=rngs, **_norm_args())
-    self.groups, self.eps = groups, eps
 
   def __call__(self, x, *, swish: bool = False):
-    return group_norm(x, self.norm.scale[...], self.norm.bias[...], self.groups, self.eps, swish)
+    n = self.norm
+    return group_norm(x, n.scale[...], n.bias[...], n.num_groups, n.epsilon, swish)
 
 
 def _grouped(x, groups: int):
-  """(N, ..., C) fp32 -> (N, ..., G, C/G) and the axes a group's statistics reduce over."""
+  """(N, ..., C) fp32 -> (N, ..., G, C/G), the axes a group's statistics reduce over and the
+  number of elements in a group."""
   xg = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
-  return xg, tuple(range(1, x.ndim - 1)) + (x.ndim,)
+  return xg, tuple(range(1, x.ndim - 1)) + (x.ndim,), xg.size // (xg.shape[0] * groups)
 
 
 def _group_sum(a, axes):
@@ -94,8 +96,7 @@ def _group_sum(a, axes):
 
 
 def _group_norm_fwd(x, scale, bias, groups, eps, swish):
-  xg, axes = _grouped(x, groups)
-  count = xg.size // (xg.shape[0] * groups)
+  xg, axes, count = _grouped(x, groups)
   # Two-pass variance in fp32, as torch (autocast runs group_norm in fp32) and flax's GroupNorm.
   mean = _group_sum(xg, axes) / count
   var = _group_sum(jnp.square(xg - mean), axes) / count
@@ -112,7 +113,7 @@ def _group_norm_bwd(groups, eps, swish, res, dy):
   instead of the normalised (and swished) activations; they are recomputed in each pass."""
   del eps
   x, mean, rstd, scale, bias = res
-  xg, axes = _grouped(x, groups)
+  xg, axes, count = _grouped(x, groups)
   gshape = xg.shape[-2:]
   sc, bi = scale.reshape(gshape), bias.reshape(gshape)
   xhat = (xg - mean) * rstd
@@ -124,7 +125,6 @@ def _group_norm_bwd(groups, eps, swish, res, dy):
   spatial = axes[:-1]
   sum_dy = jnp.sum(dyg, spatial, keepdims=True)                 # (N, 1.., G, C/G)
   sum_dy_xhat = jnp.sum(dyg * xhat, spatial, keepdims=True)
-  count = xg.size // (xg.shape[0] * groups)
   a = jnp.sum(sum_dy * sc, -1, keepdims=True) / count           # group mean of dy*scale
   b = jnp.sum(sum_dy_xhat * sc, -1, keepdims=True) / count      # group mean of dy*scale*xhat
   dx = rstd * (dyg * sc - a - xhat * b)

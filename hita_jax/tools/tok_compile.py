@@ -76,11 +76,12 @@ def apply_overrides(config, items: list[str]) -> dict:
       raise UserError(f'--set {item!r}: write KEY=VALUE, e.g. --set tokenizer.dinov2_scan=True')
     *parents, leaf = key.split('.')
     node = config
-    for name in parents + [leaf]:
-      if name not in node:
-        raise UserError(f'--set {item!r}: the config has no key {key!r} (see the config file)')
-      if name != leaf:
-        node = node[name]
+    for name in parents:
+      node = node[name] if name in node else None
+      if not hasattr(node, 'keys'):
+        break
+    if not hasattr(node, 'keys') or leaf not in node:
+      raise UserError(f'--set {item!r}: the config has no key {key!r} (see the config file)')
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
