@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hita_jax.models.layers import GroupNorm, conv
+from hita_jax.models.layers import GroupNorm, conv, conv_without_bias
 
 
 class ResnetBlock(nnx.Module):
@@ -31,8 +31,11 @@ class ResnetBlock(nnx.Module):
     self.nin_shortcut = conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
 
   def __call__(self, x):
-    h = self.conv1(self.norm1(x, swish=True))
-    h = self.conv2(self.dropout(self.norm2(h, swish=True)))
+    # conv1's bias is added inside norm2, whose backward then yields its gradient from sums it
+    # makes anyway (same parameters; the sum is the same function).
+    h = conv_without_bias(self.conv1, self.norm1(x, swish=True))
+    h = self.norm2(h, swish=True, pre_bias=self.conv1.bias[...])
+    h = self.conv2(self.dropout(h))
     if self.nin_shortcut is not None:
       x = self.nin_shortcut(x)
     return x + h

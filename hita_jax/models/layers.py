@@ -47,6 +47,16 @@ def conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1, p
                   bias_init=named(binit, ('conv_out',)), rngs=rngs)
 
 
+def conv_without_bias(m: nnx.Conv, x):
+  """`m(x)` without its bias add, for a conv whose output goes straight into a GroupNorm that adds
+  the bias itself (`group_norm(..., pre_bias=m.bias)`). Channels-last, no dilation or mask."""
+  if m.mask is not None or m.feature_group_count != 1 or x.ndim != 4:
+    raise ValueError('conv_without_bias takes a plain NHWC 2-D convolution')
+  x, kernel = m.promote_dtype((x, m.kernel[...]), dtype=m.dtype)
+  return m.conv_general_dilated(x, kernel, m.strides, m.padding,
+                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=m.precision)
+
+
 def _norm_args() -> dict:
   """fp32 params and statistics, two-pass variance (as PyTorch), logical name 'norm'."""
   return dict(dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
@@ -76,9 +86,9 @@ class GroupNorm(nnx.Module):
     # `group_norm` computes it.
     self.norm = nnx.GroupNorm(dim, num_groups=groups, epsilon=eps, rngs=rngs, **_norm_args())
 
-  def __call__(self, x, *, swish: bool = False):
+  def __call__(self, x, *, swish: bool = False, pre_bias=None):
     n = self.norm
-    return group_norm(x, n.scale[...], n.bias[...], n.num_groups, n.epsilon, swish)
+    return group_norm(x, n.scale[...], n.bias[...], n.num_groups, n.epsilon, swish, pre_bias)
 
 
 def _grouped(x, groups: int):
@@ -95,26 +105,31 @@ def _group_sum(a, axes):
   return jnp.sum(jnp.sum(a, axes[:-1], keepdims=True), axes[-1], keepdims=True)
 
 
-def _group_norm_fwd(x, scale, bias, groups, eps, swish):
+def _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias):
   xg, axes, count = _grouped(x, groups)
+  gshape = xg.shape[-2:]
+  if pre_bias is not None:  # the preceding conv's bias, added here in fp32 (see group_norm)
+    xg = xg + pre_bias.astype(jnp.float32).reshape(gshape)
   # Two-pass variance in fp32, as torch (autocast runs group_norm in fp32) and flax's GroupNorm.
   mean = _group_sum(xg, axes) / count
   var = _group_sum(jnp.square(xg - mean), axes) / count
   rstd = jax.lax.rsqrt(var + eps)
-  gshape = xg.shape[-2:]
   y = (xg - mean) * (rstd * scale.reshape(gshape)) + bias.reshape(gshape)
   if swish:  # in fp32 like torch, whose GN output under autocast is fp32; one rounding after it
     y = y * jax.nn.sigmoid(y)
-  return y.reshape(x.shape).astype(x.dtype), (x, mean, rstd, scale, bias)
+  return y.reshape(x.shape).astype(x.dtype), (x, mean, rstd, scale, bias, pre_bias)
 
 
 def _group_norm_bwd(groups, eps, swish, res, dy):
   """Two passes over (x, dy): per-(sample, channel) sums of dy and dy*xhat, then dx. x is saved
-  instead of the normalised (and swished) activations; they are recomputed in each pass."""
+  instead of the normalised (and swished) activations; they are recomputed in each pass. The
+  pre-bias gradient (the per-channel sum of dx) comes from per-channel sums of the same pass."""
   del eps
-  x, mean, rstd, scale, bias = res
+  x, mean, rstd, scale, bias, pre_bias = res
   xg, axes, count = _grouped(x, groups)
   gshape = xg.shape[-2:]
+  if pre_bias is not None:
+    xg = xg + pre_bias.astype(jnp.float32).reshape(gshape)
   sc, bi = scale.reshape(gshape), bias.reshape(gshape)
   xhat = (xg - mean) * rstd
   dyg = dy.astype(jnp.float32).reshape(xg.shape)
@@ -131,16 +146,29 @@ def _group_norm_bwd(groups, eps, swish, res, dy):
   batch_axes = tuple(range(sum_dy.ndim - 2))
   dscale = jnp.sum(sum_dy_xhat, batch_axes).reshape(scale.shape)
   dbias = jnp.sum(sum_dy, batch_axes).reshape(bias.shape)
-  return dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+  dpre = None
+  if pre_bias is not None:
+    # sum over (N, spatial) of dx, from per-channel sums: no pass over dx (which the conv's own
+    # bias gradient would be).
+    sum_xhat = jnp.sum(xhat, spatial, keepdims=True)
+    per_image = count // gshape[-1]                             # spatial positions
+    dpre = jnp.sum(rstd * (sum_dy * sc - per_image * a - sum_xhat * b), batch_axes)
+    dpre = dpre.reshape(pre_bias.shape).astype(pre_bias.dtype)
+  return (dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype),
+          dbias.astype(bias.dtype), dpre)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def group_norm(x, scale, bias, groups: int, eps: float, swish: bool = False):
+def group_norm(x, scale, bias, groups: int, eps: float, swish: bool = False, pre_bias=None):
   """GroupNorm over the last axis of `x` (N, ..., C) in fp32, optionally then swish, returned in
   x's dtype. Its VJP reads x and dy twice and writes dx once, where autodiff of the two-pass
   statistics and a separate swish made several more passes over full-resolution activations
-  (the tokenizer step's largest non-convolution cost, docs/PERFORMANCE.md 2026-12-05e)."""
-  return _group_norm_fwd(x, scale, bias, groups, eps, swish)[0]
+  (the tokenizer step's largest non-convolution cost, docs/PERFORMANCE.md 2026-12-05e).
+
+  `pre_bias` (C,): the bias of the convolution that produced `x` (which then runs without it), added
+  here in fp32. Its gradient comes out of the backward's per-channel sums, where the conv's own
+  bias gradient is a further reduction over the full-resolution dx."""
+  return _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias)[0]
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)

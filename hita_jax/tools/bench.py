@@ -8,7 +8,7 @@
     python -m hita_jax.tools.bench sample --size B --decode-layer pallas [--layer-tuning M,N,K,W,S]
     python -m hita_jax.tools.bench inception --batch 500
     python -m hita_jax.tools.bench tok_trainer --batch 16      (train_tokenizer's step, Hita-V @336)
-    python -m hita_jax.tools.bench cnn_train --batch 16        (CNN encoder+decoder, fused vs flax GroupNorm)
+    python -m hita_jax.tools.bench cnn_train --batch 16        (CNN encoder+decoder: fused GroupNorm, no fold, flax)
     ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
 
 Random weights and codes at the official full size (vocab 16384, 128 holistic + 441 patch tokens,
@@ -501,11 +501,12 @@ def _parse_layer_tuning(text):
 
 def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128, rounds=2):
   """The tokenizer's CNN encoder + decoder (official widths, bf16 compute) forward and backward on an L2
-  loss, with the fused GroupNorm(+swish) op and with what it replaced (flax's GroupNorm in fp32,
-  cast back, then swish in the activation dtype, autodiff), timed alternately in one process
-  (the A/B of `layers.group_norm`)."""
+  loss, timed alternately in one process as shipped ('fused': the GroupNorm(+swish) op with each
+  ResnetBlock's conv1 bias folded into norm2), without the fold ('nofold', the program of
+  912b101) and with what the fused op replaced ('flax': flax's GroupNorm in fp32, cast back, then
+  swish in the activation dtype, autodiff; the program before 2026-12-05e)."""
   from unittest import mock
-  from hita_jax.models import layers
+  from hita_jax.models import cnn, layers
   from hita_jax.models.cnn import CNNDecoder, CNNEncoder
   rngs = nnx.Rngs(0)
   enc = CNNEncoder(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=512,
@@ -519,21 +520,30 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
     e, d = nnx.merge(graph, params, rest)
     return jnp.mean(jnp.square(d(e(x)) - x))
 
-  def flax_group_norm(x, scale, bias, groups, eps, swish):  # the op before 2026-12-05e
+  fused = layers.group_norm
+
+  def unfolded_group_norm(x, scale, bias, groups, eps, swish, pre_bias=None):
+    return fused(x, scale, bias, groups, eps, swish)
+
+  def flax_group_norm(x, scale, bias, groups, eps, swish, pre_bias=None):
     norm = nnx.GroupNorm(x.shape[-1], num_groups=groups, epsilon=eps, use_fast_variance=False,
                          dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     norm.scale[...], norm.bias[...] = scale, bias
     y = norm(x.astype(jnp.float32)).astype(x.dtype)
     return y * jax.nn.sigmoid(y) if swish else y
 
+  with_bias = lambda m, x: m(x)  # conv1 adds its own bias again; the norms drop pre_bias
+  variants = {'fused': {}, 'nofold': dict(group_norm=unfolded_group_norm, conv=with_bias),
+              'flax': dict(group_norm=flax_group_norm, conv=with_bias)}
   steps, res = {}, {'bench': 'cnn_train', 'batch': batch, 'image_size': image_size}
-  for name, patch in (('fused', layers.group_norm), ('flax', flax_group_norm)):
-    with mock.patch.object(layers, 'group_norm', patch):
+  for name, patch in variants.items():
+    with mock.patch.object(layers, 'group_norm', patch.get('group_norm', fused)), \
+         mock.patch.object(cnn, 'conv_without_bias', patch.get('conv', cnn.conv_without_bias)):
       t0 = time.perf_counter()
       steps[name] = jax.jit(jax.value_and_grad(loss)).lower(params, x).compile()
       res[f'{name}_compile_s'] = time.perf_counter() - t0
   times = {name: [] for name in steps}
-  for _ in range(rounds):  # alternate, so drift hits both
+  for _ in range(rounds):  # alternate, so drift hits all
     for name, step in steps.items():
       jax.block_until_ready(step(params, x))
       t0 = time.perf_counter()
@@ -543,14 +553,17 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
       times[name].append((time.perf_counter() - t0) / iters)
   for name, t in times.items():
     res[f'{name}_step_s'] = min(t)
-  # Both programs compute the same loss and gradients (up to bf16 rounding): the A/B is fair.
-  (l1, g1), (l2, g2) = (steps[n](params, x) for n in ('fused', 'flax'))
-  res['loss_abs_diff'] = float(abs(l1 - l2))
+  # The programs compute the same loss and gradients (up to bf16 rounding): the A/B is fair.
+  outs = {n: steps[n](params, x) for n in steps}
   # Over all gradients at once: a leaf whose true gradient is 0 (the attention's key bias) has only
   # rounding noise, which a per-leaf ratio would blow up.
   sq = lambda t: sum(float(jnp.sum(jnp.square(v.astype(jnp.float32)))) for v in jax.tree.leaves(t))
-  res['grad_rel_diff'] = (sq(jax.tree.map(jnp.subtract, g1, g2)) / sq(g2)) ** 0.5
-  res['speedup'] = res['flax_step_s'] / res['fused_step_s']
+  (l1, g1) = outs['fused']
+  for other in ('nofold', 'flax'):
+    l2, g2 = outs[other]
+    res[f'loss_abs_diff_{other}'] = float(abs(l1 - l2))
+    res[f'grad_rel_diff_{other}'] = (sq(jax.tree.map(jnp.subtract, g1, g2)) / sq(g2)) ** 0.5
+    res[f'speedup_vs_{other}'] = res[f'{other}_step_s'] / res['fused_step_s']
   res.update(_mem())
   return res
 
