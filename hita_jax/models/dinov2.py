@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hita_jax.models.layers import LayerNorm, attention, conv, dense
+from hita_jax.models.layers import LayerNorm, conv, dense, full_attention
 from hita_jax.models.resize import interpolate_pos_table, kornia_bicubic_resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,9 +57,10 @@ DINOV2_VARIANTS = {
 
 class DinoBlock(nnx.Module):
 
-  def __init__(self, cfg: DinoV2Config, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: DinoV2Config, *, dtype, attn_impl: str = 'xla', rngs: nnx.Rngs):
     d = cfg.embed_dim
     self.num_heads = cfg.num_heads
+    self.attn_impl = attn_impl
     self.norm1 = LayerNorm(d, eps=cfg.layer_norm_eps, rngs=rngs)
     self.qkv = dense(d, 3 * d, names=('embed', 'heads'), use_bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = dense(d, d, names=('heads', 'embed'), dtype=dtype, rngs=rngs)
@@ -72,7 +73,7 @@ class DinoBlock(nnx.Module):
   def __call__(self, x):
     b, t, d = x.shape
     qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    o = full_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl=self.attn_impl)
     x = x + self.proj(o.reshape(b, t, d)) * self.ls1[...].astype(x.dtype)
     h = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
     return x + h * self.ls2[...].astype(x.dtype)
@@ -81,7 +82,7 @@ class DinoBlock(nnx.Module):
 class DinoV2(nnx.Module):
 
   def __init__(self, cfg: DinoV2Config, *, dtype=jnp.float32, scan_blocks: bool = False,
-               rngs: nnx.Rngs):
+               attn_impl: str = 'xla', rngs: nnx.Rngs):
     self.cfg = cfg
     d = cfg.embed_dim
     self.dtype = dtype
@@ -96,7 +97,8 @@ class DinoV2(nnx.Module):
                                       out_sharding=(None, 'embed'))
                             if cfg.num_register_tokens else None)
     self.mask_token = nnx.Param(jnp.zeros((d,), jnp.float32), out_sharding=('embed',))
-    self.blocks = nnx.List([DinoBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
+    self.blocks = nnx.List([DinoBlock(cfg, dtype=dtype, attn_impl=attn_impl, rngs=rngs)
+                            for _ in range(cfg.depth)])
     self.norm = LayerNorm(d, eps=cfg.layer_norm_eps, rngs=rngs)
 
   def interpolated_pos_embed(self, gh: int, gw: int) -> jnp.ndarray:

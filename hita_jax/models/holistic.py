@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hita_jax.models.layers import LayerNorm, SwiGLUFused, attention, causal_mask, dense
+from hita_jax.models.layers import LayerNorm, SwiGLUFused, attention, causal_mask, dense, full_attention
 from hita_jax.models.resize import interpolate_pos_table
 
 LN_EPS = 1e-5
@@ -45,10 +45,13 @@ class HolisticLayer(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_dim: int, *, kind: str,
-               dropout: float = 0.0, dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout: float = 0.0, attn_impl: str = 'xla', dtype=jnp.float32, rngs: nnx.Rngs):
     if kind not in ('bidirectional', 'causal'):
       raise ValueError(kind)
     self.kind = kind
+    # E_trans's unmasked attention may take a fused kernel; the causal kind drops probabilities
+    # in training, which the fused kernels cannot, so it keeps the reference path.
+    self.attn_impl = attn_impl
     self.num_heads = num_heads
     self.head_dim = head_dim if kind == 'bidirectional' else dim // num_heads
     inner = self.num_heads * self.head_dim
@@ -73,7 +76,8 @@ class HolisticLayer(nnx.Module):
                     else self.dropout)
       o = self.out(o.reshape(b, t, -1))
     else:
-      o = attention(q, k, v, mask=mask)
+      o = attention(q, k, v, mask=mask) if mask is not None else full_attention(
+          q, k, v, impl=self.attn_impl)
       o = self.dropout(self.out(o.reshape(b, t, -1)))
     x = x + o
     return x + self.ffn(self.norm2(x))
@@ -115,7 +119,7 @@ class HolisticEncoder(nnx.Module):
 
   def __init__(self, *, dim: int, dino_dim: int, num_holistic: int, pos_grid: int, depth: int,
                num_heads: int, head_dim: int, mlp_dim: int, dropout: float = 0.1,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               attn_impl: str = 'xla', dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_holistic = num_holistic
     self.pos_grid = pos_grid
     self.dtype = dtype
@@ -126,7 +130,7 @@ class HolisticEncoder(nnx.Module):
                                out_sharding=(None, 'embed'))
     self.norm_pre1 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
     self.e_trans = HolisticStack(depth, dim, num_heads, head_dim, mlp_dim, kind='bidirectional',
-                                 dropout=dropout, dtype=dtype, rngs=rngs)
+                                 dropout=dropout, attn_impl=attn_impl, dtype=dtype, rngs=rngs)
     self.norm_pre2 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
     self.e_causal = HolisticStack(depth, dim, num_heads, head_dim, mlp_dim, kind='causal',
                                   dropout=dropout, dtype=dtype, rngs=rngs)

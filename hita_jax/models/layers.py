@@ -257,6 +257,30 @@ SPLASH_BLOCK = 128
 CUDNN_BLOCK = 64  # cuDNN flash attention rejects lengths such as 457 / 569
 
 
+def full_attention(q, k, v, *, impl: str = 'xla'):
+  """Unmasked attention without probability dropout (DINOv2, the holistic encoder's E_trans) on
+  (B, T, H, D), by `impl` (see resolve_attn_impl): cuDNN's fused kernel for 16-bit inputs on GPU,
+  which never writes the (B, H, T, S) fp32 logits and probabilities the reference `attention`
+  makes in both passes; the reference otherwise (fp32 inputs, CPU, TPU)."""
+  if resolve_attn_impl(impl) != 'cudnn' or q.dtype not in (jnp.bfloat16, jnp.float16):
+    return attention(q, k, v)
+  return padded_dot_product_attention(q, k, v, implementation='cudnn')
+
+
+def padded_dot_product_attention(q, k, v, *, implementation: str | None):
+  """jax.nn.dot_product_attention with both lengths padded to CUDNN_BLOCK: the padded keys are
+  masked by their length, the padded query rows computed and dropped. (`implementation='xla'`
+  runs the same padding on CPU, which is how the tests check it.)"""
+  t, s = q.shape[1], k.shape[1]
+  pad = lambda a, n: jnp.pad(a, ((0, 0), (0, n), (0, 0), (0, 0))) if n else a
+  pk = (-s) % CUDNN_BLOCK
+  o = jax.nn.dot_product_attention(
+      pad(q, (-t) % CUDNN_BLOCK), pad(k, pk), pad(v, pk),
+      key_value_seq_lengths=jnp.full((q.shape[0],), s, jnp.int32) if pk else None,
+      implementation=implementation)
+  return o[:, :t]
+
+
 def causal_pad(t: int, impl: str) -> int:
   """Rows to append to a length-t causal sequence so that `causal_attention` with `impl` needs no
   padding of its own: a model pads its activations once (padded rows sit after every real row, so

@@ -14,7 +14,7 @@ from hita_jax.errors import UserError
 from hita_jax.models.cnn import CNNDecoder, CNNEncoder
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config, preprocess_for_dinov2
 from hita_jax.models.holistic import FusionDecoder, HolisticEncoder
-from hita_jax.models.layers import DTYPES, conv, dense
+from hita_jax.models.layers import ATTN_IMPLS, DTYPES, conv, dense
 from hita_jax.models.quantizer import VectorQuantizer
 
 
@@ -50,6 +50,9 @@ class TokenizerConfig:
   # the frozen DINOv2's blocks as one lax.scan (weights stacked inside the call) instead of unrolled:
   # a smaller program to compile, the same values; opt-in until timed on a GPU
   dinov2_scan: bool = False
+  # the unmasked attention (DINOv2, E_trans): 'auto' = cuDNN's fused kernel on GPU in bf16, 'xla'
+  # the reference everywhere (layers.full_attention); 'xla' until timed on a GPU
+  attn_impl: str = 'xla'
   dtype: str = 'float32'          # compute dtype; params are always fp32
 
   @property
@@ -77,15 +80,19 @@ class Tokenizer(nnx.Module):
 
   def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    if cfg.attn_impl not in ATTN_IMPLS:
+      raise UserError(f'tokenizer.attn_impl must be one of {ATTN_IMPLS}, got {cfg.attn_impl!r} '
+                      '(--config.tokenizer.attn_impl=auto)')
     dt = DTYPES[cfg.dtype]
     self.cnn_encoder = CNNEncoder(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.encoder_res_blocks,
                                   z_channels=cfg.dim, dropout=cfg.cnn_dropout, groups=cfg.norm_groups,
                                   dtype=dt, rngs=rngs)
-    self.dinov2 = DinoV2(cfg.dinov2, dtype=dt, scan_blocks=cfg.dinov2_scan, rngs=rngs)
+    self.dinov2 = DinoV2(cfg.dinov2, dtype=dt, scan_blocks=cfg.dinov2_scan, attn_impl=cfg.attn_impl,
+                         rngs=rngs)
     self.holistic_encoder = HolisticEncoder(
         dim=cfg.dim, dino_dim=cfg.dinov2.embed_dim, num_holistic=cfg.num_holistic,
         pos_grid=cfg.pos_grid, depth=cfg.depth, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        mlp_dim=cfg.mlp_dim, dropout=cfg.dropout, dtype=dt, rngs=rngs)
+        mlp_dim=cfg.mlp_dim, dropout=cfg.dropout, attn_impl=cfg.attn_impl, dtype=dt, rngs=rngs)
     self.quant_conv = conv(cfg.dim, cfg.patch_code_dim, 1, dtype=jnp.float32, rngs=rngs)
     self.patch_quantizer = VectorQuantizer(cfg.codebook_size, cfg.patch_code_dim, beta=cfg.beta,
                                            entropy_loss_ratio=cfg.entropy_loss_ratio, rngs=rngs)
