@@ -157,8 +157,8 @@ def test_conv_without_bias_then_pre_bias_is_the_resnet_block_it_replaced():
   from hita_jax.models.cnn import ResnetBlock
   from hita_jax.models.layers import conv_without_bias
   block = ResnetBlock(32, 64, groups=8, rngs=nnx.Rngs(3))
-  for p, v in nnx.to_flat_state(nnx.state(block, nnx.Param)):
-    v.set_value(jax.random.normal(jax.random.key(hash(p) % 1000), v.get_value().shape) * 0.2)
+  for i, (_, v) in enumerate(nnx.to_flat_state(nnx.state(block, nnx.Param))):
+    v.set_value(jax.random.normal(jax.random.key(i), v.get_value().shape) * 0.2)
 
   def unfolded(block, x):
     h = block.conv1(block.norm1(x, swish=True))

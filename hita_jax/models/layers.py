@@ -50,8 +50,12 @@ def conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1, p
 def conv_without_bias(m: nnx.Conv, x):
   """`m(x)` without its bias add, for a conv whose output goes straight into a GroupNorm that adds
   the bias itself (`group_norm(..., pre_bias=m.bias)`). Channels-last, no dilation or mask."""
-  if m.mask is not None or m.feature_group_count != 1 or x.ndim != 4:
-    raise ValueError('conv_without_bias takes a plain NHWC 2-D convolution')
+  plain = (m.mask is None and m.feature_group_count == 1 and x.ndim == 4
+           and m.preferred_element_type is None and m.padding in ('SAME', 'VALID')
+           and all(d in (None, 1, (1, 1)) for d in (m.input_dilation, m.kernel_dilation)))
+  if not plain:
+    raise ValueError('conv_without_bias takes a plain NHWC 2-D convolution (no mask, groups, '
+                     'dilation or padding mode other than SAME / VALID)')
   x, kernel = m.promote_dtype((x, m.kernel[...]), dtype=m.dtype)
   return m.conv_general_dilated(x, kernel, m.strides, m.padding,
                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=m.precision)
