@@ -35,9 +35,11 @@ def test_cpu_training_run_writes_everything_and_losses_fall(tmp_path):
                      cwd=ROOT, env=FAST_ENV, capture_output=True, text=True)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
   m = _metrics(w)
+  # The second half against the first steps: each step's loss is on its own batch, and single
+  # batches differ more than 16 steps of training move the loss (step 15's batch is hard).
   first = np.mean([m[s]['rec_loss'] for s in (1, 2, 3)])
-  last = np.mean([m[s]['rec_loss'] for s in (14, 15, 16)])
-  assert last < first, (first, last)
+  last = np.mean([m[s]['rec_loss'] for s in range(9, 17)])
+  assert last < 0.9 * first, (first, last)
   assert m[16]['adv_weight'] == 0.5 and m[1]['adv_weight'] == 0.0
   assert 0 < m[16]['patch_codebook_usage'] <= 1
   files = os.listdir(w)

@@ -29,11 +29,13 @@ def xavier_linears(module: nnx.Module, key) -> None:
   xavier-uniform weights, zero biases (the encoder's stacks keep PyTorch's default init, because
   the official Encoder's xavier loop never matches a Linear; spec 2.4)."""
   init = nnx.initializers.xavier_uniform()
-  for i, (_, node) in enumerate(nnx.iter_graph(module)):
-    if isinstance(node, nnx.Linear):
-      node.kernel[...] = init(jax.random.fold_in(key, i), node.kernel.shape, jnp.float32)
-      if node.bias is not None:
-        node.bias[...] = jnp.zeros_like(node.bias[...])
+  # One key per Linear by its rank among the Linears: a module's other attributes (which
+  # iter_graph also yields) do not move the draws.
+  linears = [node for _, node in nnx.iter_graph(module) if isinstance(node, nnx.Linear)]
+  for i, node in enumerate(linears):
+    node.kernel[...] = init(jax.random.fold_in(key, i), node.kernel.shape, jnp.float32)
+    if node.bias is not None:
+      node.bias[...] = jnp.zeros_like(node.bias[...])
 
 
 class HolisticLayer(nnx.Module):
