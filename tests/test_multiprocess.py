@@ -78,15 +78,19 @@ def runs(tmp_path_factory):
 
 
 def _assert_same_run(one, two):
-  """Losses (all columns but the last) to 1e-5 as the issue asks; the gradient norm to 1e-4.
+  """Losses (all columns but the last) to 1e-5 as the issue asks; the first step's gradient norm
+  to 1e-5, later steps' to 1e-3.
 
   The norm sums squares over every parameter after the cross-process all-reduce, which adds in
-  another order than one process does; after two Adam steps (which rescale near-zero gradients
-  to full-size updates) that reordering alone moved the tokenizer's norm by 1.4e-5 relative in CI.
-  A wrong data slice or a missing shard moves every column by percents.
+  another order than one process does. At step 1 the parameters are identical, so only that order
+  differs (seen: 4e-7). After Adam steps, which rescale near-zero gradients (e.g. the conv biases
+  that GroupNorm nearly cancels) to full-size updates, the reordering alone moved the tokenizer's
+  step-3 norm by 1.5e-4 relative in CI while its losses agreed to 1e-7. A wrong data slice or a
+  missing shard moves every column by percents.
   """
   np.testing.assert_allclose(two[:, :-1], one[:, :-1], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(two[:, -1], one[:, -1], rtol=1e-4)
+  np.testing.assert_allclose(two[0, -1], one[0, -1], rtol=1e-5)
+  np.testing.assert_allclose(two[1:, -1], one[1:, -1], rtol=1e-3)
 
 
 @pytest.mark.slow
