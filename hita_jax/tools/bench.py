@@ -9,6 +9,7 @@
     python -m hita_jax.tools.bench inception --batch 500
     python -m hita_jax.tools.bench tok_trainer --batch 16      (train_tokenizer's step, Hita-V @336)
     python -m hita_jax.tools.bench cnn_train --batch 16        (CNN encoder+decoder: fused GroupNorm, no fold, flax)
+    python -m hita_jax.tools.tok_ab --batch 16 --arm base: --arm new:KEY=VALUE,...  (tokenizer switches, alternating)
     ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
 
 Random weights and codes at the official full size (vocab 16384, 128 holistic + 441 patch tokens,

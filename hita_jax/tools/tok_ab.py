@@ -1,0 +1,155 @@
+"""A/B of tokenizer-trainer switches in one process: each arm's jitted G + D step, timed alternately.
+
+    python -m hita_jax.tools.tok_ab --batch 16 --variant V \
+        --arm base:tokenizer.attn_impl=xla,tokenizer.dinov2_scan=False \
+        --arm new:tokenizer.attn_impl=auto,tokenizer.dinov2_scan=True
+
+Why: across processes on one GPU the same step has measured 0.154-0.168 s (2026-12-05e), a spread
+larger than the switches being decided. Here every arm is built (`train_tokenizer.build`, random
+weights, full size) and compiled in one process, then the arms run `--steps` steps each in turn for
+`--rounds` rounds, so drift (clocks, heat, a neighbour) hits every arm alike; the minimum over
+rounds is the figure. Arms whose train state has the same structure, shapes and shardings share one
+state (it is donated from step to step, arm to arm), which keeps the memory of one.
+
+Before timing, every arm takes one step from a copy of the same state on the same batch and key,
+and its losses are reported beside the first arm's: a switch that changes the numbers beyond
+rounding shows there. `NAME:` alone is the shipped config. Compile times: XLA keeps autotuning
+results within a process, so only the first arm's compile is cold (`compile_cold`); compare
+compiles with `tok_compile --set`, one process each.
+
+Prints one JSON line per arm and one summary line; with $OUT set also appends them to
+$OUT/tok_ab.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hita_jax import cli, config_lib, sharding
+from hita_jax.errors import UserError
+from hita_jax.tools.tok_compile import apply_overrides
+
+LOSS_KEYS = ('g_loss', 'rec_loss', 'vq_loss', 'd_loss')
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+  """'name:key=value,key=value' -> (name, ['key=value', ...]); 'name:' is the shipped config."""
+  name, sep, rest = text.partition(':')
+  if not sep or not name:
+    raise UserError(f'--arm {text!r}: write NAME:KEY=VALUE[,KEY=VALUE...] '
+                    '(e.g. --arm scan:tokenizer.dinov2_scan=True; NAME: alone is the shipped config)')
+  return name, [item for item in rest.split(',') if item]
+
+
+def _emit(rec: dict):
+  line = json.dumps(rec)
+  print(line, flush=True)
+  if os.environ.get('OUT'):
+    with open(os.path.join(os.environ['OUT'], 'tok_ab.jsonl'), 'a') as f:
+      f.write(line + '\n')
+
+
+def _layout(tree):
+  """What must match for two arms to share one (donated) state."""
+  return (jax.tree.structure(tree),
+          [(x.shape, x.dtype, getattr(x, 'sharding', None)) for x in jax.tree.leaves(tree)])
+
+
+def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, steps: int = 10,
+           rounds: int = 3) -> list[dict]:
+  """Builds and compiles every arm, checks their first-step losses, then times them alternately.
+  Returns the records (one per arm, then the summary)."""
+  from hita_jax.tasks import train_tokenizer as tt
+  if len({name for name, _ in arms}) != len(arms):
+    raise UserError(f'--arm names must differ: {[name for name, _ in arms]}')
+  configs = []  # every arm's overrides checked before the first (minutes-long) build
+  for name, items in arms:
+    config = config_lib.load_config(config_spec)
+    config.train_tokenizer.global_batch_size = batch
+    config.init.allow_random_dinov2 = True
+    config.init.allow_random_dino_disc = True
+    config.tokenizer_loss.lpips_weights = 'random'
+    configs.append((config, apply_overrides(config, items)))
+  mesh = sharding.make_mesh([('data', -1)])
+  built, records = [], []
+  for i, ((name, _), (config, done)) in enumerate(zip(arms, configs)):
+    rec = {'arm': name, 'set': done, 'batch': batch, 'config': config_spec,
+           'device': jax.devices()[0].device_kind}
+    t0 = time.perf_counter()
+    parts, state, frozen, _ = tt.build(config, mesh)
+    rec['build_s'] = time.perf_counter() - t0
+    if i == 0:
+      size = config.tokenizer.image_size
+      r = np.random.RandomState(0)
+      images = [jnp.asarray(r.randint(0, 256, (batch, size, size, 3)).astype(np.uint8)) for _ in range(2)]
+      batches = [{'image': x} for x in images]
+      key = jax.random.key(0)
+    # A later arm with the first arm's layout steps the first arm's state; its own is dropped.
+    share = 0 if i and _layout(state) == _layout(built[0]['state']) else None
+    t0 = time.perf_counter()
+    compiled = tt.jit_train_step(parts, config).lower(state, frozen, batches[0], key).compile()
+    rec.update(compile_s=time.perf_counter() - t0, compile_cold=i == 0, shares_state_of=(
+        arms[share][0] if share is not None else None))
+    built.append({'name': name, 'step': compiled, 'frozen': frozen,
+                  'state': None if share is not None else state, 'owner': share if share is not None else i})
+    records.append(rec)
+
+  # Same state, batch and key for every arm: the first step's losses must agree to rounding.
+  for b, rec in zip(built, records):
+    start = jax.tree.map(jnp.copy, built[b['owner']]['state'])
+    _, m = b['step'](start, b['frozen'], batches[0], key)
+    rec['first_step'] = {k: float(m[k]) for k in LOSS_KEYS if k in m}
+  ref = records[0]['first_step']
+  for rec in records[1:]:
+    rec['loss_abs_diff_vs_first'] = {k: abs(v - ref[k]) for k, v in rec['first_step'].items() if k in ref}
+
+  times = {b['name']: [] for b in built}
+  for _ in range(rounds):  # alternate, so drift hits every arm
+    for b in built:
+      owner = built[b['owner']]
+      owner['state'], m = b['step'](owner['state'], b['frozen'], batches[0], key)  # warm, untimed
+      float(m['g_loss'])
+      t0 = time.perf_counter()
+      for s in range(steps):
+        owner['state'], m = b['step'](owner['state'], b['frozen'], batches[s % 2], key)
+      float(m['g_loss'])
+      times[b['name']].append((time.perf_counter() - t0) / steps)
+  base = min(times[built[0]['name']])
+  for b, rec in zip(built, records):
+    t = times[b['name']]
+    rec.update(step_s=min(t), step_s_rounds=t, images_s=batch / min(t), speedup_vs_first=base / min(t))
+  summary = {'tok_ab': 'summary', 'batch': batch, 'steps': steps, 'rounds': rounds,
+             'step_s': {r['arm']: r['step_s'] for r in records},
+             'speedup_vs_first': {r['arm']: r['speedup_vs_first'] for r in records},
+             'jax': jax.__version__, 'device': jax.devices()[0].device_kind}
+  return records + [summary]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--arm', action='append', required=True, metavar='NAME:KEY=VALUE[,...]',
+                 help='one arm (give two or more); NAME: alone is the shipped config')
+  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--variant', default='V', choices=['V', 'U'])
+  p.add_argument('--config', default=None,
+                 help='config spec instead of configs/tokenizer_<variant>.py (e.g. ...:tiny for CPU)')
+  p.add_argument('--steps', type=int, default=10, help='timed steps per arm and round')
+  p.add_argument('--rounds', type=int, default=3)
+  a = p.parse_args(argv)
+  arms = [parse_arm(t) for t in a.arm]
+  if len(arms) < 2:
+    p.error('give at least two --arm')
+  spec = a.config or os.path.join(os.path.dirname(__file__), '..', '..', 'configs',
+                                  f'tokenizer_{a.variant.lower()}.py')
+  for rec in run_ab(arms, a.batch, spec, steps=a.steps, rounds=a.rounds):
+    _emit(rec)
+
+
+if __name__ == '__main__':
+  cli.run(main)
