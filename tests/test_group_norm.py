@@ -179,3 +179,41 @@ def test_conv_without_bias_then_pre_bias_is_the_resnet_block_it_replaced():
                                err_msg='/'.join(map(str, p)))
   with pytest.raises(ValueError, match='plain NHWC'):
     conv_without_bias(block.conv1, x[0])
+
+
+def test_cnn_norm_impls_compute_the_same_function_with_the_same_parameters():
+  """tokenizer.cnn_norm_impl ('fused' with the conv1-bias fold, 'fused_nofold', 'xla' = autodiff of
+  the same formula) is an A/B switch (`tools/tok_ab`): the same parameter paths and draws, and in
+  fp32 the same values and gradients for the encoder + decoder; a bad value is named."""
+  from hita_jax.errors import UserError
+  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
+  from hita_jax.models.tokenizer import Tokenizer, TokenizerConfig
+
+  def build(impl):
+    kw = dict(ch=16, ch_mult=(1, 2), z_channels=32, groups=4, norm_impl=impl, rngs=nnx.Rngs(5))
+    return CNNEncoder(num_res_blocks=1, **kw), CNNDecoder(num_res_blocks=1, **kw)
+
+  x = jax.random.uniform(jax.random.key(6), (2, 16, 16, 3), minval=-1, maxval=1)
+  loss = lambda graph, rest: lambda p: jnp.sum(jnp.sin(3 * (lambda e, d: d(e(x)))(*nnx.merge(graph, p, rest))))
+  results = {}
+  for impl in ('fused', 'fused_nofold', 'xla'):
+    graph, params, rest = nnx.split(build(impl), nnx.Param, ...)
+    val, grads = jax.value_and_grad(loss(graph, rest))(params)
+    results[impl] = (float(val), nnx.to_flat_state(params), nnx.to_flat_state(grads))
+  val0, params0, grads0 = results['fused']
+  for impl in ('fused_nofold', 'xla'):
+    val, params, grads = results[impl]
+    assert [p for p, _ in params] == [p for p, _ in params0]
+    for (_, a), (_, b) in zip(params, params0):
+      np.testing.assert_array_equal(a.get_value(), b.get_value())
+    np.testing.assert_allclose(val, val0, rtol=1e-5)
+    # atol from the largest gradient: a leaf whose true gradient is 0 (the attention's key bias)
+    # holds only rounding noise
+    scale = max(float(np.abs(b.get_value()).max()) for _, b in grads0)
+    for (p, a), (_, b) in zip(grads, grads0):
+      np.testing.assert_allclose(a.get_value(), b.get_value(), rtol=1e-4, atol=1e-5 * scale,
+                                 err_msg=f"{impl}: {'/'.join(map(str, p))}")
+  with pytest.raises(UserError, match='cnn_norm_impl'):
+    Tokenizer(TokenizerConfig(cnn_norm_impl='flax'), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='GroupNorm impl'):
+    GroupNorm(8, groups=4, impl='fast', rngs=nnx.Rngs(0))

@@ -22,19 +22,23 @@ from hita_jax.models.layers import GroupNorm, conv, conv_without_bias
 class ResnetBlock(nnx.Module):
 
   def __init__(self, cin: int, cout: int, *, dropout: float = 0.0, groups: int = 32,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    self.norm1 = GroupNorm(cin, groups=groups, rngs=rngs)
+               norm_impl: str = 'fused', dtype=jnp.float32, rngs: nnx.Rngs):
+    self.fold_conv1_bias = norm_impl == 'fused'
+    self.norm1 = GroupNorm(cin, groups=groups, impl=norm_impl, rngs=rngs)
     self.conv1 = conv(cin, cout, 3, dtype=dtype, rngs=rngs)
-    self.norm2 = GroupNorm(cout, groups=groups, rngs=rngs)
+    self.norm2 = GroupNorm(cout, groups=groups, impl=norm_impl, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.conv2 = conv(cout, cout, 3, dtype=dtype, rngs=rngs)
     self.nin_shortcut = conv(cin, cout, 1, dtype=dtype, rngs=rngs) if cin != cout else None
 
   def __call__(self, x):
-    # conv1's bias is added inside norm2, whose backward then yields its gradient from sums it
-    # makes anyway (same parameters; the sum is the same function).
-    h = conv_without_bias(self.conv1, self.norm1(x, swish=True))
-    h = self.norm2(h, swish=True, pre_bias=self.conv1.bias[...])
+    h = self.norm1(x, swish=True)
+    if self.fold_conv1_bias:
+      # conv1's bias is added inside norm2, whose backward then yields its gradient from sums it
+      # makes anyway (same parameters; the sum is the same function).
+      h = self.norm2(conv_without_bias(self.conv1, h), swish=True, pre_bias=self.conv1.bias[...])
+    else:
+      h = self.norm2(self.conv1(h), swish=True)
     h = self.conv2(self.dropout(h))
     if self.nin_shortcut is not None:
       x = self.nin_shortcut(x)
@@ -44,8 +48,9 @@ class ResnetBlock(nnx.Module):
 class AttnBlock(nnx.Module):
   """Single-head spatial self-attention with 1x1 conv projections, scale C^-0.5."""
 
-  def __init__(self, c: int, *, groups: int = 32, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.norm = GroupNorm(c, groups=groups, rngs=rngs)
+  def __init__(self, c: int, *, groups: int = 32, norm_impl: str = 'fused', dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.norm = GroupNorm(c, groups=groups, impl=norm_impl, rngs=rngs)
     self.q = conv(c, c, 1, dtype=dtype, rngs=rngs)
     self.k = conv(c, c, 1, dtype=dtype, rngs=rngs)
     self.v = conv(c, c, 1, dtype=dtype, rngs=rngs)
@@ -85,13 +90,14 @@ class ConvLevel(nnx.Module):
   and an optional resampler."""
 
   def __init__(self, cin: int, cout: int, num_res: int, *, attn: bool, resample: str | None,
-               dropout: float, groups: int = 32, dtype, rngs: nnx.Rngs):
+               dropout: float, groups: int = 32, norm_impl: str = 'fused', dtype, rngs: nnx.Rngs):
     res, attns = [], []
     for _ in range(num_res):
-      res.append(ResnetBlock(cin, cout, dropout=dropout, groups=groups, dtype=dtype, rngs=rngs))
+      res.append(ResnetBlock(cin, cout, dropout=dropout, groups=groups, norm_impl=norm_impl, dtype=dtype,
+                              rngs=rngs))
       cin = cout
       if attn:
-        attns.append(AttnBlock(cout, groups=groups, dtype=dtype, rngs=rngs))
+        attns.append(AttnBlock(cout, groups=groups, norm_impl=norm_impl, dtype=dtype, rngs=rngs))
     self.res = nnx.List(res)
     self.attn = nnx.List(attns)
     resamplers = {'down': Downsample, 'up': Upsample}
@@ -110,10 +116,12 @@ class ConvLevel(nnx.Module):
 
 class MidBlock(nnx.Module):
 
-  def __init__(self, c: int, *, dropout: float, groups: int = 32, dtype, rngs: nnx.Rngs):
-    self.res1 = ResnetBlock(c, c, dropout=dropout, groups=groups, dtype=dtype, rngs=rngs)
-    self.attn = AttnBlock(c, groups=groups, dtype=dtype, rngs=rngs)
-    self.res2 = ResnetBlock(c, c, dropout=dropout, groups=groups, dtype=dtype, rngs=rngs)
+  def __init__(self, c: int, *, dropout: float, groups: int = 32, norm_impl: str = 'fused', dtype,
+               rngs: nnx.Rngs):
+    kw = dict(groups=groups, norm_impl=norm_impl, dtype=dtype, rngs=rngs)
+    self.res1 = ResnetBlock(c, c, dropout=dropout, **kw)
+    self.attn = AttnBlock(c, **kw)
+    self.res2 = ResnetBlock(c, c, dropout=dropout, **kw)
 
   def __call__(self, x):
     return self.res2(self.attn(self.res1(x)))
@@ -130,7 +138,7 @@ class CNNEncoder(nnx.Module):
 
   def __init__(self, *, in_channels: int = 3, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                num_res_blocks: int = 2, z_channels: int = 512, dropout: float = 0.0,
-               groups: int = 32, dtype=jnp.float32, rngs: nnx.Rngs):
+               groups: int = 32, norm_impl: str = 'fused', dtype=jnp.float32, rngs: nnx.Rngs):
     _check_groups(ch, ch_mult, groups)
     self.dtype = dtype
     self.conv_in = conv(in_channels, ch, 3, dtype=dtype, rngs=rngs)
@@ -140,11 +148,11 @@ class CNNEncoder(nnx.Module):
     for i in range(n):
       levels.append(ConvLevel(ch * in_mult[i], ch * ch_mult[i], num_res_blocks, attn=(i == n - 1),
                               resample='down' if i != n - 1 else None, dropout=dropout,
-                              groups=groups, dtype=dtype, rngs=rngs))
+                              groups=groups, norm_impl=norm_impl, dtype=dtype, rngs=rngs))
     self.levels = nnx.List(levels)
     c = ch * ch_mult[-1]
-    self.mid = MidBlock(c, dropout=dropout, groups=groups, dtype=dtype, rngs=rngs)
-    self.norm_out = GroupNorm(c, groups=groups, rngs=rngs)
+    self.mid = MidBlock(c, dropout=dropout, groups=groups, norm_impl=norm_impl, dtype=dtype, rngs=rngs)
+    self.norm_out = GroupNorm(c, groups=groups, impl=norm_impl, rngs=rngs)
     self.conv_out = conv(c, z_channels, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
@@ -160,22 +168,22 @@ class CNNDecoder(nnx.Module):
 
   def __init__(self, *, out_channels: int = 3, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
                num_res_blocks: int = 3, z_channels: int = 512, dropout: float = 0.0,
-               groups: int = 32, dtype=jnp.float32, rngs: nnx.Rngs):
+               groups: int = 32, norm_impl: str = 'fused', dtype=jnp.float32, rngs: nnx.Rngs):
     _check_groups(ch, ch_mult, groups)
     self.dtype = dtype
     n = len(ch_mult)
     c = ch * ch_mult[-1]
     self.conv_in = conv(z_channels, c, 3, dtype=dtype, rngs=rngs)
-    self.mid = MidBlock(c, dropout=dropout, groups=groups, dtype=dtype, rngs=rngs)
+    self.mid = MidBlock(c, dropout=dropout, groups=groups, norm_impl=norm_impl, dtype=dtype, rngs=rngs)
     levels = []
     for j, i in enumerate(reversed(range(n))):  # official order: lowest resolution first
       cout = ch * ch_mult[i]
       levels.append(ConvLevel(c, cout, num_res_blocks, attn=(i == n - 1),
                               resample='up' if i != 0 else None, dropout=dropout,
-                              groups=groups, dtype=dtype, rngs=rngs))
+                              groups=groups, norm_impl=norm_impl, dtype=dtype, rngs=rngs))
       c = cout
     self.levels = nnx.List(levels)
-    self.norm_out = GroupNorm(c, groups=groups, rngs=rngs)
+    self.norm_out = GroupNorm(c, groups=groups, impl=norm_impl, rngs=rngs)
     self.conv_out = conv(c, out_channels, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, z):

@@ -81,18 +81,30 @@ class LayerNorm(_Fp32Norm):
     self.norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs, **_norm_args())
 
 
+NORM_IMPLS = ('fused', 'fused_nofold', 'xla')
+
+
 class GroupNorm(nnx.Module):
   """torch.nn.GroupNorm(32, C, eps=1e-6) on channels-last input, in fp32, optionally followed by
-  swish: `norm(x, swish=True)` is the CNN's GN -> swish pair in one op (`group_norm`)."""
+  swish: `norm(x, swish=True)` is the CNN's GN -> swish pair in one op (`group_norm`).
 
-  def __init__(self, dim: int, *, groups: int = 32, eps: float = 1e-6, rngs: nnx.Rngs):
+  impl: 'fused' / 'fused_nofold' = `group_norm`'s hand-written backward (the CNN folds each
+  ResnetBlock's conv1 bias into norm2 only under 'fused'); 'xla' = autodiff of the same forward
+  formula, for A/B timing and backends where the custom VJP does not pay."""
+
+  def __init__(self, dim: int, *, groups: int = 32, eps: float = 1e-6, impl: str = 'fused',
+               rngs: nnx.Rngs):
+    if impl not in NORM_IMPLS:
+      raise ValueError(f'GroupNorm impl must be one of {NORM_IMPLS}, got {impl!r}')
     # nnx.GroupNorm holds the parameters (checkpoint paths .../norm/{scale,bias}) and settings;
     # `group_norm` computes it.
     self.norm = nnx.GroupNorm(dim, num_groups=groups, epsilon=eps, rngs=rngs, **_norm_args())
+    self.impl = impl
 
   def __call__(self, x, *, swish: bool = False, pre_bias=None):
     n = self.norm
-    return group_norm(x, n.scale[...], n.bias[...], n.num_groups, n.epsilon, swish, pre_bias)
+    fn = group_norm if self.impl != 'xla' else (lambda *a: _group_norm_fwd(*a)[0])
+    return fn(x, n.scale[...], n.bias[...], n.num_groups, n.epsilon, swish, pre_bias)
 
 
 def _grouped(x, groups: int):

@@ -14,7 +14,7 @@ from hita_jax.errors import UserError
 from hita_jax.models.cnn import CNNDecoder, CNNEncoder
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config, preprocess_for_dinov2
 from hita_jax.models.holistic import FusionDecoder, HolisticEncoder
-from hita_jax.models.layers import ATTN_IMPLS, DTYPES, conv, dense
+from hita_jax.models.layers import ATTN_IMPLS, DTYPES, NORM_IMPLS, conv, dense
 from hita_jax.models.quantizer import VectorQuantizer
 
 
@@ -53,6 +53,10 @@ class TokenizerConfig:
   # the unmasked attention (DINOv2, E_trans): 'auto' = cuDNN's fused kernel on GPU in bf16, 'xla'
   # the reference everywhere (layers.full_attention); 'xla' until timed on a GPU
   attn_impl: str = 'xla'
+  # the CNN's GroupNorm(+swish): 'fused' = hand-written backward with each ResnetBlock's conv1 bias
+  # folded into norm2, 'fused_nofold' = the same without the fold, 'xla' = autodiff of the same
+  # formula (layers.GroupNorm); same parameters and values, for A/B timing (tools/tok_ab)
+  cnn_norm_impl: str = 'fused'
   dtype: str = 'float32'          # compute dtype; params are always fp32
 
   @property
@@ -83,10 +87,13 @@ class Tokenizer(nnx.Module):
     if cfg.attn_impl not in ATTN_IMPLS:
       raise UserError(f'tokenizer.attn_impl must be one of {ATTN_IMPLS}, got {cfg.attn_impl!r} '
                       '(--config.tokenizer.attn_impl=auto)')
+    if cfg.cnn_norm_impl not in NORM_IMPLS:
+      raise UserError(f'tokenizer.cnn_norm_impl must be one of {NORM_IMPLS}, got '
+                      f'{cfg.cnn_norm_impl!r} (--config.tokenizer.cnn_norm_impl=fused)')
     dt = DTYPES[cfg.dtype]
     self.cnn_encoder = CNNEncoder(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.encoder_res_blocks,
                                   z_channels=cfg.dim, dropout=cfg.cnn_dropout, groups=cfg.norm_groups,
-                                  dtype=dt, rngs=rngs)
+                                  norm_impl=cfg.cnn_norm_impl, dtype=dt, rngs=rngs)
     self.dinov2 = DinoV2(cfg.dinov2, dtype=dt, scan_blocks=cfg.dinov2_scan, attn_impl=cfg.attn_impl,
                          rngs=rngs)
     self.holistic_encoder = HolisticEncoder(
@@ -109,7 +116,7 @@ class Tokenizer(nnx.Module):
         vfm=cfg.vfm, vfm_out_dim=cfg.vfm_out_dim, vfm_grid=cfg.vfm_grid, dtype=dt, rngs=rngs)
     self.cnn_decoder = CNNDecoder(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.decoder_res_blocks,
                                   z_channels=cfg.dim, dropout=cfg.cnn_dropout, groups=cfg.norm_groups,
-                                  dtype=dt, rngs=rngs)
+                                  norm_impl=cfg.cnn_norm_impl, dtype=dt, rngs=rngs)
 
   # -- pieces ---------------------------------------------------------------------------------
   def _check_images(self, images):
