@@ -35,6 +35,7 @@ def test_two_arms_share_a_state_agree_and_are_timed_alternately(tmp_path, monkey
   assert base['compile_cold'] and not scan['compile_cold']
   # the scan stacks weights inside the call: same parameters, so one donated state serves both
   assert scan['shares_state_of'] == 'base' and base['shares_state_of'] is None
+  assert scan['abstract_build'] and not base['abstract_build']  # only its graph was made
   # same state, batch and key: fp32 losses equal up to the programs' different fusions
   assert set(base['first_step']) >= {'g_loss', 'rec_loss'}
   assert all(d < 1e-5 for d in scan['loss_abs_diff_vs_first'].values()), scan
@@ -42,3 +43,33 @@ def test_two_arms_share_a_state_agree_and_are_timed_alternately(tmp_path, monkey
     assert len(r['step_s_rounds']) == 2 and r['step_s'] == min(r['step_s_rounds']) > 0
   assert summary['speedup_vs_first']['base'] == 1.0
   assert summary['speedup_vs_first']['scan'] == pytest.approx(base['step_s'] / scan['step_s'])
+
+
+@pytest.mark.slow  # ~1 min: two builds of the tiny trainer
+def test_a_tokenizer_only_arm_gets_the_graph_a_full_build_makes():
+  """An arm differing from the first in parameter-keeping `tokenizer.*` switches reuses the first
+  arm's build with its own generator graph: the same graph `train_tokenizer.build` makes for it
+  (so the same program), while an arm that changes anything else, or the parameters, is built."""
+  import jax
+  from hita_jax import config_lib, sharding
+  from hita_jax.tasks import train_tokenizer as tt
+  from hita_jax.tools.tok_compile import apply_overrides
+
+  def config(*items):
+    c = config_lib.load_config(f'{ROOT}/configs/tokenizer_v.py:tiny')
+    c.init.allow_random_dinov2 = True
+    c.tokenizer_loss.lpips_weights = 'random'
+    apply_overrides(c, list(items))
+    return c
+
+  mesh = sharding.make_mesh([('data', -1)])
+  c0 = config()
+  parts0, state0, _, _ = tt.build(c0, mesh)
+  c1 = config('tokenizer.dinov2_scan=True', 'tokenizer.cnn_norm_impl=xla')
+  derived = tok_ab.tokenizer_only_parts(parts0, state0, c0, c1)
+  full, state1, _, _ = tt.build(c1, mesh)
+  assert derived.g_def == full.g_def and derived.g_def != parts0.g_def
+  assert derived.cfg == full.cfg and derived.d_def == full.d_def
+  assert jax.tree.structure(state1) == jax.tree.structure(state0)
+  assert tok_ab.tokenizer_only_parts(parts0, state0, c0, config('tokenizer_loss.disc_weight=0.0')) is None
+  assert tok_ab.tokenizer_only_parts(parts0, state0, c0, config('tokenizer.num_holistic=8')) is None

@@ -6,7 +6,8 @@
 
 Why: across processes on one GPU the same step has measured 0.154-0.168 s (2026-12-05e), a spread
 larger than the switches being decided. Here every arm is built (`train_tokenizer.build`, random
-weights, full size) and compiled in one process, then the arms run `--steps` steps each in turn for
+weights, full size; an arm that differs from the first only in `tokenizer.*` switches that keep
+the parameters gets just its generator's graph, from an abstract build) and compiled in one process, then the arms run `--steps` steps each in turn for
 `--rounds` rounds, so drift (clocks, heat, a neighbour) hits every arm alike; the minimum over
 rounds is the figure. Arms whose train state has the same structure, shapes and shardings share one
 state (it is donated from step to step, arm to arm), which keeps the memory of one.
@@ -23,6 +24,7 @@ $OUT/tok_ab.jsonl.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -30,6 +32,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flax import nnx
 
 from hita_jax import cli, config_lib, sharding
 from hita_jax.errors import UserError
@@ -61,6 +65,41 @@ def _layout(tree):
           [(x.shape, x.dtype, getattr(x, 'sharding', None)) for x in jax.tree.leaves(tree)])
 
 
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _shapes(tree):
+  return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
+def tokenizer_only_parts(parts, state, config0, config):
+  """The step's parts for `config` from `parts` and `state` (built for `config0`) when the two
+  configs differ only in `tokenizer.*` switches that keep the parameters (attn_impl, dinov2_scan,
+  cnn_norm_impl): the generator's graph definition from an abstract build (`nnx.eval_shape`: no
+  weights made, nothing compiled), everything else shared. None when the configs differ elsewhere
+  or the parameters differ; such an arm is built in full."""
+  from hita_jax.models.tokenizer import Tokenizer, trainable_filter
+  a, b = _flat(config0.to_dict()), _flat(config.to_dict())
+  if set(a) != set(b) or any(a[k] != b[k] for k in a if not k.startswith('tokenizer.')):
+    return None
+  # as train_tokenizer.build makes the generator: the trainer's compute dtype, training mode
+  tcfg = dataclasses.replace(config_lib.tokenizer_config_from(config.tokenizer),
+                             dtype=config.train_tokenizer.compute_dtype)
+  tok = nnx.eval_shape(lambda: Tokenizer(tcfg, rngs=nnx.Rngs(params=0, dropout=1)))
+  tok.train()
+  g_def, g_params, g_rest = nnx.split(tok, trainable_filter(), ...)
+  if (_shapes(g_params), _shapes(g_rest)) != (_shapes(state['g_params']), _shapes(state['g_rest'])):
+    return None
+  return dataclasses.replace(parts, g_def=g_def, cfg=tcfg)
+
+
 def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, steps: int = 10,
            rounds: int = 3) -> list[dict]:
   """Builds and compiles every arm, checks their first-step losses, then times them alternately.
@@ -82,8 +121,13 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     rec = {'arm': name, 'set': done, 'batch': batch, 'config': config_spec,
            'device': jax.devices()[0].device_kind}
     t0 = time.perf_counter()
-    parts, state, frozen, _ = tt.build(config, mesh)
-    rec['build_s'] = time.perf_counter() - t0
+    parts = tokenizer_only_parts(built[0]['parts'], built[0]['state'], configs[0][0], config) if i else None
+    abstract = parts is not None
+    if abstract:  # shares the first arm's weights, frozen towers and state
+      state, frozen = built[0]['state'], built[0]['frozen']
+    else:
+      parts, state, frozen, _ = tt.build(config, mesh)
+    rec.update(build_s=time.perf_counter() - t0, abstract_build=abstract)
     if i == 0:
       size = config.tokenizer.image_size
       r = np.random.RandomState(0)
@@ -96,7 +140,7 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     compiled = tt.jit_train_step(parts, config).lower(state, frozen, batches[0], key).compile()
     rec.update(compile_s=time.perf_counter() - t0, compile_cold=i == 0, shares_state_of=(
         arms[share][0] if share is not None else None))
-    built.append({'name': name, 'step': compiled, 'frozen': frozen,
+    built.append({'name': name, 'step': compiled, 'frozen': frozen, 'parts': parts,
                   'state': None if share is not None else state, 'owner': share if share is not None else i})
     records.append(rec)
 
