@@ -1,4 +1,5 @@
-"""The 16-bit dropout masks (GPTConfig.dropout_bits=16): statistics, independence, sharding, bf16."""
+"""Dropout masks (models/dropout.py): the 16-bit Threefry masks (GPTConfig.dropout_bits=16) and the
+recomputed hash masks (dropout_rng=hash): statistics, independence, sharding, bf16, gradients."""
 import dataclasses
 import os
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from hita_jax.models.gpt import dropout, keep_mask_16
+from hita_jax.models.dropout import dropout, keep_mask_16
 from tests.conftest import ROOT
 from tests.test_gpt import codes, random_gpt, tiny_cfg
 
@@ -84,7 +85,7 @@ def test_gpt_trains_with_16_bit_dropout():
 def test_sixteen_bit_words_equal_their_stacked_spelling(shape):
   """keep_mask_16's words by broadcast and select equal the first spelling (the four 16-bit words
   stacked) bit for bit: it changed how XLA fuses them, not the mask."""
-  from hita_jax.models.gpt import sixteen_bit_words
+  from hita_jax.models.dropout import sixteen_bit_words
   y1, y2 = (jax.random.bits(jax.random.key(s), shape, jnp.uint32) for s in (0, 1))
   lo16 = jnp.uint32(0xFFFF)
   stacked = jnp.stack([y1 & lo16, y1 >> 16, y2 & lo16, y2 >> 16], axis=-1)
@@ -115,3 +116,87 @@ np.savez(sys.argv[1], *[np.asarray(a) for a in f(k)])
   assert len(a.files) == 4
   for name in a.files:
     np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_hash_mask_statistics():
+  from hita_jax.models.dropout import hash_keep_mask
+  shape = (16, 300, 256)
+  salts = lambda s: jax.random.bits(jax.random.key(s), (2,), jnp.uint32)
+  keep, scale = hash_keep_mask(salts(0), shape, 0.1)
+  keep = np.asarray(keep)
+  assert keep.shape == shape and keep.dtype == bool
+  p_drop = round(0.1 * 2 ** 32) / 2 ** 32
+  n = keep.size
+  assert abs((1 - keep.mean()) - p_drop) < 5 * np.sqrt(p_drop * (1 - p_drop) / n)
+  assert scale == pytest.approx(1 / (1 - p_drop), rel=1e-12)   # E[keep * scale] = 1 exactly
+  flat = keep.reshape(-1).astype(np.float64)
+  for lag in (1, 2, 3, 4, 8, 256, 300 * 256):                   # neighbours, rows, batch rows
+    assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 5 / np.sqrt(n), lag
+  # masks of other sites (salts): independent, including one that differs in one salt only
+  for other_salts in (salts(1), salts(0).at[1].add(1)):
+    other = np.asarray(hash_keep_mask(other_salts, shape, 0.1)[0])
+    assert abs((keep == other).mean() - ((1 - p_drop) ** 2 + p_drop ** 2)) < 0.005
+  for rate in (0.5, 0.02):
+    assert 1 - np.asarray(hash_keep_mask(salts(2), shape, rate)[0]).mean() == pytest.approx(rate, abs=0.003)
+
+
+def test_hash_dropout_rows_sharding_bf16_and_gradient():
+  """The padded draw's real rows equal the unpadded draw and padded rows are kept; a sharded
+  draw equals the unsharded one bit for bit; bf16 has fp32's mask; the gradient is dy masked and
+  scaled, under jit too; a bad rng is named."""
+  from hita_jax.models.dropout import hash_dropout
+  x = jax.random.normal(jax.random.key(5), (8, 40, 64))
+  key = jax.random.key(7)
+  y = np.asarray(hash_dropout(x, 0.1, key, rows=33))
+  np.testing.assert_array_equal(y[:, :33], np.asarray(hash_dropout(x[:, :33], 0.1, key)))
+  np.testing.assert_array_equal(y[:, 33:], np.asarray(x[:, 33:]) * np.float32(2 ** 32 / (2 ** 32 - round(0.1 * 2 ** 32))))
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+  sh = NamedSharding(mesh, P('data'))
+  f = lambda x, key: hash_dropout(x, 0.1, key, rows=33)
+  got = jax.jit(f, in_shardings=(sh, None), out_shardings=sh)(jax.device_put(x, sh), key)
+  np.testing.assert_array_equal(np.asarray(got), y)
+  y16 = np.asarray(hash_dropout(x.astype(jnp.bfloat16), 0.1, key, rows=33), np.float32)
+  np.testing.assert_array_equal(y16 == 0, y == 0)
+  np.testing.assert_allclose(y16, y, rtol=1e-2, atol=1e-2)
+  w = jax.random.normal(jax.random.key(8), x.shape)
+  loss = lambda x: jnp.sum(hash_dropout(x, 0.1, key, rows=33) * w)
+  for fn in (jax.grad(loss), jax.jit(jax.grad(loss))):
+    np.testing.assert_allclose(np.asarray(fn(x)), np.where(y != 0, np.asarray(w) * (y / np.where(y != 0, np.asarray(x), 1)), 0), rtol=1e-6)
+  assert dropout(x, 0.0, key, rng='hash') is x and dropout(x, 0.1, None, rng='hash') is x
+  with pytest.raises(ValueError, match='dropout rng'):
+    dropout(x, 0.1, key, rng='philox')
+  with pytest.raises(ValueError, match='dropout_rng'):
+    tiny_cfg(dropout_rng='philox')
+
+
+def test_hash_dropout_keeps_no_mask_for_the_backward():
+  """What autodiff saves between the forward and the backward: the Threefry path keeps a mask
+  (or the bits it came from) the size of x; the hash path keeps two 32-bit salts."""
+  from jax._src.ad_checkpoint import saved_residuals
+  x = jnp.ones((4, 16, 64))
+  key = jax.random.key(0)
+  saved = lambda rng: [r[0] for r in saved_residuals(lambda x: jnp.sum(dropout(x, 0.1, key, 16, rng=rng) ** 2), x)]
+  big = lambda avals: [a for a in avals if a.size >= x.size and a.dtype != x.dtype]
+  assert big(saved('threefry')), saved('threefry')
+  assert not big(saved('hash')), saved('hash')
+
+
+def test_gpt_trains_with_hash_dropout():
+  """dropout_rng='hash' in the full model: finite loss and gradients, other masks than Threefry's,
+  the same loss as Threefry when every dropout rate is 0, and the same loss twice."""
+  from flax import nnx
+  cfg = tiny_cfg(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)
+  labels, q, z = codes(cfg)
+  out = {}
+  for rng in ('threefry', 'hash'):
+    m = random_gpt(dataclasses.replace(cfg, dropout_rng=rng))
+    loss = lambda mm: sum(mm.loss(labels, q, z, rng=jax.random.key(3)))
+    l, g = nnx.value_and_grad(loss)(m)
+    assert np.isfinite(float(l)) and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
+    assert float(loss(m)) == float(l)
+    out[rng] = float(l)
+  assert out['hash'] != out['threefry']
+  plain = tiny_cfg()
+  same = [float(sum(random_gpt(dataclasses.replace(plain, dropout_rng=r)).loss(
+      labels, q, z, rng=jax.random.key(3)))) for r in ('threefry', 'hash')]
+  assert same[0] == same[1]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from hita_jax.models import decode_matmul
 from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, decode_attention_update
 from hita_jax.models.decode_matmul import DECODE_LAYER_IMPLS
+from hita_jax.models.dropout import DROPOUT_RNGS, drop_path, dropout, keep_mask_16  # noqa: F401
 from hita_jax.models.layers import (ATTN_IMPLS, DTYPES, causal_attention, causal_pad,
                                     on_batch_shards)
 from hita_jax.models.rope import apply_rope, gpt_position_tables
@@ -58,6 +58,10 @@ class GPTConfig:
   # probability quantised to 1/65536, expectation kept exact; GPT-B/64 step +2.7 % on an H200);
   # 32 = jax.random.bernoulli
   dropout_bits: int = 16
+  # where the masks come from: 'threefry' (dropout_bits above; masks stored for the backward) |
+  # 'hash' (a keyed 32-bit hash of each element's index, recomputed in the backward: no mask in
+  # memory, models/dropout.py); 'threefry' until timed on a GPU
+  dropout_rng: str = 'threefry'
   dtype: str = 'float32'           # compute dtype; params are fp32
   attn_impl: str = 'auto'          # 'auto' (cuDNN on GPU, splash on TPU, XLA on CPU) | 'xla' | 'cudnn' | 'splash'
   # the sampler's one-query attention: 'auto' (the Pallas kernel on GPU) | 'xla' | 'pallas' | 'pallas_write'
@@ -90,6 +94,8 @@ class GPTConfig:
                        f'got {self.decode_layer_impl!r}')
     if self.dropout_bits not in (16, 32):
       raise ValueError(f'dropout_bits must be 16 or 32, got {self.dropout_bits!r}')
+    if self.dropout_rng not in DROPOUT_RNGS:
+      raise ValueError(f'dropout_rng must be one of {DROPOUT_RNGS}, got {self.dropout_rng!r}')
     if self.qkv_gemms not in (1, 2):
       raise ValueError(f'qkv_gemms must be 1 or 2, got {self.qkv_gemms!r}')
     if self.remat not in REMAT_POLICIES:
@@ -150,67 +156,6 @@ REMAT_POLICIES = {
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     'minimal': jax.checkpoint_policies.save_only_these_names('qkv', 'attn_out', 'mlp_hidden'),
 }
-
-
-def dropout(x, rate: float, key, bits: int = 32, rows: int | None = None):
-  """Inverted dropout; `key=None` or rate 0 is the identity (eval / deterministic). bits=32 draws
-  `jax.random.bernoulli` (one Threefry call per element); bits=16 draws `keep_mask_16`. `rows`:
-  only x[:, :rows] are real (the rest pads the sequence for the attention kernel): the mask is
-  drawn for the real rows alone, so it is the one an unpadded sequence gets."""
-  if key is None or rate <= 0.0:
-    return x
-  shape = x.shape if rows is None else (x.shape[0], rows) + x.shape[2:]
-  if bits == 16 and x.shape[-1] % 4 == 0 and jax.random.key_data(key).shape == (2,):
-    keep, scale = keep_mask_16(key, shape, rate)
-  else:
-    keep, scale = jax.random.bernoulli(key, 1.0 - rate, shape), 1.0 / (1.0 - rate)
-  if shape != x.shape:
-    keep = jnp.pad(keep, ((0, 0), (0, x.shape[1] - rows)) + ((0, 0),) * (x.ndim - 2),
-                   constant_values=True)
-  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), 0).astype(x.dtype)
-
-
-def keep_mask_16(key, shape, rate: float):
-  """A dropout keep mask from 16 random bits per element -> (mask, scale).
-
-  JAX's partitionable Threefry spends one 2x32 hash (64 random bits) per element of
-  `jax.random.bernoulli`; here every hash feeds four elements (4x fewer hashes: the masks of a
-  GPT-B step were one 3.8 ms kernel of ~70 ms). The counters are the element indices built from
-  per-axis iotas, so a sharded array draws its own part only. The drop probability becomes
-  round(rate * 65536) / 65536 (|error| <= 7.6e-6) and `scale` = 1 / keep probability exactly, so
-  E[mask * scale] = 1 still. Needs a Threefry key and a last axis divisible by 4."""
-  from jax.extend.random import threefry2x32_p
-  *lead, c = shape
-  qshape = (*lead, c // 4)
-  if math.prod(qshape) >= 2 ** 32:
-    raise ValueError(f'keep_mask_16: {shape} has more than 2**34 elements')
-  counter = jnp.zeros(qshape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(qshape))):
-    counter = counter + jax.lax.broadcasted_iota(jnp.uint32, qshape, axis) * jnp.uint32(stride)
-    stride *= qshape[axis]
-  k = jax.random.key_data(key)
-  y1, y2 = threefry2x32_p.bind(k[0], k[1], counter, jnp.zeros(qshape, jnp.uint32))
-  drop = int(round(rate * 65536))
-  return sixteen_bit_words(y1, y2).reshape(shape) >= drop, 65536.0 / (65536 - drop)
-
-
-def sixteen_bit_words(y1, y2):
-  """(..., n) uint32 hash halves -> (..., n, 4) 16-bit words: word j of hash i is
-  (y1 low, y1 high, y2 low, y2 high)[j]. Spelled as broadcasts and a select rather than a stack (a
-  concatenate, which XLA can keep as a kernel of its own that writes the whole mask), so it can
-  fuse into the dropout's element-wise kernel."""
-  j = jax.lax.broadcasted_iota(jnp.uint32, (*y1.shape, 4), y1.ndim)
-  word = jnp.where(j < 2, y1[..., None], y2[..., None])
-  return (word >> ((j & 1) * 16)) & jnp.uint32(0xFFFF)
-
-
-def drop_path(x, rate: float, key):
-  """Stochastic depth per sample (timm DropPath)."""
-  if key is None or rate <= 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -281,18 +226,19 @@ class Block(nnx.Module):
     b, t = o.shape[:2]
     cfg = self.cfg
     o = checkpoint_name(self._mm(o.reshape(b, t, -1), self.wo), 'attn_out')
-    h = x + drop_path(dropout(o, cfg.resid_dropout, keys[0], cfg.dropout_bits, rows),
+    h = x + drop_path(dropout(o, cfg.resid_dropout, keys[0], cfg.dropout_bits, rows, cfg.dropout_rng),
                       cfg.drop_path_rate, keys[2])
     y = self.ffn_norm(h)
     hidden = checkpoint_name(jax.nn.silu(self._mm(y, self.w1)) * self._mm(y, self.w3), 'mlp_hidden')
-    out = dropout(self._mm(hidden, self.w2), cfg.ffn_dropout, keys[1], cfg.dropout_bits, rows)
+    out = dropout(self._mm(hidden, self.w2), cfg.ffn_dropout, keys[1], cfg.dropout_bits, rows,
+                  cfg.dropout_rng)
     return h + drop_path(out, cfg.drop_path_rate, keys[3])
 
   def __call__(self, x, pos_add, cos, sin, key=None, rows=None):
     """Full causal sequence (training / teacher forcing); `rows` as in `finish`."""
     keys = list(jax.random.split(key, 5)) if key is not None else [None] * 5
     q, k, v = self.qkv(x, pos_add, cos, sin, gemms=self.cfg.qkv_gemms)
-    drop = (functools.partial(dropout, rate=self.cfg.attn_dropout, key=keys[4])
+    drop = (functools.partial(dropout, rate=self.cfg.attn_dropout, key=keys[4], rng=self.cfg.dropout_rng)
             if keys[4] is not None and self.cfg.attn_dropout > 0 else None)
     o = causal_attention(q, k, v, impl=self.cfg.attn_impl, dropout=drop)
     return self.finish(x, o, keys, rows)
@@ -430,7 +376,7 @@ class GPT(nnx.Module):
     keys = jax.random.split(rng, 3) if rng is not None else [None] * 3
     labels = self.drop_labels(labels, keys[0])
     x = dropout(self.embed_sequence(labels, holistic_codes, patch_codes), self.cfg.token_dropout, keys[1],
-                self.cfg.dropout_bits)
+                self.cfg.dropout_bits, rng=self.cfg.dropout_rng)
     t = x.shape[1]
     # one pad of the sequence to the attention kernel's block (cuDNN: 64) instead of one per layer
     # of q, k, v and the output; the padded rows come last, so the causal mask hides them from
