@@ -15,7 +15,7 @@ from flax import nnx
 
 from hita_jax import sharding
 from hita_jax.convert.gpt import export_official_gpt, load_official_gpt
-from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
+from hita_jax.models.gpt import GPT, GPT_SIZES, Block, GPTConfig
 from hita_jax.models.gpt import cross_entropy, head_cross_entropy, logits_fp32
 from hita_jax.models.rope import gpt_position_tables, rope_2d_table
 from hita_jax.models.sampler import decode_segments, filter_logits, generate
@@ -461,14 +461,14 @@ def test_layer_gradients_are_one_concatenate_per_stacked_weight():
   """The unrolled layer loop's gradient writes each stacked weight's gradient once (a concatenate
   of the layers'), not a pad to the whole stack per layer summed over the layers: with a[i] per
   layer, a 12-layer step had 84 such pads and 77 adds of whole-stack arrays (O(layers^2) traffic)."""
-  cfg = tiny_cfg(n_layer=6)
+  cfg = tiny_cfg(n_layer=7)  # no other array has a leading 7 (num_holistic is 6)
   m = random_gpt(cfg)
   labels, q, z = codes(cfg)
   graphdef, state = nnx.split(m)
   loss = lambda s: sum(nnx.merge(graphdef, s).loss(labels, q, z))
   hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
   whole_stack = collections.Counter(
-      m_.group(1) for m_ in re.finditer(r'= f32\[6,[^\]]*\]\S* ([\w-]+)\(', hlo))
+      m_.group(1) for m_ in re.finditer(rf'= f32\[{cfg.n_layer},[^\]]*\]\S* ([\w-]+)\(', hlo))
   stacked = len(jax.tree.leaves(nnx.state(m.blocks)))
   assert whole_stack['pad'] == 0 and whole_stack['add'] == 0, whole_stack
   assert whole_stack['concatenate'] <= stacked, whole_stack
@@ -618,3 +618,36 @@ def test_two_qkv_products_drop_the_activation_sized_split_and_concatenate():
   assert ops[2][d, 'slice'] == ops[1][d, 'slice'] - cfg.n_layer, (ops[1], ops[2])
   with pytest.raises(ValueError, match='qkv_gemms'):
     tiny_cfg(qkv_gemms=3)
+
+
+def test_holistic_positions_reach_only_the_first_rows_and_their_gradient_is_unchanged():
+  """`GPT.pos_add` is the S-row table, added to the first S rows of q and k (`Block.positions`):
+  the same values and gradients as adding a T-row table that is zero past S (the previous
+  spelling), and no T-row table in the gradient's program."""
+  cfg = tiny_cfg(n_head=2)
+  blk = Block(cfg, rngs=nnx.Rngs(4))
+  t, s = cfg.num_holistic + 10, cfg.num_holistic
+  x = jax.random.normal(jax.random.key(1), (3, t, cfg.dim))
+  table = jax.random.normal(jax.random.key(2), (s, cfg.dim))
+  gpt = GPT(cfg, rngs=nnx.Rngs(6))
+  _, cos, sin = gpt.position_tables(t)
+  padded = lambda tb: jnp.concatenate([tb, jnp.zeros((t - s, cfg.dim))], 0)
+  w = jax.random.normal(jax.random.key(3), (3, t, cfg.n_head, cfg.head_dim))
+  new = lambda tb: sum(jnp.sum(a * w) for a in blk.qkv(x, tb, cos, sin))
+  old = lambda tb: new(padded(tb))
+  np.testing.assert_allclose(new(table), old(table), rtol=1e-6)
+  g_new, g_old = jax.grad(new)(table), jax.grad(old)(table)
+  np.testing.assert_allclose(g_new, g_old, rtol=1e-5, atol=1e-6)
+  assert gpt.pos_add(t).shape == (s, cfg.dim) and gpt.pos_add(4).shape == (4, cfg.dim)
+
+  def reduced_shapes(jaxpr):  # operands of every sum over the batch axis, nested jaxprs included
+    out = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'reduce_sum' and tuple(eqn.params['axes']) == (0,):
+        out.append(tuple(eqn.invars[0].aval.shape))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        out += reduced_shapes(sub)
+    return out
+  full_rows = (3, t, cfg.n_head, cfg.head_dim)
+  assert full_rows in reduced_shapes(jax.make_jaxpr(jax.grad(old))(table).jaxpr)
+  assert full_rows not in reduced_shapes(jax.make_jaxpr(jax.grad(new))(table).jaxpr)

@@ -209,16 +209,18 @@ class Block(nnx.Module):
 
   def positions(self, q, k, v, pos_add, cos, sin):
     """(B, T, dim) projections -> q, k, v (B, T, H, hd) with the holistic position embedding
-    added to q and k, then RoPE."""
+    added to q and k, then RoPE. `pos_add` (T or fewer rows): added to the first rows only, so
+    the table's gradient reduces over those rows alone (not over T rows, most of them zero)."""
     b, t, _ = q.shape
     h, hd = self.cfg.n_head, self.cfg.head_dim
     q, k, v = (a.reshape(b, t, h, hd) for a in (q, k, v))
     add = pos_add.reshape(pos_add.shape[:-1] + (h, hd)).astype(q.dtype)
     if add.ndim == 3:
       add = add[None]
-    q = apply_rope(q + add, cos, sin)
-    k = apply_rope(k + add, cos, sin)
-    return q, k, v
+    s = add.shape[1]
+    plus = (lambda a: a + add) if s == t else (
+        lambda a: jnp.concatenate([a[:, :s] + add, a[:, s:]], axis=1))
+    return apply_rope(plus(q), cos, sin), apply_rope(plus(k), cos, sin), v
 
   def finish(self, x, o, keys, rows=None):
     """Output projection, residuals and the FFN. keys: (resid, ffn, drop_path) dropout keys;
@@ -321,12 +323,9 @@ class GPT(nnx.Module):
     return is_hol[:length], jnp.asarray(cos[:length]), jnp.asarray(sin[:length])
 
   def pos_add(self, length: int):
-    """(length, dim): the holistic position embedding for p < S, zero elsewhere."""
-    s = self.cfg.num_holistic
-    table = self.holistic_pos[...].astype(self.compute_dtype)
-    if length <= s:
-      return table[:length]
-    return jnp.concatenate([table, jnp.zeros((length - s, self.cfg.dim), table.dtype)], axis=0)
+    """(min(length, S), dim): the holistic position embedding of the first positions (the rest
+    get none; `Block.positions` adds it to the first rows)."""
+    return self.holistic_pos[...].astype(self.compute_dtype)[:length]
 
   def logits(self, h):
     h = self.norm(h)
