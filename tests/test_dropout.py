@@ -200,3 +200,20 @@ def test_gpt_trains_with_hash_dropout():
   same = [float(sum(random_gpt(dataclasses.replace(plain, dropout_rng=r)).loss(
       labels, q, z, rng=jax.random.key(3)))) for r in ('threefry', 'hash')]
   assert same[0] == same[1]
+
+
+def test_module_dropout_draws_one_key_from_the_modules_stream_either_way():
+  from flax import nnx
+  from hita_jax.models.dropout import hash_dropout, module_dropout
+  x = jnp.ones((4, 8, 16))
+  mods = {rng: nnx.Dropout(0.2, rngs=nnx.Rngs(dropout=3)) for rng in ('threefry', 'hash')}
+  key = nnx.Dropout(0.2, rngs=nnx.Rngs(dropout=3)).rngs()  # the first key of the same stream
+  y = module_dropout(mods['hash'], x, 'hash')
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(hash_dropout(x, 0.2, key)))
+  module_dropout(mods['threefry'], x, 'threefry')
+  counts = {rng: int(m.rngs.count[...]) for rng, m in mods.items()}
+  assert counts['hash'] == counts['threefry'] == 1, counts
+  mods['hash'].deterministic = True
+  assert module_dropout(mods['hash'], x, 'hash') is x
+  with pytest.raises(ValueError, match='dropout rng'):
+    module_dropout(mods['threefry'], x, 'philox')

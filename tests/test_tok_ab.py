@@ -29,7 +29,8 @@ def test_two_arms_share_a_state_agree_and_are_timed_alternately(tmp_path, monkey
   tok_ab.main(['--config', DEMO, '--batch', '2', '--steps', '2', '--rounds', '2',
                '--arm', 'base:', '--arm', 'scan:tokenizer.dinov2_scan=True'])
   recs = [json.loads(x) for x in open(tmp_path / 'tok_ab.jsonl')]
-  base, scan, summary = recs
+  assert [(r['stage'], r['arm']) for r in recs[:2]] == [('compiled', 'base'), ('compiled', 'scan')]
+  base, scan, summary = recs[2:]
   assert (base['arm'], scan['arm']) == ('base', 'scan')
   assert scan['set'] == {'tokenizer.dinov2_scan': True} and base['set'] == {}
   assert base['compile_cold'] and not scan['compile_cold']

@@ -152,3 +152,33 @@ def test_scanned_dinov2_gives_the_unrolled_features_and_codes(dtype):
   assert any(e.primitive.name == 'scan' for e in jaxpr.jaxpr.eqns)
   assert not any(e.primitive.name == 'scan' for e in jax.make_jaxpr(
       lambda x: a.dinov2_features(x))(x).jaxpr.eqns)
+
+
+def test_hash_dropout_rng_trains_and_leaves_eval_and_parameters_alone():
+  """tokenizer.dropout_rng='hash' (the transformers' masks recomputed in the backward): the same
+  parameters, the same eval output, a training loss with other masks but finite values and
+  gradients, the same loss twice for the same dropout stream; a bad value is named."""
+  from hita_jax.errors import UserError
+  x = random_images(seed=2)
+  out = {}
+  for rng in ('threefry', 'hash'):
+    m = tiny_tokenizer('V', dropout_rng=rng, dropout=0.3)
+    graphdef, params, rest = nnx.split(m, trainable_filter(), ...)
+    m.eval()
+    eval_recon = np.asarray(m(x)['recon'])
+    m.train()
+    graphdef, params, rest = nnx.split(m, trainable_filter(), ...)
+
+    def loss_fn(p):
+      out = nnx.merge(graphdef, p, rest, copy=True)(x)
+      return jnp.mean((out['recon'] - x) ** 2) + out['vq']
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert float(loss_fn(params)) == float(loss)
+    out[rng] = (params, eval_recon, float(loss))
+  for a, b in zip(jax.tree.leaves(out['threefry'][0]), jax.tree.leaves(out['hash'][0])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(out['threefry'][1], out['hash'][1])
+  assert out['threefry'][2] != out['hash'][2]
+  with pytest.raises(UserError, match='dropout_rng'):
+    tiny_tokenizer('V', dropout_rng='philox')

@@ -1,4 +1,4 @@
-"""Dropout for the AR model: inverted dropout with masks from Threefry (stored for the backward,
+"""Dropout for the AR model (and the tokenizer's transformers): inverted dropout with masks from Threefry (stored for the backward,
 as autodiff keeps them) or from a keyed 32-bit hash of each element's index, recomputed in the
 backward (`GPTConfig.dropout_rng`), and per-sample stochastic depth.
 
@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 DROPOUT_RNGS = ('threefry', 'hash')
 
@@ -148,3 +149,18 @@ def drop_path(x, rate: float, key):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+
+
+def module_dropout(module: nnx.Dropout, x, rng: str = 'threefry'):
+  """`module(x)` (flax's Threefry mask, stored for the backward), or with rng='hash' `hash_dropout`
+  on a key drawn from the module's own stream: one draw per call either way, so the other draws
+  of a model are the same under both."""
+  if rng == 'threefry':
+    return module(x)
+  if rng != 'hash':
+    raise ValueError(f'dropout rng must be one of {DROPOUT_RNGS}, got {rng!r}')
+  if module.deterministic or module.rate == 0.0:
+    return x
+  if module.rngs is None:
+    raise ValueError('module_dropout: the Dropout module has no rngs (construct it with rngs=...)')
+  return hash_dropout(x, module.rate, module.rngs())

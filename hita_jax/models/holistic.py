@@ -9,10 +9,13 @@ Hita-U adds a VFM head that regresses DINOv2 patch features from the holistic to
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hita_jax.models.dropout import module_dropout
 from hita_jax.models.layers import LayerNorm, SwiGLUFused, attention, causal_mask, dense, full_attention
 from hita_jax.models.resize import interpolate_pos_table
 
@@ -47,13 +50,15 @@ class HolisticLayer(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_dim: int, *, kind: str,
-               dropout: float = 0.0, attn_impl: str = 'xla', dtype=jnp.float32, rngs: nnx.Rngs):
+               dropout: float = 0.0, attn_impl: str = 'xla', dropout_rng: str = 'threefry',
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if kind not in ('bidirectional', 'causal'):
       raise ValueError(kind)
     self.kind = kind
     # E_trans's unmasked attention may take a fused kernel; the causal kind drops probabilities
     # in training, which the fused kernels cannot, so it keeps the reference path.
     self.attn_impl = attn_impl
+    self.dropout_rng = dropout_rng  # 'hash': masks recomputed in the backward (models/dropout.py)
     self.num_heads = num_heads
     self.head_dim = head_dim if kind == 'bidirectional' else dim // num_heads
     inner = self.num_heads * self.head_dim
@@ -72,15 +77,15 @@ class HolisticLayer(nnx.Module):
     y = self.norm1(x)
     split = lambda z: z.reshape(b, t, self.num_heads, self.head_dim)
     q, k, v = split(self.q(y)), split(self.k(y)), split(self.v(y))
+    drop = functools.partial(module_dropout, self.dropout, rng=self.dropout_rng)
     if self.kind == 'causal':
       o = attention(q, k, v, mask=mask,
-                    dropout=None if self.dropout.deterministic or not self.dropout.rate
-                    else self.dropout)
+                    dropout=None if self.dropout.deterministic or not self.dropout.rate else drop)
       o = self.out(o.reshape(b, t, -1))
     else:
       o = attention(q, k, v, mask=mask) if mask is not None else full_attention(
           q, k, v, impl=self.attn_impl)
-      o = self.dropout(self.out(o.reshape(b, t, -1)))
+      o = drop(self.out(o.reshape(b, t, -1)))
     x = x + o
     return x + self.ffn(self.norm2(x))
 
@@ -121,7 +126,8 @@ class HolisticEncoder(nnx.Module):
 
   def __init__(self, *, dim: int, dino_dim: int, num_holistic: int, pos_grid: int, depth: int,
                num_heads: int, head_dim: int, mlp_dim: int, dropout: float = 0.1,
-               attn_impl: str = 'xla', dtype=jnp.float32, rngs: nnx.Rngs):
+               attn_impl: str = 'xla', dropout_rng: str = 'threefry', dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.num_holistic = num_holistic
     self.pos_grid = pos_grid
     self.dtype = dtype
@@ -132,10 +138,11 @@ class HolisticEncoder(nnx.Module):
                                out_sharding=(None, 'embed'))
     self.norm_pre1 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
     self.e_trans = HolisticStack(depth, dim, num_heads, head_dim, mlp_dim, kind='bidirectional',
-                                 dropout=dropout, attn_impl=attn_impl, dtype=dtype, rngs=rngs)
+                                 dropout=dropout, attn_impl=attn_impl, dropout_rng=dropout_rng,
+                                 dtype=dtype, rngs=rngs)
     self.norm_pre2 = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
     self.e_causal = HolisticStack(depth, dim, num_heads, head_dim, mlp_dim, kind='causal',
-                                  dropout=dropout, dtype=dtype, rngs=rngs)
+                                  dropout=dropout, dropout_rng=dropout_rng, dtype=dtype, rngs=rngs)
 
   def patch_pos_embed(self, h: int, w: int):
     return pos_table_for_grid(self.pos_embed[...], self.pos_grid, (h, w))
@@ -163,7 +170,8 @@ class FusionDecoder(nnx.Module):
 
   def __init__(self, *, dim: int, num_holistic: int, pos_grid: int, depth: int, num_heads: int,
                mlp_dim: int, shift_k: int = 4, dropout: float = 0.1, vfm: bool = False,
-               vfm_out_dim: int = 1024, vfm_grid: int = 16, dtype=jnp.float32, rngs: nnx.Rngs):
+               vfm_out_dim: int = 1024, vfm_grid: int = 16, dropout_rng: str = 'threefry',
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if not 0 <= shift_k <= num_holistic:
       raise ValueError(f'shift_k={shift_k} must lie in [0, num_holistic={num_holistic}]')
     self.num_holistic = num_holistic
@@ -175,7 +183,8 @@ class FusionDecoder(nnx.Module):
     self.holistic_position_embedding = nnx.Param(_table_init(rngs, (num_holistic, dim), dim),
                                                  out_sharding=(None, 'embed'))
     self.transformer = HolisticStack(depth, dim, num_heads, dim // num_heads, mlp_dim,
-                                     kind='causal', dropout=dropout, dtype=dtype, rngs=rngs)
+                                     kind='causal', dropout=dropout, dropout_rng=dropout_rng,
+                                     dtype=dtype, rngs=rngs)
     self.norm = LayerNorm(dim, eps=LN_EPS, rngs=rngs)
     self.vfm = vfm
     if vfm:

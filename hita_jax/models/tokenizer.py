@@ -13,6 +13,7 @@ from flax import nnx
 from hita_jax.errors import UserError
 from hita_jax.models.cnn import CNNDecoder, CNNEncoder
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config, preprocess_for_dinov2
+from hita_jax.models.dropout import DROPOUT_RNGS
 from hita_jax.models.holistic import FusionDecoder, HolisticEncoder
 from hita_jax.models.layers import ATTN_IMPLS, DTYPES, NORM_IMPLS, conv, dense
 from hita_jax.models.quantizer import VectorQuantizer
@@ -57,6 +58,10 @@ class TokenizerConfig:
   # folded into norm2, 'fused_nofold' = the same without the fold, 'xla' = autodiff of the same
   # formula (layers.GroupNorm); same parameters and values, for A/B timing (tools/tok_ab)
   cnn_norm_impl: str = 'fused'
+  # the transformers' dropout masks (E_trans, E_causal, fusion decoder): 'threefry' (flax's,
+  # stored for the backward) | 'hash' (recomputed in the backward, models/dropout.py); 'threefry'
+  # until timed on a GPU
+  dropout_rng: str = 'threefry'
   dtype: str = 'float32'          # compute dtype; params are always fp32
 
   @property
@@ -87,6 +92,9 @@ class Tokenizer(nnx.Module):
     if cfg.attn_impl not in ATTN_IMPLS:
       raise UserError(f'tokenizer.attn_impl must be one of {ATTN_IMPLS}, got {cfg.attn_impl!r} '
                       '(--config.tokenizer.attn_impl=auto)')
+    if cfg.dropout_rng not in DROPOUT_RNGS:
+      raise UserError(f'tokenizer.dropout_rng must be one of {DROPOUT_RNGS}, got {cfg.dropout_rng!r} '
+                      '(--config.tokenizer.dropout_rng=threefry)')
     if cfg.cnn_norm_impl not in NORM_IMPLS:
       raise UserError(f'tokenizer.cnn_norm_impl must be one of {NORM_IMPLS}, got '
                       f'{cfg.cnn_norm_impl!r} (--config.tokenizer.cnn_norm_impl=fused)')
@@ -99,7 +107,8 @@ class Tokenizer(nnx.Module):
     self.holistic_encoder = HolisticEncoder(
         dim=cfg.dim, dino_dim=cfg.dinov2.embed_dim, num_holistic=cfg.num_holistic,
         pos_grid=cfg.pos_grid, depth=cfg.depth, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        mlp_dim=cfg.mlp_dim, dropout=cfg.dropout, attn_impl=cfg.attn_impl, dtype=dt, rngs=rngs)
+        mlp_dim=cfg.mlp_dim, dropout=cfg.dropout, attn_impl=cfg.attn_impl,
+        dropout_rng=cfg.dropout_rng, dtype=dt, rngs=rngs)
     self.quant_conv = conv(cfg.dim, cfg.patch_code_dim, 1, dtype=jnp.float32, rngs=rngs)
     self.patch_quantizer = VectorQuantizer(cfg.codebook_size, cfg.patch_code_dim, beta=cfg.beta,
                                            entropy_loss_ratio=cfg.entropy_loss_ratio, rngs=rngs)
@@ -113,7 +122,8 @@ class Tokenizer(nnx.Module):
     self.fusion_decoder = FusionDecoder(
         dim=cfg.dim, num_holistic=cfg.num_holistic, pos_grid=cfg.pos_grid, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim, shift_k=cfg.shift_k, dropout=cfg.dropout,
-        vfm=cfg.vfm, vfm_out_dim=cfg.vfm_out_dim, vfm_grid=cfg.vfm_grid, dtype=dt, rngs=rngs)
+        vfm=cfg.vfm, vfm_out_dim=cfg.vfm_out_dim, vfm_grid=cfg.vfm_grid,
+        dropout_rng=cfg.dropout_rng, dtype=dt, rngs=rngs)
     self.cnn_decoder = CNNDecoder(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.decoder_res_blocks,
                                   z_channels=cfg.dim, dropout=cfg.cnn_dropout, groups=cfg.norm_groups,
                                   norm_impl=cfg.cnn_norm_impl, dtype=dt, rngs=rngs)

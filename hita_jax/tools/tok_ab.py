@@ -101,9 +101,10 @@ def tokenizer_only_parts(parts, state, config0, config):
 
 
 def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, steps: int = 10,
-           rounds: int = 3) -> list[dict]:
+           rounds: int = 3, progress=None) -> list[dict]:
   """Builds and compiles every arm, checks their first-step losses, then times them alternately.
-  Returns the records (one per arm, then the summary)."""
+  Returns the records (one per arm, then the summary); `progress(record)` gets each arm's build
+  and compile times as they come (a run cut short by a time limit still leaves those)."""
   from hita_jax.tasks import train_tokenizer as tt
   if len({name for name, _ in arms}) != len(arms):
     raise UserError(f'--arm names must differ: {[name for name, _ in arms]}')
@@ -140,6 +141,8 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     compiled = tt.jit_train_step(parts, config).lower(state, frozen, batches[0], key).compile()
     rec.update(compile_s=time.perf_counter() - t0, compile_cold=i == 0, shares_state_of=(
         arms[share][0] if share is not None else None))
+    if progress:
+      progress({'stage': 'compiled', **rec})
     built.append({'name': name, 'step': compiled, 'frozen': frozen, 'parts': parts,
                   'state': None if share is not None else state, 'owner': share if share is not None else i})
     records.append(rec)
@@ -191,7 +194,7 @@ def main(argv=None):
     p.error('give at least two --arm')
   spec = a.config or os.path.join(os.path.dirname(__file__), '..', '..', 'configs',
                                   f'tokenizer_{a.variant.lower()}.py')
-  for rec in run_ab(arms, a.batch, spec, steps=a.steps, rounds=a.rounds):
+  for rec in run_ab(arms, a.batch, spec, steps=a.steps, rounds=a.rounds, progress=_emit):
     _emit(rec)
 
 
