@@ -93,8 +93,8 @@ class ConvLevel(nnx.Module):
                dropout: float, groups: int = 32, norm_impl: str = 'fused', dtype, rngs: nnx.Rngs):
     res, attns = [], []
     for _ in range(num_res):
-      res.append(ResnetBlock(cin, cout, dropout=dropout, groups=groups, norm_impl=norm_impl, dtype=dtype,
-                              rngs=rngs))
+      res.append(ResnetBlock(cin, cout, dropout=dropout, groups=groups, norm_impl=norm_impl,
+                             dtype=dtype, rngs=rngs))
       cin = cout
       if attn:
         attns.append(AttnBlock(cout, groups=groups, norm_impl=norm_impl, dtype=dtype, rngs=rngs))
