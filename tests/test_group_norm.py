@@ -197,7 +197,15 @@ def test_cnn_norm_impls_compute_the_same_function_with_the_same_parameters():
   loss = lambda graph, rest: lambda p: jnp.sum(jnp.sin(3 * (lambda e, d: d(e(x)))(*nnx.merge(graph, p, rest))))
   results = {}
   for impl in ('fused', 'fused_nofold', 'xla'):
-    graph, params, rest = nnx.split(build(impl), nnx.Param, ...)
+    enc, dec = build(impl)
+    # the switch reaches every norm, and the fold only under 'fused'
+    norms = [mod for _, mod in nnx.iter_graph((enc, dec)) if isinstance(mod, GroupNorm)]
+    assert norms and {n.impl for n in norms} == {impl}
+    blocks = [mod for _, mod in nnx.iter_graph((enc, dec)) if type(mod).__name__ == 'ResnetBlock']
+    assert {b.fold_conv1_bias for b in blocks} == {impl == 'fused'}
+    graph, params, rest = nnx.split((enc, dec), nnx.Param, ...)
+    jaxpr = str(jax.make_jaxpr(loss(graph, rest))(params))
+    assert ('custom_vjp_call' in jaxpr) == (impl != 'xla'), impl
     val, grads = jax.value_and_grad(loss(graph, rest))(params)
     results[impl] = (float(val), nnx.to_flat_state(params), nnx.to_flat_state(grads))
   val0, params0, grads0 = results['fused']

@@ -59,8 +59,9 @@ def hash_keep_mask(salts, shape, rate: float, rows: int | None = None):
   rows are kept. Counters come from per-axis iotas, so a sharded array draws its own part only.
   The drop probability is quantised to 2**-32 and `scale` = 1 / keep probability exactly."""
   real = shape if rows is None else (shape[0], rows) + tuple(shape[2:])
-  if math.prod(real) > 2 ** 32:
-    raise ValueError(f'hash dropout: {real} has more than 2**32 elements')
+  if math.prod(real) > 2 ** 32:  # the index is a uint32 counter
+    raise ValueError(f'hash dropout: a {real} array has more than 2**32 elements (a smaller global '
+                     'batch or the default dropout_rng=threefry, which has no such limit)')
   counter = jnp.zeros(shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(len(shape))):
@@ -161,6 +162,8 @@ def module_dropout(module: nnx.Dropout, x, rng: str = 'threefry'):
     raise ValueError(f'dropout rng must be one of {DROPOUT_RNGS}, got {rng!r}')
   if module.deterministic or module.rate == 0.0:
     return x
+  if module.rate >= 1.0:  # as flax: all dropped (the hash threshold cannot express it)
+    return jnp.zeros_like(x)
   if module.rngs is None:
     raise ValueError('module_dropout: the Dropout module has no rngs (construct it with rngs=...)')
   return hash_dropout(x, module.rate, module.rngs())

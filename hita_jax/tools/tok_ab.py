@@ -117,7 +117,8 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     config.tokenizer_loss.lpips_weights = 'random'
     configs.append((config, apply_overrides(config, items)))
   mesh = sharding.make_mesh([('data', -1)])
-  built, records = [], []
+  built, records, batches_by_size = [], [], {}
+  key = jax.random.key(0)
   for i, ((name, _), (config, done)) in enumerate(zip(arms, configs)):
     rec = {'arm': name, 'set': done, 'batch': batch, 'config': config_spec,
            'device': jax.devices()[0].device_kind}
@@ -129,12 +130,12 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     else:
       parts, state, frozen, _ = tt.build(config, mesh)
     rec.update(build_s=time.perf_counter() - t0, abstract_build=abstract)
-    if i == 0:
-      size = config.tokenizer.image_size
+    size = config.tokenizer.image_size
+    if size not in batches_by_size:  # the same two batches for every arm of this image size
       r = np.random.RandomState(0)
-      images = [jnp.asarray(r.randint(0, 256, (batch, size, size, 3)).astype(np.uint8)) for _ in range(2)]
-      batches = [{'image': x} for x in images]
-      key = jax.random.key(0)
+      batches_by_size[size] = [{'image': jnp.asarray(r.randint(0, 256, (batch, size, size, 3)).astype(np.uint8))}
+                               for _ in range(2)]
+    batches = batches_by_size[size]
     # A later arm with the first arm's layout steps the first arm's state; its own is dropped.
     share = 0 if i and _layout(state) == _layout(built[0]['state']) else None
     t0 = time.perf_counter()
@@ -143,14 +144,14 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
         arms[share][0] if share is not None else None))
     if progress:
       progress({'stage': 'compiled', **rec})
-    built.append({'name': name, 'step': compiled, 'frozen': frozen, 'parts': parts,
+    built.append({'name': name, 'step': compiled, 'frozen': frozen, 'parts': parts, 'batches': batches,
                   'state': None if share is not None else state, 'owner': share if share is not None else i})
     records.append(rec)
 
   # Same state, batch and key for every arm: the first step's losses must agree to rounding.
   for b, rec in zip(built, records):
     start = jax.tree.map(jnp.copy, built[b['owner']]['state'])
-    _, m = b['step'](start, b['frozen'], batches[0], key)
+    _, m = b['step'](start, b['frozen'], b['batches'][0], key)
     rec['first_step'] = {k: float(m[k]) for k in LOSS_KEYS if k in m}
   ref = records[0]['first_step']
   for rec in records[1:]:
@@ -160,11 +161,11 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
   for _ in range(rounds):  # alternate, so drift hits every arm
     for b in built:
       owner = built[b['owner']]
-      owner['state'], m = b['step'](owner['state'], b['frozen'], batches[0], key)  # warm, untimed
+      owner['state'], m = b['step'](owner['state'], b['frozen'], b['batches'][0], key)  # warm, untimed
       float(m['g_loss'])
       t0 = time.perf_counter()
       for s in range(steps):
-        owner['state'], m = b['step'](owner['state'], b['frozen'], batches[s % 2], key)
+        owner['state'], m = b['step'](owner['state'], b['frozen'], b['batches'][s % 2], key)
       float(m['g_loss'])
       times[b['name']].append((time.perf_counter() - t0) / steps)
   base = min(times[built[0]['name']])
