@@ -100,7 +100,7 @@ def test_test_suites_unrolled_threefry_draws_the_same_bits(tmp_path):
   import sys
   code = '''
 import sys, numpy as np, jax
-from hita_jax.models.gpt import keep_mask_16
+from hita_jax.models.dropout import keep_mask_16
 k = jax.random.key(3)
 f = jax.jit(lambda k: (jax.random.uniform(k, (5, 7)), jax.random.normal(k, (33,)),
                        jax.random.bits(jax.random.fold_in(k, 1), (4, 9)), keep_mask_16(k, (6, 8), 0.1)[0]))

@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from hita_jax.models import decode_matmul
 from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, decode_attention_update
 from hita_jax.models.decode_matmul import DECODE_LAYER_IMPLS
-from hita_jax.models.dropout import DROPOUT_RNGS, drop_path, dropout, keep_mask_16  # noqa: F401
+from hita_jax.models.dropout import DROPOUT_RNGS, drop_path, dropout
 from hita_jax.models.layers import (ATTN_IMPLS, DTYPES, causal_attention, causal_pad,
                                     on_batch_shards)
 from hita_jax.models.rope import apply_rope, gpt_position_tables

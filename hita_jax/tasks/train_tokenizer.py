@@ -64,13 +64,18 @@ def optimizer_is_flat(layout: str, params) -> bool:
   return layout == 'flat'
 
 
+def generator_config(config):
+  """The trained tokenizer's model config: the `tokenizer` section at the trainer's compute dtype."""
+  return dataclasses.replace(config_lib.tokenizer_config_from(config.tokenizer),
+                             dtype=config.train_tokenizer.compute_dtype)
+
+
 def build(config, mesh, optimizer_layout: str | None = None, ema_layout: str | None = None):
   """Models, optimizers and the initial train state (born sharded). `optimizer_layout` overrides
   `train_tokenizer.optimizer_layout` (`run` passes the resumed checkpoint's); `ema_layout`
   ('flat' | 'tree', `run` passes the resumed checkpoint's) keeps a flat-moments checkpoint
   written with a per-tensor EMA in its layout; by default the EMA is flat when the moments are."""
-  tcfg = config_lib.tokenizer_config_from(config.tokenizer)
-  tcfg = dataclasses.replace(tcfg, dtype=config.train_tokenizer.compute_dtype)
+  tcfg = generator_config(config)
   compute_dtype = DTYPES[config.train_tokenizer.compute_dtype]  # the discriminators' and LPIPS's too
   rules = config_lib.axis_rules(config)
   init = config.init

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import time
@@ -43,6 +42,7 @@ from hita_jax.models.rope import apply_rope
 from hita_jax.models.sampler import decode_attn_impl_for, generate, resolve_kv_segments
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
+from hita_jax.tools.ab import emit_jsonl
 
 
 def env_info():
@@ -55,28 +55,42 @@ def full_size_config(size: str, **kw) -> GPTConfig:
   return GPTConfig(**GPT_SIZES[size], vocab_size=16384, num_holistic=128, grid=21, num_classes=1000, **kw)
 
 
+def gpt_train_optimizer():
+  return ar.adamw(1e-4, 0.9, 0.95, 0.05, 1.0)  # the train_ar optimizer at the official settings
+
+
+def random_codes(cfg: GPTConfig, batch: int, seed: int = 0):
+  """Random (labels, holistic codes, patch codes) for a training step."""
+  r = np.random.RandomState(seed)
+  return (jnp.asarray(r.randint(0, cfg.num_classes, batch)),
+          jnp.asarray(r.randint(0, cfg.vocab_size, (batch, cfg.num_holistic))),
+          jnp.asarray(r.randint(0, cfg.vocab_size, (batch, cfg.num_patches))))
+
+
+def gpt_train_step(graphdef, tx, codes):
+  """(params, opt_state, key) -> (params, opt_state, loss): one AdamW step of the GPT `graphdef`
+  on `codes` (unjitted)."""
+  labels, q, z = codes
+
+  def step(params, opt_state, key):
+    def loss_fn(p):
+      lh, lp = nnx.merge(graphdef, p, copy=True).loss(labels, q, z, rng=key)
+      return lh + lp
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
 def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3, iters=10, profile_dir=None,
                     dropout_bits=16, hlo_out=None, qkv_gemms=2):
   cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan,
                          dropout_bits=dropout_bits, qkv_gemms=qkv_gemms)
   model = GPT(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = ar.adamw(1e-4, 0.9, 0.95, 0.05, 1.0)  # the train_ar optimizer at the official settings
+  tx = gpt_train_optimizer()
   opt_state = tx.init(params)
-  r = np.random.RandomState(0)
-  labels = jnp.asarray(r.randint(0, cfg.num_classes, batch))
-  q = jnp.asarray(r.randint(0, cfg.vocab_size, (batch, cfg.num_holistic)))
-  z = jnp.asarray(r.randint(0, cfg.vocab_size, (batch, cfg.num_patches)))
-
-  @_jit_donating
-  def step(params, opt_state, key):
-    def loss_fn(p):
-      m = nnx.merge(graphdef, p, copy=True)
-      lh, lp = m.loss(labels, q, z, rng=key)
-      return lh + lp
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  step = _jit_donating(gpt_train_step(graphdef, tx, random_codes(cfg, batch)))
 
   key = jax.random.key(0)
   abstract = checkpoint.abstract_like((params, opt_state, key))  # the arguments are donated below
@@ -622,11 +636,7 @@ def main(argv=None):
   else:
     res = bench_inception(a.batch)
   res.update(env_info())
-  line = json.dumps(res)
-  print(line, flush=True)
-  if os.environ.get('OUT'):
-    with open(os.path.join(os.environ['OUT'], 'bench.jsonl'), 'a') as f:
-      f.write(line + '\n')
+  emit_jsonl(res, 'bench.jsonl')
 
 
 if __name__ == '__main__':

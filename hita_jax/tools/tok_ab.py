@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 
@@ -36,33 +35,10 @@ import numpy as np
 from flax import nnx
 
 from hita_jax import cli, config_lib, sharding
-from hita_jax.errors import UserError
+from hita_jax.tools.ab import check_names, emit_jsonl, layout, parse_arm, summarize
 from hita_jax.tools.tok_compile import apply_overrides
 
 LOSS_KEYS = ('g_loss', 'rec_loss', 'vq_loss', 'd_loss')
-
-
-def parse_arm(text: str) -> tuple[str, list[str]]:
-  """'name:key=value,key=value' -> (name, ['key=value', ...]); 'name:' is the shipped config."""
-  name, sep, rest = text.partition(':')
-  if not sep or not name:
-    raise UserError(f'--arm {text!r}: write NAME:KEY=VALUE[,KEY=VALUE...] '
-                    '(e.g. --arm scan:tokenizer.dinov2_scan=True; NAME: alone is the shipped config)')
-  return name, [item for item in rest.split(',') if item]
-
-
-def _emit(rec: dict):
-  line = json.dumps(rec)
-  print(line, flush=True)
-  if os.environ.get('OUT'):
-    with open(os.path.join(os.environ['OUT'], 'tok_ab.jsonl'), 'a') as f:
-      f.write(line + '\n')
-
-
-def _layout(tree):
-  """What must match for two arms to share one (donated) state."""
-  return (jax.tree.structure(tree),
-          [(x.shape, x.dtype, getattr(x, 'sharding', None)) for x in jax.tree.leaves(tree)])
 
 
 def _flat(d: dict, prefix: str = '') -> dict:
@@ -75,10 +51,6 @@ def _flat(d: dict, prefix: str = '') -> dict:
   return out
 
 
-def _shapes(tree):
-  return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
-
-
 def tokenizer_only_parts(parts, state, config0, config):
   """The step's parts for `config` from `parts` and `state` (built for `config0`) when the two
   configs differ only in `tokenizer.*` switches that keep the parameters (attn_impl, dinov2_scan,
@@ -86,16 +58,15 @@ def tokenizer_only_parts(parts, state, config0, config):
   weights made, nothing compiled), everything else shared. None when the configs differ elsewhere
   or the parameters differ; such an arm is built in full."""
   from hita_jax.models.tokenizer import Tokenizer, trainable_filter
+  from hita_jax.tasks.train_tokenizer import generator_config
   a, b = _flat(config0.to_dict()), _flat(config.to_dict())
   if set(a) != set(b) or any(a[k] != b[k] for k in a if not k.startswith('tokenizer.')):
     return None
-  # as train_tokenizer.build makes the generator: the trainer's compute dtype, training mode
-  tcfg = dataclasses.replace(config_lib.tokenizer_config_from(config.tokenizer),
-                             dtype=config.train_tokenizer.compute_dtype)
+  tcfg = generator_config(config)  # as train_tokenizer.build makes it, in training mode
   tok = nnx.eval_shape(lambda: Tokenizer(tcfg, rngs=nnx.Rngs(params=0, dropout=1)))
   tok.train()
   g_def, g_params, g_rest = nnx.split(tok, trainable_filter(), ...)
-  if (_shapes(g_params), _shapes(g_rest)) != (_shapes(state['g_params']), _shapes(state['g_rest'])):
+  if (layout(g_params), layout(g_rest)) != (layout(state['g_params']), layout(state['g_rest'])):
     return None
   return dataclasses.replace(parts, g_def=g_def, cfg=tcfg)
 
@@ -106,8 +77,7 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
   Returns the records (one per arm, then the summary); `progress(record)` gets each arm's build
   and compile times as they come (a run cut short by a time limit still leaves those)."""
   from hita_jax.tasks import train_tokenizer as tt
-  if len({name for name, _ in arms}) != len(arms):
-    raise UserError(f'--arm names must differ: {[name for name, _ in arms]}')
+  check_names(arms)
   configs = []  # every arm's overrides checked before the first (minutes-long) build
   for name, items in arms:
     config = config_lib.load_config(config_spec)
@@ -137,7 +107,7 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
                                for _ in range(2)]
     batches = batches_by_size[size]
     # A later arm with the first arm's layout steps the first arm's state; its own is dropped.
-    share = 0 if i and _layout(state) == _layout(built[0]['state']) else None
+    share = 0 if i and layout(state, True) == layout(built[0]['state'], True) else None
     t0 = time.perf_counter()
     compiled = tt.jit_train_step(parts, config).lower(state, frozen, batches[0], key).compile()
     rec.update(compile_s=time.perf_counter() - t0, compile_cold=i == 0, shares_state_of=(
@@ -168,14 +138,7 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
         owner['state'], m = b['step'](owner['state'], b['frozen'], b['batches'][s % 2], key)
       float(m['g_loss'])
       times[b['name']].append((time.perf_counter() - t0) / steps)
-  base = min(times[built[0]['name']])
-  for b, rec in zip(built, records):
-    t = times[b['name']]
-    rec.update(step_s=min(t), step_s_rounds=t, images_s=batch / min(t), speedup_vs_first=base / min(t))
-  summary = {'tok_ab': 'summary', 'batch': batch, 'steps': steps, 'rounds': rounds,
-             'step_s': {r['arm']: r['step_s'] for r in records},
-             'speedup_vs_first': {r['arm']: r['speedup_vs_first'] for r in records},
-             'jax': jax.__version__, 'device': jax.devices()[0].device_kind}
+  summary = summarize(records, times, 'tok_ab', batch=batch, steps=steps, rounds=rounds)
   return records + [summary]
 
 
@@ -195,8 +158,9 @@ def main(argv=None):
     p.error('give at least two --arm')
   spec = a.config or os.path.join(os.path.dirname(__file__), '..', '..', 'configs',
                                   f'tokenizer_{a.variant.lower()}.py')
-  for rec in run_ab(arms, a.batch, spec, steps=a.steps, rounds=a.rounds, progress=_emit):
-    _emit(rec)
+  emit = lambda rec: emit_jsonl(rec, 'tok_ab.jsonl')
+  for rec in run_ab(arms, a.batch, spec, steps=a.steps, rounds=a.rounds, progress=emit):
+    emit(rec)
 
 
 if __name__ == '__main__':

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import ast
 import gzip
-import json
 import os
 import re
 import sys
@@ -44,14 +43,11 @@ import numpy as np
 
 from hita_jax import cli, config_lib, sharding
 from hita_jax.errors import UserError
+from hita_jax.tools.ab import emit_jsonl
 
 
 def _emit(rec: dict):
-  line = json.dumps(rec)
-  print(line, flush=True)
-  if os.environ.get('OUT'):
-    with open(os.path.join(os.environ['OUT'], 'tok_compile.jsonl'), 'a') as f:
-      f.write(line + '\n')
+  emit_jsonl(rec, 'tok_compile.jsonl')
 
 
 def _parse_option(text: str):

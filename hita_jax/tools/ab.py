@@ -1,0 +1,56 @@
+"""What the in-process A/B tools (`tok_ab`, `gpt_ab`) and the device benchmarks share: arm
+parsing, train-state layouts, the alternating timings' summary, and JSON-line output."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from hita_jax.errors import UserError
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+  """'name:key=value,key=value' -> (name, ['key=value', ...]); 'name:' is the shipped config."""
+  name, sep, rest = text.partition(':')
+  if not sep or not name:
+    raise UserError(f'--arm {text!r}: write NAME:KEY=VALUE[,KEY=VALUE...] '
+                    '(e.g. --arm scan:tokenizer.dinov2_scan=True; NAME: alone is the shipped config)')
+  return name, [item for item in rest.split(',') if item]
+
+
+def check_names(arms) -> None:
+  if len({name for name, _ in arms}) != len(arms):
+    raise UserError(f'--arm names must differ: {[name for name, _ in arms]}')
+
+
+def layout(tree, with_sharding: bool = False):
+  """Structure, shapes and dtypes (and shardings): what must match for two arms to share
+  parameters, or one donated state."""
+  leaf = (lambda x: (x.shape, x.dtype, getattr(x, 'sharding', None))) if with_sharding else (
+      lambda x: (x.shape, x.dtype))
+  return jax.tree.structure(tree), [leaf(x) for x in jax.tree.leaves(tree)]
+
+
+def summarize(records: list[dict], times: dict[str, list[float]], tool: str, **fields) -> dict:
+  """Each arm's record gets its step time (the minimum over rounds), the rounds, images/s and the
+  speedup over the first arm; returns the summary line."""
+  first = min(times[records[0]['arm']])
+  for rec in records:
+    t = times[rec['arm']]
+    rec.update(step_s=min(t), step_s_rounds=t, images_s=rec['batch'] / min(t),
+               speedup_vs_first=first / min(t))
+  return {tool: 'summary', **fields,
+          'step_s': {r['arm']: r['step_s'] for r in records},
+          'images_s': {r['arm']: r['images_s'] for r in records},
+          'speedup_vs_first': {r['arm']: r['speedup_vs_first'] for r in records},
+          'jax': jax.__version__, 'device': jax.devices()[0].device_kind}
+
+
+def emit_jsonl(rec: dict, filename: str) -> None:
+  """Prints `rec` as one JSON line and, with $OUT set, appends it to $OUT/`filename`."""
+  line = json.dumps(rec)
+  print(line, flush=True)
+  if os.environ.get('OUT'):
+    with open(os.path.join(os.environ['OUT'], filename), 'a') as f:
+      f.write(line + '\n')
