@@ -63,8 +63,9 @@ def test_dropout_16_bits_fp32_and_bf16_and_fallbacks():
 
 def test_gpt_trains_with_16_bit_dropout():
   """The training loss with dropout_bits=16: finite values and gradients, different masks from
-  the 32-bit draw, and the same loss as 32 bits when every dropout rate is 0."""
-  cfg = tiny_cfg(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)
+  the 32-bit draw, and the same loss as 32 bits when every dropout rate is 0 (Threefry masks:
+  dropout_bits means nothing to the default hash masks)."""
+  cfg = tiny_cfg(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, dropout_rng='threefry')
   labels, q, z = codes(cfg)
   out = {}
   for bits in (16, 32):
@@ -75,7 +76,7 @@ def test_gpt_trains_with_16_bit_dropout():
     assert np.isfinite(float(l)) and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
     out[bits] = float(l)
   assert out[16] != out[32]
-  plain = tiny_cfg()
+  plain = tiny_cfg(dropout_rng='threefry')
   same = [float(sum(random_gpt(dataclasses.replace(plain, dropout_bits=b)).loss(
       labels, q, z, rng=jax.random.key(3)))) for b in (16, 32)]
   assert same[0] == same[1]
@@ -138,6 +139,42 @@ def test_hash_mask_statistics():
     assert abs((keep == other).mean() - ((1 - p_drop) ** 2 + p_drop ** 2)) < 0.005
   for rate in (0.5, 0.02):
     assert 1 - np.asarray(hash_keep_mask(salts(2), shape, rate)[0]).mean() == pytest.approx(rate, abs=0.003)
+
+
+def test_hash_mask_past_the_uint32_index(monkeypatch):
+  """An array too large for a uint32 index (the limit lowered here, so it runs on a CPU) hashes its
+  first axis apart: the draw is still uniform with independent rows, padded rows are the unpadded
+  draw, a sharded draw equals the unsharded one, the gradient recomputes the same mask, and one
+  row over 2**32 elements is named with the fix."""
+  from hita_jax.models import dropout as dropout_mod
+  shape = (16, 300, 64)
+  salts = jax.random.bits(jax.random.key(0), (2,), jnp.uint32)
+  narrow = np.asarray(dropout_mod.hash_keep_mask(salts, shape, 0.1)[0])
+  monkeypatch.setattr(dropout_mod, '_INDEX_LIMIT', 300 * 64)
+  keep = np.asarray(dropout_mod.hash_keep_mask(salts, shape, 0.1)[0])
+  assert (keep != narrow).any()                                 # the wide formula is in use
+  p_drop = round(0.1 * 2 ** 32) / 2 ** 32
+  n = keep.size
+  assert abs((1 - keep.mean()) - p_drop) < 5 * np.sqrt(p_drop * (1 - p_drop) / n)
+  flat = keep.reshape(-1).astype(np.float64)
+  for lag in (1, 2, 64, 300 * 64, 3 * 300 * 64):                # neighbours, rows, batch rows
+    assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 5 / np.sqrt(n), lag
+  for b in range(1, 16):                                        # rows of the first axis differ
+    assert abs((keep[0] == keep[b]).mean() - ((1 - p_drop) ** 2 + p_drop ** 2)) < 0.01, b
+  x = jax.random.normal(jax.random.key(5), (8, 40, 64))
+  key = jax.random.key(7)
+  monkeypatch.setattr(dropout_mod, '_INDEX_LIMIT', 33 * 64)
+  y = np.asarray(dropout_mod.hash_dropout(x, 0.1, key, rows=33))
+  np.testing.assert_array_equal(y[:, :33], np.asarray(dropout_mod.hash_dropout(x[:, :33], 0.1, key)))
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+  sh = NamedSharding(mesh, P('data'))
+  f = lambda x, key: dropout_mod.hash_dropout(x, 0.1, key, rows=33)
+  got = jax.jit(f, in_shardings=(sh, None), out_shardings=sh)(jax.device_put(x, sh), key)
+  np.testing.assert_array_equal(np.asarray(got), y)
+  g = np.asarray(jax.jit(jax.grad(lambda x: jnp.sum(f(x, key))))(x))
+  np.testing.assert_array_equal(g == 0, y == 0)
+  with pytest.raises(ValueError, match="one row of a .* dropout_rng='threefry'"):
+    dropout_mod.hash_keep_mask(salts, (2, 2 ** 31, 4), 0.1)
 
 
 def test_hash_dropout_rows_sharding_bf16_and_gradient():

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 DROPOUT_RNGS = ('threefry', 'hash')
+_INDEX_LIMIT = 2 ** 32  # elements a uint32 row-major index covers (a test lowers it)
 
 
 def dropout(x, rate: float, key, bits: int = 32, rows: int | None = None, rng: str = 'threefry'):
@@ -57,17 +58,24 @@ def hash_keep_mask(salts, shape, rate: float, rows: int | None = None):
   with the sequence axis cut to `rows`: the unpadded draw) is kept when
   mix(mix(i ^ s0) ^ s1) >= round(rate * 2**32), s = `salts` (uint32[2], from the key); padded
   rows are kept. Counters come from per-axis iotas, so a sharded array draws its own part only.
+  An array of more than 2**32 elements (a uint32 index would wrap) hashes its first axis apart:
+  mix(mix(j ^ s0) ^ mix(b ^ s1)), b the index on axis 0 and j the index within it.
   The drop probability is quantised to 2**-32 and `scale` = 1 / keep probability exactly."""
   real = shape if rows is None else (shape[0], rows) + tuple(shape[2:])
-  if math.prod(real) > 2 ** 32:  # the index is a uint32 counter
-    raise ValueError(f'hash dropout: a {real} array has more than 2**32 elements (a smaller global '
-                     'batch or the default dropout_rng=threefry, which has no such limit)')
+  wide = math.prod(real) > _INDEX_LIMIT
+  if wide and math.prod(real[1:]) > 2 ** 32:
+    raise ValueError(f'hash dropout: one row of a {real} array has more than 2**32 elements; use '
+                     "dropout_rng='threefry' for it")
   counter = jnp.zeros(shape, jnp.uint32)
   stride = 1
-  for axis in reversed(range(len(shape))):
+  for axis in reversed(range(1 if wide else 0, len(shape))):
     counter = counter + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
     stride *= real[axis]
-  h = _mix32(_mix32(counter ^ salts[0]) ^ salts[1])
+  if wide:
+    lead = _mix32(jax.lax.broadcasted_iota(jnp.uint32, shape, 0) ^ salts[1])
+    h = _mix32(_mix32(counter ^ salts[0]) ^ lead)
+  else:
+    h = _mix32(_mix32(counter ^ salts[0]) ^ salts[1])
   drop = min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1)
   keep = h >= jnp.uint32(drop)
   if rows is not None and rows < shape[1]:
