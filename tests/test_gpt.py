@@ -392,8 +392,8 @@ def test_loss_multiplies_each_row_by_its_head_half_only():
 def test_sequence_padding_for_the_attention_kernel_is_inert(monkeypatch):
   """The model pads the sequence once to the attention kernel's block (cuDNN 64, splash 128 when
   the pad is small; none for XLA) and drops the padded rows before the head: the same logits,
-  losses and gradients as without padding, in fp32 and bf16, and with dropout on (16- and 32-bit
-  masks are drawn for the real rows only). Padding is forced here through the XLA path."""
+  losses and gradients as without padding, in fp32 and bf16, and with dropout on (hash and 16- and
+  32-bit Threefry masks are drawn for the real rows only). Padding is forced here through the XLA path."""
   from hita_jax.models import gpt as gpt_mod
   from hita_jax.models.layers import causal_pad
   assert causal_pad(569, 'cudnn') == 7 and causal_pad(576, 'cudnn') == 0
@@ -402,8 +402,9 @@ def test_sequence_padding_for_the_attention_kernel_is_inert(monkeypatch):
   assert causal_pad(100, 'cudnn') == 0  # 28 rows: more than 1/16 of the sequence
   drop = dict(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)
   cases = [(dict(dtype='float32'), None, 1e-6), (dict(dtype='bfloat16'), None, 5e-3),
-           (dict(dtype='float32', dropout_bits=16, **drop), jax.random.key(7), 1e-6),
-           (dict(dtype='float32', dropout_bits=32, **drop), jax.random.key(7), 1e-6)]
+           (dict(dtype='float32', dropout_rng='hash', **drop), jax.random.key(7), 1e-6),
+           (dict(dtype='float32', dropout_rng='threefry', dropout_bits=16, **drop), jax.random.key(7), 1e-6),
+           (dict(dtype='float32', dropout_rng='threefry', dropout_bits=32, **drop), jax.random.key(7), 1e-6)]
   for kw, rng, tol in cases:
     cfg = tiny_cfg(attn_impl='xla', **kw)
     labels, q, z = codes(cfg)

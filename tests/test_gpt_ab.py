@@ -8,7 +8,7 @@ from tests.test_gpt import tiny_cfg
 
 @pytest.mark.slow  # ~30 s: two compiles of a training step for a device-side tool
 def test_two_arms_on_a_tiny_gpt():
-  base = tiny_cfg(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)
+  base = tiny_cfg(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, dropout_rng='threefry')
   recs = gpt_ab.run_ab([('base', []), ('hash', ['dropout_rng=hash'])], 'B', 2, steps=1, rounds=2, base=base)
   a, b, summary = recs
   assert (a['arm'], b['arm'], a['set'], b['set']) == ('base', 'hash', {}, {'dropout_rng': 'hash'})
@@ -28,3 +28,28 @@ def test_bad_arms_are_named():
     gpt_ab.run_ab([('a', []), ('b', ['n_layer=3'])], 'B', 2, base=base)
   with pytest.raises(UserError, match='must differ'):
     gpt_ab.run_ab([('a', []), ('a', [])], 'B', 2, base=base)
+
+
+@pytest.mark.slow  # ~40 s: two tiny train_ar builds and compiles on the CPU
+def test_trainer_arms_time_train_ars_own_step():
+  """--trainer: each arm is train_ar's jitted step under config overrides; the first step of each
+  runs on the same state, batch and key (hash and Threefry masks: nearby, different gradients)."""
+  from hita_jax import config_lib
+  config = config_lib.hita_recipe('B', 'tiny')
+  recs = gpt_ab.run_trainer_ab([('base', []), ('threefry', ['gpt.dropout_rng=threefry'])], 'B', 4,
+                               steps=1, rounds=2, config=config)
+  a, b, summary = recs
+  assert (a['set'], b['set']) == ({}, {'gpt.dropout_rng': 'threefry'}) and a['trainer'] and summary['trainer']
+  for r in (a, b):
+    assert len(r['step_s_rounds']) == 2 and r['step_s'] > 0 and r['mfu'] > 0
+    assert r['last_loss'] == r['last_loss'] and r['compile_s'] > 0
+  diff = b['first_step_abs_diff_vs_first']
+  assert diff['loss'] < 1e-5 < diff['grad_norm'] < 0.5 * a['first_step']['grad_norm']
+  assert config.gpt.dropout_rng == 'hash'  # the caller's config is left as it was
+
+
+def test_trainer_arms_name_a_bad_key():
+  from hita_jax import config_lib
+  with pytest.raises(UserError, match="no key 'gpt.dropout_rgn'"):
+    gpt_ab.run_trainer_ab([('a', []), ('b', ['gpt.dropout_rgn=hash'])], 'B', 4,
+                          config=config_lib.hita_recipe('B', 'tiny'))
