@@ -8,12 +8,20 @@ state, donated from step to step and arm to arm. The arms run `--steps` steps ea
 `--rounds` rounds, so drift hits them alike; the minimum over rounds is the figure. Switches that
 change the parameters' shapes are refused (use `bench gpt_train` per process for those).
 
+With `--trainer` each arm is instead `train_ar`'s own jitted step, the one `python -m
+hita_jax.main` runs (AdamW, EMA, dropout, class drop, the config's XLA options; synthetic codes),
+built from the shipped config of `--size` with `KEY=VALUE` config overrides
+(`gpt.dropout_rng=threefry`, `train_ar.gpu_compiler_options=...`). Each arm keeps its own train
+state (built from the same seed); the first step of every arm runs on the same state, batch and
+key and its loss and gradient norm are reported beside the first arm's.
+
 Prints one JSON line per arm and a summary; with $OUT set also appends them to $OUT/gpt_ab.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import time
 
@@ -96,6 +104,64 @@ def run_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3, base: 
   return records + [summary]
 
 
+def run_trainer_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3, config=None):
+  """Times `train_ar`'s jitted step for each arm's config overrides (see the module docstring).
+  `config`: the base config (default: the shipped recipe of `size`)."""
+  import jax.numpy as jnp
+  from hita_jax import config_lib, sharding
+  from hita_jax.tasks import train_ar as ar
+  from hita_jax.tools.tok_compile import apply_overrides
+  check_names(arms)
+  if config is None:
+    config = config_lib.hita_recipe(size, None)
+  config.train_ar.codes_dir = 'synthetic'
+  config.train_ar.global_batch_size = batch
+  configs = []  # every arm's overrides checked before the first build
+  for name, items in arms:
+    c = copy.deepcopy(config)
+    configs.append((c, apply_overrides(c, items)))
+  mesh = sharding.make_mesh([('data', -1)])
+  built, records, batches, key = [], [], None, jax.random.key(0)
+  for (name, _), (c, done) in zip(arms, configs):
+    t0 = time.perf_counter()
+    parts, state, _ = ar.build(c, mesh)
+    rec = {'arm': name, 'set': done, 'size': size, 'batch': batch, 'trainer': True,
+           'build_s': time.perf_counter() - t0, 'device': jax.devices()[0].device_kind}
+    if batches is None:  # the same batches for every arm
+      it = ar.make_data(c, parts)
+      batches = [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(2)]
+    t0 = time.perf_counter()
+    compiled = ar.jit_train_step(parts, c).lower(state, None, batches[0], key).compile()
+    rec['compile_s'] = time.perf_counter() - t0
+    first = jax.tree.map(jnp.copy, state)
+    _, m = compiled(first, None, batches[0], key)
+    rec['first_step'] = {k: float(m[k]) for k in ('loss', 'grad_norm')}
+    built.append({'name': name, 'step': compiled, 'state': state, 'cfg': parts.cfg})
+    records.append(rec)
+  ref = records[0]['first_step']
+  for rec in records[1:]:  # (the zero-initialised head makes the first loss log(vocab) for all)
+    rec['first_step_abs_diff_vs_first'] = {k: abs(v - ref[k]) for k, v in rec['first_step'].items()}
+  times = {b['name']: [] for b in built}
+  for _ in range(rounds):  # alternate, so drift hits every arm
+    for b in built:
+      b['state'], m = b['step'](b['state'], None, batches[0], key)  # warm, untimed
+      float(m['loss'])
+      t0 = time.perf_counter()
+      for i in range(steps):
+        b['state'], m = b['step'](b['state'], None, batches[i % 2], jax.random.fold_in(key, i))
+      b['last_loss'] = float(m['loss'])
+      times[b['name']].append((time.perf_counter() - t0) / steps)
+  summary = summarize(records, times, 'gpt_ab', size=size, batch=batch, steps=steps, rounds=rounds,
+                      trainer=True)
+  peak = flops.device_peak_flops() or 989e12
+  for rec, b in zip(records, built):
+    cfg = b['cfg']
+    tok_s = batch * cfg.seq_len / rec['step_s']
+    rec.update(mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, cfg.seq_len), peak),
+               last_loss=b['last_loss'])
+  return records + [summary]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--arm', action='append', required=True, metavar='NAME:FIELD=VALUE[,...]')
@@ -103,11 +169,14 @@ def main(argv=None):
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--steps', type=int, default=10, help='timed steps per arm and round')
   p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--trainer', action='store_true',
+                 help="time train_ar's own step; arms are config overrides such as gpt.dropout_rng=threefry")
   a = p.parse_args(argv)
   arms = [parse_arm(t) for t in a.arm]
   if len(arms) < 2:
     p.error('give at least two --arm')
-  for rec in run_ab(arms, a.size, a.batch, steps=a.steps, rounds=a.rounds):
+  run = run_trainer_ab if a.trainer else run_ab
+  for rec in run(arms, a.size, a.batch, steps=a.steps, rounds=a.rounds):
     emit_jsonl(rec, 'gpt_ab.jsonl')
 
 
