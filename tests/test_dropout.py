@@ -175,6 +175,9 @@ def test_hash_mask_past_the_uint32_index(monkeypatch):
   np.testing.assert_array_equal(g == 0, y == 0)
   with pytest.raises(ValueError, match="one row of a .* dropout_rng='threefry'"):
     dropout_mod.hash_keep_mask(salts, (2, 2 ** 31, 4), 0.1)
+  monkeypatch.setattr(dropout_mod, '_INDEX_LIMIT', 2 ** 32)
+  for shape in ((1, 2 ** 30, 4), (3, 1, 2 ** 30, 4)):  # a stride of exactly 2**32 (traced, not run)
+    assert jax.eval_shape(lambda s: dropout_mod.hash_keep_mask(s, shape, 0.1)[0], salts).shape == shape
 
 
 def test_hash_dropout_rows_sharding_bf16_and_gradient():

@@ -115,8 +115,9 @@ def test_kv_cache_equals_full_forward_fixed_mode(kw, segments):
   assert np.abs(legacy[:, s:] - head_selected[:, s:]).max() > 1e-3
 
 
-def test_scan_and_remat_match_unrolled():
-  cfg = tiny_cfg(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)
+@pytest.mark.parametrize('dropout_rng', ['hash', 'threefry'])
+def test_scan_and_remat_match_unrolled(dropout_rng):
+  cfg = tiny_cfg(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1, dropout_rng=dropout_rng)
   labels, q, z = codes(cfg)
   results = []
   for scan, remat in [(False, 'none'), (True, 'none'), (False, 'full'), (True, 'minimal'), (False, 'dots')]:
@@ -135,8 +136,9 @@ def test_scan_and_remat_match_unrolled():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
 
 
-def test_dropout_only_with_rng():
-  cfg = tiny_cfg(token_dropout=0.5, resid_dropout=0.5, ffn_dropout=0.5)
+@pytest.mark.parametrize('dropout_rng', ['hash', 'threefry'])
+def test_dropout_only_with_rng(dropout_rng):
+  cfg = tiny_cfg(token_dropout=0.5, resid_dropout=0.5, ffn_dropout=0.5, dropout_rng=dropout_rng)
   m = random_gpt(cfg)
   labels, q, z = codes(cfg)
   a, b = m(labels, q, z), m(labels, q, z)

@@ -64,6 +64,7 @@ def test_bench_gpt_train_profile_names_source_lines(monkeypatch, tmp_path):
       dim=32, n_layer=2, n_head=2, vocab_size=16, num_holistic=4, grid=3, num_classes=3, **kw))
   out = bench.bench_gpt_train('B', 2, warmup=1, iters=1, profile_dir=str(tmp_path))
   assert out['profile'][-1]['kernel'] == 'ALL' and out['profile_kinds']
+  assert out['dropout_rng'] == 'hash'  # recorded: rows from before 2026-12-06 ran Threefry masks
   sources = out['profile_sources']
   assert sources and sum(r['share'] for r in sources) <= 1.0 + 1e-9
   # the CPU trace names most events after runtime thunks ('?'), but its fusions after the HLO's

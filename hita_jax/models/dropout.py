@@ -69,7 +69,8 @@ def hash_keep_mask(salts, shape, rate: float, rows: int | None = None):
   counter = jnp.zeros(shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(1 if wide else 0, len(shape))):
-    counter = counter + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    # (a stride of exactly 2**32 only multiplies an iota of one value, 0)
+    counter = counter + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2 ** 32)
     stride *= real[axis]
   if wide:
     lead = _mix32(jax.lax.broadcasted_iota(jnp.uint32, shape, 0) ^ salts[1])

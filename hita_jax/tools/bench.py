@@ -83,9 +83,10 @@ def gpt_train_step(graphdef, tx, codes):
 
 
 def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3, iters=10, profile_dir=None,
-                    dropout_bits=16, hlo_out=None, qkv_gemms=2):
+                    dropout_bits=16, hlo_out=None, qkv_gemms=2, dropout_rng=None):
   cfg = full_size_config(size, dtype='bfloat16', attn_impl=attn, remat=remat, scan_layers=scan,
-                         dropout_bits=dropout_bits, qkv_gemms=qkv_gemms)
+                         dropout_bits=dropout_bits, qkv_gemms=qkv_gemms,
+                         **({'dropout_rng': dropout_rng} if dropout_rng else {}))
   model = GPT(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tx = gpt_train_optimizer()
@@ -108,7 +109,8 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
   tok_s = batch * t / dt
   peak = flops.device_peak_flops() or 989e12
   out = dict(bench='gpt_train', size=size, batch=batch, attn=attn, remat=remat, scan=scan,
-             dropout_bits=dropout_bits, qkv_gemms=qkv_gemms, step_s=dt, images_s=batch / dt,
+             dropout_bits=dropout_bits, dropout_rng=cfg.dropout_rng, qkv_gemms=qkv_gemms, step_s=dt,
+             images_s=batch / dt,
              tokens_s=tok_s,
              mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, t), peak),
              mfu_causal=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, t, causal=True), peak),
@@ -602,7 +604,9 @@ def main(argv=None):
   p.add_argument('--kv-segments', type=int, default=0,
                  help='sample: decode loops over position ranges (0 = by platform)')
   p.add_argument('--dropout-bits', type=int, default=16, choices=[16, 32],
-                 help='gpt_train: random bits per dropout decision (GPTConfig.dropout_bits)')
+                 help='gpt_train: random bits per Threefry dropout decision (GPTConfig.dropout_bits)')
+  p.add_argument('--dropout-rng', default=None, choices=['threefry', 'hash'],
+                 help='gpt_train: where the dropout masks come from (GPTConfig.dropout_rng; default its default)')
   p.add_argument('--qkv-gemms', type=int, default=2, choices=[1, 2],
                  help='gpt_train: the qkv projection as one product or q|k and v apart (GPTConfig.qkv_gemms)')
   p.add_argument('--tune', action='store_true',
@@ -618,7 +622,8 @@ def main(argv=None):
   a = p.parse_args(argv)
   if a.what == 'gpt_train':
     res = bench_gpt_train(a.size, a.batch, a.attn, a.remat, a.scan, iters=a.iters, profile_dir=a.profile,
-                          dropout_bits=a.dropout_bits, hlo_out=a.hlo, qkv_gemms=a.qkv_gemms)
+                          dropout_bits=a.dropout_bits, hlo_out=a.hlo, qkv_gemms=a.qkv_gemms,
+                          dropout_rng=a.dropout_rng)
   elif a.what == 'ar_trainer':
     res = bench_ar_trainer(a.size, a.batch, attn=a.attn, profile_dir=a.profile, hlo_out=a.hlo)
   elif a.what == 'sample':

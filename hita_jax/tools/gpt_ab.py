@@ -1,6 +1,6 @@
 """A/B of GPT switches in one process: each arm's AR training step, timed alternately.
 
-    python -m hita_jax.tools.gpt_ab --size B --batch 64 --arm base: --arm hash:dropout_rng=hash
+    python -m hita_jax.tools.gpt_ab --size B --batch 64 --arm base: --arm threefry:dropout_rng=threefry
 
 Each arm is the `bench gpt_train` step (full size, bf16 compute, random codes, AdamW at the
 official settings; `KEY=VALUE` sets a `GPTConfig` field) on the same parameters and optimizer
@@ -104,6 +104,11 @@ def run_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3, base: 
   return records + [summary]
 
 
+# GPT fields that train_ar.build takes from the train_ar section instead of the gpt one
+TRAINER_SETS = {'gpt.dtype': 'train_ar.compute_dtype', 'gpt.token_dropout': 'train_ar.token_dropout',
+                'gpt.class_dropout_prob': 'train_ar.class_dropout_prob'}
+
+
 def run_trainer_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3, config=None):
   """Times `train_ar`'s jitted step for each arm's config overrides (see the module docstring).
   `config`: the base config (default: the shipped recipe of `size`)."""
@@ -111,25 +116,33 @@ def run_trainer_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3
   from hita_jax import config_lib, sharding
   from hita_jax.tasks import train_ar as ar
   from hita_jax.tools.tok_compile import apply_overrides
+  from hita_jax import training
   check_names(arms)
-  if config is None:
-    config = config_lib.hita_recipe(size, None)
+  config = copy.deepcopy(config) if config is not None else config_lib.hita_recipe(size, None)
   config.train_ar.codes_dir = 'synthetic'
   config.train_ar.global_batch_size = batch
   configs = []  # every arm's overrides checked before the first build
   for name, items in arms:
     c = copy.deepcopy(config)
-    configs.append((c, apply_overrides(c, items)))
-  mesh = sharding.make_mesh([('data', -1)])
+    done = apply_overrides(c, items, '--arm')
+    for key in set(done) & set(TRAINER_SETS):  # train_ar.build sets these from train_ar
+      raise UserError(f'--arm {name}: {key} is set by train_ar in the trainer; use '
+                      f'{TRAINER_SETS[key]}=... instead')
+    configs.append((c, done))
   built, records, batches, key = [], [], None, jax.random.key(0)
   for (name, _), (c, done) in zip(arms, configs):
+    mesh = sharding.make_mesh(config_lib.mesh_spec(c, jax.device_count()))  # as train_ar.run
     t0 = time.perf_counter()
     parts, state, _ = ar.build(c, mesh)
     rec = {'arm': name, 'set': done, 'size': size, 'batch': batch, 'trainer': True,
            'build_s': time.perf_counter() - t0, 'device': jax.devices()[0].device_kind}
-    if batches is None:  # the same batches for every arm
+    if batches is None:  # the same batches for every arm, sharded as train_ar.run shards them
+      rules = config_lib.axis_rules(c)
+      ndim = {'label': 1, 'holistic_codes': 2, 'patch_codes': 2}
+      shardings = {k: sharding.batch_sharding(mesh, rules, n) for k, n in ndim.items()}
       it = ar.make_data(c, parts)
-      batches = [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(2)]
+      batches = [training.global_batch({k: v for k, v in next(it).items() if k in shardings}, shardings)
+                 for _ in range(2)]
     t0 = time.perf_counter()
     compiled = ar.jit_train_step(parts, c).lower(state, None, batches[0], key).compile()
     rec['compile_s'] = time.perf_counter() - t0
@@ -156,7 +169,7 @@ def run_trainer_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3
   peak = flops.device_peak_flops() or 989e12
   for rec, b in zip(records, built):
     cfg = b['cfg']
-    tok_s = batch * cfg.seq_len / rec['step_s']
+    tok_s = batch * cfg.seq_len / rec['step_s'] / jax.device_count()  # per device, as train_ar.run
     rec.update(mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, cfg.seq_len), peak),
                last_loss=b['last_loss'])
   return records + [summary]

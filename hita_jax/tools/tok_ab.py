@@ -85,7 +85,7 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     config.init.allow_random_dinov2 = True
     config.init.allow_random_dino_disc = True
     config.tokenizer_loss.lpips_weights = 'random'
-    configs.append((config, apply_overrides(config, items)))
+    configs.append((config, apply_overrides(config, items, '--arm')))
   mesh = sharding.make_mesh([('data', -1)])
   built, records, batches_by_size = [], [], {}
   key = jax.random.key(0)

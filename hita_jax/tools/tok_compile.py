@@ -62,14 +62,15 @@ def _parse_option(text: str):
   return name, opts
 
 
-def apply_overrides(config, items: list[str]) -> dict:
+def apply_overrides(config, items: list[str], flag: str = '--set') -> dict:
   """'section.key=value' items set on the config (values as Python literals, else strings; the
-  ConfigDict checks the type); returns them as a dict for the records."""
+  ConfigDict checks the type); returns them as a dict for the records. `flag`: the command-line
+  option the items came from, for error messages."""
   done = {}
   for item in items:
     key, sep, text = item.partition('=')
     if not sep or not key:
-      raise UserError(f'--set {item!r}: write KEY=VALUE, e.g. --set tokenizer.dinov2_scan=True')
+      raise UserError(f'{flag} {item!r}: write KEY=VALUE, e.g. tokenizer.dinov2_scan=True')
     *parents, leaf = key.split('.')
     node = config
     for name in parents:
@@ -77,7 +78,7 @@ def apply_overrides(config, items: list[str]) -> dict:
       if not hasattr(node, 'keys'):
         break
     if not hasattr(node, 'keys') or leaf not in node:
-      raise UserError(f'--set {item!r}: the config has no key {key!r} (see the config file)')
+      raise UserError(f'{flag} {item!r}: the config has no key {key!r} (see the config file)')
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
