@@ -166,7 +166,6 @@ def test_hash_dropout_rng_trains_and_leaves_eval_and_parameters_alone():
     layers = [mod for _, mod in nnx.iter_graph(m) if type(mod).__name__ == 'HolisticLayer']
     assert len(layers) == 3 * m.cfg.depth  # E_trans, E_causal and the fusion decoder, each of depth
     assert {layer.dropout_rng for layer in layers} == {rng}
-    graphdef, params, rest = nnx.split(m, trainable_filter(), ...)
     m.eval()
     eval_recon = np.asarray(m(x)['recon'])
     m.train()

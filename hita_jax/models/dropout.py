@@ -1,6 +1,7 @@
-"""Dropout for the AR model (and the tokenizer's transformers): inverted dropout with masks from Threefry (stored for the backward,
-as autodiff keeps them) or from a keyed 32-bit hash of each element's index, recomputed in the
-backward (`GPTConfig.dropout_rng`), and per-sample stochastic depth.
+"""Dropout for the AR model and the tokenizer's transformers: inverted dropout with masks from
+Threefry (stored for the backward, as autodiff keeps them) or from a keyed 32-bit hash of each
+element's index, recomputed in the backward (`GPTConfig.dropout_rng`, `TokenizerConfig.dropout_rng`),
+and per-sample stochastic depth.
 
 Why the hash: an AR training step's masks are drawn up front and kept. On GPT-B/64 (H100,
 2026-12-05b HLO) writing the Threefry words, turning them into one-byte masks and reading those in
@@ -157,8 +158,6 @@ def drop_path(x, rate: float, key):
     return x
   keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 
 
 def module_dropout(module: nnx.Dropout, x, rng: str = 'threefry'):

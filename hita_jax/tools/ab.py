@@ -1,7 +1,9 @@
 """What the in-process A/B tools (`tok_ab`, `gpt_ab`) and the device benchmarks share: arm
-parsing, train-state layouts, the alternating timings' summary, and JSON-line output."""
+parsing, config overrides, train-state layouts, the alternating timings' summary, and JSON-line
+output."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 
@@ -17,6 +19,32 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
     raise UserError(f'--arm {text!r}: write NAME:KEY=VALUE[,KEY=VALUE...] '
                     '(e.g. --arm scan:tokenizer.dinov2_scan=True; NAME: alone is the shipped config)')
   return name, [item for item in rest.split(',') if item]
+
+
+def apply_overrides(config, items: list[str], flag: str = '--set') -> dict:
+  """'section.key=value' items set on the config (values as Python literals, else strings; the
+  ConfigDict checks the type); returns them as a dict for the records. `flag`: the command-line
+  option the items came from, for error messages."""
+  done = {}
+  for item in items:
+    key, sep, text = item.partition('=')
+    if not sep or not key:
+      raise UserError(f'{flag} {item!r}: write KEY=VALUE, e.g. tokenizer.dinov2_scan=True')
+    *parents, leaf = key.split('.')
+    node = config
+    for name in parents:
+      node = node[name] if name in node else None
+      if not hasattr(node, 'keys'):
+        break
+    if not hasattr(node, 'keys') or leaf not in node:
+      raise UserError(f'{flag} {item!r}: the config has no key {key!r} (see the config file)')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node[leaf] = value
+    done[key] = value
+  return done
 
 
 def check_names(arms) -> None:

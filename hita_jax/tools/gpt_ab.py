@@ -26,13 +26,15 @@ import dataclasses
 import time
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from hita_jax import cli
+from hita_jax import cli, config_lib, sharding, training
 from hita_jax.errors import UserError
 from hita_jax.metrics import flops
 from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
-from hita_jax.tools.ab import check_names, emit_jsonl, layout, parse_arm, summarize
+from hita_jax.tasks import train_ar as ar
+from hita_jax.tools.ab import apply_overrides, check_names, emit_jsonl, layout, parse_arm, summarize
 from hita_jax.tools.bench import full_size_config, gpt_train_optimizer, gpt_train_step, random_codes
 
 
@@ -112,11 +114,6 @@ TRAINER_SETS = {'gpt.dtype': 'train_ar.compute_dtype', 'gpt.token_dropout': 'tra
 def run_trainer_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3, config=None):
   """Times `train_ar`'s jitted step for each arm's config overrides (see the module docstring).
   `config`: the base config (default: the shipped recipe of `size`)."""
-  import jax.numpy as jnp
-  from hita_jax import config_lib, sharding
-  from hita_jax.tasks import train_ar as ar
-  from hita_jax.tools.tok_compile import apply_overrides
-  from hita_jax import training
   check_names(arms)
   config = copy.deepcopy(config) if config is not None else config_lib.hita_recipe(size, None)
   config.train_ar.codes_dir = 'synthetic'

@@ -35,8 +35,7 @@ import numpy as np
 from flax import nnx
 
 from hita_jax import cli, config_lib, sharding
-from hita_jax.tools.ab import check_names, emit_jsonl, layout, parse_arm, summarize
-from hita_jax.tools.tok_compile import apply_overrides
+from hita_jax.tools.ab import apply_overrides, check_names, emit_jsonl, layout, parse_arm, summarize
 
 LOSS_KEYS = ('g_loss', 'rec_loss', 'vq_loss', 'd_loss')
 

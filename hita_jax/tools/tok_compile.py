@@ -30,7 +30,6 @@ pass's time on stderr; a '=== tok_compile: compile NAME' line marks where each c
 from __future__ import annotations
 
 import argparse
-import ast
 import gzip
 import os
 import re
@@ -42,8 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hita_jax import cli, config_lib, sharding
-from hita_jax.errors import UserError
-from hita_jax.tools.ab import emit_jsonl
+from hita_jax.tools.ab import apply_overrides, emit_jsonl
 
 
 def _emit(rec: dict):
@@ -60,32 +58,6 @@ def _parse_option(text: str):
       raise ValueError(f'--options {text!r}: write NAME:xla_option=value[,...]')
     opts[k.strip()] = {'true': True, 'false': False}.get(v.lower(), int(v) if v.lstrip('-').isdigit() else v)
   return name, opts
-
-
-def apply_overrides(config, items: list[str], flag: str = '--set') -> dict:
-  """'section.key=value' items set on the config (values as Python literals, else strings; the
-  ConfigDict checks the type); returns them as a dict for the records. `flag`: the command-line
-  option the items came from, for error messages."""
-  done = {}
-  for item in items:
-    key, sep, text = item.partition('=')
-    if not sep or not key:
-      raise UserError(f'{flag} {item!r}: write KEY=VALUE, e.g. tokenizer.dinov2_scan=True')
-    *parents, leaf = key.split('.')
-    node = config
-    for name in parents:
-      node = node[name] if name in node else None
-      if not hasattr(node, 'keys'):
-        break
-    if not hasattr(node, 'keys') or leaf not in node:
-      raise UserError(f'{flag} {item!r}: the config has no key {key!r} (see the config file)')
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    node[leaf] = value
-    done[key] = value
-  return done
 
 
 def hlo_stats(text: str) -> dict:
