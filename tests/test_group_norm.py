@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hita_jax.models import layers
 from hita_jax.models.layers import GroupNorm, group_norm
+
+SPELLINGS = [s for s in layers.SPATIAL_SUMS if s != 'auto']
 
 
 def _reference(x, scale, bias, groups, eps, swish):
@@ -111,13 +114,16 @@ def test_gradient_program_moves_fewer_bytes_than_autodiff_of_the_reference():
   assert ours < 0.75 * ref, (ours, ref)
 
 
-def test_cnn_bench_times_three_programs_that_compute_the_same_gradients():
-  """`bench cnn_train` (the GPU A/B of this op: as shipped, without the conv-bias fold, and
-  flax's GroupNorm then swish) at a small image in fp32: every variant compiled and timed, the
-  same loss and gradients (in bf16 they differ by rounding, ~2 %)."""
+def test_cnn_bench_times_programs_that_compute_the_same_gradients():
+  """`bench cnn_train` (the GPU A/B of this op: as shipped, without the conv-bias fold, flax's
+  GroupNorm then swish, the recomputing backward, the other sum spellings) at a small image in
+  fp32: every variant compiled and timed, the same loss and gradients (in bf16 they differ by
+  rounding, ~2 %)."""
   from hita_jax.tools import bench
   res = bench.bench_cnn_train(1, image_size=32, iters=1, dtype=jnp.float32, ch=32, rounds=1)
-  for other in ('nofold', 'flax'):
+  others = [k[:-len('_step_s')] for k in res if k.endswith('_step_s') and k != 'fused_step_s']
+  assert {'nofold', 'flax', 'recompute', 'sum_split', 'sum_variadic'} <= set(others), others
+  for other in others:
     assert res['fused_step_s'] > 0 and res[f'{other}_step_s'] > 0
     assert res[f'loss_abs_diff_{other}'] < 1e-6, res
     assert res[f'grad_rel_diff_{other}'] < 1e-4, res
@@ -182,8 +188,8 @@ def test_conv_without_bias_then_pre_bias_is_the_resnet_block_it_replaced():
 
 
 def test_cnn_norm_impls_compute_the_same_function_with_the_same_parameters():
-  """tokenizer.cnn_norm_impl ('fused' with the conv1-bias fold, 'fused_nofold', 'xla' = autodiff of
-  the same formula) is an A/B switch (`tools/tok_ab`): the same parameter paths and draws, and in
+  """tokenizer.cnn_norm_impl ('fused' with the conv1-bias fold, 'fused_recompute' the same with the
+  recomputing backward, 'fused_nofold', 'xla' = autodiff of the same formula) is an A/B switch (`tools/tok_ab`): the same parameter paths and draws, and in
   fp32 the same values and gradients for the encoder + decoder; a bad value is named."""
   from hita_jax.errors import UserError
   from hita_jax.models.cnn import CNNDecoder, CNNEncoder
@@ -196,20 +202,20 @@ def test_cnn_norm_impls_compute_the_same_function_with_the_same_parameters():
   x = jax.random.uniform(jax.random.key(6), (2, 16, 16, 3), minval=-1, maxval=1)
   loss = lambda graph, rest: lambda p: jnp.sum(jnp.sin(3 * (lambda e, d: d(e(x)))(*nnx.merge(graph, p, rest))))
   results = {}
-  for impl in ('fused', 'fused_nofold', 'xla'):
+  for impl in layers.NORM_IMPLS:
     enc, dec = build(impl)
     # the switch reaches every norm, and the fold only under 'fused'
     norms = [mod for _, mod in nnx.iter_graph((enc, dec)) if isinstance(mod, GroupNorm)]
     assert norms and {n.impl for n in norms} == {impl}
     blocks = [mod for _, mod in nnx.iter_graph((enc, dec)) if type(mod).__name__ == 'ResnetBlock']
-    assert {b.fold_conv1_bias for b in blocks} == {impl == 'fused'}
+    assert {b.fold_conv1_bias for b in blocks} == {impl in ('fused', 'fused_recompute')}
     graph, params, rest = nnx.split((enc, dec), nnx.Param, ...)
     jaxpr = str(jax.make_jaxpr(loss(graph, rest))(params))
     assert ('custom_vjp_call' in jaxpr) == (impl != 'xla'), impl
     val, grads = jax.value_and_grad(loss(graph, rest))(params)
     results[impl] = (float(val), nnx.to_flat_state(params), nnx.to_flat_state(grads))
   val0, params0, grads0 = results['fused']
-  for impl in ('fused_nofold', 'xla'):
+  for impl in ('fused_recompute', 'fused_nofold', 'xla'):
     val, params, grads = results[impl]
     assert [p for p, _ in params] == [p for p, _ in params0]
     for (_, a), (_, b) in zip(params, params0):
@@ -225,3 +231,116 @@ def test_cnn_norm_impls_compute_the_same_function_with_the_same_parameters():
     Tokenizer(TokenizerConfig(cnn_norm_impl='flax'), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='GroupNorm impl'):
     GroupNorm(8, groups=4, impl='fast', rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('backward', layers.GN_BACKWARDS)
+@pytest.mark.parametrize('spelling', SPELLINGS)
+@pytest.mark.parametrize('pre', [False, True])
+def test_sum_spellings_and_backwards_match_flax_in_fp32(spelling, backward, pre, monkeypatch):
+  """Every spelling of the per-channel sums (layers.SPATIAL_SUM) and both backwards compute the
+  reference's values and gradients in fp32, with and without a folded pre-bias."""
+  monkeypatch.setattr(layers, 'SPATIAL_SUM', spelling)
+  shape, groups = (2, 6, 5, 32), 8
+  x, scale, bias = _inputs(shape, jnp.float32, seed=13)
+  p = 0.5 * jax.random.normal(jax.random.key(14), (shape[-1],)) if pre else jnp.zeros((shape[-1],))
+  w = jax.random.normal(jax.random.key(15), shape)
+  ours = lambda x, s, b, p: group_norm(x, s, b, groups, 1e-6, True, p if pre else None, backward)
+  ref = lambda x, s, b, p: _reference(x + p, s, b, groups, 1e-6, True)
+  np.testing.assert_allclose(ours(x, scale, bias, p), ref(x, scale, bias, p), rtol=1e-5, atol=1e-5)
+  argnums = (0, 1, 2, 3) if pre else (0, 1, 2)
+  g = jax.grad(lambda *a: jnp.sum(ours(*a) * w), argnums=argnums)(x, scale, bias, p)
+  g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=argnums)(x, scale, bias, p)
+  for name, a, b in zip(('dx', 'dscale', 'dbias', 'dpre_bias'), g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(np.abs(b).max()), err_msg=name)
+
+
+@pytest.mark.parametrize('spelling,backward', [('split', 'shared'), ('split', 'recompute'),
+                                               ('flat', 'recompute'), ('variadic', 'shared')])
+def test_fast_paths_bf16_match_fp32_within_bf16_rounding(spelling, backward, monkeypatch):
+  """The GPU spelling ('split', the 'auto' pick there) and the recomputing backward in bf16
+  against the same op in fp32 (inputs bf16-representable): the output is the fp32 result rounded
+  once; dx, dscale, dbias and the pre-bias gradient within bf16 error."""
+  monkeypatch.setattr(layers, 'SPATIAL_SUM', spelling)
+  shape, groups = (2, 8, 8, 64), 32
+  x16, scale, bias = _inputs(shape, jnp.bfloat16, seed=21)
+  x32 = x16.astype(jnp.float32)
+  pre = 0.5 * jax.random.normal(jax.random.key(22), (shape[-1],))
+  w = jax.random.normal(jax.random.key(23), shape)
+  f = lambda x, s, b, p: group_norm(x, s, b, groups, 1e-6, True, p, backward)
+  y16, y32 = f(x16, scale, bias, pre), f(x32, scale, bias, pre)
+  assert y16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y16, y32.astype(jnp.bfloat16))
+  loss = lambda x, s, b, p: jnp.sum(f(x, s, b, p).astype(jnp.float32) * w)
+  g16 = jax.grad(loss, argnums=(0, 1, 2, 3))(x16, scale, bias, pre)
+  g32 = jax.grad(loss, argnums=(0, 1, 2, 3))(x32, scale, bias, pre)
+  assert g16[0].dtype == jnp.bfloat16 and all(g.dtype == jnp.float32 for g in g16[1:])
+  for name, a, b in zip(('dx', 'dscale', 'dbias', 'dpre_bias'), g16, g32):
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2e-2,
+                               atol=2e-2 * float(np.abs(b).max()), err_msg=name)
+
+
+def test_auto_spelling_is_split_on_gpu_and_flat_elsewhere(monkeypatch):
+  monkeypatch.setattr(layers, 'SPATIAL_SUM', 'auto')
+  assert layers._spelling() == ('split' if jax.default_backend() == 'gpu' else 'flat')
+  for backend, want in (('gpu', 'split'), ('cuda', 'split'), ('cpu', 'flat'), ('tpu', 'flat')):
+    monkeypatch.setattr(jax, 'default_backend', lambda b=backend: b)
+    assert layers._spelling() == want, backend
+
+
+def test_bad_spelling_and_backward_are_named(monkeypatch):
+  x, scale, bias = _inputs((1, 4, 4, 8), jnp.float32)
+  with pytest.raises(ValueError, match='backward must be one of'):
+    group_norm(x, scale, bias, 4, 1e-6, True, None, 'stored')
+  monkeypatch.setattr(layers, 'SPATIAL_SUM', 'tree')
+  with pytest.raises(ValueError, match='SPATIAL_SUM must be one of'):
+    group_norm(x, scale, bias, 4, 1e-6, True)
+
+
+def _full_size_reductions(backward, spelling, monkeypatch):
+  """Reductions over a full-size (spatial) operand in the gradient's jaxpr, and whether an
+  optimization barrier is there."""
+  monkeypatch.setattr(layers, 'SPATIAL_SUM', spelling)
+  x, scale, bias = _inputs((2, 8, 8, 32), jnp.float32)
+  pre = jnp.ones((32,))
+  loss = lambda x, p: jnp.sum(jnp.sin(group_norm(x, scale, bias, 8, 1e-6, True, p, backward)))
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, pre)
+  found = []
+
+  def walk(jp):
+    for eqn in jp.eqns:
+      if eqn.primitive.name in ('reduce_sum', 'reduce') and eqn.invars[0].aval.size >= x.size:
+        found.append(eqn.primitive.name)
+      for v in eqn.params.values():  # into the custom VJP's and pjit's inner jaxprs
+        for j in (v if isinstance(v, (list, tuple)) else [v]):
+          if hasattr(j, 'jaxpr') and hasattr(j.jaxpr, 'eqns'):
+            walk(j.jaxpr)
+          elif hasattr(j, 'eqns'):
+            walk(j)
+  walk(jaxpr.jaxpr)
+  return len(found), 'optimization_barrier' in str(jaxpr)
+
+
+def test_recompute_backward_makes_one_reduction_pass_fewer_and_cuts_the_sharing(monkeypatch):
+  """Under the conv-bias fold the shared backward sums x-hat in a reduction of its own; the
+  recomputing one takes those sums from the forward's sums of x (one full-size reduction fewer)
+  and recomputes dy * swish'(y) behind an optimization barrier (nothing for XLA to write out)."""
+  shared, shared_barrier = _full_size_reductions('shared', 'flat', monkeypatch)
+  recompute, recompute_barrier = _full_size_reductions('recompute', 'flat', monkeypatch)
+  # the loss's sum (1), the forward's mean and variance (2), the backward's sums of dy and
+  # dy * x-hat (2), and of x-hat when shared (1)
+  assert (shared, recompute) == (6, 5)
+  assert recompute_barrier and not shared_barrier
+
+
+def test_gn_sums_bench_times_every_spelling_and_backward_on_the_same_gradients():
+  """`bench gn_sums` (the op alone per resolution, the GPU A/B of layers.SPATIAL_SUM and the
+  backwards): every variant timed, bf16 gradients within rounding of the first variant's."""
+  from hita_jax.tools import bench
+  res = bench.bench_gn_sums(1, iters=1, rounds=1, shapes=[(12, 64)])
+  row, = res['rows']
+  variants = ['flat', 'split', 'variadic', 'flat+recompute', 'split+recompute']
+  assert [k for k in row if isinstance(row[k], dict)] == variants
+  for v in variants:
+    assert row[v]['fwd_ms'] > 0 and row[v]['fwd_bwd_ms'] > 0 and row[v]['fwd_bwd_passes'] > 0
+    assert row[v]['grad_max_rel_diff_vs_first'] < 2e-2, (v, row[v])

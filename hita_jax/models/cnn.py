@@ -23,7 +23,7 @@ class ResnetBlock(nnx.Module):
 
   def __init__(self, cin: int, cout: int, *, dropout: float = 0.0, groups: int = 32,
                norm_impl: str = 'fused', dtype=jnp.float32, rngs: nnx.Rngs):
-    self.fold_conv1_bias = norm_impl == 'fused'
+    self.fold_conv1_bias = norm_impl in ('fused', 'fused_recompute')
     self.norm1 = GroupNorm(cin, groups=groups, impl=norm_impl, rngs=rngs)
     self.conv1 = conv(cin, cout, 3, dtype=dtype, rngs=rngs)
     self.norm2 = GroupNorm(cout, groups=groups, impl=norm_impl, rngs=rngs)

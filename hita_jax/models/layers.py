@@ -81,7 +81,7 @@ class LayerNorm(_Fp32Norm):
     self.norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs, **_norm_args())
 
 
-NORM_IMPLS = ('fused', 'fused_nofold', 'xla')
+NORM_IMPLS = ('fused', 'fused_recompute', 'fused_nofold', 'xla')
 
 
 class GroupNorm(nnx.Module):
@@ -89,8 +89,9 @@ class GroupNorm(nnx.Module):
   swish: `norm(x, swish=True)` is the CNN's GN -> swish pair in one op (`group_norm`).
 
   impl: 'fused' / 'fused_nofold' = `group_norm`'s hand-written backward (the CNN folds each
-  ResnetBlock's conv1 bias into norm2 only under 'fused'); 'xla' = autodiff of the same forward
-  formula, for A/B timing and backends where the custom VJP does not pay."""
+  ResnetBlock's conv1 bias into norm2 except under 'fused_nofold'); 'fused_recompute' = the same
+  with `backward='recompute'`; 'xla' = autodiff of the same forward formula, for A/B timing and
+  backends where the custom VJP does not pay."""
 
   def __init__(self, dim: int, *, groups: int = 32, eps: float = 1e-6, impl: str = 'fused',
                rngs: nnx.Rngs):
@@ -103,8 +104,10 @@ class GroupNorm(nnx.Module):
 
   def __call__(self, x, *, swish: bool = False, pre_bias=None):
     n = self.norm
-    fn = group_norm if self.impl != 'xla' else (lambda *a: _group_norm_fwd(*a)[0])
-    return fn(x, n.scale[...], n.bias[...], n.num_groups, n.epsilon, swish, pre_bias)
+    if self.impl == 'xla':
+      return _group_norm_fwd(x, n.scale[...], n.bias[...], n.num_groups, n.epsilon, swish, pre_bias)[0]
+    backward = 'recompute' if self.impl == 'fused_recompute' else 'shared'
+    return group_norm(x, n.scale[...], n.bias[...], n.num_groups, n.epsilon, swish, pre_bias, backward)
 
 
 def _grouped(x, groups: int):
@@ -114,50 +117,105 @@ def _grouped(x, groups: int):
   return xg, tuple(range(1, x.ndim - 1)) + (x.ndim,), xg.size // (xg.shape[0] * groups)
 
 
-def _group_sum(a, axes):
-  """Sum over a group's elements as a per-channel sum over the spatial axes (a reduction that
-  keeps the minor axis, which XLA's GPU emitter handles in one kernel), then over the group's
-  channels on the small result."""
-  return jnp.sum(jnp.sum(a, axes[:-1], keepdims=True), axes[-1], keepdims=True)
+# How the per-channel sums over the spatial axes are spelled; the numbers are equal up to fp32
+# summation order. 'flat': one reduce over all spatial axes. 'split': the last spatial axis first,
+# then the rest on that small result (an optimization barrier keeps XLA from merging the two
+# reduces back). 'variadic': the sums of one pass as one variadic reduce. 'auto' = 'split' on GPU
+# (the CNN encoder + decoder's forward + backward at 336 px, batch 16: 3.9 % faster than 'flat' on
+# an H100, twice; 'variadic' 5.8 % slower; docs/PERFORMANCE.md session 24), 'flat' elsewhere.
+# A/B: `python -m hita_jax.tools.bench gn_sums` and `bench cnn_train`.
+SPATIAL_SUMS = ('auto', 'flat', 'split', 'variadic')
+SPATIAL_SUM = 'auto'
+# group_norm's backward: how it meets dy twice. 'shared': one expression of dy * swish'(y), which
+# XLA's GPU fusion writes out in fp32 from the reduction kernel and reads back for dx (two extra
+# x-sized fp32 passes, seen in the optimized HLO). 'recompute': the dx kernel recomputes it from
+# (x, dy) behind an optimization barrier, and the per-channel sums of x-hat come from the forward's
+# sums of x (one reduction pass fewer under the conv-bias fold). Not yet timed on a GPU: opt-in
+# (tokenizer.cnn_norm_impl='fused_recompute').
+GN_BACKWARDS = ('shared', 'recompute')
 
 
-def _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias):
+def _spelling() -> str:
+  if SPATIAL_SUM not in SPATIAL_SUMS:
+    raise ValueError(f'layers.SPATIAL_SUM must be one of {SPATIAL_SUMS}, got {SPATIAL_SUM!r}')
+  if SPATIAL_SUM == 'auto':
+    return 'split' if jax.default_backend() in ('gpu', 'cuda', 'rocm') else 'flat'
+  return SPATIAL_SUM
+
+
+def _spatial_sums(arrays, axes):
+  """Per-channel sums of each array over the spatial `axes` (kept as size-1 dims), one pass."""
+  arrays, spelling = tuple(arrays), _spelling()
+  if spelling == 'split' and len(axes) > 1:
+    parts = jax.lax.optimization_barrier(tuple(jnp.sum(a, axes[-1], keepdims=True) for a in arrays))
+    return tuple(jnp.sum(p, axes[:-1], keepdims=True) for p in parts)
+  if spelling == 'variadic' and len(arrays) > 1:
+    zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
+    sums = jax.lax.reduce(arrays, zeros, lambda u, v: tuple(p + q for p, q in zip(u, v)), axes)
+    return tuple(jnp.expand_dims(t, axes) for t in sums)
+  return tuple(jnp.sum(a, axes, keepdims=True) for a in arrays)
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias, backward='shared'):
   xg, axes, count = _grouped(x, groups)
   gshape = xg.shape[-2:]
   if pre_bias is not None:  # the preceding conv's bias, added here in fp32 (see group_norm)
     xg = xg + pre_bias.astype(jnp.float32).reshape(gshape)
   # Two-pass variance in fp32, as torch (autocast runs group_norm in fp32) and flax's GroupNorm.
-  mean = _group_sum(xg, axes) / count
-  var = _group_sum(jnp.square(xg - mean), axes) / count
+  # Each group sum is a per-channel sum over the spatial axes (a reduction that keeps the minor
+  # axis), then a sum over the group's channels on the small result.
+  spatial = axes[:-1]
+  channel_sums = _spatial_sums((xg,), spatial)[0]               # (N, 1.., G, C/G)
+  mean = jnp.sum(channel_sums, -1, keepdims=True) / count
+  var = jnp.sum(_spatial_sums((jnp.square(xg - mean),), spatial)[0], -1, keepdims=True) / count
   rstd = jax.lax.rsqrt(var + eps)
   y = (xg - mean) * (rstd * scale.reshape(gshape)) + bias.reshape(gshape)
   if swish:  # in fp32 like torch, whose GN output under autocast is fp32; one rounding after it
     y = y * jax.nn.sigmoid(y)
-  return y.reshape(x.shape).astype(x.dtype), (x, mean, rstd, scale, bias, pre_bias)
+  return y.reshape(x.shape).astype(x.dtype), (x, mean, rstd, channel_sums, scale, bias, pre_bias)
 
 
-def _group_norm_bwd(groups, eps, swish, res, dy):
-  """Two passes over (x, dy): per-(sample, channel) sums of dy and dy*xhat, then dx. x is saved
-  instead of the normalised (and swished) activations; they are recomputed in each pass. The
-  pre-bias gradient (the per-channel sum of dx) comes from per-channel sums of the same pass."""
-  del eps
-  x, mean, rstd, scale, bias, pre_bias = res
-  xg, axes, count = _grouped(x, groups)
+def _xhat_and_dy(x, dy, mean, rstd, scale, bias, pre_bias, groups, swish):
+  """(x-hat, dy * d swish(y) / dy) in fp32, grouped, recomputed from x and the statistics."""
+  xg, _, _ = _grouped(x, groups)
   gshape = xg.shape[-2:]
   if pre_bias is not None:
     xg = xg + pre_bias.astype(jnp.float32).reshape(gshape)
-  sc, bi = scale.reshape(gshape), bias.reshape(gshape)
   xhat = (xg - mean) * rstd
   dyg = dy.astype(jnp.float32).reshape(xg.shape)
   if swish:
-    y = xhat * sc + bi
+    y = xhat * scale.reshape(gshape) + bias.reshape(gshape)
     s = jax.nn.sigmoid(y)
     dyg = dyg * (s * (1.0 + y * (1.0 - s)))
-  spatial = axes[:-1]
-  sum_dy = jnp.sum(dyg, spatial, keepdims=True)                 # (N, 1.., G, C/G)
-  sum_dy_xhat = jnp.sum(dyg * xhat, spatial, keepdims=True)
+  return xhat, dyg
+
+
+def _group_norm_bwd(groups, eps, swish, backward, res, dy):
+  """Two passes over (x, dy): per-(sample, channel) sums of dy and dy*xhat, then dx. x is saved
+  instead of the normalised (and swished) activations; they are recomputed in each pass. The
+  pre-bias gradient (the per-channel sum of dx) comes from per-channel sums."""
+  del eps
+  x, mean, rstd, channel_sums, scale, bias, pre_bias = res
+  spatial = tuple(range(1, x.ndim - 1))                        # of the grouped (N, ..., G, C/G)
+  gshape = (groups, x.shape[-1] // groups)
+  count = x.size // (x.shape[0] * groups)
+  sc = scale.reshape(gshape)
+  per_image = count // gshape[-1]                               # spatial positions
+  xhat, dyg = _xhat_and_dy(x, dy, mean, rstd, scale, bias, pre_bias, groups, swish)
+  recompute = backward == 'recompute'
+  if pre_bias is not None and not recompute:  # (N, 1.., G, C/G) each, from one pass over (x, dy)
+    sum_dy, sum_dy_xhat, sum_xhat = _spatial_sums((dyg, dyg * xhat, xhat), spatial)
+  else:
+    sum_dy, sum_dy_xhat = _spatial_sums((dyg, dyg * xhat), spatial)
+    # sum over space of (x - mean) * rstd, from the forward's per-channel sums of x: no pass
+    sum_xhat = rstd * (channel_sums - per_image * mean)
   a = jnp.sum(sum_dy * sc, -1, keepdims=True) / count           # group mean of dy*scale
   b = jnp.sum(sum_dy_xhat * sc, -1, keepdims=True) / count      # group mean of dy*scale*xhat
+  if recompute:
+    # New names for x and dy (and the sums' results, so the pass runs after them): XLA can no
+    # longer share dy * swish'(y) between the reduction and this pass, so nothing is written out.
+    x2, dy2, a, b = jax.lax.optimization_barrier((x, dy, a, b))
+    xhat, dyg = _xhat_and_dy(x2, dy2, mean, rstd, scale, bias, pre_bias, groups, swish)
   dx = rstd * (dyg * sc - a - xhat * b)
   batch_axes = tuple(range(sum_dy.ndim - 2))
   dscale = jnp.sum(sum_dy_xhat, batch_axes).reshape(scale.shape)
@@ -166,16 +224,15 @@ def _group_norm_bwd(groups, eps, swish, res, dy):
   if pre_bias is not None:
     # sum over (N, spatial) of dx, from per-channel sums: no pass over dx (which the conv's own
     # bias gradient would be).
-    sum_xhat = jnp.sum(xhat, spatial, keepdims=True)
-    per_image = count // gshape[-1]                             # spatial positions
     dpre = jnp.sum(rstd * (sum_dy * sc - per_image * a - sum_xhat * b), batch_axes)
     dpre = dpre.reshape(pre_bias.shape).astype(pre_bias.dtype)
   return (dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype),
           dbias.astype(bias.dtype), dpre)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def group_norm(x, scale, bias, groups: int, eps: float, swish: bool = False, pre_bias=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 7))
+def group_norm(x, scale, bias, groups: int, eps: float, swish: bool = False, pre_bias=None,
+               backward: str = 'shared'):
   """GroupNorm over the last axis of `x` (N, ..., C) in fp32, optionally then swish, returned in
   x's dtype. Its VJP reads x and dy twice and writes dx once, where autodiff of the two-pass
   statistics and a separate swish made several more passes over full-resolution activations
@@ -183,7 +240,11 @@ def group_norm(x, scale, bias, groups: int, eps: float, swish: bool = False, pre
 
   `pre_bias` (C,): the bias of the convolution that produced `x` (which then runs without it), added
   here in fp32. Its gradient comes out of the backward's per-channel sums, where the conv's own
-  bias gradient is a further reduction over the full-resolution dx."""
+  bias gradient is a further reduction over the full-resolution dx.
+
+  `backward`: 'shared' or 'recompute' (see GN_BACKWARDS); the gradients are equal up to rounding."""
+  if backward not in GN_BACKWARDS:
+    raise ValueError(f'group_norm backward must be one of {GN_BACKWARDS}, got {backward!r}')
   return _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias)[0]
 
 

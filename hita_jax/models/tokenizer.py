@@ -57,8 +57,12 @@ class TokenizerConfig:
   # 'auto': Hita-V/16 step 0.1531 -> 0.1457 s on an H100 (tok_ab, 2026-12-06)
   attn_impl: str = 'auto'
   # the CNN's GroupNorm(+swish): 'fused' = hand-written backward with each ResnetBlock's conv1 bias
-  # folded into norm2, 'fused_nofold' = the same without the fold, 'xla' = autodiff of the same
-  # formula (layers.GroupNorm); same parameters and values, for A/B timing (tools/tok_ab)
+  # folded into norm2, 'fused_recompute' = the same with the backward that recomputes dy * swish'
+  # (layers.GN_BACKWARDS; not yet timed on a GPU), 'fused_nofold' = 'fused' without the fold,
+  # 'xla' = autodiff of the same formula (layers.GroupNorm); same parameters and values, for A/B
+  # timing (tools/tok_ab). In the CNN's forward + backward on an H100 (2026-12-06, `bench
+  # cnn_train`) the three measured within 2 %; the per-channel sums' spelling mattered more
+  # (layers.SPATIAL_SUM).
   cnn_norm_impl: str = 'fused'
   # the transformers' dropout masks (E_trans, E_causal, fusion decoder): 'threefry' (flax's,
   # stored for the backward) | 'hash' (recomputed in the backward, models/dropout.py); 'threefry':
