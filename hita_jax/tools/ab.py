@@ -82,3 +82,12 @@ def emit_jsonl(rec: dict, filename: str) -> None:
   if os.environ.get('OUT'):
     with open(os.path.join(os.environ['OUT'], filename), 'a') as f:
       f.write(line + '\n')
+
+
+def peak_memory() -> dict:
+  """{'peak_mem_gb': ...} of the first device, where the backend reports it."""
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+    return {'peak_mem_gb': stats.get('peak_bytes_in_use', 0) / 2 ** 30}
+  except Exception:
+    return {}

@@ -43,7 +43,8 @@ from hita_jax.models.rope import apply_rope
 from hita_jax.models.sampler import decode_attn_impl_for, generate, resolve_kv_segments
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
-from hita_jax.tools.ab import emit_jsonl
+from hita_jax.tools.ab import emit_jsonl, peak_memory
+from hita_jax.tools.bench_norm import bench_cnn_train, bench_gn_sums
 
 
 def env_info():
@@ -116,7 +117,7 @@ def bench_gpt_train(size, batch, attn='auto', remat='none', scan=False, warmup=3
              mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, t), peak),
              mfu_causal=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, t, causal=True), peak),
              loss=float(loss), warmup_s=compile_and_warm)
-  out.update(_mem())
+  out.update(peak_memory())
   box = [params, opt_state]
 
   def once():
@@ -194,7 +195,7 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
              images_s=batch / dt, first_call_s=first,
              kv_segments=resolve_kv_segments(kv_segments, fused_attention=impl in KERNEL_IMPLS),
              decode_attn=impl, decode_layer=decode_layer)
-  out.update(_mem())
+  out.update(peak_memory())
   # one run: an XL run is ~270k kernels, and three of them outlast a 100 s budget to parse
   _maybe_profile(out, profile_dir, lambda: run(9), repeats=1)
   return out
@@ -398,7 +399,7 @@ def bench_inception(batch, repeats=5):
     times.append(time.perf_counter() - t0)
   dt = float(np.median(times))
   out = dict(bench='inception_pool3', batch=batch, seconds=dt, images_s=batch / dt, first_call_s=first)
-  out.update(_mem())
+  out.update(peak_memory())
   return out
 
 
@@ -431,7 +432,7 @@ def bench_ar_trainer(size, batch, steps=20, attn='auto', profile_dir=None, hlo_o
   out = dict(bench='train_ar_step', size=size, batch=batch, attn=attn, step_s=dt, images_s=batch / dt,
              tokens_s=tok_s, mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(parts.cfg, t), peak),
              loss=float(m['loss']), warmup_s=warm)
-  out.update(_mem())
+  out.update(peak_memory())
   abstract = checkpoint.abstract_like((state, None, batches[0], key))
   hlo = functools.cache(lambda: jitted.lower(*abstract).compile().as_text())
   _write_hlo(hlo_out, hlo)
@@ -478,7 +479,7 @@ def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None):
   out = dict(bench='train_tokenizer_step', variant=variant, image_size=size, batch=batch, step_s=dt,
              images_s=batch / dt, compile_s=compile_s, first_step_s=first, build_s=build_s,
              g_loss=float(m['g_loss']))
-  out.update(_mem())
+  out.update(peak_memory())
   box = [state]
 
   def once():
@@ -486,14 +487,6 @@ def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None):
     float(mm['g_loss'])
   _maybe_profile(out, profile_dir, once)
   return out
-
-
-def _mem():
-  try:
-    stats = jax.devices()[0].memory_stats() or {}
-    return {'peak_mem_gb': stats.get('peak_bytes_in_use', 0) / 2 ** 30}
-  except Exception:
-    return {}
 
 
 def _parse_tuning(text):
@@ -515,142 +508,6 @@ def _parse_layer_tuning(text):
     raise SystemExit(f'--layer-tuning {text!r}: write BLOCK_M,BLOCK_N,BLOCK_K,WARPS,STAGES, '
                      'e.g. 64,32,128,4,3')
   return dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-
-
-def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128, rounds=2):
-  """The tokenizer's CNN encoder + decoder (official widths, bf16 compute) forward and backward on an L2
-  loss, timed alternately in one process as shipped ('fused': the GroupNorm(+swish) op with each
-  ResnetBlock's conv1 bias folded into norm2), without the fold ('nofold', the program of
-  912b101) and with what the fused op replaced ('flax': flax's GroupNorm in fp32, cast back, then
-  swish in the activation dtype, autodiff; the program before 2026-12-05e), then with the
-  recomputing backward ('recompute') and with the other spellings of the per-channel sums
-  ('sum_<spelling>', layers.SPATIAL_SUMS)."""
-  from unittest import mock
-  from hita_jax.models import cnn, layers
-  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
-  rngs = nnx.Rngs(0)
-  enc = CNNEncoder(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=512,
-                   dtype=dtype, rngs=rngs)
-  dec = CNNDecoder(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=3, z_channels=512,
-                   dtype=dtype, rngs=rngs)
-  graph, params, rest = nnx.split((enc, dec), nnx.Param, ...)
-  x = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3), minval=-1, maxval=1)
-
-  def loss(params, x):
-    e, d = nnx.merge(graph, params, rest)
-    return jnp.mean(jnp.square(d(e(x)) - x))
-
-  fused = layers.group_norm
-
-  def unfolded_group_norm(x, scale, bias, groups, eps, swish, pre_bias=None, backward='shared'):
-    return fused(x, scale, bias, groups, eps, swish)
-
-  def flax_group_norm(x, scale, bias, groups, eps, swish, pre_bias=None, backward='shared'):
-    norm = nnx.GroupNorm(x.shape[-1], num_groups=groups, epsilon=eps, use_fast_variance=False,
-                         dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-    norm.scale[...], norm.bias[...] = scale, bias
-    y = norm(x.astype(jnp.float32)).astype(x.dtype)
-    return y * jax.nn.sigmoid(y) if swish else y
-
-  with_bias = lambda m, x: m(x)  # conv1 adds its own bias again; the norms drop pre_bias
-  variants = {'fused': {}, 'nofold': dict(group_norm=unfolded_group_norm, conv=with_bias),
-              'flax': dict(group_norm=flax_group_norm, conv=with_bias)}
-  def recompute_group_norm(x, scale, bias, groups, eps, swish, pre_bias=None, backward='shared'):
-    return fused(x, scale, bias, groups, eps, swish, pre_bias, 'recompute')
-
-  variants['recompute'] = dict(group_norm=recompute_group_norm)
-  # The fused op with the other spellings of its per-channel sums (layers.SPATIAL_SUM).
-  default_sum = layers._spelling()
-  variants.update({f'sum_{s}': dict(spatial_sum=s) for s in layers.SPATIAL_SUMS if s not in ('auto', default_sum)})
-  steps, res = {}, {'bench': 'cnn_train', 'batch': batch, 'image_size': image_size,
-                    'spatial_sum': default_sum}
-  for name, patch in variants.items():
-    with mock.patch.object(layers, 'group_norm', patch.get('group_norm', fused)), \
-         mock.patch.object(layers, 'SPATIAL_SUM', patch.get('spatial_sum', layers.SPATIAL_SUM)), \
-         mock.patch.object(cnn, 'conv_without_bias', patch.get('conv', cnn.conv_without_bias)):
-      t0 = time.perf_counter()
-      steps[name] = jax.jit(jax.value_and_grad(loss)).lower(params, x).compile()
-      res[f'{name}_compile_s'] = time.perf_counter() - t0
-  times = {name: [] for name in steps}
-  for _ in range(rounds):  # alternate, so drift hits all
-    for name, step in steps.items():
-      jax.block_until_ready(step(params, x))
-      t0 = time.perf_counter()
-      for _ in range(iters):
-        out = step(params, x)
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - t0) / iters)
-  for name, t in times.items():
-    res[f'{name}_step_s'] = min(t)
-  # The programs compute the same loss and gradients (up to bf16 rounding): the A/B is fair.
-  outs = {n: steps[n](params, x) for n in steps}
-  # Over all gradients at once: a leaf whose true gradient is 0 (the attention's key bias) has only
-  # rounding noise, which a per-leaf ratio would blow up.
-  sq = lambda t: sum(float(jnp.sum(jnp.square(v.astype(jnp.float32)))) for v in jax.tree.leaves(t))
-  (l1, g1) = outs['fused']
-  for other in [n for n in steps if n != 'fused']:
-    l2, g2 = outs[other]
-    res[f'loss_abs_diff_{other}'] = float(abs(l1 - l2))
-    res[f'grad_rel_diff_{other}'] = (sq(jax.tree.map(jnp.subtract, g1, g2)) / sq(g2)) ** 0.5
-    res[f'speedup_vs_{other}'] = res[f'{other}_step_s'] / res['fused_step_s']
-  res.update(_mem())
-  return res
-
-
-def bench_gn_sums(batch, iters=20, rounds=2, shapes=None):
-  """The fused GroupNorm + swish (with a folded conv bias) alone at each of the tokenizer CNN's
-  resolutions (Hita-V widths, 336 px, bf16), forward and forward + backward, once per spelling of
-  its per-channel sums (`layers.SPATIAL_SUMS`) and per backward (`layers.GN_BACKWARDS`), beside a
-  copy of x (read + write) as the bandwidth reference. Reports ms per call and x-sized passes
-  (time / (bytes of x / copy rate)); the floor is 4 passes forward and 9 forward + backward (the
-  vjp runs the forward's two statistics passes again)."""
-  from unittest import mock
-  from hita_jax.models import layers
-  shapes = shapes or [(336, 128), (168, 128), (84, 256), (42, 256), (21, 512)]  # (size, channels)
-  res = {'bench': 'gn_sums', 'batch': batch, 'default': layers.SPATIAL_SUM, 'rows': []}
-
-  def timed(fn, *args):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    best = float('inf')
-    for _ in range(rounds):
-      t0 = time.perf_counter()
-      for _ in range(iters):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      best = min(best, (time.perf_counter() - t0) / iters)
-    return best, out
-
-  for size, c in shapes:
-    k = jax.random.split(jax.random.key(size), 6)
-    x = (jax.random.normal(k[0], (batch, size, size, c)) + 0.3).astype(jnp.bfloat16)
-    dy = jax.random.normal(k[1], x.shape).astype(jnp.bfloat16)
-    scale, bias, pre = (1 + 0.1 * jax.random.normal(k[2], (c,)), 0.1 * jax.random.normal(k[3], (c,)),
-                        0.1 * jax.random.normal(k[4], (c,)))
-    copy_s, _ = timed(jax.jit(lambda x: x + 1), x)
-    nbytes = x.size * x.dtype.itemsize
-    row = {'size': size, 'channels': c, 'x_gb': nbytes / 1e9, 'copy_ms': copy_s * 1e3,
-           'copy_tb_s': 2 * nbytes / copy_s / 1e12}
-    pass_s = nbytes / (2 * nbytes / copy_s)  # one x-sized read or write at the copy's rate
-    ref = None
-    names = [(sp, 'shared') for sp in layers.SPATIAL_SUMS if sp != 'auto']
-    names += [(sp, 'recompute') for sp in ('flat', 'split')]
-    for spelling, backward in names:
-      with mock.patch.object(layers, 'SPATIAL_SUM', spelling):
-        fwd = jax.jit(lambda x, s, b, p: layers.group_norm(x, s, b, 32, 1e-6, True, p))
-        vjp = jax.jit(lambda x, s, b, p, dy: jax.vjp(
-            lambda *a: layers.group_norm(*a[:3], 32, 1e-6, True, a[3], backward), x, s, b, p)[1](dy))
-        f_s, _ = timed(fwd, x, scale, bias, pre)
-        b_s, grads = timed(vjp, x, scale, bias, pre, dy)
-      if ref is None:
-        ref = grads
-      err = max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))) /
-                      (float(jnp.max(jnp.abs(r.astype(jnp.float32)))) + 1e-30)) for g, r in zip(grads, ref))
-      row[spelling if backward == 'shared' else f'{spelling}+{backward}'] = {'fwd_ms': f_s * 1e3, 'fwd_bwd_ms': b_s * 1e3, 'fwd_passes': f_s / pass_s,
-                       'fwd_bwd_passes': b_s / pass_s, 'grad_max_rel_diff_vs_first': err}
-    res['rows'].append(row)
-  res.update(_mem())
-  return res
 
 
 def main(argv=None):
