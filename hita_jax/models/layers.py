@@ -88,10 +88,10 @@ class GroupNorm(nnx.Module):
   """torch.nn.GroupNorm(32, C, eps=1e-6) on channels-last input, in fp32, optionally followed by
   swish: `norm(x, swish=True)` is the CNN's GN -> swish pair in one op (`group_norm`).
 
-  impl: 'fused' / 'fused_nofold' = `group_norm`'s hand-written backward (the CNN folds each
-  ResnetBlock's conv1 bias into norm2 except under 'fused_nofold'); 'fused_recompute' = the same
-  with `backward='recompute'`; 'xla' = autodiff of the same forward formula, for A/B timing and
-  backends where the custom VJP does not pay."""
+  impl: 'fused' / 'fused_nofold' = `group_norm`'s hand-written backward; 'fused_recompute' = the
+  same with `backward='recompute'`; 'xla' = autodiff of the same forward formula, for A/B timing
+  and backends where the custom VJP does not pay. The CNN folds each ResnetBlock's conv1 bias into
+  norm2 only under 'fused' and 'fused_recompute'."""
 
   def __init__(self, dim: int, *, groups: int = 32, eps: float = 1e-6, impl: str = 'fused',
                rngs: nnx.Rngs):
@@ -120,18 +120,19 @@ def _grouped(x, groups: int):
 # How the per-channel sums over the spatial axes are spelled; the numbers are equal up to fp32
 # summation order. 'flat': one reduce over all spatial axes. 'split': the last spatial axis first,
 # then the rest on that small result (an optimization barrier keeps XLA from merging the two
-# reduces back). 'variadic': the sums of one pass as one variadic reduce. 'auto' = 'split' on GPU
-# (the CNN encoder + decoder's forward + backward at 336 px, batch 16: 3.9 % faster than 'flat' on
-# an H100, twice; 'variadic' 5.8 % slower; docs/PERFORMANCE.md session 24), 'flat' elsewhere.
-# A/B: `python -m hita_jax.tools.bench gn_sums` and `bench cnn_train`.
+# reduces back). 'variadic': the sums of one pass as one variadic reduce. 'auto' = 'split' when
+# the default backend is a GPU (the CNN encoder + decoder's forward + backward at 336 px, batch 16:
+# 3.9 % faster than 'flat' on an H100, twice; 'variadic' 5.8 % slower; docs/PERFORMANCE.md session
+# 24), 'flat' elsewhere. Read when a program is traced (as the attention's 'auto'): set it before
+# the first trace. A/B: `python -m hita_jax.tools.bench gn_sums` and `bench cnn_train`.
 SPATIAL_SUMS = ('auto', 'flat', 'split', 'variadic')
 SPATIAL_SUM = 'auto'
 # group_norm's backward: how it meets dy twice. 'shared': one expression of dy * swish'(y), which
 # XLA's GPU fusion writes out in fp32 from the reduction kernel and reads back for dx (two extra
 # x-sized fp32 passes, seen in the optimized HLO). 'recompute': the dx kernel recomputes it from
 # (x, dy) behind an optimization barrier, and the per-channel sums of x-hat come from the forward's
-# sums of x (one reduction pass fewer under the conv-bias fold). Not yet timed on a GPU: opt-in
-# (tokenizer.cnn_norm_impl='fused_recompute').
+# sums of x (under the conv-bias fold one full-size reduction fewer; XLA's GPU fusion had made it
+# a pass of its own). Not yet timed on a GPU: opt-in (tokenizer.cnn_norm_impl='fused_recompute').
 GN_BACKWARDS = ('shared', 'recompute')
 
 
@@ -139,7 +140,7 @@ def _spelling() -> str:
   if SPATIAL_SUM not in SPATIAL_SUMS:
     raise ValueError(f'layers.SPATIAL_SUM must be one of {SPATIAL_SUMS}, got {SPATIAL_SUM!r}')
   if SPATIAL_SUM == 'auto':
-    return 'split' if jax.default_backend() in ('gpu', 'cuda', 'rocm') else 'flat'
+    return 'split' if jax.default_backend() == 'gpu' else 'flat'
   return SPATIAL_SUM
 
 
@@ -157,6 +158,9 @@ def _spatial_sums(arrays, axes):
 
 
 def _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias, backward='shared'):
+  # Checked here too: under differentiation JAX runs this, not group_norm's body.
+  if backward not in GN_BACKWARDS:
+    raise ValueError(f'group_norm backward must be one of {GN_BACKWARDS}, got {backward!r}')
   xg, axes, count = _grouped(x, groups)
   gshape = xg.shape[-2:]
   if pre_bias is not None:  # the preceding conv's bias, added here in fp32 (see group_norm)

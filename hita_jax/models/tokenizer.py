@@ -60,9 +60,9 @@ class TokenizerConfig:
   # folded into norm2, 'fused_recompute' = the same with the backward that recomputes dy * swish'
   # (layers.GN_BACKWARDS; not yet timed on a GPU), 'fused_nofold' = 'fused' without the fold,
   # 'xla' = autodiff of the same formula (layers.GroupNorm); same parameters and values, for A/B
-  # timing (tools/tok_ab). In the CNN's forward + backward on an H100 (2026-12-06, `bench
-  # cnn_train`) the three measured within 2 %; the per-channel sums' spelling mattered more
-  # (layers.SPATIAL_SUM).
+  # timing (tools/tok_ab). In the Hita-V/16 step on an H100 (2026-12-06, tok_ab) 'fused',
+  # 'fused_nofold' and 'xla' were within the rounds' spread; in the CNN's forward + backward
+  # (`bench cnn_train`) the norms' sum spelling (layers.SPATIAL_SUM) mattered more.
   cnn_norm_impl: str = 'fused'
   # the transformers' dropout masks (E_trans, E_causal, fusion decoder): 'threefry' (flax's,
   # stored for the backward) | 'hash' (recomputed in the backward, models/dropout.py); 'threefry':
