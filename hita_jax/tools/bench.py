@@ -10,6 +10,7 @@
     python -m hita_jax.tools.bench tok_trainer --batch 16      (train_tokenizer's step, Hita-V @336)
     python -m hita_jax.tools.bench cnn_train --batch 16        (CNN encoder+decoder: fused GroupNorm, no fold, flax, sum spellings)
     python -m hita_jax.tools.bench gn_sums --batch 16          (the fused GroupNorm alone per resolution and sum spelling)
+    python -m hita_jax.tools.bench hbm --batch 64              (read / copy rates; the sampler's bandwidth floor at 64 images)
     python -m hita_jax.tools.tok_ab --batch 16 --arm base: --arm new:KEY=VALUE,...  (tokenizer switches, alternating)
     ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
 
@@ -44,6 +45,7 @@ from hita_jax.models.sampler import decode_attn_impl_for, generate, resolve_kv_s
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
 from hita_jax.tools.ab import emit_jsonl, peak_memory
+from hita_jax.tools.bench_floor import bench_hbm
 from hita_jax.tools.bench_norm import bench_cnn_train, bench_gn_sums
 
 
@@ -514,7 +516,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
   p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'decode_attn', 'decode_matmul',
-                                  'inception', 'tok_trainer', 'cnn_train', 'gn_sums'])
+                                  'inception', 'tok_trainer', 'cnn_train', 'gn_sums', 'hbm'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
@@ -565,6 +567,8 @@ def main(argv=None):
     res = bench_cnn_train(a.batch, iters=a.iters)
   elif a.what == 'gn_sums':
     res = bench_gn_sums(a.batch)
+  elif a.what == 'hbm':
+    res = bench_hbm(images=a.batch)
   else:
     res = bench_inception(a.batch)
   res.update(env_info())
