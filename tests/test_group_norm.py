@@ -123,7 +123,7 @@ def test_cnn_bench_times_programs_that_compute_the_same_gradients():
   res = bench.bench_cnn_train(1, image_size=32, iters=1, dtype=jnp.float32, ch=32, rounds=1)
   others = [k[:-len('_step_s')] for k in res if k.endswith('_step_s') and k != 'fused_step_s']
   sums = {f'sum_{s}' for s in SPELLINGS if s != layers._spelling()}  # the default's is 'fused'
-  assert set(others) == {'nofold', 'flax', 'recompute'} | sums, others
+  assert set(others) == {'nofold', 'flax', 'recompute', 'bias_sums'} | sums, others
   for other in others:
     assert res['fused_step_s'] > 0 and res[f'{other}_step_s'] > 0
     assert res[f'loss_abs_diff_{other}'] < 1e-6, res
@@ -368,9 +368,10 @@ def test_barriers_under_jit_vmap_and_remat_equal_eager(spelling, backward, monke
 
 
 def test_cnn_with_the_gpu_spelling_computes_what_it_computes_on_cpu(monkeypatch):
-  """The CNN encoder + decoder with the GPU's 'split' sums (layers.SPATIAL_SUM='auto' there)
-  equals the CPU's 'flat' in fp32, values and gradients, through the fused op and through
-  autodiff of the formula ('xla')."""
+  """The CNN encoder + decoder with the GPU's 'split' sums (layers.SPATIAL_SUM='auto' there),
+  alone and with the convs' bias gradients as sums (layers.CONV_BIAS='sums'), equals the CPU's
+  'flat' in fp32, values and gradients, through the fused op and through autodiff of the
+  formula ('xla')."""
   from hita_jax.models.cnn import CNNDecoder, CNNEncoder
   x = jax.random.uniform(jax.random.key(8), (2, 16, 16, 3), minval=-1, maxval=1)
   for impl in ('fused', 'xla'):
@@ -379,11 +380,46 @@ def test_cnn_with_the_gpu_spelling_computes_what_it_computes_on_cpu(monkeypatch)
                                     nnx.Param, ...)
     loss = lambda p: jnp.sum(jnp.sin(3 * (lambda e, d: d(e(x)))(*nnx.merge(graph, p, rest))))
     out = {}
-    for spelling in ('flat', 'split'):
+    for spelling, bias in (('flat', 'xla'), ('split', 'xla'), ('split', 'sums')):
       monkeypatch.setattr(layers, 'SPATIAL_SUM', spelling)
-      out[spelling] = jax.jit(jax.value_and_grad(loss))(params)
-    (v0, g0), (v1, g1) = out['flat'], out['split']
-    np.testing.assert_allclose(v1, v0, rtol=1e-5)
+      monkeypatch.setattr(layers, 'CONV_BIAS', bias)
+      out[spelling, bias] = jax.jit(jax.value_and_grad(loss))(params)
+    v0, g0 = out['flat', 'xla']
     scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(g0))
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=impl)
+    for key in (('split', 'xla'), ('split', 'sums')):
+      v1, g1 = out[key]
+      np.testing.assert_allclose(v1, v0, rtol=1e-5)
+      for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=f'{impl} {key}')
+
+
+@pytest.mark.parametrize('spelling', SPELLINGS)
+def test_conv_bias_sums_equal_nnx_conv(spelling, monkeypatch):
+  """layers.CONV_BIAS='sums' (the bias gradient as per-channel sums under a custom VJP): the same
+  values and gradients as nnx.Conv in fp32 for a stride-1 SAME conv and a stride-2 VALID one;
+  in bf16 the forward is bit-equal and the gradients within bf16 error of the fp32 ones."""
+  from hita_jax.models.layers import conv, conv_apply
+  monkeypatch.setattr(layers, 'SPATIAL_SUM', spelling)
+  for kw in (dict(), dict(stride=2, padding='VALID')):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      m = conv(8, 16, 3, dtype=dtype, rngs=nnx.Rngs(1), **kw)
+      m.bias[...] = 0.5 * jax.random.normal(jax.random.key(2), (16,))
+      x = jax.random.normal(jax.random.key(3), (2, 9, 9, 8)).astype(dtype)
+      graph, params = nnx.split(m, nnx.Param)
+      w = jax.random.normal(jax.random.key(4), m(x).shape)
+      out = {}
+      for impl in ('xla', 'sums'):
+        monkeypatch.setattr(layers, 'CONV_BIAS', impl)
+        f = lambda p, x: jnp.sum(conv_apply(nnx.merge(graph, p), x).astype(jnp.float32) * w)
+        out[impl] = (conv_apply(m, x), jax.grad(f, argnums=(0, 1))(params, x))
+      (y0, (gp0, gx0)), (y1, (gp1, gx1)) = out['xla'], out['sums']
+      np.testing.assert_array_equal(y1, y0)
+      tol = 1e-5 if dtype == jnp.float32 else 2e-2
+      np.testing.assert_allclose(np.asarray(gx1, np.float32), np.asarray(gx0, np.float32), rtol=tol, atol=tol)
+      for (p, a), (_, b) in zip(nnx.to_flat_state(gp1), nnx.to_flat_state(gp0)):
+        b = np.asarray(b.get_value(), np.float32)
+        np.testing.assert_allclose(np.asarray(a.get_value(), np.float32), b, rtol=tol,
+                                   atol=tol * float(np.abs(b).max()), err_msg=f'{kw} {dtype} {p}')
+  monkeypatch.setattr(layers, 'CONV_BIAS', 'fused')
+  with pytest.raises(ValueError, match='CONV_BIAS must be one of'):
+    conv_apply(m, x)

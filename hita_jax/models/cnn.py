@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hita_jax.models.layers import GroupNorm, conv, conv_without_bias
+from hita_jax.models.layers import GroupNorm, conv, conv_apply, conv_without_bias
 
 
 class ResnetBlock(nnx.Module):
@@ -39,9 +39,9 @@ class ResnetBlock(nnx.Module):
       h = self.norm2(conv_without_bias(self.conv1, h), swish=True, pre_bias=self.conv1.bias[...])
     else:
       h = self.norm2(self.conv1(h), swish=True)
-    h = self.conv2(self.dropout(h))
+    h = conv_apply(self.conv2, self.dropout(h))
     if self.nin_shortcut is not None:
-      x = self.nin_shortcut(x)
+      x = conv_apply(self.nin_shortcut, x)
     return x + h
 
 
@@ -59,11 +59,11 @@ class AttnBlock(nnx.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     y = self.norm(x)
-    q, k, v = (m(y).reshape(b, h * w, c) for m in (self.q, self.k, self.v))
+    q, k, v = (conv_apply(m, y).reshape(b, h * w, c) for m in (self.q, self.k, self.v))
     logits = jnp.einsum('bic,bjc->bij', q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('bij,bjc->bic', probs, v).reshape(b, h, w, c)
-    return x + self.proj_out(out)
+    return x + conv_apply(self.proj_out, out)
 
 
 class Downsample(nnx.Module):
@@ -73,7 +73,7 @@ class Downsample(nnx.Module):
 
   def __call__(self, x):
     # torch: F.pad(x, (0, 1, 0, 1)) then a stride-2 valid conv (asymmetric padding).
-    return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+    return conv_apply(self.conv, jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
 
 
 class Upsample(nnx.Module):
@@ -82,7 +82,7 @@ class Upsample(nnx.Module):
     self.conv = conv(c, c, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    return conv_apply(self.conv, jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
 class ConvLevel(nnx.Module):
@@ -156,11 +156,11 @@ class CNNEncoder(nnx.Module):
     self.conv_out = conv(c, z_channels, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    h = self.conv_in(x.astype(self.dtype))
+    h = conv_apply(self.conv_in, x.astype(self.dtype))
     for level in self.levels:
       h = level(h)
     h = self.mid(h)
-    return self.conv_out(self.norm_out(h, swish=True))
+    return conv_apply(self.conv_out, self.norm_out(h, swish=True))
 
 
 class CNNDecoder(nnx.Module):
@@ -187,7 +187,7 @@ class CNNDecoder(nnx.Module):
     self.conv_out = conv(c, out_channels, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, z):
-    h = self.mid(self.conv_in(z.astype(self.dtype)))
+    h = self.mid(conv_apply(self.conv_in, z.astype(self.dtype)))
     for level in self.levels:
       h = level(h)
-    return self.conv_out(self.norm_out(h, swish=True)).astype(jnp.float32)
+    return conv_apply(self.conv_out, self.norm_out(h, swish=True)).astype(jnp.float32)

@@ -61,6 +61,43 @@ def conv_without_bias(m: nnx.Conv, x):
                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=m.precision)
 
 
+# The CNN convolutions' bias gradient (`conv_apply`). 'xla': nnx.Conv adds its bias and autodiff
+# reduces dy over (N, H, W), one column reduction per conv (7.7 ms of the Hita-V/16 step on an
+# H100, 2026-12-06 profile). 'sums': the same add under a custom VJP whose bias gradient is the fp32
+# per-channel sums over the spatial axes in SPATIAL_SUM's spelling, then over the batch (the
+# spelling that made the GroupNorm's sums faster on GPU). Opt-in until timed (`bench cnn_train`,
+# variant 'bias_sums'); read when a program is traced.
+CONV_BIASES = ('xla', 'sums')
+CONV_BIAS = 'xla'
+
+
+def conv_apply(m: nnx.Conv, x):
+  """`m(x)`, with the bias gradient per CONV_BIAS."""
+  if CONV_BIAS not in CONV_BIASES:
+    raise ValueError(f'layers.CONV_BIAS must be one of {CONV_BIASES}, got {CONV_BIAS!r}')
+  if CONV_BIAS == 'xla' or m.bias is None:
+    return m(x)
+  return channel_bias_add(conv_without_bias(m, x), m.bias[...])
+
+
+@jax.custom_vjp
+def channel_bias_add(y, bias):
+  """y + bias over the last axis, the bias cast to y's dtype first (as nnx.Conv adds it)."""
+  return y + bias.astype(y.dtype)
+
+
+def _channel_bias_add_fwd(y, bias):
+  return channel_bias_add(y, bias), bias
+
+
+def _channel_bias_add_bwd(bias, dy):
+  sums = _spatial_sums((dy.astype(jnp.float32),), tuple(range(1, dy.ndim - 1)))[0]
+  return dy, jnp.sum(sums, tuple(range(dy.ndim - 1))).astype(bias.dtype)
+
+
+channel_bias_add.defvjp(_channel_bias_add_fwd, _channel_bias_add_bwd)
+
+
 def _norm_args() -> dict:
   """fp32 params and statistics, two-pass variance (as PyTorch), logical name 'norm'."""
   return dict(dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,

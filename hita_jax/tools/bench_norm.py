@@ -21,7 +21,8 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
   ResnetBlock's conv1 bias folded into norm2), without the fold ('nofold', the program of
   912b101) and with what the fused op replaced ('flax': flax's GroupNorm in fp32, cast back, then
   swish in the activation dtype, autodiff; the program before 2026-12-05e), then with the
-  recomputing backward ('recompute') and with the other spellings of the per-channel sums
+  recomputing backward ('recompute'), with the convs' bias gradients as per-channel sums
+  ('bias_sums', layers.CONV_BIAS='sums') and with the other spellings of the per-channel sums
   ('sum_<spelling>', layers.SPATIAL_SUMS)."""
   rngs = nnx.Rngs(0)
   enc = CNNEncoder(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=512,
@@ -54,6 +55,7 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
     return fused(x, scale, bias, groups, eps, swish, pre_bias, 'recompute')
 
   variants['recompute'] = dict(group_norm=recompute_group_norm)
+  variants['bias_sums'] = dict(conv_bias='sums')  # layers.CONV_BIAS
   # The fused op with the other spellings of its per-channel sums (layers.SPATIAL_SUM).
   default_sum = layers._spelling()
   variants.update({f'sum_{s}': dict(spatial_sum=s) for s in layers.SPATIAL_SUMS if s not in ('auto', default_sum)})
@@ -62,6 +64,7 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
   for name, patch in variants.items():
     with mock.patch.object(layers, 'group_norm', patch.get('group_norm', fused)), \
          mock.patch.object(layers, 'SPATIAL_SUM', patch.get('spatial_sum', layers.SPATIAL_SUM)), \
+         mock.patch.object(layers, 'CONV_BIAS', patch.get('conv_bias', layers.CONV_BIAS)), \
          mock.patch.object(cnn, 'conv_without_bias', patch.get('conv', cnn.conv_without_bias)):
       t0 = time.perf_counter()
       steps[name] = jax.jit(jax.value_and_grad(loss)).lower(params, x).compile()
