@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -147,11 +148,20 @@ class GroupNorm(nnx.Module):
     return group_norm(x, n.scale[...], n.bias[...], n.num_groups, n.epsilon, swish, pre_bias, backward)
 
 
-def _grouped(x, groups: int):
-  """(N, ..., C) fp32 -> (N, ..., G, C/G), the axes a group's statistics reduce over and the
+def _group_axes(shape, groups: int):
+  """The axes of the grouped (N, ..., G, C/G) array a group's statistics reduce over, and the
   number of elements in a group."""
+  n = len(shape)
+  return tuple(range(1, n - 1)) + (n,), math.prod(shape) // (shape[0] * groups)
+
+
+def _grouped(x, groups: int, pre_bias=None):
+  """(N, ..., C) -> fp32 (N, ..., G, C/G), plus the preceding conv's bias if given (added here in
+  fp32, see group_norm), with `_group_axes`."""
   xg = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
-  return xg, tuple(range(1, x.ndim - 1)) + (x.ndim,), xg.size // (xg.shape[0] * groups)
+  if pre_bias is not None:
+    xg = xg + pre_bias.astype(jnp.float32).reshape(xg.shape[-2:])
+  return (xg, *_group_axes(x.shape, groups))
 
 
 # How the per-channel sums over the spatial axes are spelled; the numbers are equal up to fp32
@@ -195,13 +205,11 @@ def _spatial_sums(arrays, axes):
 
 
 def _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias, backward='shared'):
-  # Checked here too: under differentiation JAX runs this, not group_norm's body.
+  # Checked here: under differentiation JAX runs this, not group_norm's body, which calls it too.
   if backward not in GN_BACKWARDS:
     raise ValueError(f'group_norm backward must be one of {GN_BACKWARDS}, got {backward!r}')
-  xg, axes, count = _grouped(x, groups)
+  xg, axes, count = _grouped(x, groups, pre_bias)
   gshape = xg.shape[-2:]
-  if pre_bias is not None:  # the preceding conv's bias, added here in fp32 (see group_norm)
-    xg = xg + pre_bias.astype(jnp.float32).reshape(gshape)
   # Two-pass variance in fp32, as torch (autocast runs group_norm in fp32) and flax's GroupNorm.
   # Each group sum is a per-channel sum over the spatial axes (a reduction that keeps the minor
   # axis), then a sum over the group's channels on the small result.
@@ -218,10 +226,8 @@ def _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias, backward='shar
 
 def _xhat_and_dy(x, dy, mean, rstd, scale, bias, pre_bias, groups, swish):
   """(x-hat, dy * d swish(y) / dy) in fp32, grouped, recomputed from x and the statistics."""
-  xg, _, _ = _grouped(x, groups)
+  xg, _, _ = _grouped(x, groups, pre_bias)
   gshape = xg.shape[-2:]
-  if pre_bias is not None:
-    xg = xg + pre_bias.astype(jnp.float32).reshape(gshape)
   xhat = (xg - mean) * rstd
   dyg = dy.astype(jnp.float32).reshape(xg.shape)
   if swish:
@@ -237,9 +243,9 @@ def _group_norm_bwd(groups, eps, swish, backward, res, dy):
   pre-bias gradient (the per-channel sum of dx) comes from per-channel sums."""
   del eps
   x, mean, rstd, channel_sums, scale, bias, pre_bias = res
-  spatial = tuple(range(1, x.ndim - 1))                        # of the grouped (N, ..., G, C/G)
+  axes, count = _group_axes(x.shape, groups)
+  spatial = axes[:-1]
   gshape = (groups, x.shape[-1] // groups)
-  count = x.size // (x.shape[0] * groups)
   sc = scale.reshape(gshape)
   per_image = count // gshape[-1]                               # spatial positions
   xhat, dyg = _xhat_and_dy(x, dy, mean, rstd, scale, bias, pre_bias, groups, swish)
@@ -284,9 +290,7 @@ def group_norm(x, scale, bias, groups: int, eps: float, swish: bool = False, pre
   bias gradient is a further reduction over the full-resolution dx.
 
   `backward`: 'shared' or 'recompute' (see GN_BACKWARDS); the gradients are equal up to rounding."""
-  if backward not in GN_BACKWARDS:
-    raise ValueError(f'group_norm backward must be one of {GN_BACKWARDS}, got {backward!r}')
-  return _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias)[0]
+  return _group_norm_fwd(x, scale, bias, groups, eps, swish, pre_bias, backward)[0]
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
