@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import time
 
 import jax
 
@@ -91,3 +92,17 @@ def peak_memory() -> dict:
     return {'peak_mem_gb': stats.get('peak_bytes_in_use', 0) / 2 ** 30}
   except Exception:
     return {}
+
+
+def best_time(call, iters: int, rounds: int):
+  """Seconds per call of `call(i)` (asynchronous dispatches, blocked on at the end of a window),
+  the best of `rounds` windows of `iters` calls after one warm-up call, and the last output."""
+  out = jax.block_until_ready(call(0))
+  best = float('inf')
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for i in range(iters):
+      out = call(i)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - t0) / iters)
+  return best, out

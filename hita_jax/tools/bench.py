@@ -45,7 +45,6 @@ from hita_jax.models.sampler import decode_attn_impl_for, generate, resolve_kv_s
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
 from hita_jax.tools.ab import emit_jsonl, peak_memory
-from hita_jax.tools.bench_floor import bench_hbm
 from hita_jax.tools.bench_norm import bench_cnn_train, bench_gn_sums
 
 
@@ -568,6 +567,7 @@ def main(argv=None):
   elif a.what == 'gn_sums':
     res = bench_gn_sums(a.batch)
   elif a.what == 'hbm':
+    from hita_jax.tools.bench_floor import bench_hbm  # it builds on this module's configs
     res = bench_hbm(images=a.batch)
   else:
     res = bench_inception(a.batch)

@@ -10,14 +10,13 @@ counting both), each over buffers far larger than the L2 cache, rotated between 
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hita_jax.models.gpt import GPT, GPT_SIZES, GPTConfig
-from hita_jax.tools.ab import peak_memory
+from hita_jax.models.gpt import GPT, GPTConfig
+from hita_jax.tools.ab import best_time, peak_memory
+from hita_jax.tools.bench import full_size_config
 
 
 def sampler_bytes(cfg: GPTConfig, images: int, cfg_scale: float = 1.5, weight_bytes: int = 2,
@@ -38,35 +37,27 @@ def sampler_bytes(cfg: GPTConfig, images: int, cfg_scale: float = 1.5, weight_by
           'total_gb': (weights + kv) / 1e9}
 
 
-def _best_time(fn, buffers, iters, rounds):
-  """Seconds per call, the best of `rounds` windows of `iters` calls rotating over `buffers`."""
-  jax.block_until_ready([fn(b) for b in buffers])
-  best = float('inf')
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    out = [fn(buffers[i % len(buffers)]) for i in range(iters)]
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - t0) / iters)
-  return best
-
-
 def bench_hbm(gb: float = 4.0, iters: int = 20, rounds: int = 3, images: int = 64,
               sizes=('B', 'XL')) -> dict:
   """Read and copy rates over two bf16 buffers of `gb` GB each, then the sampler's floor (bytes
   of a run over the read rate) for GPT `sizes` at `images` images with CFG."""
   n = int(gb * 1e9 / 2) // 8192 * 8192
-  keys = jax.random.split(jax.random.key(0), 2)
-  buffers = [jax.random.normal(k, (n // 8192, 8192), jnp.bfloat16) for k in keys]  # never zeros
+  # Non-zero data written in place by one fused kernel each (random draws would need several
+  # times the buffer in temporaries).
+  fill = jax.jit(lambda seed: ((jax.lax.broadcasted_iota(jnp.int32, (n // 8192, 8192), 0) * 17
+                                + jax.lax.broadcasted_iota(jnp.int32, (n // 8192, 8192), 1) * 31
+                                + seed) % 251 - 125).astype(jnp.bfloat16))
+  buffers = [fill(seed) for seed in (1, 2)]
   nbytes = n * 2
   # Row sums in fp32: one read of the buffer, an output 8192x smaller.
-  read_s = _best_time(jax.jit(lambda x: jnp.sum(x, axis=1, dtype=jnp.float32)), buffers, iters, rounds)
-  copy_s = _best_time(jax.jit(lambda x: x + jnp.bfloat16(1)), buffers, iters, rounds)
+  read, copy = jax.jit(lambda x: jnp.sum(x, axis=1, dtype=jnp.float32)), jax.jit(lambda x: x + jnp.bfloat16(1))
+  read_s = best_time(lambda i: read(buffers[i % 2]), iters, rounds)[0]
+  copy_s = best_time(lambda i: copy(buffers[i % 2]), iters, rounds)[0]
   read_rate, copy_rate = nbytes / read_s, 2 * nbytes / copy_s
   res = {'bench': 'hbm', 'buffer_gb': nbytes / 1e9, 'read_tb_s': read_rate / 1e12,
          'copy_tb_s': copy_rate / 1e12, 'sampler_floor': {}}
   for size in sizes:
-    cfg = GPTConfig(**GPT_SIZES[size], vocab_size=16384, num_holistic=128, grid=21, num_classes=1000)
-    b = sampler_bytes(cfg, images)
+    b = sampler_bytes(full_size_config(size), images)
     # The faster of the two measured rates: the lowest floor, so a target above it is out of reach.
     floor_s = b['total_gb'] * 1e9 / max(read_rate, copy_rate)
     res['sampler_floor'][size] = {**b, 'images': images, 'floor_s': floor_s,

@@ -12,7 +12,7 @@ from flax import nnx
 
 from hita_jax.models import cnn, layers
 from hita_jax.models.cnn import CNNDecoder, CNNEncoder
-from hita_jax.tools.ab import peak_memory
+from hita_jax.tools.ab import best_time, peak_memory
 
 
 def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128, rounds=2):
@@ -48,14 +48,14 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
     y = norm(x.astype(jnp.float32)).astype(x.dtype)
     return y * jax.nn.sigmoid(y) if swish else y
 
-  with_bias = lambda m, x: m(x)  # conv1 adds its own bias again; the norms drop pre_bias
-  variants = {'fused': {}, 'nofold': dict(group_norm=unfolded_group_norm, conv=with_bias),
-              'flax': dict(group_norm=flax_group_norm, conv=with_bias)}
   def recompute_group_norm(x, scale, bias, groups, eps, swish, pre_bias=None, backward='shared'):
     return fused(x, scale, bias, groups, eps, swish, pre_bias, 'recompute')
 
-  variants['recompute'] = dict(group_norm=recompute_group_norm)
-  variants['bias_sums'] = dict(conv_bias='sums')  # layers.CONV_BIAS
+  with_bias = lambda m, x: m(x)  # conv1 adds its own bias again; the norms drop pre_bias
+  variants = {'fused': {}, 'nofold': dict(group_norm=unfolded_group_norm, conv=with_bias),
+              'flax': dict(group_norm=flax_group_norm, conv=with_bias),
+              'recompute': dict(group_norm=recompute_group_norm),
+              'bias_sums': dict(conv_bias='sums')}  # layers.CONV_BIAS
   # The fused op with the other spellings of its per-channel sums (layers.SPATIAL_SUM).
   default_sum = layers._spelling()
   variants.update({f'sum_{s}': dict(spatial_sum=s) for s in layers.SPATIAL_SUMS if s not in ('auto', default_sum)})
@@ -72,12 +72,7 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
   times = {name: [] for name in steps}
   for _ in range(rounds):  # alternate, so drift hits all
     for name, step in steps.items():
-      jax.block_until_ready(step(params, x))
-      t0 = time.perf_counter()
-      for _ in range(iters):
-        out = step(params, x)
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - t0) / iters)
+      times[name].append(best_time(lambda i: step(params, x), iters, 1)[0])
   for name, t in times.items():
     res[f'{name}_step_s'] = min(t)
   # The programs compute the same loss and gradients (up to bf16 rounding): the A/B is fair.
@@ -105,18 +100,7 @@ def bench_gn_sums(batch, iters=20, rounds=2, shapes=None):
   x and dy for the sums, then x and dy read and dx written)."""
   shapes = shapes or [(336, 128), (168, 128), (84, 256), (42, 256), (21, 512)]  # (size, channels)
   res = {'bench': 'gn_sums', 'batch': batch, 'default': layers._spelling(), 'rows': []}
-
-  def timed(fn, *args):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    best = float('inf')
-    for _ in range(rounds):
-      t0 = time.perf_counter()
-      for _ in range(iters):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      best = min(best, (time.perf_counter() - t0) / iters)
-    return best, out
+  timed = lambda fn, *args: best_time(lambda i: fn(*args), iters, rounds)
 
   for size, c in shapes:
     k = jax.random.split(jax.random.key(size), 6)
@@ -128,7 +112,7 @@ def bench_gn_sums(batch, iters=20, rounds=2, shapes=None):
     nbytes = x.size * x.dtype.itemsize
     row = {'size': size, 'channels': c, 'x_gb': nbytes / 1e9, 'copy_ms': copy_s * 1e3,
            'copy_tb_s': 2 * nbytes / copy_s / 1e12}
-    pass_s = nbytes / (2 * nbytes / copy_s)  # one x-sized read or write at the copy's rate
+    pass_s = copy_s / 2  # one x-sized read or write at the copy's rate
     ref = None
     names = [(sp, 'shared') for sp in layers.SPATIAL_SUMS if sp != 'auto']
     names += [(sp, 'recompute') for sp in ('flat', 'split')]
