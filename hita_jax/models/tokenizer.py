@@ -58,12 +58,11 @@ class TokenizerConfig:
   attn_impl: str = 'auto'
   # the CNN's GroupNorm(+swish): 'fused' = hand-written backward with each ResnetBlock's conv1 bias
   # folded into norm2, 'fused_recompute' = the same with the backward that recomputes dy * swish'
-  # (layers.GN_BACKWARDS; not yet timed on a GPU), 'fused_nofold' = 'fused' without the fold,
-  # 'xla' = autodiff of the same formula (layers.GroupNorm); same parameters and values, for A/B
-  # timing (tools/tok_ab). In the Hita-V/16 step on an H100 (2026-12-06, tok_ab) 'fused',
-  # 'fused_nofold' and 'xla' were within the rounds' spread; in the CNN's forward + backward
-  # (`bench cnn_train`) the norms' sum spelling (layers.SPATIAL_SUM) mattered more.
-  cnn_norm_impl: str = 'fused'
+  # in the dx pass instead of writing it out in fp32 (layers.GN_BACKWARDS), 'fused_nofold' = 'fused'
+  # without the fold, 'xla' = autodiff of the same formula (layers.GroupNorm); same parameters and
+  # values, for A/B timing (tools/tok_ab). 'fused_recompute': Hita-V/16 step 0.1407 -> 0.1347 s
+  # (every round faster, same losses) on an H100, tok_ab 2026-12-06 (docs/PERFORMANCE.md, session 25).
+  cnn_norm_impl: str = 'fused_recompute'
   # the transformers' dropout masks (E_trans, E_causal, fusion decoder): 'threefry' (flax's,
   # stored for the backward) | 'hash' (recomputed in the backward, models/dropout.py); 'threefry':
   # 'hash' gained nothing measurable in the Hita-V/16 step on an H100 (2026-12-06)
@@ -103,7 +102,7 @@ class Tokenizer(nnx.Module):
                       '(--config.tokenizer.dropout_rng=threefry)')
     if cfg.cnn_norm_impl not in NORM_IMPLS:
       raise UserError(f'tokenizer.cnn_norm_impl must be one of {NORM_IMPLS}, got '
-                      f'{cfg.cnn_norm_impl!r} (--config.tokenizer.cnn_norm_impl=fused)')
+                      f'{cfg.cnn_norm_impl!r} (--config.tokenizer.cnn_norm_impl=fused_recompute)')
     dt = DTYPES[cfg.dtype]
     self.cnn_encoder = CNNEncoder(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.encoder_res_blocks,
                                   z_channels=cfg.dim, dropout=cfg.cnn_dropout, groups=cfg.norm_groups,
