@@ -66,8 +66,9 @@ def conv_without_bias(m: nnx.Conv, x):
 # reduces dy over (N, H, W), one column reduction per conv (7.7 ms of the Hita-V/16 step on an
 # H100, 2026-12-06 profile). 'sums': the same add under a custom VJP whose bias gradient is the fp32
 # per-channel sums over the spatial axes in SPATIAL_SUM's spelling, then over the batch (the
-# spelling that made the GroupNorm's sums faster on GPU). Opt-in until timed (`bench cnn_train`,
-# variant 'bias_sums'); read when a program is traced.
+# spelling that made the GroupNorm's sums faster on GPU). Opt-in: no gain on an H100 (2026-12-06,
+# session 25: the CNN's forward + backward +0.3 %, `bench cnn_train` variant 'bias_sums'); read
+# when a program is traced.
 CONV_BIASES = ('xla', 'sums')
 CONV_BIAS = 'xla'
 

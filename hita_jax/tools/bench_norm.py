@@ -16,14 +16,14 @@ from hita_jax.tools.ab import best_time, peak_memory
 
 
 def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128, rounds=2):
-  """The tokenizer's CNN encoder + decoder (official widths, bf16 compute) forward and backward on an L2
-  loss, timed alternately in one process as shipped ('fused': the GroupNorm(+swish) op with each
-  ResnetBlock's conv1 bias folded into norm2), without the fold ('nofold', the program of
-  912b101) and with what the fused op replaced ('flax': flax's GroupNorm in fp32, cast back, then
-  swish in the activation dtype, autodiff; the program before 2026-12-05e), then with the
-  recomputing backward ('recompute'), with the convs' bias gradients as per-channel sums
-  ('bias_sums', layers.CONV_BIAS='sums') and with the other spellings of the per-channel sums
-  ('sum_<spelling>', layers.SPATIAL_SUMS)."""
+  """The tokenizer's CNN encoder + decoder (official widths, bf16 compute) forward and backward on an
+  L2 loss, timed alternately in one process: 'fused' (the GroupNorm(+swish) op with each
+  ResnetBlock's conv1 bias folded into norm2; the baseline the others are compared with), without
+  the fold ('nofold', the program of 912b101), what the fused op replaced ('flax': flax's GroupNorm
+  in fp32, cast back, then swish in the activation dtype, autodiff; the program before
+  2026-12-05e), the recomputing backward ('recompute', the tokenizer's default `cnn_norm_impl` since
+  2026-12-06), the convs' bias gradients as per-channel sums ('bias_sums', layers.CONV_BIAS='sums')
+  and the other spellings of the per-channel sums ('sum_<spelling>', layers.SPATIAL_SUMS)."""
   rngs = nnx.Rngs(0)
   enc = CNNEncoder(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=512,
                    dtype=dtype, rngs=rngs)
