@@ -2,6 +2,7 @@
 compile per XLA option set, steady step) on the CPU demo config."""
 import json
 import math
+import re
 
 import pytest
 
@@ -39,6 +40,14 @@ def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
   # the config's GPU-only options are not merged on this CPU backend, and the record says so
   assert all(r['config_xla'] == {} for r in recs)
   assert recs[3]['hlo_lines'] > 1000
+  # the lowered ops by source: every op charged once, most to the model's own lines
+  census = recs[3]
+  assert census['stablehlo_ops'] > 1000
+  assert sum(census['ops_by_file'].values()) == census['stablehlo_ops']
+  assert census['ops_by_file'].get('?', 0) < census['stablehlo_ops'] / 4
+  assert any(f.startswith('hita_jax/models/') for f in census['ops_by_file'])
+  counts = [n for n, _ in census['ops_top_lines']]
+  assert counts == sorted(counts, reverse=True) and len(counts) == 15
   assert recs[4]['s'] > 0 and recs[4]['images_s'] > 0 and math.isfinite(recs[4]['g_loss'])
   hlo = recs[4]['hlo']
   assert hlo['instructions'] > 100 and hlo['fusions'] > 10
@@ -55,6 +64,26 @@ def test_breakdown_on_the_demo_tokenizer(tmp_path, monkeypatch):
   assert recs[2]['options'] == 'default' and recs[2]['kinds']
   assert recs[1]['s'] > 0 and recs[1]['step_s'] > 0 and recs[1]['hlo']['fusions'] > 10
   assert recs[1]['batch'] == 2  # read from the exported image input
+
+
+def test_op_census_charges_each_lowered_op_to_its_innermost_line_of_ours():
+  import jax
+  import jax.numpy as jnp
+  from hita_jax.models import layers
+  x = jnp.ones((2, 4, 4, 8))
+  lowered = jax.jit(lambda x, s, b: layers.group_norm(x, s, b, 4, 1e-6, True)).lower(
+      x, jnp.ones(8), jnp.zeros(8))
+  text = lowered.as_text(debug_info=True)
+  census = tok_compile.op_census(text, top=3)
+  body = [ln for ln in text.splitlines()
+          if re.match(r'\s*%[\w#:]+ = "?(stablehlo|chlo)\.', ln)]  # every op here has a result
+  assert census['stablehlo_ops'] == len(body) > 10
+  # the forward's ops come from layers.py (the statistics, the normalisation, the swish), but for
+  # the scalar constants (count, eps) JAX places at the custom VJP's call site, here this test
+  assert set(census['ops_by_file']) <= {'hita_jax/models/layers.py', '?'}
+  assert census['ops_by_file'].get('?', 0) <= 3 < census['ops_by_file']['hita_jax/models/layers.py']
+  assert len(census['ops_top_lines']) == 3
+  assert all(k.startswith('hita_jax/models/layers.py:') for _, k in census['ops_top_lines'])
 
 
 def test_config_overrides_set_typed_values_and_name_bad_keys():

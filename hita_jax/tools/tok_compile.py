@@ -23,6 +23,9 @@ Cold figures for several option sets without a build each (the build is ~70 s at
 `--set KEY=VALUE` changes the config before the build (e.g. `--set tokenizer.dinov2_scan=True`),
 for an A/B of a model or trainer switch run in two processes; the records carry it as `set`.
 
+The `lower` record counts the lowered program's StableHLO ops by the source line that made them
+(`op_census`): what XLA's fusion passes have to chew through.
+
 Prints one JSON line per stage; with $OUT set also appends them to $OUT/tok_compile.jsonl.
 With TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,hlo_pass_pipeline=1 XLA logs each HLO
 pass's time on stderr; a '=== tok_compile: compile NAME' line marks where each compile begins.
@@ -67,6 +70,49 @@ def hlo_stats(text: str) -> dict:
           'fusions': len(re.findall(r' fusion\(', text)),
           'custom_calls': len(re.findall(r' custom-call\(', text)),
           'whiles': len(re.findall(r' while\(', text))}
+
+
+_LOC_DEF = re.compile(r'^(#loc\d+) = loc\((.*)\)$', re.M)
+_OP_LOC = re.compile(r'^\s*(?:%[^=]+= )?"?(?:stablehlo|chlo|mhlo)\.[\w.]+.*\bloc\((#loc\d+)\)\s*$', re.M)
+_FRAME = re.compile(r'"[^"]*?(hita_jax/[^"]+\.py)":(\d+)')
+
+
+def op_census(text: str, top: int = 15) -> dict:
+  """Where a lowered program's StableHLO ops come from (`Lowered.as_text(debug_info=True)`): each
+  op is charged to the innermost `hita_jax/...py:line` of its call stack (a custom VJP's backward
+  to the line that calls the op), or to '?' where no frame of ours is recorded. The op count is
+  what XLA's fusion passes start from, so this is where to look for a shorter compile."""
+  locs = dict(_LOC_DEF.findall(text))
+  memo: dict[str, str | None] = {}
+
+  def frame(ref: str, depth: int = 0) -> str | None:
+    if ref in memo or depth > 64:
+      return memo.get(ref)
+    body = locs.get(ref, '')
+    # `callsite(callee at caller)` lists the innermost frame first, so the first frame found wins
+    found = None
+    for m in re.finditer(r'#loc\d+|"[^"]*?hita_jax/[^"]+\.py":\d+', body):
+      tok = m.group(0)
+      if tok.startswith('#loc'):
+        found = frame(tok, depth + 1)
+      else:
+        f = _FRAME.search(tok)
+        found = f'{f.group(1)}:{f.group(2)}'
+      if found:
+        break
+    memo[ref] = found
+    return found
+
+  lines: dict[str, int] = {}
+  for ref in _OP_LOC.findall(text):
+    key = frame(ref) or '?'
+    lines[key] = lines.get(key, 0) + 1
+  files: dict[str, int] = {}
+  for key, n in lines.items():
+    files[key.rsplit(':', 1)[0]] = files.get(key.rsplit(':', 1)[0], 0) + n
+  by_count = lambda d: sorted(d.items(), key=lambda kv: -kv[1])
+  return {'stablehlo_ops': sum(lines.values()), 'ops_by_file': dict(by_count(files)),
+          'ops_top_lines': [[n, k] for k, n in by_count(lines)[:top]]}
 
 
 def check_options(options: list[str]) -> list[tuple[str, dict]]:
@@ -209,7 +255,7 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   t0 = time.perf_counter()
   lowered = traced.lower()
   _emit({**info, 'stage': 'lower', 's': time.perf_counter() - t0,
-         'hlo_lines': lowered.as_text().count('\n')})
+         'hlo_lines': lowered.as_text().count('\n'), **op_census(lowered.as_text(debug_info=True))})
   if export_path:  # after the timed trace, which its own trace would have warmed
     leaves, treedef = jax.tree.flatten((state, lp_state, batches[0]))
     t0 = time.perf_counter()
