@@ -33,6 +33,7 @@ pass's time on stderr; a '=== tok_compile: compile NAME' line marks where each c
 from __future__ import annotations
 
 import argparse
+import collections
 import gzip
 import os
 import re
@@ -74,7 +75,8 @@ def hlo_stats(text: str) -> dict:
 
 _LOC_DEF = re.compile(r'^(#loc\d+) = loc\((.*)\)$', re.M)
 _OP_LOC = re.compile(r'^\s*(?:%[^=]+= )?"?(?:stablehlo|chlo|mhlo)\.[\w.]+.*\bloc\((#loc\d+)\)\s*$', re.M)
-_FRAME = re.compile(r'"[^"]*?(hita_jax/[^"]+\.py)":(\d+)')
+# in a location's text: a reference to another location, or a frame in one of our files
+_LOC_PART = re.compile(r'(#loc\d+)|"[^"]*?(hita_jax/[^"]+\.py)":(\d+)')
 
 
 def op_census(text: str, top: int = 15) -> dict:
@@ -88,31 +90,21 @@ def op_census(text: str, top: int = 15) -> dict:
   def frame(ref: str, depth: int = 0) -> str | None:
     if ref in memo or depth > 64:
       return memo.get(ref)
-    body = locs.get(ref, '')
-    # `callsite(callee at caller)` lists the innermost frame first, so the first frame found wins
     found = None
-    for m in re.finditer(r'#loc\d+|"[^"]*?hita_jax/[^"]+\.py":\d+', body):
-      tok = m.group(0)
-      if tok.startswith('#loc'):
-        found = frame(tok, depth + 1)
-      else:
-        f = _FRAME.search(tok)
-        found = f'{f.group(1)}:{f.group(2)}'
+    # `callsite(callee at caller)` lists the innermost frame first, so the first frame found wins
+    for m in _LOC_PART.finditer(locs.get(ref, '')):
+      found = frame(m.group(1), depth + 1) if m.group(1) else f'{m.group(2)}:{m.group(3)}'
       if found:
         break
     memo[ref] = found
     return found
 
-  lines: dict[str, int] = {}
-  for ref in _OP_LOC.findall(text):
-    key = frame(ref) or '?'
-    lines[key] = lines.get(key, 0) + 1
-  files: dict[str, int] = {}
+  lines = collections.Counter(frame(ref) or '?' for ref in _OP_LOC.findall(text))
+  files = collections.Counter()
   for key, n in lines.items():
-    files[key.rsplit(':', 1)[0]] = files.get(key.rsplit(':', 1)[0], 0) + n
-  by_count = lambda d: sorted(d.items(), key=lambda kv: -kv[1])
-  return {'stablehlo_ops': sum(lines.values()), 'ops_by_file': dict(by_count(files)),
-          'ops_top_lines': [[n, k] for k, n in by_count(lines)[:top]]}
+    files[key.rsplit(':', 1)[0]] += n
+  return {'stablehlo_ops': sum(lines.values()), 'ops_by_file': dict(files.most_common()),
+          'ops_top_lines': [[n, k] for k, n in lines.most_common(top)]}
 
 
 def check_options(options: list[str]) -> list[tuple[str, dict]]:
