@@ -100,3 +100,13 @@ def test_config_overrides_set_typed_values_and_name_bad_keys():
     tok_compile.apply_overrides(config, ['tokenizer.dinov2_scan'])
   with pytest.raises(TypeError):  # the ConfigDict keeps a field's type
     tok_compile.apply_overrides(config, ['tokenizer.dinov2_scan=fast'])
+
+
+def test_custom_call_targets_are_read_off_the_lowered_text():
+  # the export allows exactly these (cuDNN attention is one on GPU; jax.export refuses it otherwise)
+  text = ('%1 = stablehlo.custom_call @__cudnn$fmhaSoftmax(%0) {api_version = 2 : i32}\n'
+          '%2:4 = stablehlo.custom_call @__cudnn$fmhaSoftmaxBackward(%1) : (tensor<2xf32>)\n'
+          '%3 = stablehlo.custom_call @__cudnn$fmhaSoftmax(%2#0)\n'
+          '%4 = stablehlo.add %3, %3 : tensor<2xf32>\n')
+  assert tok_compile.custom_call_targets(text) == ['__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward']
+  assert tok_compile.custom_call_targets('%4 = stablehlo.add %3, %3') == []
