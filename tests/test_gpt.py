@@ -335,12 +335,14 @@ def test_attention_impl_auto_picks_the_platform_kernel():
   assert GPTConfig().attn_impl == 'auto'
 
 
-def test_splash_kernel_path_matches_xla_forward_and_gradients():
-  """The TPU path (Pallas splash kernel, interpret mode here) on a sequence that needs padding."""
+@pytest.mark.parametrize('kernel', ['splash', 'pallas'])
+def test_attention_kernel_path_matches_xla_forward_and_gradients(kernel):
+  """The TPU path (Pallas splash kernel) and the GPU Triton flash kernel ('pallas'), interpret mode
+  here, on a sequence that needs padding."""
   cfg = tiny_cfg(n_head=2, attn_impl='xla')
   labels, q, z = codes(cfg)
   results = []
-  for impl in ('xla', 'splash'):
+  for impl in ('xla', kernel):
     m = random_gpt(dataclasses.replace(cfg, attn_impl=impl))
     graphdef, params = nnx.split(m)
 
@@ -353,10 +355,11 @@ def test_splash_kernel_path_matches_xla_forward_and_gradients():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
 
 
-def test_splash_under_a_mesh_runs_per_shard():
-  """Splash under jax.set_mesh (interpret mode here): a shard_map with rows over 'data' and heads
-  over 'tensor', forward and gradients equal to the unsharded XLA path. (On a TPU, XLA refuses to
-  partition the Mosaic kernel itself.)"""
+@pytest.mark.parametrize('kernel', ['splash', 'pallas'])
+def test_attention_kernel_under_a_mesh_runs_per_shard(kernel):
+  """Splash / the Triton kernel under jax.set_mesh (interpret mode here): a shard_map with rows
+  over 'data' and heads over 'tensor', forward and gradients equal to the unsharded XLA path. (On
+  a TPU or GPU, XLA refuses to partition a Pallas kernel itself.)"""
   from hita_jax.models.layers import causal_attention
   mesh = jax.make_mesh((4, 2), ('data', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   ks = jax.random.split(jax.random.key(0), 3)
@@ -366,12 +369,49 @@ def test_splash_under_a_mesh_runs_per_shard():
   with jax.set_mesh(mesh):
     sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data', None, 'tensor'))
     args = [jax.device_put(a, sh) for a in (q, k, v)]
-    fn = jax.jit(jax.value_and_grad(loss('splash'), argnums=(0, 1, 2)))
+    fn = jax.jit(jax.value_and_grad(loss(kernel), argnums=(0, 1, 2)))
     got, got_g = fn(*args)
     assert 'shard_map' in fn.lower(*args).as_text() or 'manual' in fn.lower(*args).as_text().lower()
   assert float(got) == pytest.approx(float(ref), rel=1e-5)
   for a, b in zip(got_g, ref_g):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+def test_triton_attention_in_bf16_is_the_fp32_result_within_bf16_rounding():
+  """The Triton flash kernel (interpret mode) with bf16 inputs against the fp32 reference: output
+  and gradients within a few bf16 steps, as the cuDNN path's are; a length that needs padding."""
+  from hita_jax.models.layers import attention, causal_mask, triton_causal_attention
+  ks = jax.random.split(jax.random.key(1), 4)
+  q, k, v = (jax.random.normal(kk, (2, 70, 2, 16)) for kk in ks[:3])
+  do = jax.random.normal(ks[3], (2, 70, 2, 16))
+  ref_fn = lambda q, k, v: jnp.sum(attention(q, k, v, mask=causal_mask(70)) * do)
+  got_fn = lambda q, k, v: jnp.sum(triton_causal_attention(q, k, v, interpret=True).astype(jnp.float32) * do)
+  ref, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(q, k, v)
+  f32, f32_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(q, k, v)
+  bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+  b16, b16_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(*bf)
+  assert float(f32) == pytest.approx(float(ref), rel=1e-5)
+  for a, r in zip(f32_g, ref_g):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5, rtol=1e-4)
+  out = triton_causal_attention(*bf, interpret=True).astype(jnp.float32)
+  out_ref = attention(q, k, v, mask=causal_mask(70))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), atol=3e-2)
+  for a, r in zip(b16_g, ref_g):
+    a, r = np.asarray(a.astype(jnp.float32)), np.asarray(r)
+    assert np.abs(a - r).max() <= 0.03 * np.abs(r).max()
+
+
+def test_triton_attention_lowers_for_cuda_forward_and_backward():
+  """The Triton kernels (forward, dq and dk/dv) lower through Pallas' Triton lowering for CUDA at
+  GPT-B's training shape (569 rows padded to 576, 12 heads of 64): what the CPU can check before a
+  GPU compiles the PTX."""
+  from hita_jax.models.layers import triton_causal_attention
+  x = jax.ShapeDtypeStruct((2, 569, 12, 64), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(triton_causal_attention(q, k, v).astype(jnp.float32))
+  allow = [jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
+  exp = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=['cuda'],
+                          disabled_checks=allow)(x, x, x)
+  assert exp.mlir_module().count('__gpu$xla.gpu.triton') >= 3  # forward, dq, dk/dv
 
 
 def test_loss_multiplies_each_row_by_its_head_half_only():
@@ -401,6 +441,7 @@ def test_sequence_padding_for_the_attention_kernel_is_inert(monkeypatch):
   assert causal_pad(569, 'cudnn') == 7 and causal_pad(576, 'cudnn') == 0
   assert causal_pad(569, 'xla') == 0 and causal_pad(569, 'auto') == 0  # CPU: XLA pads nothing
   assert causal_pad(569, 'splash') == 0 and causal_pad(1000, 'splash') == 24  # 71 rows: too many
+  assert causal_pad(569, 'pallas') == 7
   assert causal_pad(100, 'cudnn') == 0  # 28 rows: more than 1/16 of the sequence
   drop = dict(token_dropout=0.1, resid_dropout=0.1, ffn_dropout=0.1)
   cases = [(dict(dtype='float32'), None, 1e-6), (dict(dtype='bfloat16'), None, 5e-3),

@@ -64,7 +64,7 @@ class GPTConfig:
   # 2026-12-06). Official: torch's Philox, so no mask matches it either way
   dropout_rng: str = 'hash'
   dtype: str = 'float32'           # compute dtype; params are fp32
-  attn_impl: str = 'auto'          # 'auto' (cuDNN on GPU, splash on TPU, XLA on CPU) | 'xla' | 'cudnn' | 'splash'
+  attn_impl: str = 'auto'          # 'auto' (cuDNN on GPU, splash on TPU, XLA on CPU) | 'xla' | 'cudnn' | 'splash' | 'pallas' (Triton flash kernel, GPU)
   # the sampler's one-query attention: 'auto' (the Pallas kernel on GPU) | 'xla' | 'pallas' | 'pallas_write'
   decode_attn_impl: str = 'auto'
   # the sampler's per-layer products: 'xla' | 'pallas' (RMSNorm + qkv, RMSNorm + SwiGLU up, and

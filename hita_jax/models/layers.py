@@ -314,7 +314,7 @@ def attention(q, k, v, *, mask=None, dropout: Callable | None = None):
   return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
 
 
-ATTN_IMPLS = ('auto', 'xla', 'cudnn', 'splash')
+ATTN_IMPLS = ('auto', 'xla', 'cudnn', 'splash', 'pallas')
 
 
 def resolve_attn_impl(impl: str, platform: str | None = None) -> str:
@@ -381,6 +381,9 @@ def kernel_tuning(table: dict, what: str, **kw):
 
 SPLASH_BLOCK = 128
 CUDNN_BLOCK = 64  # cuDNN flash attention rejects lengths such as 457 / 569
+# The Pallas (Triton) flash kernel's launch set: forward q / kv blocks, the backward's blocks (dq
+# and dk/dv kernels), warps, pipeline stages. The length is padded to the largest block.
+TRITON_ATTN_TUNING = (64, 64, 64, 4, 2)
 
 
 def full_attention(q, k, v, *, impl: str = 'xla'):
@@ -414,7 +417,8 @@ def causal_pad(t: int, impl: str) -> int:
   slicing the output (with gradients, ~4 % of a GPT-B/64 training step on an H200). Only when the
   pad is at most 1/16 of t (cuDNN: 569 -> 576): every layer's GEMMs run on the padded rows too, so
   a large pad (splash: 569 -> 640) stays inside the attention call."""
-  block = {'cudnn': CUDNN_BLOCK, 'splash': SPLASH_BLOCK}.get(resolve_attn_impl(impl))
+  block = {'cudnn': CUDNN_BLOCK, 'splash': SPLASH_BLOCK,
+           'pallas': max(TRITON_ATTN_TUNING[:3])}.get(resolve_attn_impl(impl))
   pad = (-t) % block if block else 0
   return pad if pad * 16 <= t else 0
 
@@ -422,7 +426,8 @@ def causal_pad(t: int, impl: str) -> int:
 def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
   """Causal self-attention on (B, T, H, D) by `impl` (see resolve_attn_impl). The fused kernels
   have no attention-probability dropout, so a non-None `dropout` always takes the XLA path.
-  'splash' off TPU runs the same kernel in Pallas interpret mode (slow; for tests on CPU)."""
+  'splash' off TPU and 'pallas' (Triton) off GPU run their kernel in Pallas interpret mode (slow;
+  for tests on CPU)."""
   impl = resolve_attn_impl(impl)
   t = q.shape[1]
   if dropout is not None or impl == 'xla':
@@ -431,12 +436,15 @@ def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
     pad = (-t) % CUDNN_BLOCK  # causal: the padded keys come after every real query
     pq, pk, pv = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
     return jax.nn.dot_product_attention(pq, pk, pv, is_causal=True, implementation='cudnn')[:, :t]
-  on_tpu = jax.default_backend() == 'tpu'
-  fn = functools.partial(splash_causal_attention, interpret=not on_tpu)
+  kernel_platform = {'pallas': 'gpu', 'splash': 'tpu'}[impl]
+  interpret = jax.default_backend() != kernel_platform  # CPU tests run the kernel's arithmetic
+  fn = functools.partial(triton_causal_attention if impl == 'pallas' else splash_causal_attention,
+                         interpret=interpret)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    if on_tpu and jax.device_count() > 1 and mesh.empty:
-      raise ValueError("attn_impl='splash' on several TPU devices needs the mesh as context "
+    if not interpret and jax.device_count() > 1 and mesh.empty:
+      # XLA cannot partition a Pallas kernel
+      raise ValueError(f"attn_impl='{impl}' on several devices needs the mesh as context "
                        "(jax.set_mesh), so that the kernel runs per shard; the tasks do not set "
                        "it yet: use attn_impl='auto' or 'xla' (--config.gpt.attn_impl=auto)")
     return fn(q, k, v)
@@ -445,6 +453,24 @@ def causal_attention(q, k, v, *, impl: str, dropout: Callable | None = None):
   spec = jax.sharding.PartitionSpec(batch_mesh_axes(mesh, q.shape[0]) or None, None, heads, None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)
+
+
+def triton_causal_attention(q, k, v, *, interpret: bool = False, tuning=None):
+  """Causal attention through Pallas' Triton flash kernel (`jax.experimental.pallas.ops.gpu.
+  attention.mha`, forward and backward; `interpret=True` runs it on CPU for tests). The length is
+  padded to the largest block: padded keys sit after every real query, so the causal mask hides
+  them, and the padded query rows are dropped."""
+  from jax.experimental.pallas.ops.gpu import attention as pa
+  bq, bk, bwd, warps, stages = tuning or TRITON_ATTN_TUNING
+  t = q.shape[1]
+  pad = (-t) % max(bq, bk, bwd)
+  if pad:
+    q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+  blocks = pa.BlockSizes(block_q=bq, block_k=bk, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd,
+                         block_kv_dq=bwd)
+  o = pa.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True, block_sizes=blocks,
+             num_warps=warps, num_stages=stages, interpret=interpret)
+  return o[:, :t]
 
 
 def splash_causal_attention(q, k, v, *, interpret: bool = False, block: int = SPLASH_BLOCK):

@@ -40,6 +40,7 @@ from hita_jax.metrics.inception_features import InceptionRunner
 from hita_jax.models.decode_attention import DECODE_ATTN_IMPLS, KERNEL_IMPLS
 from hita_jax.models.decode_matmul import DECODE_LAYER_IMPLS
 from hita_jax.models.gpt import GPT, GPT_SIZES, REMAT_POLICIES, GPTConfig
+from hita_jax.models.layers import ATTN_IMPLS
 from hita_jax.models.rope import apply_rope
 from hita_jax.models.sampler import decode_attn_impl_for, generate, resolve_kv_segments
 from hita_jax.tasks import train_ar as ar
@@ -515,10 +516,10 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
   p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'decode_attn', 'decode_matmul',
-                                  'inception', 'tok_trainer', 'cnn_train', 'gn_sums', 'hbm'])
+                                  'inception', 'tok_trainer', 'cnn_train', 'gn_sums', 'hbm', 'train_attn'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
-  p.add_argument('--attn', default='auto', choices=['auto', 'xla', 'cudnn', 'splash'])
+  p.add_argument('--attn', default='auto', choices=list(ATTN_IMPLS))
   p.add_argument('--profile', default=None, help='trace directory: also print the top device kernels')
   p.add_argument('--hlo', default=None, metavar='PATH.gz',
                  help='gpt_train / ar_trainer: also write the step\'s optimized HLO text (gzipped)')
@@ -536,7 +537,7 @@ def main(argv=None):
   p.add_argument('--qkv-gemms', type=int, default=2, choices=[1, 2],
                  help='gpt_train: the qkv projection as one product or q|k and v apart (GPTConfig.qkv_gemms)')
   p.add_argument('--tune', action='store_true',
-                 help='decode_attn / decode_matmul: also sweep the kernels\' launch parameters')
+                 help='decode_attn / decode_matmul / train_attn: also sweep the kernels\' launch parameters')
   p.add_argument('--decode-tuning', default=None, metavar='BLOCK_K,WARPS,STAGES',
                  help='sample: the decode kernel\'s launch parameters (default: the module\'s)')
   p.add_argument('--decode-attn', default='auto', choices=list(DECODE_ATTN_IMPLS),
@@ -566,6 +567,9 @@ def main(argv=None):
     res = bench_cnn_train(a.batch, iters=a.iters)
   elif a.what == 'gn_sums':
     res = bench_gn_sums(a.batch)
+  elif a.what == 'train_attn':
+    from hita_jax.tools.bench_attn import bench_train_attn
+    res = bench_train_attn(full_size_config(a.size), a.batch, tune=a.tune)
   elif a.what == 'hbm':
     from hita_jax.tools.bench_floor import bench_hbm  # it builds on this module's configs
     res = bench_hbm(images=a.batch)
