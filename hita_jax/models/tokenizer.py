@@ -15,8 +15,11 @@ from hita_jax.models.cnn import CNNDecoder, CNNEncoder
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config, preprocess_for_dinov2
 from hita_jax.models.dropout import DROPOUT_RNGS
 from hita_jax.models.holistic import FusionDecoder, HolisticEncoder
-from hita_jax.models.layers import ATTN_IMPLS, DTYPES, NORM_IMPLS, conv, dense
+from hita_jax.models.layers import DTYPES, NORM_IMPLS, conv, dense
 from hita_jax.models.quantizer import VectorQuantizer
+
+
+FULL_ATTN_IMPLS = ('auto', 'xla', 'cudnn')  # tokenizer.attn_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +97,10 @@ class Tokenizer(nnx.Module):
 
   def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    if cfg.attn_impl not in ATTN_IMPLS:
-      raise UserError(f'tokenizer.attn_impl must be one of {ATTN_IMPLS}, got {cfg.attn_impl!r} '
+    # the tokenizer's attention is unmasked (layers.full_attention): the causal kernels of the GPT
+    # ('splash', 'pallas') have no use here
+    if cfg.attn_impl not in FULL_ATTN_IMPLS:
+      raise UserError(f'tokenizer.attn_impl must be one of {FULL_ATTN_IMPLS}, got {cfg.attn_impl!r} '
                       '(--config.tokenizer.attn_impl=auto)')
     if cfg.dropout_rng not in DROPOUT_RNGS:
       raise UserError(f'tokenizer.dropout_rng must be one of {DROPOUT_RNGS}, got {cfg.dropout_rng!r} '
