@@ -62,3 +62,39 @@ def test_ar_train_records_carry_their_environment(tmp_path, monkeypatch):
   assert rec['jax'] == jax.__version__ and rec['error'] == 'no run here'
   rows, env = perf_suite.table(perf_suite.load([str(tmp_path / 'suite.jsonl')]))
   assert env['jax'] == jax.__version__
+
+
+def test_official_specs_without_a_result_are_failed_rows(tmp_path, monkeypatch):
+  """An official process that times out before a spec finishes (2026-12-06: the compiled XL past
+  290 s) leaves a failed record for that spec, so the report says 'failed' instead of an empty
+  column; a spec that finished keeps its figure, and a Python error inside the official script
+  shows as failed too."""
+  assert perf_suite.official_key('ar_compiled:GPT-XL:32') == 'ar_train_GPT-XL_bs32_compiled'
+  assert perf_suite.official_key('sample:GPT-B:64') == 'sample_GPT-B_bs64_cfg1.5'
+  assert perf_suite.official_key('tok:16') == 'tok_train_HitaV_bs16'
+  assert perf_suite.official_key('ar') is None
+
+  def fake_sh(cmd, timeout, env=None):  # the B spec finished and wrote its result; then the timeout
+    (tmp_path / 'bench_official.json').write_text(json.dumps({
+        'torch': '2.x', 'ar_train_GPT-B_bs64_compiled': {'images_s': 800.0},
+        'sample_GPT-B_bs64_cfg1.5_compiled': {'error': "RuntimeError('boom')"}}))
+    return 124, 'timed out after 290.0 s: b""'
+  monkeypatch.setattr(perf_suite, '_sh', fake_sh)
+  specs = ['ar_compiled:GPT-B:64', 'ar_compiled:GPT-XL:32', 'sample_compiled:GPT-B:64']
+  perf_suite.run_official(str(tmp_path), '/nowhere', '/nowhere', specs, timeout=290)
+  recs = perf_suite.load([str(tmp_path / 'suite.jsonl')])
+  failed = [r for r in recs if r.get('kind') == 'ar_train' and r.get('error')]
+  assert [(r['model'], r['batch'], r['variant']) for r in failed] == [('XL', 32, 'compiled')]
+  assert 'rc 124' in failed[0]['error'] and 'timed out' in failed[0]['error']
+  recs += [{'side': 'ours', 'kind': 'ar_train', 'model': m, 'batch': b, 'images_s': x, 'mfu': 0.45}
+           for m, b, x in (('B', 64, 1000.0), ('XL', 32, 159.0))]
+  recs.append({'side': 'ours', 'kind': 'sample', 'model': 'B', 'batch': 64, 'images_s': 116.0})
+  rows, _ = perf_suite.table(recs)
+  by = {(r['kind'], r['model']): r for r in rows}
+  assert by['ar_train', 'B']['ratio_best'] == pytest.approx(1000 / 800)
+  assert by['ar_train', 'XL']['compiled'] is None and by['ar_train', 'XL']['compiled_error']
+  assert by['sample', 'B']['compiled_error'] and by['sample', 'B']['met'] is False
+  text = perf_suite.markdown(rows, {k: None for k in ('date', 'device', 'jax', 'flax', 'optax',
+                                                      'python', 'torch')}, 'cmd')
+  assert '| AR train GPT-XL | 32 | 159.0 | 45.0% | — | failed | — |' in text
+  assert '| sampling GPT-B, CFG 1.5 | 64 | 116.0 | — | — | failed | — |' in text

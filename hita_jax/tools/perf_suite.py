@@ -187,8 +187,33 @@ def run_official(out_dir, checkout, lpips_lin, specs=None, timeout=560):
     if 'mfu_vs_989' in val:
       rec['mfu'] = val['mfu_vs_989']
     _emit(out_dir, rec)
+  # a spec the process never reached or finished (a timeout, a crash) is a failed row of its own,
+  # so the report says 'failed' rather than leaving the column empty as if it had not been asked
+  for spec in specs:
+    key = official_key(spec)
+    m = key and re.match(r'(ar_train|sample|tok_train)_(GPT-[A-Z0-9]+|HitaV)_bs(\d+)', key)
+    if m and key not in res:
+      model = m.group(2).replace('GPT-', '')
+      _emit(out_dir, {'side': 'official', 'kind': m.group(1), 'model': 'Hita-V' if model == 'HitaV' else model,
+                      'batch': int(m.group(3)), 'variant': 'compiled' if key.endswith('_compiled') else 'eager',
+                      'key': key, 'error': f'no result (official process rc {rc}): {log[-300:]}'})
   if rc:
     _emit(out_dir, {'side': 'official', 'kind': 'log', 'error': log[-2000:], 'rc': rc})
+
+
+def official_key(spec: str) -> str | None:
+  """The bench_official.json key that launch/official/official_bench.py writes for a
+  MODE:MODEL:BATCH (or tok:BATCH) spec; None for its named groups ('ar', 'sample', ...)."""
+  mode, *rest = spec.split(':')
+  compiled = '_compiled' if mode.endswith('_compiled') else ''
+  base = mode[:-len(compiled)] if compiled else mode
+  if base == 'ar' and len(rest) == 2:
+    return f'ar_train_{rest[0]}_bs{rest[1]}{compiled}'
+  if base == 'sample' and len(rest) == 2:
+    return f'sample_{rest[0]}_bs{rest[1]}_cfg1.5{compiled}'
+  if base == 'tok' and len(rest) == 1:
+    return f'tok_train_HitaV_bs{rest[0]}{compiled}'
+  return None
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -223,8 +248,10 @@ def table(recs: list[dict]) -> tuple[list[dict], dict]:
   """One row per workload of ours: best official eager / compiled at the same model and batch."""
   off = {}
   for r in recs:
-    if r.get('side') == 'official' and 'images_s' in r:
-      off[(r['kind'], r['model'], r['batch'], r['variant'])] = r
+    if r.get('side') == 'official' and r.get('kind') in TARGETS and ('images_s' in r or 'error' in r):
+      key = (r['kind'], r['model'], r['batch'], r['variant'])
+      if 'images_s' in r or 'images_s' not in off.get(key, {}):  # a result beats a failure
+        off[key] = r
   rows = []
   for r in recs:
     if r.get('side') != 'ours' or r.get('kind') not in TARGETS:
@@ -232,10 +259,12 @@ def table(recs: list[dict]) -> tuple[list[dict], dict]:
     model = r.get('model') or r.get('size')
     key = (r['kind'], model, r.get('batch'))
     eager, comp = off.get(key + ('eager',)), off.get(key + ('compiled',))
-    best = max([x for x in (eager, comp) if x], key=lambda x: x['images_s'], default=None)
+    best = max([x for x in (eager, comp) if x and 'images_s' in x], key=lambda x: x['images_s'],
+               default=None)
     row = {'kind': r['kind'], 'model': model, 'batch': r.get('batch'), 'ours': r.get('images_s'),
-           'ours_mfu': r.get('mfu'), 'eager': eager and eager['images_s'],
-           'compiled': comp and comp['images_s'], 'compiled_error': comp and comp.get('error'),
+           'ours_mfu': r.get('mfu'), 'eager': eager and eager.get('images_s'),
+           'eager_error': eager and eager.get('error'),
+           'compiled': comp and comp.get('images_s'), 'compiled_error': comp and comp.get('error'),
            'ratio_best': (r['images_s'] / best['images_s']) if best and r.get('images_s') else None,
            'error': r.get('error'), 'compile_s': r.get('compile_s'), 'peak_mem_gb': r.get('peak_mem_gb')}
     row['target'], row['met'] = _target(row)
@@ -285,10 +314,11 @@ def markdown(rows, env, command: str, source: str = 'suite.jsonl') -> str:
   for r in rows:
     ours = _f(r['ours']) if r['ours'] is not None else 'failed'
     comp = _f(r['compiled']) if r['compiled'] is not None else ('failed' if r['compiled_error'] else '—')
+    eager = _f(r['eager']) if r['eager'] is not None else ('failed' if r.get('eager_error') else '—')
     extra = f" (compile {r['compile_s']:.0f} s)" if r.get('compile_s') else ''
     met = {True: 'yes', False: '**no**', None: '—'}[r['met']]
     out.append(f"| {names[r['kind']].format(r['model'])} | {r['batch']} | {ours}{extra} | "
-               f"{_f(r['ours_mfu'], '{:.1%}')} | {_f(r['eager'])} | {comp} | "
+               f"{_f(r['ours_mfu'], '{:.1%}')} | {eager} | {comp} | "
                f"{_f(r['ratio_best'], '{:.2f}×')} | {r['target']} | {met} |")
   return '\n'.join(out)
 
