@@ -174,15 +174,10 @@ def run_official(out_dir, checkout, lpips_lin, specs=None, timeout=560):
   path = os.path.join(out_dir, 'bench_official.json')
   res = json.load(open(path)) if os.path.exists(path) else {}
   for key, val in res.items():
-    if not isinstance(val, dict):
+    rec = _official_record(key)
+    if rec is None or not isinstance(val, dict):
       continue
-    m = re.match(r'(ar_train|sample|tok_train)_(GPT-[A-Z0-9]+|HitaV)_bs(\d+)', key)
-    if not m:
-      continue
-    kind, model, batch = m.group(1), m.group(2).replace('GPT-', ''), int(m.group(3))
-    rec = {'side': 'official', 'kind': kind, 'model': 'Hita-V' if model == 'HitaV' else model,
-           'batch': batch, 'variant': 'compiled' if key.endswith('_compiled') else 'eager', 'key': key,
-           'torch': res.get('torch')}
+    rec['torch'] = res.get('torch')
     rec.update(val)
     if 'mfu_vs_989' in val:
       rec['mfu'] = val['mfu_vs_989']
@@ -191,14 +186,23 @@ def run_official(out_dir, checkout, lpips_lin, specs=None, timeout=560):
   # so the report says 'failed' rather than leaving the column empty as if it had not been asked
   for spec in specs:
     key = official_key(spec)
-    m = key and re.match(r'(ar_train|sample|tok_train)_(GPT-[A-Z0-9]+|HitaV)_bs(\d+)', key)
-    if m and key not in res:
-      model = m.group(2).replace('GPT-', '')
-      _emit(out_dir, {'side': 'official', 'kind': m.group(1), 'model': 'Hita-V' if model == 'HitaV' else model,
-                      'batch': int(m.group(3)), 'variant': 'compiled' if key.endswith('_compiled') else 'eager',
-                      'key': key, 'error': f'no result (official process rc {rc}): {log[-300:]}'})
+    rec = _official_record(key) if key and key not in res else None
+    if rec is not None:
+      _emit(out_dir, {**rec, 'error': f'no result (official process rc {rc}): {log[-300:]}'})
   if rc:
     _emit(out_dir, {'side': 'official', 'kind': 'log', 'error': log[-2000:], 'rc': rc})
+
+
+def _official_record(key: str) -> dict | None:
+  """The suite record fields of a bench_official.json key such as 'ar_train_GPT-B_bs64_compiled'
+  (None for keys that are no workload, e.g. 'torch')."""
+  m = re.match(r'(ar_train|sample|tok_train)_(GPT-[A-Z0-9]+|HitaV)_bs(\d+)', key)
+  if not m:
+    return None
+  model = m.group(2).replace('GPT-', '')
+  return {'side': 'official', 'kind': m.group(1), 'model': 'Hita-V' if model == 'HitaV' else model,
+          'batch': int(m.group(3)), 'variant': 'compiled' if key.endswith('_compiled') else 'eager',
+          'key': key}
 
 
 def official_key(spec: str) -> str | None:

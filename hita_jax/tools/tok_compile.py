@@ -251,14 +251,16 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   _emit({**info, 'stage': 'trace_cheap_probes', 's': time.perf_counter() - t0})
   t0 = time.perf_counter()
   lowered = traced.lower()
-  _emit({**info, 'stage': 'lower', 's': time.perf_counter() - t0,
-         'hlo_lines': lowered.as_text().count('\n'), **op_census(lowered.as_text(debug_info=True))})
+  lower_s = time.perf_counter() - t0
+  text = lowered.as_text()
+  _emit({**info, 'stage': 'lower', 's': lower_s, 'hlo_lines': text.count('\n'),
+         **op_census(lowered.as_text(debug_info=True))})
   if export_path:  # after the timed trace, which its own trace would have warmed
     leaves, treedef = jax.tree.flatten((state, lp_state, batches[0]))
     t0 = time.perf_counter()
     # jax.export refuses custom calls it does not know to be stable (cuDNN attention, Pallas); the
     # file is read back by this tool on the same stack, so each target the step holds is allowed.
-    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in custom_call_targets(lowered.as_text())]
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in custom_call_targets(text)]
     try:
       exported = jax.export.export(jax.jit(_step_for_export(parts, config, treedef)),
                                    disabled_checks=checks)(leaves, jax.random.key_data(key))
