@@ -98,3 +98,24 @@ def test_official_specs_without_a_result_are_failed_rows(tmp_path, monkeypatch):
                                                       'python', 'torch')}, 'cmd')
   assert '| AR train GPT-XL | 32 | 159.0 | 45.0% | — | failed | — |' in text
   assert '| sampling GPT-B, CFG 1.5 | 64 | 116.0 | — | — | failed | — |' in text
+
+
+def test_ar_train_overrides_reach_main_and_mark_the_row(tmp_path, monkeypatch):
+  """`run ours --set KEY=VALUE` passes the change to `main` as --config.KEY=VALUE, keeps it in the
+  record, and the report names it (the row is not the shipped config); a key the config lacks
+  stops before any run."""
+  seen = []
+  monkeypatch.setattr(perf_suite, '_sh', lambda cmd, timeout: (seen.append(cmd), (1, 'no run'))[1])
+  perf_suite.main(['run', 'ours', '--out', str(tmp_path), '--only', 'ar_train:B:64',
+                   '--set', 'gpt.attn_impl=pallas'])
+  assert seen and '--config.gpt.attn_impl=pallas' in seen[0]
+  path = str(tmp_path / 'suite.jsonl')
+  rec = json.loads(open(path).read().splitlines()[0])
+  assert rec['set'] == ['gpt.attn_impl=pallas']
+  with open(path, 'w') as f:
+    f.write(json.dumps({**rec, 'images_s': 100.0, 'mfu': 0.4, 'time': '2026-12-06T00:00:00+00:00'}) + '\n')
+  rows, env = perf_suite.table(perf_suite.load([path]))
+  assert '(not shipped: gpt.attn_impl=pallas)' in perf_suite.markdown(rows, env, 'cmd')
+  with pytest.raises(perf_suite.UserError, match='gpt.no_such_key'):
+    perf_suite.main(['run', 'ours', '--out', str(tmp_path), '--only', 'ar_train:B:64',
+                     '--set', 'gpt.no_such_key=1'])

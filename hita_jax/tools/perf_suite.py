@@ -85,19 +85,23 @@ def _env() -> dict:
   return env
 
 
-def ours_train(out_dir, size, batch, steps=40, timeout=240, config_arg=''):
+def ours_train(out_dir, size, batch, steps=40, timeout=240, config_arg='', overrides=()):
   """`python -m hita_jax.main --config=configs/hita_<size>.py` on synthetic codes; steady-state
-  images/s and MFU from the trainer's metrics.jsonl (the first logging period holds the compile)."""
+  images/s and MFU from the trainer's metrics.jsonl (the first logging period holds the compile).
+  `overrides`: KEY=VALUE config changes passed to `main` as --config.KEY=VALUE (kept in the record,
+  and the report marks the row: it is not the shipped config)."""
   work = os.path.join('/tmp', f'perf_suite_{size}_{batch}_{os.getpid()}')
   cmd = [sys.executable, '-m', 'hita_jax.main', f'--config=configs/hita_{size.lower()}.py' + (f':{config_arg}' if config_arg else ''),
          f'--workdir={work}', '--config.train_ar.codes_dir=synthetic',
          f'--config.train_ar.num_steps={steps}', f'--config.train_ar.global_batch_size={batch}',
          '--config.train_ar.log_every=10', '--config.train_ar.sample_every=0',
-         '--config.train_ar.ckpt_every=1000000']
+         '--config.train_ar.ckpt_every=1000000'] + [f'--config.{x}' for x in overrides]
   t0 = time.time()
   rc, log = _sh(cmd, timeout)
   rec = {'side': 'ours', 'kind': 'ar_train', 'model': size, 'batch': batch, 'command': ' '.join(cmd[1:]),
          'wall_s': time.time() - t0, **_env()}
+  if overrides:
+    rec['set'] = list(overrides)
   path = os.path.join(work, 'metrics.jsonl')
   lines = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
   steady = [x for x in lines if 'images_per_s' in x][1:]
@@ -135,30 +139,32 @@ def parse_only(only) -> list[tuple[str, str, int]]:
   return jobs
 
 
-def check_config_arg(config_arg: str, sizes) -> None:
-  """The AR configs the jobs run load with `config_arg` (else a UserError naming --config-arg or
-  the size), before any run starts."""
+def check_config_arg(config_arg: str, sizes, overrides=()) -> None:
+  """The AR configs the jobs run load with `config_arg` and take the `--set` overrides (else a
+  UserError naming --config-arg, --set or the size), before any run starts."""
   from hita_jax import config_lib
+  from hita_jax.tools.ab import apply_overrides
   for size in sorted(set(sizes)):
     path = os.path.join(ROOT, 'configs', f'hita_{size.lower()}.py')
     if not os.path.exists(path):
       raise MissingPathError(f'no AR config for size {size!r}: {path} does not exist (fix the SIZE '
                              'of --only KIND:SIZE:BATCH)')
     try:
-      config_lib.load_config(path + (f':{config_arg}' if config_arg else ''))
+      config = config_lib.load_config(path + (f':{config_arg}' if config_arg else ''))
     except UserError as e:
       raise UserError(f'--config-arg {config_arg!r}: {cli.message(e)}') from e
+    apply_overrides(config, list(overrides))
 
 
-def run_ours(out_dir, only=None, steps=40, config_arg=''):
+def run_ours(out_dir, only=None, steps=40, config_arg='', overrides=()):
   jobs = ([('ar_train', s, b) for s, b in OURS_TRAIN] + [('sample', s, b) for s, b in OURS_SAMPLE]
           + [('tok_train', 'V', b) for b in OURS_TOK])
   if only:  # KIND:SIZE:BATCH items, any batch
     jobs = parse_only(only)
-  check_config_arg(config_arg, [s for k, s, _ in jobs if k == 'ar_train'])
+  check_config_arg(config_arg, [s for k, s, _ in jobs if k == 'ar_train'], overrides)
   for kind, size, batch in jobs:
     if kind == 'ar_train':
-      ours_train(out_dir, size, batch, steps=steps, config_arg=config_arg)
+      ours_train(out_dir, size, batch, steps=steps, config_arg=config_arg, overrides=overrides)
     elif kind == 'sample':
       ours_bench(out_dir, 'sample', size, ['sample', '--size', size, '--batch', str(batch), '--cfg', '1.5'])
     else:
@@ -270,7 +276,8 @@ def table(recs: list[dict]) -> tuple[list[dict], dict]:
            'eager_error': eager and eager.get('error'),
            'compiled': comp and comp.get('images_s'), 'compiled_error': comp and comp.get('error'),
            'ratio_best': (r['images_s'] / best['images_s']) if best and r.get('images_s') else None,
-           'error': r.get('error'), 'compile_s': r.get('compile_s'), 'peak_mem_gb': r.get('peak_mem_gb')}
+           'error': r.get('error'), 'compile_s': r.get('compile_s'), 'peak_mem_gb': r.get('peak_mem_gb'),
+           'set': r.get('set')}
     row['target'], row['met'] = _target(row)
     rows.append(row)
   env = next((r for r in recs if r.get('side') == 'ours' and r.get('jax')), {})
@@ -321,7 +328,8 @@ def markdown(rows, env, command: str, source: str = 'suite.jsonl') -> str:
     eager = _f(r['eager']) if r['eager'] is not None else ('failed' if r.get('eager_error') else '—')
     extra = f" (compile {r['compile_s']:.0f} s)" if r.get('compile_s') else ''
     met = {True: 'yes', False: '**no**', None: '—'}[r['met']]
-    out.append(f"| {names[r['kind']].format(r['model'])} | {r['batch']} | {ours}{extra} | "
+    changed = f" (not shipped: {', '.join(r['set'])})" if r.get('set') else ''
+    out.append(f"| {names[r['kind']].format(r['model'])}{changed} | {r['batch']} | {ours}{extra} | "
                f"{_f(r['ours_mfu'], '{:.1%}')} | {eager} | {comp} | "
                f"{_f(r['ratio_best'], '{:.2f}×')} | {r['target']} | {met} |")
   return '\n'.join(out)
@@ -347,6 +355,9 @@ def main(argv=None):
   r.add_argument('--only', nargs='*', help='ours: KIND:SIZE:BATCH items; official: MODE:MODEL:BATCH specs')
   r.add_argument('--steps', type=int, default=40, help='ours: AR training steps per run')
   r.add_argument('--config-arg', default='', help="ours: config argument, e.g. 'tiny' for a CPU smoke run")
+  r.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='ours: AR config change passed to main (e.g. gpt.attn_impl=pallas; repeatable); '
+                      'the report marks such rows as not the shipped config')
   r.add_argument('--official', default=os.environ.get('OFFICIAL_HITA'), help='CVMI-Lab/Hita checkout')
   r.add_argument('--lpips-lin', default=os.environ.get('LPIPS_LIN'), help="LPIPS 'vgg.pth' (7 KB)")
   r.add_argument('--timeout', type=float, default=560.0,
@@ -360,7 +371,7 @@ def main(argv=None):
   if a.cmd == 'run':
     os.makedirs(a.out, exist_ok=True)
     if a.part == 'ours':
-      run_ours(a.out, a.only, a.steps, a.config_arg)
+      run_ours(a.out, a.only, a.steps, a.config_arg, a.set)
     else:
       if not a.official or not os.path.isdir(a.official):
         raise MissingPathError(f'run official: no CVMI-Lab/Hita checkout at {a.official!r} (fix '
