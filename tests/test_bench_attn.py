@@ -17,3 +17,12 @@ def test_train_attn_bench_times_each_kernel_and_checks_it(monkeypatch, capsys):
   assert all(r['max_err'] < 5e-2 for r in res['tune'])
   # the bench CLI knows the kernel for the full training step too
   assert 'pallas' in bench.ATTN_IMPLS
+
+
+def test_bench_records_name_the_xla_flags_they_ran_under(monkeypatch):
+  """A record timed under $XLA_FLAGS (2026-12-06: the sampler with the exhaustive tiling search)
+  carries them; one without carries none."""
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  assert 'xla_flags' not in bench.env_info()
+  monkeypatch.setenv('XLA_FLAGS', '--xla_gpu_exhaustive_tiling_search=true')
+  assert bench.env_info()['xla_flags'] == '--xla_gpu_exhaustive_tiling_search=true'

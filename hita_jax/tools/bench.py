@@ -50,9 +50,14 @@ from hita_jax.tools.bench_norm import bench_cnn_train, bench_gn_sums
 
 
 def env_info():
-  return {'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
+  """Versions and device, and $XLA_FLAGS when set: a record timed under an XLA option (e.g. the
+  exhaustive tiling search) must say so."""
+  info = {'jax': jax.__version__, 'flax': flax.__version__, 'optax': optax.__version__,
           'device': jax.devices()[0].device_kind, 'n_devices': jax.device_count(),
           'python': platform.python_version()}
+  if os.environ.get('XLA_FLAGS'):
+    info['xla_flags'] = os.environ['XLA_FLAGS']
+  return info
 
 
 def full_size_config(size: str, **kw) -> GPTConfig:

@@ -1,0 +1,97 @@
+"""XLA compile-log summaries (tools/xla_logs): pass timers and autotune logs, on log text in the
+formats XLA 0.11's GPU compiler writes (lines copied from a 2026-12-06 H100 run)."""
+import gzip
+import json
+
+import pytest
+
+from hita_jax.errors import UserError
+from hita_jax.tools import xla_logs
+
+LOG = """\
+I1206 18:49:50.013719   10943 hlo_pass_pipeline.cc:206] HLO pass: algsimp time: 6 us (6 us) (cumulative: 6 us, max: 6 us, #called: 1)
+=== tok_compile: compile ship
+I1206 18:50:01.000000   10943 hlo_pass_pipeline.cc:302] Running HLO pass pipeline on module jit_train_step: optimization
+I1206 18:50:02.000000   10943 hlo_pass_pipeline.cc:206] HLO pass: algsimp time: 250 ms (250 ms) (cumulative: 1 s, max: 250 ms, #called: 9)
+I1206 18:50:40.000000   10943 hlo_pass_pipeline.cc:206] HLO pass: priority-fusion time: 36.20 s (36200000 us) (cumulative: 40 s, max: 36.2 s, #called: 10)
+I1206 18:51:00.000000   10943 hlo_pass_pipeline.cc:302] Running HLO pass pipeline on module cudnn-conv.327: autotune
+I1206 18:51:00.100000   10943 hlo_pass_pipeline.cc:206] HLO pass: priority-fusion time: 60 ms (60 ms) (cumulative: 40 s, max: 36.2 s, #called: 11)
+I1206 18:51:30.000000   10943 hlo_pass_pipeline.cc:206] HLO pass: config-assigner time: 45.40 s (45400000 us) (cumulative: 86 s, max: 45.4 s, #called: 12)
+I1206 18:52:37.660081   10943 gpu_compiler.cc:2345] GpuCompiler::RunHloPasses for jit_train_step time: 1.52 min (91115463 us) (cumulative: 2.18 min, max: 1.52 min, #called: 39)
+I1206 18:52:47.379750   10943 gpu_compiler.cc:3017] GpuCompiler::RunBackend for jit_train_step time: 9.72 s (9719655 us) (cumulative: 24.3 s, max: 10.9 s, #called: 39)
+"""
+
+AUTOTUNE = """\
+device: "699b92c0fb30cb16"
+instruction_profiles {
+  hlo_fingerprint: "a"
+  config_profiles {
+    config {
+      backend: CUBLASLT
+    }
+    run_time {
+      nanos: 9440
+    }
+  }
+}
+instruction_profiles {
+  hlo_fingerprint: "b"
+  config_profiles {
+    config {
+      backend: CUDNN
+    }
+    run_time {
+      nanos: 62496
+    }
+  }
+  config_profiles {
+    config {
+      backend: CUDNN
+    }
+    run_time {
+      nanos: 50000
+    }
+  }
+  config_profiles {
+    config {
+      backend: CUDNN
+    }
+  }
+}
+"""
+
+
+def test_pass_times_sum_by_pass_after_the_marker(tmp_path, capsys):
+  path = tmp_path / 'err.gz'
+  with gzip.open(path, 'wt') as f:
+    f.write(LOG)
+  res = xla_logs.pass_times(xla_logs._lines(str(path)), after='=== tok_compile: compile ship')
+  assert res['passes']['algsimp'] == [pytest.approx(0.25), 1]  # the line before the marker is left out
+  assert res['passes']['priority-fusion'] == [pytest.approx(36.26), 2]  # summed over modules
+  assert res['passes']['config-assigner'][0] == pytest.approx(45.4)
+  assert res['stages'][('RunHloPasses', 'jit_train_step')] == pytest.approx(91.2)  # '1.52 min'
+  assert res['stages'][('RunBackend', 'jit_train_step')] == pytest.approx(9.72)
+  xla_logs.main(['passes', str(path), '--after', '=== tok_compile'])
+  out = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert out['passes_total_s'] == pytest.approx(0.25 + 36.26 + 45.4)
+  with pytest.raises(UserError, match='no line of the log contains'):
+    xla_logs.pass_times(LOG.splitlines(), after='=== never')
+
+
+def test_autotune_summary_counts_configs_per_backend(tmp_path):
+  res = xla_logs.autotune_summary(AUTOTUNE)
+  assert res['CUBLASLT'] == {'instructions': 1, 'configs': 1, 'timed': 1, 'best_s': pytest.approx(9.44e-6),
+                             'max_configs': 1}
+  assert res['CUDNN'] == {'instructions': 1, 'configs': 3, 'timed': 2, 'best_s': pytest.approx(5e-5),
+                          'max_configs': 3}
+  with pytest.raises(UserError, match='no instruction_profiles'):
+    xla_logs.autotune_summary('device: "x"\n')
+
+
+def test_bad_log_paths_name_the_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match='nope.txt not found'):
+    list(xla_logs._lines(str(tmp_path / 'nope.txt')))
+  bad = tmp_path / 'bad.gz'
+  bad.write_bytes(b'not gzip at all')
+  with pytest.raises(UserError, match='bad.gz could not be read'):
+    list(xla_logs._lines(str(bad)))
