@@ -15,7 +15,8 @@ from hita_jax.models.cnn import CNNDecoder, CNNEncoder
 from hita_jax.tools.ab import best_time, peak_memory
 
 
-def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128, rounds=2):
+def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128, rounds=2,
+                    ch_mult=(1, 1, 2, 2, 4), enc_blocks=2, dec_blocks=3):
   """The tokenizer's CNN encoder + decoder (official widths, bf16 compute) forward and backward on an
   L2 loss, timed alternately in one process: 'fused' (the GroupNorm(+swish) op with each
   ResnetBlock's conv1 bias folded into norm2; the baseline the others are compared with), without
@@ -23,11 +24,12 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
   in fp32, cast back, then swish in the activation dtype, autodiff; the program before
   2026-12-05e), the recomputing backward ('recompute', the tokenizer's default `cnn_norm_impl` since
   2026-12-06), the convs' bias gradients as per-channel sums ('bias_sums', layers.CONV_BIAS='sums')
-  and the other spellings of the per-channel sums ('sum_<spelling>', layers.SPATIAL_SUMS)."""
+  and the other spellings of the per-channel sums ('sum_<spelling>', layers.SPATIAL_SUMS).
+  `ch_mult`, `enc_blocks`, `dec_blocks`: the official depth by default (tests shrink it)."""
   rngs = nnx.Rngs(0)
-  enc = CNNEncoder(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=512,
+  enc = CNNEncoder(ch=ch, ch_mult=ch_mult, num_res_blocks=enc_blocks, z_channels=512,
                    dtype=dtype, rngs=rngs)
-  dec = CNNDecoder(ch=ch, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=3, z_channels=512,
+  dec = CNNDecoder(ch=ch, ch_mult=ch_mult, num_res_blocks=dec_blocks, z_channels=512,
                    dtype=dtype, rngs=rngs)
   graph, params, rest = nnx.split((enc, dec), nnx.Param, ...)
   x = jax.random.uniform(jax.random.key(1), (batch, image_size, image_size, 3), minval=-1, maxval=1)
