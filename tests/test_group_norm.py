@@ -125,7 +125,7 @@ def test_cnn_bench_times_programs_that_compute_the_same_gradients():
                               ch_mult=(1, 2), enc_blocks=1, dec_blocks=1)
   others = [k[:-len('_step_s')] for k in res if k.endswith('_step_s') and k != 'fused_step_s']
   sums = {f'sum_{s}' for s in SPELLINGS if s != layers._spelling()}  # the default's is 'fused'
-  assert set(others) == {'nofold', 'flax', 'recompute', 'bias_sums'} | sums, others
+  assert set(others) == {'nofold', 'flax', 'recompute', 'bias_sums', 'gemm_1x1'} | sums, others
   for other in others:
     assert res['fused_step_s'] > 0 and res[f'{other}_step_s'] > 0
     assert res[f'loss_abs_diff_{other}'] < 1e-6, res
@@ -425,3 +425,69 @@ def test_conv_bias_sums_equal_nnx_conv(spelling, monkeypatch):
   monkeypatch.setattr(layers, 'CONV_BIAS', 'fused')
   with pytest.raises(ValueError, match='CONV_BIAS must be one of'):
     conv_apply(m, x)
+
+
+@pytest.mark.parametrize('conv_bias', layers.CONV_BIASES)
+def test_one_by_one_convs_as_gemms_are_the_same_function(conv_bias, monkeypatch):
+  """layers.CONV_1X1='gemm' runs the CNN's 1x1 convolutions (attention projections, channel
+  shortcuts) and the tokenizer's quant convs as products over the channel axis: the traced
+  program has no 1x1 convolution left and the others untouched; in fp32 the same loss and
+  gradients as the convolutions (with either bias gradient), and in bf16 within bf16 rounding of
+  fp32; a bad value is named."""
+  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
+  monkeypatch.setattr(layers, 'CONV_BIAS', conv_bias)
+
+  def build(dtype):
+    kw = dict(ch=16, ch_mult=(1, 2), z_channels=32, groups=4, dtype=dtype, rngs=nnx.Rngs(5))
+    return CNNEncoder(num_res_blocks=1, **kw), CNNDecoder(num_res_blocks=1, **kw)
+
+  x = jax.random.uniform(jax.random.key(6), (2, 16, 16, 3), minval=-1, maxval=1)
+  loss = lambda graph, rest: lambda p: jnp.sum(
+      jnp.sin(3 * (lambda e, d: d(e(x)))(*nnx.merge(graph, p, rest))).astype(jnp.float32))
+
+  def run(mode, dtype):
+    monkeypatch.setattr(layers, 'CONV_1X1', mode)
+    graph, params, rest = nnx.split(build(dtype), nnx.Param, ...)
+    text = jax.jit(jax.value_and_grad(loss(graph, rest))).lower(params).as_text()
+    convs = [line for line in text.splitlines() if 'stablehlo.convolution' in line]
+    val, grads = jax.value_and_grad(loss(graph, rest))(params)
+    return convs, float(val), [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
+
+  conv_ops, v_conv, g_conv = run('conv', jnp.float32)
+  gemm_ops, v_gemm, g_gemm = run('gemm', jnp.float32)
+  one = lambda ops: [o for o in ops if '1x1x' in o]
+  assert one(conv_ops) and not one(gemm_ops)
+  assert len(gemm_ops) == len(conv_ops) - len(one(conv_ops))
+  np.testing.assert_allclose(v_gemm, v_conv, rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in g_conv)
+  for a, b in zip(g_gemm, g_conv):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+  # bf16 compute: as close to fp32 as the convolutions' bf16 program is
+  _, v16, g16 = run('gemm', jnp.bfloat16)
+  _, v16_conv, g16_conv = run('conv', jnp.bfloat16)
+  err = lambda gs: max(float(np.abs(a - b).max()) for a, b in zip(gs, g_conv)) / scale
+  assert abs(v16 - v_conv) <= 3 * abs(v16_conv - v_conv) + 1e-2 * abs(v_conv)
+  assert err(g16) <= 3 * err(g16_conv) + 1e-3
+  monkeypatch.setattr(layers, 'CONV_1X1', 'cudnn')
+  with pytest.raises(ValueError, match='CONV_1X1 must be one of'):
+    layers.conv_apply(layers.conv(4, 4, 1, rngs=nnx.Rngs(0)), jnp.zeros((1, 2, 2, 4)))
+
+
+def test_tokenizer_quant_convs_follow_the_one_by_one_switch(monkeypatch):
+  """The tokenizer's quant / post-quant 1x1 convs go through conv_apply, so CONV_1X1 reaches them:
+  no 1x1 convolution is left in the encoder's program, and the same pre-quant features either way."""
+  from hita_jax.models.tokenizer import Tokenizer
+  from hita_jax import config_lib
+  cfg = config_lib.tokenizer_config_from(config_lib.tokenizer_model_config('V', tiny=True))
+  model = Tokenizer(cfg, rngs=nnx.Rngs(0))
+  model.eval()
+  img = jax.random.uniform(jax.random.key(1), (1, cfg.image_size, cfg.image_size, 3), minval=-1, maxval=1)
+  out = {}
+  for mode in layers.CONV_1X1S:
+    monkeypatch.setattr(layers, 'CONV_1X1', mode)
+    pre_hol, pre_patch, _ = model.encode_pre_quant(img)
+    out[mode] = np.asarray(pre_patch)
+    text = jax.jit(lambda im: model.encode_pre_quant(im)[1]).lower(img).as_text()
+    one = [ln for ln in text.splitlines() if 'stablehlo.convolution' in ln and '1x1x' in ln]
+    assert bool(one) == (mode == 'conv'), mode
+  np.testing.assert_allclose(out['gemm'], out['conv'], rtol=1e-5, atol=1e-5)

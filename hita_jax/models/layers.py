@@ -48,16 +48,42 @@ def conv(in_features: int, out_features: int, kernel: int, *, stride: int = 1, p
                   bias_init=named(binit, ('conv_out',)), rngs=rngs)
 
 
+def _plain(m: nnx.Conv, x) -> bool:
+  """A plain NHWC 2-D convolution: no mask, groups, dilation or padding mode other than SAME /
+  VALID (what `conv` builds)."""
+  return (m.mask is None and m.feature_group_count == 1 and x.ndim == 4
+          and m.preferred_element_type is None and m.padding in ('SAME', 'VALID')
+          and all(d in (None, 1, (1, 1)) for d in (m.input_dilation, m.kernel_dilation)))
+
+
+# How a 1x1, stride-1 convolution runs (`conv_apply`, `conv_without_bias`). 'conv': as a
+# convolution (cuDNN on GPU). 'gemm': as the same product over the channel axis (cuBLAS on GPU),
+# equal up to summation order. Why: XLA autotunes each distinct cuDNN convolution over ~60 engine
+# configurations (the Hita-V/16 step's 116 convolutions: 6,094 configurations, most of its 45 s of
+# autotuning on an H100, docs/PERFORMANCE.md session 27), a GEMM over at most ~8, and the CNN's 56
+# attention projections at 21 x 21 become one GEMM shape. 20 of the step's 86 distinct convolution
+# shapes are 1x1. Opt-in until its compile and step times are measured on a GPU. Read when a
+# program is traced.
+CONV_1X1S = ('conv', 'gemm')
+CONV_1X1 = 'conv'
+
+
+def _as_gemm(m: nnx.Conv) -> bool:
+  if CONV_1X1 not in CONV_1X1S:
+    raise ValueError(f'layers.CONV_1X1 must be one of {CONV_1X1S}, got {CONV_1X1!r}')
+  return (CONV_1X1 == 'gemm' and tuple(m.kernel_size) == (1, 1)
+          and tuple(m.strides or (1, 1)) in ((1, 1), (1,), 1))
+
+
 def conv_without_bias(m: nnx.Conv, x):
   """`m(x)` without its bias add, for a conv whose output goes straight into a GroupNorm that adds
   the bias itself (`group_norm(..., pre_bias=m.bias)`). Channels-last, no dilation or mask."""
-  plain = (m.mask is None and m.feature_group_count == 1 and x.ndim == 4
-           and m.preferred_element_type is None and m.padding in ('SAME', 'VALID')
-           and all(d in (None, 1, (1, 1)) for d in (m.input_dilation, m.kernel_dilation)))
-  if not plain:
+  if not _plain(m, x):
     raise ValueError('conv_without_bias takes a plain NHWC 2-D convolution (no mask, groups, '
                      'dilation or padding mode other than SAME / VALID)')
   x, kernel = m.promote_dtype((x, m.kernel[...]), dtype=m.dtype)
+  if _as_gemm(m):  # a 1x1 kernel pads nothing under SAME or VALID
+    return jnp.einsum('nhwc,cd->nhwd', x, kernel[0, 0], precision=m.precision)
   return m.conv_general_dilated(x, kernel, m.strides, m.padding,
                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=m.precision)
 
@@ -74,12 +100,17 @@ CONV_BIAS = 'xla'
 
 
 def conv_apply(m: nnx.Conv, x):
-  """`m(x)`, with the bias gradient per CONV_BIAS."""
+  """`m(x)`, with the bias gradient per CONV_BIAS and 1x1 kernels per CONV_1X1."""
   if CONV_BIAS not in CONV_BIASES:
     raise ValueError(f'layers.CONV_BIAS must be one of {CONV_BIASES}, got {CONV_BIAS!r}')
-  if CONV_BIAS == 'xla' or m.bias is None:
-    return m(x)
-  return channel_bias_add(conv_without_bias(m, x), m.bias[...])
+  gemm = _as_gemm(m) and _plain(m, x)
+  if m.bias is None:
+    return conv_without_bias(m, x) if gemm else m(x)
+  if CONV_BIAS == 'sums':
+    return channel_bias_add(conv_without_bias(m, x), m.bias[...])
+  if gemm:  # nnx.Conv's bias add: the bias promoted to the compute dtype, then added
+    return conv_without_bias(m, x) + m.bias[...].astype(m.dtype or x.dtype)
+  return m(x)
 
 
 @jax.custom_vjp

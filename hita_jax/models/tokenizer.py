@@ -15,7 +15,7 @@ from hita_jax.models.cnn import CNNDecoder, CNNEncoder
 from hita_jax.models.dinov2 import DinoV2, DinoV2Config, preprocess_for_dinov2
 from hita_jax.models.dropout import DROPOUT_RNGS
 from hita_jax.models.holistic import FusionDecoder, HolisticEncoder
-from hita_jax.models.layers import DTYPES, NORM_IMPLS, conv, dense
+from hita_jax.models.layers import DTYPES, NORM_IMPLS, conv, conv_apply, dense
 from hita_jax.models.quantizer import VectorQuantizer
 
 
@@ -164,7 +164,7 @@ class Tokenizer(nnx.Module):
     hol, patch, inter = self.holistic_encoder(h, dino, return_intermediates=True)
     b, gh, gw, c = h.shape
     patch = patch.reshape(b, gh, gw, c)
-    pre_patch = self.quant_conv(patch.astype(jnp.float32))
+    pre_patch = conv_apply(self.quant_conv, patch.astype(jnp.float32))
     pre_hol = self.pre_holistic_quant(hol.astype(jnp.float32))
     aux = {'dinov2_features': dino}
     if return_intermediates:
@@ -180,7 +180,7 @@ class Tokenizer(nnx.Module):
 
   def decode_latents(self, holistic_q, patch_q, *, return_intermediates: bool = False):
     """Quantised vectors (B, S, e_s), (B, h, w, e) -> images (B, H, W, 3) [, intermediates]."""
-    post_patch = self.post_quant_conv(patch_q)
+    post_patch = conv_apply(self.post_quant_conv, patch_q)
     post_hol = self.post_holistic_quant(holistic_q)
     z, inter = self.fusion_decoder(post_patch, post_hol, return_intermediates=True)
     recon = self.cnn_decoder(z)

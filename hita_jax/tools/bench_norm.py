@@ -23,8 +23,9 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
   the fold ('nofold', the program of 912b101), what the fused op replaced ('flax': flax's GroupNorm
   in fp32, cast back, then swish in the activation dtype, autodiff; the program before
   2026-12-05e), the recomputing backward ('recompute', the tokenizer's default `cnn_norm_impl` since
-  2026-12-06), the convs' bias gradients as per-channel sums ('bias_sums', layers.CONV_BIAS='sums')
-  and the other spellings of the per-channel sums ('sum_<spelling>', layers.SPATIAL_SUMS).
+  2026-12-06), the convs' bias gradients as per-channel sums ('bias_sums', layers.CONV_BIAS='sums'),
+  the 1x1 convolutions as GEMMs ('gemm_1x1', layers.CONV_1X1='gemm') and the other spellings of
+  the per-channel sums ('sum_<spelling>', layers.SPATIAL_SUMS).
   `ch_mult`, `enc_blocks`, `dec_blocks`: the official depth by default (tests shrink it)."""
   rngs = nnx.Rngs(0)
   enc = CNNEncoder(ch=ch, ch_mult=ch_mult, num_res_blocks=enc_blocks, z_channels=512,
@@ -57,7 +58,8 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
   variants = {'fused': {}, 'nofold': dict(group_norm=unfolded_group_norm, conv=with_bias),
               'flax': dict(group_norm=flax_group_norm, conv=with_bias),
               'recompute': dict(group_norm=recompute_group_norm),
-              'bias_sums': dict(conv_bias='sums')}  # layers.CONV_BIAS
+              'bias_sums': dict(conv_bias='sums'),  # layers.CONV_BIAS
+              'gemm_1x1': dict(conv_1x1='gemm')}  # layers.CONV_1X1
   # The fused op with the other spellings of its per-channel sums (layers.SPATIAL_SUM).
   default_sum = layers._spelling()
   variants.update({f'sum_{s}': dict(spatial_sum=s) for s in layers.SPATIAL_SUMS if s not in ('auto', default_sum)})
@@ -67,6 +69,7 @@ def bench_cnn_train(batch, image_size=336, iters=10, dtype=jnp.bfloat16, ch=128,
     with mock.patch.object(layers, 'group_norm', patch.get('group_norm', fused)), \
          mock.patch.object(layers, 'SPATIAL_SUM', patch.get('spatial_sum', layers.SPATIAL_SUM)), \
          mock.patch.object(layers, 'CONV_BIAS', patch.get('conv_bias', layers.CONV_BIAS)), \
+         mock.patch.object(layers, 'CONV_1X1', patch.get('conv_1x1', layers.CONV_1X1)), \
          mock.patch.object(cnn, 'conv_without_bias', patch.get('conv', cnn.conv_without_bias)):
       t0 = time.perf_counter()
       steps[name] = jax.jit(jax.value_and_grad(loss)).lower(params, x).compile()
