@@ -48,6 +48,38 @@ def apply_overrides(config, items: list[str], flag: str = '--set') -> dict:
   return done
 
 
+# models/layers switches read when a program is traced; `--set layers.NAME=VALUE` sets one.
+LAYER_SWITCHES = {'CONV_1X1': 'CONV_1X1S', 'CONV_BIAS': 'CONV_BIASES', 'SPATIAL_SUM': 'SPATIAL_SUMS'}
+
+
+def split_layer_switches(items: list[str], flag: str = '--set') -> tuple[list[str], dict]:
+  """'layers.NAME=VALUE' items -> {NAME: VALUE} (checked against the switch's allowed values);
+  the other items are returned for the config."""
+  from hita_jax.models import layers
+  rest, switches = [], {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not key.startswith('layers.'):
+      rest.append(item)
+      continue
+    name = key[len('layers.'):]
+    if not sep or name not in LAYER_SWITCHES:
+      raise UserError(f'{flag} {item!r}: a layers switch is one of '
+                      f'{sorted("layers." + n for n in LAYER_SWITCHES)}, e.g. layers.CONV_1X1=gemm')
+    allowed = getattr(layers, LAYER_SWITCHES[name])
+    if value not in allowed:
+      raise UserError(f'{flag} {item!r}: layers.{name} must be one of {allowed}')
+    switches[name] = value
+  return rest, switches
+
+
+def set_layer_switches(switches: dict) -> None:
+  """Sets models/layers switches (before the program is traced)."""
+  from hita_jax.models import layers
+  for name, value in switches.items():
+    setattr(layers, name, value)
+
+
 def check_names(arms) -> None:
   if len({name for name, _ in arms}) != len(arms):
     raise UserError(f'--arm names must differ: {[name for name, _ in arms]}')

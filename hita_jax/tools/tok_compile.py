@@ -21,7 +21,8 @@ Cold figures for several option sets without a build each (the build is ~70 s at
     python -m hita_jax.tools.tok_compile --from-export /tmp/step.exp --options NAME:...   # per set
 
 `--set KEY=VALUE` changes the config before the build (e.g. `--set tokenizer.dinov2_scan=True`),
-for an A/B of a model or trainer switch run in two processes; the records carry it as `set`.
+or a models/layers switch read at trace time (`--set layers.CONV_1X1=gemm`), for an A/B of a model
+or trainer switch run in two processes; the records carry it as `set`.
 
 The `lower` record counts the lowered program's StableHLO ops by the source line that made them
 (`op_census`): what XLA's fusion passes have to chew through.
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hita_jax import cli, config_lib, sharding
-from hita_jax.tools.ab import apply_overrides, emit_jsonl
+from hita_jax.tools.ab import apply_overrides, emit_jsonl, set_layer_switches, split_layer_switches
 
 
 def _emit(rec: dict):
@@ -223,7 +224,10 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   config.init.allow_random_dinov2 = True
   config.init.allow_random_dino_disc = True
   config.tokenizer_loss.lpips_weights = 'random'
-  changed = apply_overrides(config, list(overrides))
+  items, switches = split_layer_switches(list(overrides))
+  changed = apply_overrides(config, items)
+  set_layer_switches(switches)  # before the step is traced
+  changed.update({f'layers.{k}': v for k, v in switches.items()})
   mesh = sharding.make_mesh([('data', -1)])
   # the step is jitted as the trainer jits it: each option set merges over these
   info = {'variant': variant, 'batch': batch, 'jax': jax.__version__, **({'set': changed} if changed else {}),
@@ -294,7 +298,8 @@ def main(argv=None):
   p.add_argument('--from-export', default=None, metavar='FILE',
                  help='no build: compile a step written by --export (one cold compile per process)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='config change before the build, e.g. tokenizer.dinov2_scan=True (repeatable)')
+                 help='config change before the build, e.g. tokenizer.dinov2_scan=True, or a '
+                      'models/layers switch, e.g. layers.CONV_1X1=gemm (repeatable)')
   a = p.parse_args(argv)
   if a.set and a.from_export:
     p.error('--set changes the build; an exported step (--from-export) has none')
