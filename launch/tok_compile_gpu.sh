@@ -4,12 +4,13 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh ship      # shipped step, exported to $OUT/..
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh options   # the export, per XLA option set (after ship)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh gemm1x1   # layers.CONV_1X1=gemm (its own build)
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh scan      # tokenizer.dinov2_scan=True (its own build)
 # Each part fits one 10-minute device call; `options` reads the file `ship` wrote on the same machine.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 OUT=${OUT:-/tmp}
 EXP=${EXP:-/tmp/tok_step.exp}
-part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1}
+part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan}
 mkdir -p "$OUT/autotune"
 timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped beside the records
   local name=$1
@@ -34,5 +35,6 @@ case $part in
   gemm1x1) timers gemm1x1 --set layers.CONV_1X1=gemm \
              --options "gemm1x1:xla_gpu_dump_autotune_logs_to=$OUT/autotune/gemm1x1.txt"
            python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/gemm1x1.txt" | head -4 ;;
-  *) echo "unknown part $part (ship|options|gemm1x1)" >&2; exit 2 ;;
+  scan) timers scan --set tokenizer.dinov2_scan=True ;;
+  *) echo "unknown part $part (ship|options|gemm1x1|scan)" >&2; exit 2 ;;
 esac
