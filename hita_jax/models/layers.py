@@ -71,8 +71,9 @@ CONV_1X1 = 'conv'
 def _as_gemm(m: nnx.Conv) -> bool:
   if CONV_1X1 not in CONV_1X1S:
     raise ValueError(f'layers.CONV_1X1 must be one of {CONV_1X1S}, got {CONV_1X1!r}')
-  return (CONV_1X1 == 'gemm' and tuple(m.kernel_size) == (1, 1)
-          and tuple(m.strides or (1, 1)) in ((1, 1), (1,), 1))
+  strides = 1 if m.strides is None else m.strides
+  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  return CONV_1X1 == 'gemm' and tuple(m.kernel_size) == (1, 1) and all(st == 1 for st in strides)
 
 
 def conv_without_bias(m: nnx.Conv, x):
