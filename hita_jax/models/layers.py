@@ -104,14 +104,13 @@ def conv_apply(m: nnx.Conv, x):
   """`m(x)`, with the bias gradient per CONV_BIAS and 1x1 kernels per CONV_1X1."""
   if CONV_BIAS not in CONV_BIASES:
     raise ValueError(f'layers.CONV_BIAS must be one of {CONV_BIASES}, got {CONV_BIAS!r}')
-  gemm = _as_gemm(m) and _plain(m, x)
-  if m.bias is None:
-    return conv_without_bias(m, x) if gemm else m(x)
-  if CONV_BIAS == 'sums':
+  if CONV_BIAS == 'sums' and m.bias is not None:
     return channel_bias_add(conv_without_bias(m, x), m.bias[...])
-  if gemm:  # nnx.Conv's bias add: the bias promoted to the compute dtype, then added
-    return conv_without_bias(m, x) + m.bias[...].astype(m.dtype or x.dtype)
-  return m(x)
+  if not (_as_gemm(m) and _plain(m, x)):
+    return m(x)
+  y = conv_without_bias(m, x)  # the 1x1 product
+  # nnx.Conv's bias add: the bias promoted to the compute dtype, then added
+  return y if m.bias is None else y + m.bias[...].astype(m.dtype or x.dtype)
 
 
 @jax.custom_vjp

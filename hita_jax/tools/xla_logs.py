@@ -32,13 +32,13 @@ _PASS = re.compile(r'HLO pass: (\S+) time: ([\d.]+) (us|ms|s|min)\b')
 _STAGE = re.compile(r'GpuCompiler::(RunHloPasses|RunBackend) for (\S+) time: ([\d.]+) (us|ms|s|min)\b')
 
 
-def _lines(path: str):
+def _lines(path: str, what: str = 'the stderr of a compile run'):
   opener = gzip.open if path.endswith('.gz') else open
   try:
     with opener(path, 'rt', errors='replace') as f:
       yield from f
   except FileNotFoundError as e:
-    raise MissingPathError(f'{path} not found (fix the log argument: the stderr of a compile run)') from e
+    raise MissingPathError(f'{path} not found (fix the log argument: {what})') from e
   except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip .gz
     raise UserError(f'{path} could not be read ({e}); fix the log argument') from e
 
@@ -111,12 +111,7 @@ def main(argv=None):
                       'passes': {k: round(v[0], 3) for k, v in ranked[:a.top]},
                       'passes_total_s': round(sum(v[0] for v in res['passes'].values()), 3)}))
   else:
-    try:
-      with open(a.log) as f:
-        text = f.read()
-    except FileNotFoundError as e:
-      raise MissingPathError(f'{a.log} not found (fix the argument: the autotune log file)') from e
-    res = autotune_summary(text)
+    res = autotune_summary(''.join(_lines(a.log, 'the file --xla_gpu_dump_autotune_logs_to wrote')))
     for backend, r in res.items():
       print(f"{backend:10s} {r['instructions']:5d} instructions  {r['configs']:6d} configs "
             f"({r['timed']} timed, at most {r['max_configs']} for one)  best times sum {r['best_s']:.3f} s")
