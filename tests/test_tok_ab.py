@@ -27,14 +27,18 @@ def test_arms_parse_and_bad_ones_fail_before_any_build():
 def test_two_arms_share_a_state_agree_and_are_timed_alternately(tmp_path, monkeypatch):
   monkeypatch.setenv('OUT', str(tmp_path))
   tok_ab.main(['--config', DEMO, '--batch', '2', '--steps', '2', '--rounds', '2',
-               '--arm', 'base:', '--arm', 'scan:tokenizer.dinov2_scan=True'])
+               '--arm', 'base:', '--arm', 'scan:tokenizer.dinov2_scan=True,layers.CONV_1X1=gemm'])
+  from hita_jax.models import layers
+  assert layers.CONV_1X1 == 'conv'  # the arm's layers switch held for its own trace only
   recs = [json.loads(x) for x in open(tmp_path / 'tok_ab.jsonl')]
   assert [(r['stage'], r['arm']) for r in recs[:2]] == [('compiled', 'base'), ('compiled', 'scan')]
   base, scan, summary = recs[2:]
   assert (base['arm'], scan['arm']) == ('base', 'scan')
-  assert scan['set'] == {'tokenizer.dinov2_scan': True} and base['set'] == {}
+  assert scan['set'] == {'tokenizer.dinov2_scan': True, 'layers.CONV_1X1': 'gemm'} and base['set'] == {}
+  assert 0 < scan['convolutions'] < base['convolutions']  # its 1x1 convolutions became products
   assert base['compile_cold'] and not scan['compile_cold']
-  # the scan stacks weights inside the call: same parameters, so one donated state serves both
+  # the scan stacks weights inside the call, and the products take the 1x1 kernels as they are:
+  # same parameters, so one donated state serves both
   assert scan['shares_state_of'] == 'base' and base['shares_state_of'] is None
   assert scan['abstract_build'] and not base['abstract_build']  # only its graph was made
   # same state, batch and key: fp32 losses equal up to the programs' different fusions

@@ -95,3 +95,37 @@ def test_bad_log_paths_name_the_file(tmp_path):
   bad.write_bytes(b'not gzip at all')
   with pytest.raises(UserError, match='bad.gz could not be read'):
     list(xla_logs._lines(str(bad)))
+
+
+FUSION_LOG = """\
+I1206 23:59:50.000000   10943 priority_fusion.cc:170] Running full HLO cost analysis for main.7
+I1206 23:59:58.000000   10943 priority_fusion.cc:900] Fusing %slice.4 = f32[8]{0} slice(%concatenate.1), slice={[0:8]}, metadata={op_name="jit(step)/slice" source_file="/x/hita_jax/training.py" source_line=88} into %add.5 = f32[8]{0} add(%slice.4, %p.2), metadata={op_name="jit(step)/add"}
+I1206 23:59:58.500000   10943 priority_fusion.cc:900] Fusing %slice.9 = f32[8]{0} slice(%concatenate.1), slice={[8:16]}, metadata={op_name="jit(step)/slice" source_file="/x/hita_jax/training.py" source_line=88} into %add.6 = f32[8]{0} add(%slice.9, %p.3)
+I1207 00:00:08.500000   10943 priority_fusion.cc:900] Fusing %multiply.12 = (f32[2]{0}, f32[2]{0}) multiply(%a.1, %b.1), metadata={op_name="jit(step)/jvp(conv)/mul_17"} into %fusion.2 = f32[2]{0} fusion(%multiply.12), kind=kLoop
+I1207 00:00:09.000000   10943 priority_fusion.cc:900] Fusing %exponential.3 = f32[2]{0} exponential(%x.1) into %fusion.2 = f32[2]{0} fusion(%exponential.3), kind=kLoop
+I1207 00:00:09.000000   10943 hlo_pass_pipeline.cc:206] HLO pass: priority-fusion time: 19 s
+I1207 00:00:10.000000   10943 priority_fusion.cc:170] Running full HLO cost analysis for cudnn-conv.1
+"""
+
+
+def test_fusion_times_charge_each_gap_to_the_fused_producer(tmp_path, capsys):
+  res = xla_logs.fusion_times(FUSION_LOG.splitlines())
+  main, conv = res['computations']
+  assert main['name'] == 'main.7' and main['fusions'] == 4
+  assert main['initial_s'] == pytest.approx(8.0)  # cost analysis to the first fusion
+  assert main['fusing_s'] == pytest.approx(11.0)  # across midnight
+  assert conv == {'name': 'cudnn-conv.1', 'initial_s': 0.0, 'fusing_s': 0.0, 'fusions': 0}
+  # 0.5 s after the first slice, 10 s after the second (the re-pricing), 0.5 s after the multiply
+  assert res['by_source']['hita_jax/training.py:88'] == [pytest.approx(10.5), 2]
+  assert res['by_source']['jit(step)/jvp(conv)/mul_#'] == [pytest.approx(0.5), 1]
+  assert res['by_source']['(exponential, no metadata)'] == [0.0, 1]  # nothing after the last
+  assert res['by_opcode']['slice'] == [pytest.approx(10.5), 2]
+  assert res['by_opcode']['multiply'][1] == 1  # a tuple-shaped producer's opcode
+  assert res['top'][0] == (pytest.approx(10.0), 'slice.9', 'hita_jax/training.py:88')
+  path = tmp_path / 'err.txt'
+  path.write_text(FUSION_LOG)
+  xla_logs.main(['fusion', str(path)])
+  out = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert out['computations'][0]['name'] == 'main.7'
+  with pytest.raises(UserError, match='priority_fusion=2'):
+    xla_logs.fusion_times(LOG.splitlines())

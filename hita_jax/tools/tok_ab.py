@@ -14,7 +14,9 @@ state (it is donated from step to step, arm to arm), which keeps the memory of o
 
 Before timing, every arm takes one step from a copy of the same state on the same batch and key,
 and its losses are reported beside the first arm's: a switch that changes the numbers beyond
-rounding shows there. `NAME:` alone is the shipped config. Compile times: XLA keeps autotuning
+rounding shows there. `NAME:` alone is the shipped config. An arm may also set a models/layers
+switch read at trace time (`layers.CONV_1X1=gemm`; held for that arm's trace only); each arm's
+record counts its optimized program's convolutions. Compile times: XLA keeps autotuning
 results within a process, so only the first arm's compile is cold (`compile_cold`); compare
 compiles with `tok_compile --set`, one process each.
 
@@ -35,7 +37,8 @@ import numpy as np
 from flax import nnx
 
 from hita_jax import cli, config_lib, sharding
-from hita_jax.tools.ab import apply_overrides, check_names, emit_jsonl, layout, parse_arm, summarize
+from hita_jax.tools.ab import (apply_overrides, check_names, emit_jsonl, layout, parse_arm, set_layer_switches,
+                               split_layer_switches, summarize)
 
 LOSS_KEYS = ('g_loss', 'rec_loss', 'vq_loss', 'd_loss')
 
@@ -70,6 +73,11 @@ def tokenizer_only_parts(parts, state, config0, config):
   return dataclasses.replace(parts, g_def=g_def, cfg=tcfg)
 
 
+def convolution_count(hlo_text: str) -> int:
+  """Convolutions in an optimized program: XLA's own ops (CPU) and cuDNN custom calls (GPU)."""
+  return hlo_text.count(' convolution(') + hlo_text.count('custom_call_target="__cudnn$conv')
+
+
 def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, steps: int = 10,
            rounds: int = 3, progress=None) -> list[dict]:
   """Builds and compiles every arm, checks their first-step losses, then times them alternately.
@@ -84,11 +92,15 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     config.init.allow_random_dinov2 = True
     config.init.allow_random_dino_disc = True
     config.tokenizer_loss.lpips_weights = 'random'
-    configs.append((config, apply_overrides(config, items, '--arm')))
+    items, switches = split_layer_switches(items, '--arm')  # models/layers switches: at trace time
+    done = apply_overrides(config, items, '--arm')
+    done.update({f'layers.{k}': v for k, v in switches.items()})
+    configs.append((config, done, switches))
   mesh = sharding.make_mesh([('data', -1)])
   built, records, batches_by_size = [], [], {}
   key = jax.random.key(0)
-  for i, ((name, _), (config, done)) in enumerate(zip(arms, configs)):
+  from hita_jax.models import layers
+  for i, ((name, _), (config, done, switches)) in enumerate(zip(arms, configs)):
     rec = {'arm': name, 'set': done, 'batch': batch, 'config': config_spec,
            'device': jax.devices()[0].device_kind}
     t0 = time.perf_counter()
@@ -108,9 +120,14 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     # A later arm with the first arm's layout steps the first arm's state; its own is dropped.
     share = 0 if i and layout(state, True) == layout(built[0]['state'], True) else None
     t0 = time.perf_counter()
-    compiled = tt.jit_train_step(parts, config).lower(state, frozen, batches[0], key).compile()
+    shipped = {n: getattr(layers, n) for n in switches}
+    set_layer_switches(switches)  # this arm's trace only; the next arm traces with the shipped ones
+    try:
+      compiled = tt.jit_train_step(parts, config).lower(state, frozen, batches[0], key).compile()
+    finally:
+      set_layer_switches(shipped)
     rec.update(compile_s=time.perf_counter() - t0, compile_cold=i == 0, shares_state_of=(
-        arms[share][0] if share is not None else None))
+        arms[share][0] if share is not None else None), convolutions=convolution_count(compiled.as_text()))
     if progress:
       progress({'stage': 'compiled', **rec})
     built.append({'name': name, 'step': compiled, 'frozen': frozen, 'parts': parts, 'batches': batches,

@@ -2,6 +2,7 @@
 
     python -m hita_jax.tools.xla_logs passes ERR[.gz] [--after '=== tok_compile: compile ship']
     python -m hita_jax.tools.xla_logs autotune AUTOTUNE_LOG.txt
+    python -m hita_jax.tools.xla_logs fusion ERR[.gz] [--after ...]
 
 `passes` reads the stderr of a compile run with
 `TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,hlo_pass_pipeline=1` (e.g. `tok_compile`,
@@ -13,6 +14,16 @@ so the log line of a pass does not say which module it ran on.
 
 `autotune` reads the file `--xla_gpu_dump_autotune_logs_to=FILE` writes: per backend, the
 instructions autotuned, the candidate configs tried and timed, and the sum of the best times.
+
+`fusion` reads the stderr of a compile run with `TF_CPP_VMODULE=priority_fusion=2` (and
+`TF_CPP_MIN_LOG_LEVEL=0`): XLA's priority fusion logs 'Running full HLO cost analysis for C' when it
+starts a computation and 'Fusing PRODUCER into CONSUMER' for each fusion, with glog's microsecond
+timestamps. The pass re-prices the fused producer's neighbours after the last consumer of a
+producer is fused, so the time from one 'Fusing' line to the next is that fusion plus the
+re-pricing it caused; it is charged to the producer's source (its metadata's source_file:line when
+the log prints it, e.g. with the compile option `xla_hlo_print_inline_stack_frames=true`, else its
+op_name with the numbers dropped). Per computation: the time before the first fusion (the initial
+pricing of every instruction) and after it; then the top producers and sources.
 
 Each prints a short table and one JSON line.
 """
@@ -67,6 +78,90 @@ def pass_times(lines, after: str | None = None) -> dict:
   return {'passes': dict(passes), 'stages': dict(stages)}
 
 
+_GLOG_TIME = re.compile(r'^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+)\s')
+_START = re.compile(r'Running full HLO cost analysis for (\S+)')
+_FUSING = re.compile(r'\] Fusing %?([\w.\-]+) = (.*)$')
+_SOURCE = re.compile(r'source_file="([^"]*)" source_line=(\d+)')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_OPCODE = re.compile(r'^(?:\([^=]*?\)|\S+) ([a-z][\w\-]*)\(')
+
+
+def _glog_seconds(line: str) -> float | None:
+  m = _GLOG_TIME.match(line)
+  return None if m is None else int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+
+
+def _producer_source(rest: str) -> tuple[str, str]:
+  """(opcode, source) of the producer half of a 'Fusing P into C' line."""
+  producer = rest.split(' into %', 1)[0]
+  m = _OPCODE.match(producer)
+  opcode = m.group(1) if m else '?'
+  src = _SOURCE.search(producer)
+  if src:
+    return opcode, f"{'/'.join(src.group(1).split('/')[-2:])}:{src.group(2)}"
+  name = _OP_NAME.search(producer)
+  if name:  # the op path without its numbers: 'jit(train_step)/jvp(...)/conv_general_dilated'
+    return opcode, re.sub(r'\d+', '#', name.group(1))[-160:]
+  return opcode, f'({opcode}, no metadata)'
+
+
+def fusion_times(lines, after: str | None = None) -> dict:
+  """Priority fusion's time per computation and per fused producer's source, from the
+  timestamps of its VLOG(2) lines (see the module docstring)."""
+  comps = []  # [name, start, first_fusion_time, last_time, fusions]
+  by_source = collections.defaultdict(lambda: [0.0, 0])
+  by_opcode = collections.defaultdict(lambda: [0.0, 0])
+  top = []  # (seconds, producer name, source)
+  started = after is None
+  prev = None  # (time, opcode, source, name) of the last 'Fusing' line of the current computation
+  day = 0.0
+  last_t = None
+  for line in lines:
+    if not started:
+      started = after in line
+      continue
+    t = _glog_seconds(line)
+    if t is None:
+      continue
+    if last_t is not None and t + day < last_t - 43200:  # the log crossed midnight
+      day += 86400.0
+    t += day
+    last_t = t
+    m = _START.search(line)
+    if m:
+      comps.append([m.group(1), t, None, t, 0])
+      prev = None
+      continue
+    m = _FUSING.search(line)
+    if not m or not comps:
+      continue
+    comp = comps[-1]
+    if prev is not None:
+      gap = t - prev[0]
+      by_source[prev[2]][0] += gap
+      by_opcode[prev[1]][0] += gap
+      top.append((gap, prev[3], prev[2]))
+    else:
+      comp[2] = t
+    opcode, source = _producer_source(m.group(2))
+    by_source[source][1] += 1
+    by_opcode[opcode][1] += 1
+    comp[3] = t
+    comp[4] += 1
+    prev = (t, opcode, source, m.group(1))
+  if not started:
+    raise UserError(f'no line of the log contains {after!r} (fix --after, or leave it out)')
+  if not comps:
+    raise UserError('no priority-fusion lines in the log (run the compile with '
+                    'TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=priority_fusion=2)')
+  top.sort(key=lambda r: -r[0])
+  return {
+      'computations': [{'name': c[0], 'initial_s': (c[2] if c[2] is not None else c[3]) - c[1],
+                        'fusing_s': c[3] - (c[2] if c[2] is not None else c[3]), 'fusions': c[4]}
+                       for c in comps],
+      'by_source': dict(by_source), 'by_opcode': dict(by_opcode), 'top': top[:50]}
+
+
 def autotune_summary(text: str) -> dict:
   """Per backend: instructions autotuned, configs tried, configs timed, the sum of each
   instruction's best time (s), from an autotune log's textproto. An instruction counts under the
@@ -99,6 +194,10 @@ def main(argv=None):
   a1.add_argument('--top', type=int, default=12)
   a2 = sub.add_parser('autotune')
   a2.add_argument('log')
+  a3 = sub.add_parser('fusion')
+  a3.add_argument('log')
+  a3.add_argument('--after', default=None, help='start after the first line containing this text')
+  a3.add_argument('--top', type=int, default=15)
   a = p.parse_args(argv)
   if a.cmd == 'passes':
     res = pass_times(_lines(a.log), a.after)
@@ -110,6 +209,25 @@ def main(argv=None):
     print(json.dumps({'stages': {f'{k[0]} {k[1]}': round(v, 3) for k, v in res['stages'].items()},
                       'passes': {k: round(v[0], 3) for k, v in ranked[:a.top]},
                       'passes_total_s': round(sum(v[0] for v in res['passes'].values()), 3)}))
+  elif a.cmd == 'fusion':
+    res = fusion_times(_lines(a.log, 'the stderr of a compile run with priority_fusion=2'), a.after)
+    comps = sorted(res['computations'], key=lambda c: -(c['initial_s'] + c['fusing_s']))
+    for c in comps[:5]:
+      print(f"{c['initial_s'] + c['fusing_s']:9.2f} s  {c['name']}: initial pricing {c['initial_s']:.2f} s, "
+            f"{c['fusions']} fusions {c['fusing_s']:.2f} s")
+    if len(comps) > 5:
+      print(f"{sum(c['initial_s'] + c['fusing_s'] for c in comps[5:]):9.2f} s  {len(comps) - 5} other computations")
+    print('after a fusion of a producer from (s, fusions):')
+    ranked = sorted(res['by_source'].items(), key=lambda kv: -kv[1][0])
+    for src, (s, n) in ranked[:a.top]:
+      print(f'{s:9.2f} s  {n:6d}  {src}')
+    print('largest single gaps:')
+    for s, name, src in res['top'][:a.top]:
+      print(f'{s:9.3f} s  {name}  {src}')
+    print(json.dumps({'computations': comps[:5],
+                      'by_source': {k: [round(v[0], 3), v[1]] for k, v in ranked[:a.top]},
+                      'by_opcode': {k: [round(v[0], 3), v[1]] for k, v in
+                                    sorted(res['by_opcode'].items(), key=lambda kv: -kv[1][0])[:a.top]}}))
   else:
     res = autotune_summary(''.join(_lines(a.log, 'the file --xla_gpu_dump_autotune_logs_to wrote')))
     for backend, r in res.items():
