@@ -11,6 +11,7 @@
     python -m hita_jax.tools.bench cnn_train --batch 16        (CNN encoder+decoder: fused GroupNorm, no fold, flax, sum spellings)
     python -m hita_jax.tools.bench gn_sums --batch 16          (the fused GroupNorm alone per resolution and sum spelling)
     python -m hita_jax.tools.bench hbm --batch 64              (read / copy rates; the sampler's bandwidth floor at 64 images)
+    python -m hita_jax.tools.bench fanin_compile               (compile time vs a flat optimizer's leaf count and spelling)
     python -m hita_jax.tools.tok_ab --batch 16 --arm base: --arm new:KEY=VALUE,...  (tokenizer switches, alternating)
     ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
 
@@ -521,7 +522,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
   p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'decode_attn', 'decode_matmul',
-                                  'inception', 'tok_trainer', 'cnn_train', 'gn_sums', 'hbm', 'train_attn'])
+                                  'inception', 'tok_trainer', 'cnn_train', 'gn_sums', 'hbm', 'train_attn',
+                                  'fanin_compile'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=list(ATTN_IMPLS))
@@ -575,6 +577,9 @@ def main(argv=None):
   elif a.what == 'train_attn':
     from hita_jax.tools.bench_attn import bench_train_attn
     res = bench_train_attn(full_size_config(a.size), a.batch, tune=a.tune)
+  elif a.what == 'fanin_compile':
+    from hita_jax.tools.bench_compile import bench_fanin_compile
+    res = bench_fanin_compile()
   elif a.what == 'hbm':
     from hita_jax.tools.bench_floor import bench_hbm  # it builds on this module's configs
     res = bench_hbm(images=a.batch)
