@@ -76,12 +76,26 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax
           for k, v in local.items()}
 
 
+# At most this many pieces per concatenate in `flat_vector` (0: one concatenate of every leaf).
+# Each group is materialised behind an optimization barrier, because XLA merges nested
+# concatenates back into one. Why: XLA GPU's priority fusion re-prices the other operands of a
+# concatenate each time one operand is fused into it, so one concatenate of a network's ~500
+# gradient leaves costs it work that grows faster than the leaf count (see docs/PERFORMANCE.md,
+# `bench fanin_compile`). Same values either way.
+FLAT_CONCAT_GROUP = 0
+
+
 def flat_vector(tree):
   """The leaves of `tree` raveled and concatenated in tree order (as `optax.flatten` does)."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     raise ValueError('flat_vector: the tree has no arrays (no parameters to optimize?)')
-  return jnp.concatenate([jnp.reshape(x, [-1]) for x in leaves])
+  pieces = [jnp.reshape(x, [-1]) for x in leaves]
+  group = FLAT_CONCAT_GROUP
+  if group and len(pieces) > group:
+    pieces = [jax.lax.optimization_barrier(jnp.concatenate(pieces[i:i + group]))
+              for i in range(0, len(pieces), group)]
+  return jnp.concatenate(pieces)
 
 
 def flat_copy(tree, mesh):

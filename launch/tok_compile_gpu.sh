@@ -6,12 +6,13 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh options   # the export, per XLA option set (after ship)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh gemm1x1   # layers.CONV_1X1=gemm (its own build)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh scan      # tokenizer.dinov2_scan=True (its own build)
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh group     # training.FLAT_CONCAT_GROUP=$GROUP (default 23)
 # Each part fits one 10-minute device call; `options` reads the file `ship` wrote on the same machine.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 OUT=${OUT:-/tmp}
 EXP=${EXP:-/tmp/tok_step.exp}
-part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan}
+part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group}
 mkdir -p "$OUT/autotune"
 timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped beside the records
   local name=$1
@@ -45,5 +46,6 @@ case $part in
              --options "gemm1x1:xla_gpu_dump_autotune_logs_to=$OUT/autotune/gemm1x1.txt,xla_hlo_print_inline_stack_frames=true"
            python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/gemm1x1.txt" ;;
   scan) timers scan --set tokenizer.dinov2_scan=True ;;
-  *) echo "unknown part $part (ship|options|gemm1x1|scan)" >&2; exit 2 ;;
+  group) timers group --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
+  *) echo "unknown part $part (ship|options|gemm1x1|scan|group)" >&2; exit 2 ;;
 esac

@@ -113,17 +113,25 @@ def test_custom_call_targets_are_read_off_the_lowered_text():
 
 
 def test_layer_switches_split_from_config_overrides_and_are_checked(monkeypatch):
-  """`--set layers.NAME=VALUE` sets a models/layers switch (read when the step is traced), the
+  """`--set layers.NAME=VALUE` (or training.NAME=VALUE) sets a module switch (read when the step is traced), the
   other items stay config overrides; an unknown switch or value is named."""
   from hita_jax.errors import UserError
   from hita_jax.models import layers
   from hita_jax.tools import ab
   rest, switches = ab.split_layer_switches(['tokenizer.dinov2_scan=True', 'layers.CONV_1X1=gemm'])
-  assert rest == ['tokenizer.dinov2_scan=True'] and switches == {'CONV_1X1': 'gemm'}
+  assert rest == ['tokenizer.dinov2_scan=True'] and switches == {'layers.CONV_1X1': 'gemm'}
   monkeypatch.setattr(layers, 'CONV_1X1', 'conv')
+  assert ab.trace_switch_values(switches) == {'layers.CONV_1X1': 'conv'}
   ab.set_layer_switches(switches)
   assert layers.CONV_1X1 == 'gemm'
+  from hita_jax import training
+  monkeypatch.setattr(training, 'FLAT_CONCAT_GROUP', 0)
+  _, group = ab.split_layer_switches(['training.FLAT_CONCAT_GROUP=23'])
+  ab.set_layer_switches(group)
+  assert group == {'training.FLAT_CONCAT_GROUP': 23} and training.FLAT_CONCAT_GROUP == 23
   with pytest.raises(UserError, match='layers.CONV_1X1 must be one of'):
     ab.split_layer_switches(['layers.CONV_1X1=cublas'])
-  with pytest.raises(UserError, match='a layers switch is one of'):
+  with pytest.raises(UserError, match='a trace switch is one of'):
     ab.split_layer_switches(['layers.NO_SUCH=1'])
+  with pytest.raises(UserError, match='is a count >= 0'):
+    ab.split_layer_switches(['training.FLAT_CONCAT_GROUP=-1'])

@@ -221,3 +221,22 @@ def test_flat_ema_update_equals_the_per_tensor_one():
     training.unflatten_like(jnp.zeros(3), params)
   with pytest.raises(ValueError, match='neither shaped like'):
     training.ema_update(jnp.zeros((2, 2)), params, 0.9)
+
+
+def test_grouped_flat_vector_is_the_same_vector_in_small_concatenates(monkeypatch):
+  """training.FLAT_CONCAT_GROUP: the leaves concatenated in groups (each behind a barrier) give the
+  same vector, jitted or not, and the jitted program's concatenates take at most a group's pieces."""
+  import re
+  import jax
+  import jax.numpy as jnp
+  from hita_jax import training
+  r = np.random.RandomState(1)
+  tree = [jnp.asarray(r.randn(*([i % 4 + 1] * (i % 3 + 1))), jnp.float32) for i in range(23)]
+  ref = np.asarray(training.flat_vector(tree))
+  monkeypatch.setattr(training, 'FLAT_CONCAT_GROUP', 5)
+  np.testing.assert_array_equal(np.asarray(training.flat_vector(tree)), ref)
+  fn = jax.jit(lambda t: training.flat_vector(jax.tree.map(lambda x: x * 2.0, t)))
+  np.testing.assert_array_equal(np.asarray(fn(tree)), 2 * ref)
+  text = fn.lower(tree).compile().as_text()
+  widths = [m.count('%') for m in re.findall(r'concatenate\(([^)]*)\)', text)]
+  assert widths and max(widths) <= 5, widths  # 23 pieces: five groups, then one of the five

@@ -48,36 +48,51 @@ def apply_overrides(config, items: list[str], flag: str = '--set') -> dict:
   return done
 
 
-# models/layers switches read when a program is traced; `--set layers.NAME=VALUE` sets one.
-LAYER_SWITCHES = {'CONV_1X1': 'CONV_1X1S', 'CONV_BIAS': 'CONV_BIASES', 'SPATIAL_SUM': 'SPATIAL_SUMS'}
+# Module switches read when a program is traced; `--set MODULE.NAME=VALUE` sets one. Qualified
+# name -> (module, the module's tuple of allowed values, or int for a count >= 0).
+TRACE_SWITCHES = {'layers.CONV_1X1': ('hita_jax.models.layers', 'CONV_1X1S'),
+                  'layers.CONV_BIAS': ('hita_jax.models.layers', 'CONV_BIASES'),
+                  'layers.SPATIAL_SUM': ('hita_jax.models.layers', 'SPATIAL_SUMS'),
+                  'training.FLAT_CONCAT_GROUP': ('hita_jax.training', int)}
 
 
 def split_layer_switches(items: list[str], flag: str = '--set') -> tuple[list[str], dict]:
-  """'layers.NAME=VALUE' items -> {NAME: VALUE} (checked against the switch's allowed values);
-  the other items are returned for the config."""
-  from hita_jax.models import layers
+  """'layers.NAME=VALUE' / 'training.NAME=VALUE' items -> {qualified name: value} (checked against
+  the switch's allowed values); the other items are returned for the config."""
+  import importlib
   rest, switches = [], {}
   for item in items:
     key, sep, value = item.partition('=')
-    if not key.startswith('layers.'):
+    if key.split('.')[0] not in {k.split('.')[0] for k in TRACE_SWITCHES}:
       rest.append(item)
       continue
-    name = key[len('layers.'):]
-    if not sep or name not in LAYER_SWITCHES:
-      raise UserError(f'{flag} {item!r}: a layers switch is one of '
-                      f'{sorted("layers." + n for n in LAYER_SWITCHES)}, e.g. layers.CONV_1X1=gemm')
-    allowed = getattr(layers, LAYER_SWITCHES[name])
-    if value not in allowed:
-      raise UserError(f'{flag} {item!r}: layers.{name} must be one of {allowed}')
-    switches[name] = value
+    if not sep or key not in TRACE_SWITCHES:
+      raise UserError(f'{flag} {item!r}: a trace switch is one of {sorted(TRACE_SWITCHES)}, '
+                      'e.g. layers.CONV_1X1=gemm')
+    module, allowed = TRACE_SWITCHES[key]
+    if allowed is int:
+      if not value.isdigit():
+        raise UserError(f'{flag} {item!r}: {key} is a count >= 0')
+      value = int(value)
+    else:
+      allowed = getattr(importlib.import_module(module), allowed)
+      if value not in allowed:
+        raise UserError(f'{flag} {item!r}: {key} must be one of {allowed}')
+    switches[key] = value
   return rest, switches
 
 
+def trace_switch_values(switches: dict) -> dict:
+  """The current values of the switches named in `switches` (to put them back)."""
+  import importlib
+  return {k: getattr(importlib.import_module(TRACE_SWITCHES[k][0]), k.split('.', 1)[1]) for k in switches}
+
+
 def set_layer_switches(switches: dict) -> None:
-  """Sets models/layers switches (before the program is traced)."""
-  from hita_jax.models import layers
-  for name, value in switches.items():
-    setattr(layers, name, value)
+  """Sets trace switches ({qualified name: value}) before the program is traced."""
+  import importlib
+  for key, value in switches.items():
+    setattr(importlib.import_module(TRACE_SWITCHES[key][0]), key.split('.', 1)[1], value)
 
 
 def check_names(arms) -> None:

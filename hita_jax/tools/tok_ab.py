@@ -14,8 +14,8 @@ state (it is donated from step to step, arm to arm), which keeps the memory of o
 
 Before timing, every arm takes one step from a copy of the same state on the same batch and key,
 and its losses are reported beside the first arm's: a switch that changes the numbers beyond
-rounding shows there. `NAME:` alone is the shipped config. An arm may also set a models/layers
-switch read at trace time (`layers.CONV_1X1=gemm`; held for that arm's trace only); each arm's
+rounding shows there. `NAME:` alone is the shipped config. An arm may also set a switch read at
+trace time (`layers.CONV_1X1=gemm`, `training.FLAT_CONCAT_GROUP=23`; held for that arm's trace only); each arm's
 record counts its optimized program's convolutions. Compile times: XLA keeps autotuning
 results within a process, so only the first arm's compile is cold (`compile_cold`); compare
 compiles with `tok_compile --set`, one process each.
@@ -38,7 +38,7 @@ from flax import nnx
 
 from hita_jax import cli, config_lib, sharding
 from hita_jax.tools.ab import (apply_overrides, check_names, emit_jsonl, layout, parse_arm, set_layer_switches,
-                               split_layer_switches, summarize)
+                               split_layer_switches, summarize, trace_switch_values)
 
 LOSS_KEYS = ('g_loss', 'rec_loss', 'vq_loss', 'd_loss')
 
@@ -92,14 +92,13 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     config.init.allow_random_dinov2 = True
     config.init.allow_random_dino_disc = True
     config.tokenizer_loss.lpips_weights = 'random'
-    items, switches = split_layer_switches(items, '--arm')  # models/layers switches: at trace time
+    items, switches = split_layer_switches(items, '--arm')  # layers / training switches: at trace time
     done = apply_overrides(config, items, '--arm')
-    done.update({f'layers.{k}': v for k, v in switches.items()})
+    done.update(switches)
     configs.append((config, done, switches))
   mesh = sharding.make_mesh([('data', -1)])
   built, records, batches_by_size = [], [], {}
   key = jax.random.key(0)
-  from hita_jax.models import layers
   for i, ((name, _), (config, done, switches)) in enumerate(zip(arms, configs)):
     rec = {'arm': name, 'set': done, 'batch': batch, 'config': config_spec,
            'device': jax.devices()[0].device_kind}
@@ -120,7 +119,7 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     # A later arm with the first arm's layout steps the first arm's state; its own is dropped.
     share = 0 if i and layout(state, True) == layout(built[0]['state'], True) else None
     t0 = time.perf_counter()
-    shipped = {n: getattr(layers, n) for n in switches}
+    shipped = trace_switch_values(switches)
     set_layer_switches(switches)  # this arm's trace only; the next arm traces with the shipped ones
     try:
       compiled = tt.jit_train_step(parts, config).lower(state, frozen, batches[0], key).compile()

@@ -227,7 +227,7 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   items, switches = split_layer_switches(list(overrides))
   changed = apply_overrides(config, items)
   set_layer_switches(switches)  # before the step is traced
-  changed.update({f'layers.{k}': v for k, v in switches.items()})
+  changed.update(switches)
   mesh = sharding.make_mesh([('data', -1)])
   # the step is jitted as the trainer jits it: each option set merges over these
   info = {'variant': variant, 'batch': batch, 'jax': jax.__version__, **({'set': changed} if changed else {}),
