@@ -76,25 +76,31 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax
           for k, v in local.items()}
 
 
-# At most this many pieces per concatenate in `flat_vector` (0: one concatenate of every leaf).
-# Each group is materialised behind an optimization barrier, because XLA merges nested
-# concatenates back into one. Why: XLA GPU's priority fusion re-prices the other operands of a
-# concatenate each time one operand is fused into it, so one concatenate of a network's ~500
-# gradient leaves costs it work that grows faster than the leaf count (see docs/PERFORMANCE.md,
-# `bench fanin_compile`). Same values either way.
+# At most this many leaves per concatenate in `flat_vector`, and per cut in `_cut` (0: one
+# concatenate of every leaf, one cut into every leaf). Each group is materialised behind an
+# optimization barrier, because XLA merges nested concatenates (and slices of slices) back into
+# one. Why: XLA GPU's priority fusion re-prices the other operands of a concatenate each time one
+# is fused into it (and the users of a producer each time one of them changes), so one
+# concatenate of a network's ~500 gradient leaves, or one update cut into ~500 slices, costs it
+# work that grows faster than the leaf count (`bench fanin_compile`, docs/PERFORMANCE.md). The
+# barriers cost one extra write and read of the vector. Same values either way.
 FLAT_CONCAT_GROUP = 0
 
 
-def flat_vector(tree):
-  """The leaves of `tree` raveled and concatenated in tree order (as `optax.flatten` does)."""
+def _groups(n: int, group: int) -> list[tuple[int, int]]:
+  return [(i, min(i + group, n)) for i in range(0, n, group)] if group and n > group else [(0, n)]
+
+
+def flat_vector(tree, group: int | None = None):
+  """The leaves of `tree` raveled and concatenated in tree order (as `optax.flatten` does);
+  `group`: `FLAT_CONCAT_GROUP` unless given."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
     raise ValueError('flat_vector: the tree has no arrays (no parameters to optimize?)')
   pieces = [jnp.reshape(x, [-1]) for x in leaves]
-  group = FLAT_CONCAT_GROUP
-  if group and len(pieces) > group:
-    pieces = [jax.lax.optimization_barrier(jnp.concatenate(pieces[i:i + group]))
-              for i in range(0, len(pieces), group)]
+  spans = _groups(len(pieces), FLAT_CONCAT_GROUP if group is None else group)
+  if len(spans) > 1:
+    pieces = [jax.lax.optimization_barrier(jnp.concatenate(pieces[a:b])) for a, b in spans]
   return jnp.concatenate(pieces)
 
 
@@ -104,9 +110,19 @@ def flat_copy(tree, mesh):
   return jax.jit(flat_vector, out_shardings=rep)(tree)
 
 
-def _cut(vector, leaves):
-  """`vector` cut into pieces shaped like `leaves`, in order (the inverse of `flat_vector`)."""
-  parts = jnp.split(vector, np.cumsum([x.size for x in leaves])[:-1])
+def _cut(vector, leaves, group: int | None = None):
+  """`vector` cut into pieces shaped like `leaves`, in order (the inverse of `flat_vector`);
+  `group` as there."""
+  sizes = [x.size for x in leaves]
+  spans = _groups(len(leaves), FLAT_CONCAT_GROUP if group is None else group)
+  if len(spans) > 1:  # one cut into groups, each group materialised, then each cut into leaves
+    ends = np.cumsum([sum(sizes[a:b]) for a, b in spans])[:-1]
+    chunks = [jax.lax.optimization_barrier(c) for c in jnp.split(vector, ends)]
+  else:
+    chunks = [vector]
+  parts = []
+  for chunk, (a, b) in zip(chunks, spans):
+    parts += jnp.split(chunk, np.cumsum(sizes[a:b])[:-1])
   return [p.reshape(x.shape) for p, x in zip(parts, leaves)]
 
 

@@ -6,7 +6,10 @@ gradient-norm metric's, plus the EMA's concatenate of the new parameters) and cu
 vector back into ~500 slices. Here the same pattern on synthetic leaves (a fusible product per
 leaf as its 'gradient', Adam-like element-wise work on the concatenation, each leaf plus its slice
 of the update) is compiled cold for several leaf counts and spellings, so the compile's growth
-with the count (linear or worse) and what a spelling saves can be read off in seconds.
+with the count (linear or worse) and what a spelling saves can be read off in seconds. The
+spellings are `training.flat_vector` / `training._cut` with `group` (`training.FLAT_CONCAT_GROUP`)
+0 or ceil(sqrt(leaves)): 'one' (neither grouped, as shipped), 'grouped' (both, the switch),
+'grouped_concat' and 'grouped_cut' (one side only).
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SPELLINGS = ('one', 'grouped', 'split_barrier', 'grouped_split_barrier')
+from hita_jax import training
+
+SPELLINGS = ('one', 'grouped', 'grouped_concat', 'grouped_cut')
 
 
 def _leaf_shapes(n: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -29,27 +34,17 @@ def _leaf_shapes(n: int, seed: int = 0) -> list[tuple[int, ...]]:
   return shapes
 
 
-def concat(pieces, group: int):
-  """One concatenate, or (group > 0) concatenates of `group` pieces, each behind an optimization
-  barrier (XLA merges nested concatenates back into one), then one of those."""
-  if group and len(pieces) > group:
-    pieces = [jax.lax.optimization_barrier(jnp.concatenate(pieces[i:i + group]))
-              for i in range(0, len(pieces), group)]
-  return jnp.concatenate(pieces)
-
-
 def optimizer_like(params, xs, scale, mu, spelling: str):
-  group = int(np.ceil(np.sqrt(len(params)))) if spelling.startswith('grouped') else 0
-  grads = [(p * x * scale).reshape(-1) for p, x in zip(params, xs)]  # fusible 'gradients'
-  g = concat(grads, group)
+  g_n = int(np.ceil(np.sqrt(len(params))))
+  concat_group = g_n if spelling in ('grouped', 'grouped_concat') else 0
+  cut_group = g_n if spelling in ('grouped', 'grouped_cut') else 0
+  grads = [p * x * scale for p, x in zip(params, xs)]  # fusible 'gradients'
+  g = training.flat_vector(grads, concat_group)
   norm = jnp.sqrt(jnp.sum(jnp.square(g)))
   mu = 0.9 * mu + 0.1 * g / jnp.maximum(norm, 1.0)
   update = -1e-3 * mu / (jnp.sqrt(jnp.abs(mu)) + 1e-8)
-  if spelling.endswith('split_barrier'):
-    update = jax.lax.optimization_barrier(update)
-  cuts = np.cumsum([p.size for p in params])[:-1]
-  new = [p + u.reshape(p.shape) for p, u in zip(params, jnp.split(update, cuts))]
-  ema = 0.99 * concat([p.reshape(-1) for p in new], group)  # the flat EMA's concatenate
+  new = [p + u for p, u in zip(params, training._cut(update, params, cut_group))]
+  ema = 0.99 * training.flat_vector(new, concat_group)  # the flat EMA's concatenate
   return new, mu, ema, norm
 
 
