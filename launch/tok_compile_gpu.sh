@@ -7,32 +7,41 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh gemm1x1   # layers.CONV_1X1=gemm (its own build)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh scan      # tokenizer.dinov2_scan=True (its own build)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh group     # training.FLAT_CONCAT_GROUP=$GROUP (default 23)
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh smaller   # tokenizer.dropout_rng=hash + dinov2_scan=True
 # Each part fits one 10-minute device call; `options` reads the file `ship` wrote on the same machine.
+# PF_LOG=0: no per-fusion log (its lines cost priority fusion some time: for clean compile A/Bs);
+# DUMP_AUTOTUNE=0: no autotune log for ship / gemm1x1.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 OUT=${OUT:-/tmp}
 EXP=${EXP:-/tmp/tok_step.exp}
-part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group}
+part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller}
 mkdir -p "$OUT/autotune"
 timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped beside the records
   local name=$1
   shift
   # priority_fusion=2 logs each fusion (with its producer's metadata): ~2 lines a fusion
-  TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,hlo_pass_pipeline=1,priority_fusion=2 \
+  local vmodule=gpu_compiler=1,hlo_pass_pipeline=1
+  [ "${PF_LOG:-1}" = 1 ] && vmodule=$vmodule,priority_fusion=2
+  TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=$vmodule \
     timeout "${TIMEOUT:-280}" python3 -m hita_jax.tools.tok_compile --batch 16 --variant V --steps 5 "$@" \
     >"$OUT/$name.out" 2>"$OUT/$name.err"
   grep '^{' "$OUT/$name.out" | grep -v '"stage": "lower"' | cut -c1-400
   python3 -m hita_jax.tools.xla_logs passes "$OUT/$name.err" --after '=== tok_compile: compile' --top 4
-  python3 -m hita_jax.tools.xla_logs fusion "$OUT/$name.err" --after '=== tok_compile: compile' --top 12 \
-    >"$OUT/$name.fusion.txt" && head -30 "$OUT/$name.fusion.txt" | cut -c1-240
+  [ "${PF_LOG:-1}" = 1 ] && python3 -m hita_jax.tools.xla_logs fusion "$OUT/$name.err" \
+    --after '=== tok_compile: compile' --top 12 >"$OUT/$name.fusion.txt" && head -30 "$OUT/$name.fusion.txt" | cut -c1-240
   gzip -f "$OUT/$name.err"
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 case $part in
   # xla_hlo_print_inline_stack_frames: the fusion log's metadata names source lines (printing only)
-  ship) timers ship --export "$EXP" \
-          --options "ship:xla_gpu_dump_autotune_logs_to=$OUT/autotune/ship.txt,xla_hlo_print_inline_stack_frames=true"
-        python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/ship.txt" ;;
+  ship) if [ "${DUMP_AUTOTUNE:-1}" = 1 ]; then
+          timers ship --export "$EXP" \
+            --options "ship:xla_gpu_dump_autotune_logs_to=$OUT/autotune/ship.txt,xla_hlo_print_inline_stack_frames=true"
+          python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/ship.txt"
+        else
+          timers ship --export "$EXP"
+        fi ;;
   options) # deterministic ops: cuDNN offers only its deterministic engine configurations (fewer
            # to autotune; the step may slow). (xla_gpu_enable_cudnn_frontend and
            # xla_gpu_experimental_use_autotuner_pass are not options of jax 0.11.2's XLA.)
@@ -42,10 +51,15 @@ case $part in
                --options "$opts,xla_gpu_dump_autotune_logs_to=$OUT/autotune/$name.txt"
              [ -f "$OUT/autotune/$name.txt" ] && python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/$name.txt"
            done ;;
-  gemm1x1) timers gemm1x1 --set layers.CONV_1X1=gemm \
-             --options "gemm1x1:xla_gpu_dump_autotune_logs_to=$OUT/autotune/gemm1x1.txt,xla_hlo_print_inline_stack_frames=true"
-           python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/gemm1x1.txt" ;;
+  gemm1x1) if [ "${DUMP_AUTOTUNE:-1}" = 1 ]; then
+             timers gemm1x1 --set layers.CONV_1X1=gemm \
+               --options "gemm1x1:xla_gpu_dump_autotune_logs_to=$OUT/autotune/gemm1x1.txt,xla_hlo_print_inline_stack_frames=true"
+             python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/gemm1x1.txt"
+           else
+             timers gemm1x1 --set layers.CONV_1X1=gemm
+           fi ;;
   scan) timers scan --set tokenizer.dinov2_scan=True ;;
   group) timers group --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
-  *) echo "unknown part $part (ship|options|gemm1x1|scan|group)" >&2; exit 2 ;;
+  smaller) timers smaller --set tokenizer.dropout_rng=hash --set tokenizer.dinov2_scan=True ;;
+  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller)" >&2; exit 2 ;;
 esac
