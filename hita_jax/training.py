@@ -76,14 +76,13 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict) -> dict[str, jax
           for k, v in local.items()}
 
 
-# At most this many leaves per concatenate in `flat_vector`, and per cut in `_cut` (0: one
-# concatenate of every leaf, one cut into every leaf). Each group is materialised behind an
-# optimization barrier, because XLA merges nested concatenates (and slices of slices) back into
-# one. Why: XLA GPU's priority fusion re-prices the other operands of a concatenate each time one
-# is fused into it (and the users of a producer each time one of them changes), so one
-# concatenate of a network's ~500 gradient leaves, or one update cut into ~500 slices, costs it
-# work that grows faster than the leaf count (`bench fanin_compile`, docs/PERFORMANCE.md). The
-# barriers cost one extra write and read of the vector. Same values either way.
+# At most this many leaves per concatenate in `flat_vector`, and per cut in `_cut` (0, the
+# default: one concatenate of every leaf, one cut into every leaf). Each group is materialised
+# behind an optimization barrier, because XLA merges nested concatenates (and slices of slices)
+# back into one. An opt-in for compile A/Bs: with groups of 23, XLA GPU's priority fusion made
+# 28,717 fusions in the Hita-V step against 33,424 (H200, 2026-12-06), but the flat optimizer's
+# pattern alone compiles in time linear in the leaf count either way (`bench fanin_compile`), and
+# the step's A/B is not settled (docs/PERFORMANCE.md, session 28). Same values either way.
 FLAT_CONCAT_GROUP = 0
 
 
