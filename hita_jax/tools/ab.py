@@ -54,6 +54,7 @@ TRACE_SWITCHES = {'layers.CONV_1X1': ('hita_jax.models.layers', 'CONV_1X1S'),
                   'layers.CONV_BIAS': ('hita_jax.models.layers', 'CONV_BIASES'),
                   'layers.SPATIAL_SUM': ('hita_jax.models.layers', 'SPATIAL_SUMS'),
                   'training.FLAT_CONCAT_GROUP': ('hita_jax.training', int)}
+_SWITCH_MODULES = {k.split('.')[0] for k in TRACE_SWITCHES}  # 'layers', 'training'
 
 
 def split_layer_switches(items: list[str], flag: str = '--set') -> tuple[list[str], dict]:
@@ -63,7 +64,7 @@ def split_layer_switches(items: list[str], flag: str = '--set') -> tuple[list[st
   rest, switches = [], {}
   for item in items:
     key, sep, value = item.partition('=')
-    if key.split('.')[0] not in {k.split('.')[0] for k in TRACE_SWITCHES}:
+    if key.split('.')[0] not in _SWITCH_MODULES:
       rest.append(item)
       continue
     if not sep or key not in TRACE_SWITCHES:

@@ -37,6 +37,7 @@ import re
 
 from hita_jax import cli
 from hita_jax.errors import MissingPathError, UserError
+from hita_jax.tools.profile_summary import _OP_NAME, _SOURCE, _short_source
 
 _UNITS = {'us': 1e-6, 'ms': 1e-3, 's': 1.0, 'min': 60.0}
 _PASS = re.compile(r'HLO pass: (\S+) time: ([\d.]+) (us|ms|s|min)\b')
@@ -81,8 +82,6 @@ def pass_times(lines, after: str | None = None) -> dict:
 _GLOG_TIME = re.compile(r'^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+)\s')
 _START = re.compile(r'Running full HLO cost analysis for (\S+)')
 _FUSING = re.compile(r'\] Fusing %?([\w.\-]+) = (.*)$')
-_SOURCE = re.compile(r'source_file="([^"]*)" source_line=(\d+)')
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _OPCODE = re.compile(r'^(?:\([^=]*?\)|\S+) ([a-z][\w\-]*)\(')
 
 
@@ -98,7 +97,7 @@ def _producer_source(rest: str) -> tuple[str, str]:
   opcode = m.group(1) if m else '?'
   src = _SOURCE.search(producer)
   if src:
-    return opcode, f"{'/'.join(src.group(1).split('/')[-2:])}:{src.group(2)}"
+    return opcode, _short_source(*src.groups())
   name = _OP_NAME.search(producer)
   if name:  # the op path without its numbers: 'jit(train_step)/jvp(...)/conv_general_dilated'
     return opcode, re.sub(r'\d+', '#', name.group(1))[-160:]
