@@ -8,6 +8,7 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh scan      # tokenizer.dinov2_scan=True (its own build)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh group     # training.FLAT_CONCAT_GROUP=$GROUP (default 23)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh smaller   # tokenizer.dropout_rng=hash + dinov2_scan=True
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh all       # smaller + CONV_1X1=gemm + FLAT_CONCAT_GROUP=$GROUP
 # Each part fits one 10-minute device call; `options` reads the file `ship` wrote on the same machine.
 # PF_LOG=0: no per-fusion log (its lines cost priority fusion some time: for clean compile A/Bs);
 # DUMP_AUTOTUNE=0: no autotune log for ship / gemm1x1.
@@ -15,7 +16,7 @@ set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 OUT=${OUT:-/tmp}
 EXP=${EXP:-/tmp/tok_step.exp}
-part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller}
+part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller|all}
 mkdir -p "$OUT/autotune"
 timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped beside the records
   local name=$1
@@ -61,5 +62,7 @@ case $part in
   scan) timers scan --set tokenizer.dinov2_scan=True ;;
   group) timers group --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
   smaller) timers smaller --set tokenizer.dropout_rng=hash --set tokenizer.dinov2_scan=True ;;
-  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller)" >&2; exit 2 ;;
+  all) timers all --set tokenizer.dropout_rng=hash --set tokenizer.dinov2_scan=True \
+         --set layers.CONV_1X1=gemm --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
+  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all)" >&2; exit 2 ;;
 esac

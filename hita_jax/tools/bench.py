@@ -12,6 +12,7 @@
     python -m hita_jax.tools.bench gn_sums --batch 16          (the fused GroupNorm alone per resolution and sum spelling)
     python -m hita_jax.tools.bench hbm --batch 64              (read / copy rates; the sampler's bandwidth floor at 64 images)
     python -m hita_jax.tools.bench fanin_compile               (compile time vs a flat optimizer's leaf count and spelling)
+    python -m hita_jax.tools.bench parallel_compile --mode seq|threads  (do two programs' compiles overlap from threads?)
     python -m hita_jax.tools.tok_ab --batch 16 --arm base: --arm new:KEY=VALUE,...  (tokenizer switches, alternating)
     ... --profile DIR   also prints the kernels that take the device time (see profile_summary)
 
@@ -523,8 +524,10 @@ def main(argv=None):
                               epilog=cli.VERBOSITY_HELP)
   p.add_argument('what', choices=['gpt_train', 'ar_trainer', 'sample', 'decode_attn', 'decode_matmul',
                                   'inception', 'tok_trainer', 'cnn_train', 'gn_sums', 'hbm', 'train_attn',
-                                  'fanin_compile'])
+                                  'fanin_compile', 'parallel_compile'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
+  p.add_argument('--mode', default='threads', choices=['seq', 'threads'],
+                 help='parallel_compile: compile the programs one after another or from a thread each')
   p.add_argument('--batch', type=int, default=64)
   p.add_argument('--attn', default='auto', choices=list(ATTN_IMPLS))
   p.add_argument('--profile', default=None, help='trace directory: also print the top device kernels')
@@ -580,6 +583,9 @@ def main(argv=None):
   elif a.what == 'fanin_compile':
     from hita_jax.tools.bench_compile import bench_fanin_compile
     res = bench_fanin_compile()
+  elif a.what == 'parallel_compile':
+    from hita_jax.tools.bench_compile import bench_parallel_compile
+    res = bench_parallel_compile(mode=a.mode)
   elif a.what == 'hbm':
     from hita_jax.tools.bench_floor import bench_hbm  # it builds on this module's configs
     res = bench_hbm(images=a.batch)

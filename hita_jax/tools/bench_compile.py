@@ -70,3 +70,60 @@ def bench_fanin_compile(counts=(125, 250, 500), spellings=SPELLINGS) -> dict:
       res['rows'].append({'leaves': n, 'spelling': spelling, 'lower_s': lower_s, 'compile_s': compile_s,
                           'max_abs_diff_vs_one': float(np.max(np.abs(flat - ref)))})
   return res
+
+
+def cnn_grad_fn(ch_mult=(1, 1, 2, 2, 4), dtype=jnp.bfloat16):
+  """(graph, abstract params, abstract rest, grad function) of the CNN encoder + decoder on an L2
+  loss; the weights are never materialised (only lowered and compiled)."""
+  from flax import nnx
+  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
+
+  def make():
+    rngs = nnx.Rngs(0)
+    enc = CNNEncoder(ch=128, ch_mult=ch_mult, num_res_blocks=2, z_channels=512, dtype=dtype, rngs=rngs)
+    dec = CNNDecoder(ch=128, ch_mult=ch_mult, num_res_blocks=3, z_channels=512, dtype=dtype, rngs=rngs)
+    return enc, dec
+  abstract = nnx.eval_shape(make)
+  graph, params, rest = nnx.split(abstract, nnx.Param, ...)
+
+  def loss(params, rest, x):
+    e, d = nnx.merge(graph, params, rest)
+    return jnp.mean(jnp.square(d(e(x)).astype(jnp.float32) - x))
+  return params, rest, jax.grad(loss)
+
+
+def bench_parallel_compile(batches=(16, 12), image_size=336, mode='threads',
+                           ch_mult=(1, 1, 2, 2, 4)) -> dict:
+  """Whether XLA compiles of separate programs overlap when started from threads on this backend
+  (the GIL released during compile; the GPU autotuner's lock held only while timing). One CNN
+  training program per batch size (distinct convolution shapes: no autotune result shared), lowered
+  first, then compiled one after another ('seq') or all at once from a thread each ('threads'); run
+  each mode in its own process so neither sees the other's caches."""
+  import concurrent.futures
+
+  params, rest, grad = cnn_grad_fn(ch_mult)
+  fn = jax.jit(grad)
+  lowered = []
+  t0 = time.perf_counter()
+  for b in batches:
+    x = jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.float32)
+    lowered.append(fn.lower(params, rest, x))
+  lower_s = time.perf_counter() - t0
+
+  def compile_one(low):
+    t = time.perf_counter()
+    low.compile()
+    return time.perf_counter() - t
+
+  t0 = time.perf_counter()
+  if mode == 'seq':
+    each = [compile_one(low) for low in lowered]
+  elif mode == 'threads':
+    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
+      each = list(pool.map(compile_one, lowered))
+  else:
+    raise ValueError(f'mode {mode!r}: seq or threads')
+  wall = time.perf_counter() - t0
+  return {'bench': 'parallel_compile', 'mode': mode, 'batches': list(batches), 'image_size': image_size,
+          'ch_mult': list(ch_mult), 'lower_s': lower_s, 'compile_each_s': each, 'compile_wall_s': wall,
+          'overlap': sum(each) / wall}
