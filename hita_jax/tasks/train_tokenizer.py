@@ -181,77 +181,99 @@ def _resumed(ckpt: dict, tcfg, disc, state: dict, config) -> dict:
   return out
 
 
-def train_step(parts: Parts, config, state, frozen, batch, rng):
-  """One generator + discriminator update. `frozen`: the LPIPS and frozen discriminator states
-  (`build`'s third result). Returns (new state, metrics)."""
-  lc, tr = config.tokenizer_loss, config.train_tokenizer
-  step = state['step']
-  x = to_unit(batch['image'])
+def _loss_setup(parts: Parts, config, frozen, step, rng) -> dict:
+  """What the generator's and the discriminator's losses share in a step: keys, weights, LPIPS."""
+  lc = config.tokenizer_loss
   rng = jax.random.fold_in(rng, step)
   k_lpips, k_disc = jax.random.split(rng)
   k_g, k_dfake, k_dreal = jax.random.split(k_disc, 3)  # the DINO discriminator's draws per call
-  lp = nnx.merge(parts.lpips_def, frozen['lpips'], copy=True)
-  dino = lc.disc_type == 'dino'
+  return {'k_lpips': k_lpips, 'k_g': k_g, 'k_dfake': k_dfake, 'k_dreal': k_dreal,
+          'lp': nnx.merge(parts.lpips_def, frozen['lpips'], copy=True),
+          # Terms with weight 0 are not computed at all (the CPU demo trains on MSE + VQ terms only).
+          'use_perc': bool(lc.perceptual_weight), 'use_disc': bool(lc.disc_weight),
+          'adv_w': losses.adversarial_weight(step, lc.disc_start, lc.disc_weight)}
 
-  def discriminate(disc, images, key):
-    if not dino:
-      return disc(images)
-    _, h, w, _ = images.shape  # one crop-or-resize draw per call, as the official forward
-    return disc(images, sample_augmentation(key, h, w, disc.cfg.img_size))
-  # Terms with weight 0 are not computed at all (the CPU demo trains on MSE + VQ terms only).
-  use_perc, use_disc = bool(lc.perceptual_weight), bool(lc.disc_weight)
-  adv_w = losses.adversarial_weight(step, lc.disc_start, lc.disc_weight)
-  d_adv_fn = losses.D_LOSSES[lc.disc_loss]
-  g_adv_fn = losses.G_LOSSES[lc.gen_loss]
 
-  def g_loss_fn(g_params, g_rest, d_stats):
-    tok = nnx.merge(parts.g_def, g_params, g_rest, copy=True)
-    out = tok(x)
-    recon = out['recon'].astype(jnp.float32)
-    disc = nnx.merge(parts.d_def, jax.lax.stop_gradient(state['d_params']), d_stats, frozen['disc'],
-                     copy=True)
-    rec = losses.reconstruction_loss(x, recon)
-    zero = jnp.zeros((), jnp.float32)
-    perc = (jnp.mean(lp(x, recon, dropout_rng=k_lpips if lc.lpips_dropout else None))
-            if use_perc else zero)
-    # train mode: batch statistics, running stats / spectral-norm vectors updated (official)
-    g_adv = g_adv_fn(discriminate(disc, recon, k_g)) if use_disc else zero
-    loss = (lc.reconstruction_weight * rec + lc.perceptual_weight * perc + adv_w * g_adv
-            + out['vq'] + out['commit'] + out['entropy'])
-    metrics = {'rec_loss': rec, 'perceptual_loss': perc, 'g_adv_loss': g_adv, 'vq_loss': out['vq'],
-               'commit_loss': out['commit']}
-    if parts.cfg.vfm:
-      vfm = losses.vfm_loss(out['dinov2_patch_features'], out['vfm_prediction'])
-      loss = loss + lc.vfm_weight * vfm
-      metrics['vfm_loss'] = vfm
-    metrics['g_loss'] = loss
-    aux = (metrics, recon, nnx.state(tok, nnx.Not(trainable_filter())), nnx.state(disc, nnx.BatchStat),
-           out['patch_codes'], out['holistic_codes'])
-    return loss, aux
+def _discriminate(config, disc, images, key):
+  if config.tokenizer_loss.disc_type != 'dino':
+    return disc(images)
+  _, h, w, _ = images.shape  # one crop-or-resize draw per call, as the official forward
+  return disc(images, sample_augmentation(key, h, w, disc.cfg.img_size))
 
-  (_, (metrics, recon, g_rest, d_stats, pcodes, hcodes)), g_grads = jax.value_and_grad(
-      g_loss_fn, has_aux=True)(state['g_params'], state['g_rest'], state['d_stats'])
 
+def generator_outputs(parts: Parts, g_params, g_rest, x):
+  """The tokenizer's forward in training mode -> (outs, aux): `outs` the outputs the generator's
+  loss is differentiated through (`recon` in fp32, the quantizers' `vq` / `commit` / `entropy`
+  terms, Hita-U's `vfm_prediction`), `aux` the rest (codes, DINOv2 patch features, the updated
+  non-trainable state `g_rest`)."""
+  tok = nnx.merge(parts.g_def, g_params, g_rest, copy=True)
+  out = tok(x)
+  outs = {'recon': out['recon'].astype(jnp.float32), 'vq': out['vq'], 'commit': out['commit'],
+          'entropy': out['entropy']}
+  aux = {'patch_codes': out['patch_codes'], 'holistic_codes': out['holistic_codes'],
+         'g_rest': nnx.state(tok, nnx.Not(trainable_filter()))}
+  if parts.cfg.vfm:
+    outs['vfm_prediction'] = out['vfm_prediction']
+    aux['dinov2_patch_features'] = out['dinov2_patch_features']
+  return outs, aux
+
+
+def generator_loss(parts: Parts, config, setup: dict, x, outs: dict, aux: dict, d_params, d_stats,
+                   frozen):
+  """The generator's loss from the tokenizer's outputs -> (loss, (metrics, new d_stats)). The
+  discriminator runs in training mode (batch statistics, running stats / spectral-norm vectors
+  updated, official) with its parameters held fixed."""
+  lc = config.tokenizer_loss
+  recon = outs['recon']
+  disc = nnx.merge(parts.d_def, jax.lax.stop_gradient(d_params), d_stats, frozen['disc'], copy=True)
+  rec = losses.reconstruction_loss(x, recon)
+  zero = jnp.zeros((), jnp.float32)
+  perc = (jnp.mean(setup['lp'](x, recon, dropout_rng=setup['k_lpips'] if lc.lpips_dropout else None))
+          if setup['use_perc'] else zero)
+  g_adv = (losses.G_LOSSES[lc.gen_loss](_discriminate(config, disc, recon, setup['k_g']))
+           if setup['use_disc'] else zero)
+  loss = (lc.reconstruction_weight * rec + lc.perceptual_weight * perc + setup['adv_w'] * g_adv
+          + outs['vq'] + outs['commit'] + outs['entropy'])
+  metrics = {'rec_loss': rec, 'perceptual_loss': perc, 'g_adv_loss': g_adv, 'vq_loss': outs['vq'],
+             'commit_loss': outs['commit']}
+  if parts.cfg.vfm:
+    vfm = losses.vfm_loss(aux['dinov2_patch_features'], outs['vfm_prediction'])
+    loss = loss + lc.vfm_weight * vfm
+    metrics['vfm_loss'] = vfm
+  metrics['g_loss'] = loss
+  return loss, (metrics, nnx.state(disc, nnx.BatchStat))
+
+
+def discriminator_grads(parts: Parts, config, setup: dict, x, recon, d_params, d_stats, frozen):
+  """The discriminator's loss on the (fixed) reconstruction and the real images, and its gradients
+  -> ((d_loss, new d_stats, mean real logit, mean fake logit), d_grads)."""
   def d_loss_fn(d_params, d_stats):
     disc = nnx.merge(parts.d_def, d_params, d_stats, frozen['disc'], copy=True)
-    if not use_disc:  # a constant loss: zero gradients, so Adam leaves D unchanged
+    if not setup['use_disc']:  # a constant loss: zero gradients, so Adam leaves D unchanged
       zero = jnp.zeros((), jnp.float32)
       return zero, (nnx.state(disc, nnx.BatchStat), zero, zero)
-    logits_fake = discriminate(disc, jax.lax.stop_gradient(recon), k_dfake)
-    logits_real = discriminate(disc, x, k_dreal)
-    loss = adv_w * d_adv_fn(logits_real, logits_fake)
+    logits_fake = _discriminate(config, disc, jax.lax.stop_gradient(recon), setup['k_dfake'])
+    logits_real = _discriminate(config, disc, x, setup['k_dreal'])
+    loss = setup['adv_w'] * losses.D_LOSSES[config.tokenizer_loss.disc_loss](logits_real, logits_fake)
     return loss, (nnx.state(disc, nnx.BatchStat), jnp.mean(logits_real), jnp.mean(logits_fake))
 
   (d_loss, (d_stats, lr_mean, lf_mean)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
-      state['d_params'], d_stats)
+      d_params, d_stats)
+  return (d_loss, d_stats, lr_mean, lf_mean), d_grads
 
+
+def apply_updates(parts: Parts, config, state, g_grads, d_grads, metrics: dict, aux: dict, d_stats,
+                  d_out, adv_w):
+  """Both optimizer steps and the EMA from the step's gradients -> (new state, metrics); a step with
+  a non-finite loss or gradient norm applies nothing (G, D, EMA, BN statistics)."""
+  d_loss, lr_mean, lf_mean = d_out
   size = parts.cfg.codebook_size
   flat = parts.flat_optimizer
-  metrics.update(patch_codebook_usage=codes_used_fraction(pcodes, size),
-                 holistic_codebook_usage=codes_used_fraction(hcodes, size), d_loss=d_loss, logits_real=lr_mean, logits_fake=lf_mean,
-                 g_grad_norm=training.grad_norm(g_grads, flat), d_grad_norm=training.grad_norm(d_grads, flat),
-                 adv_weight=adv_w)
-  # A non-finite loss or gradient norm: nothing of this step is applied (G, D, EMA, BN statistics).
+  metrics = {**metrics, 'patch_codebook_usage': codes_used_fraction(aux['patch_codes'], size),
+             'holistic_codebook_usage': codes_used_fraction(aux['holistic_codes'], size),
+             'd_loss': d_loss, 'logits_real': lr_mean, 'logits_fake': lf_mean,
+             'g_grad_norm': training.grad_norm(g_grads, flat),
+             'd_grad_norm': training.grad_norm(d_grads, flat), 'adv_weight': adv_w}
   # With flat optimizers the updates themselves are zeroed and the EMA decay set to 1, so the
   # parameters and the EMA need no select per tensor (`kept`).
   finite = training.all_finite(metrics, NONFINITE_WATCH) if flat else None
@@ -259,11 +281,31 @@ def train_step(parts: Parts, config, state, frozen, batch, rng):
                                             flat=flat, finite=finite)
   d_params, opt_d = training.optimizer_step(parts.tx_d, d_grads, state['opt_d'], state['d_params'],
                                             flat=flat, finite=finite)
-  new = {'step': step + 1, 'g_params': g_params, 'g_rest': g_rest, 'd_params': d_params,
+  new = {'step': state['step'] + 1, 'g_params': g_params, 'g_rest': aux['g_rest'], 'd_params': d_params,
          'd_stats': d_stats, 'opt_g': opt_g, 'opt_d': opt_d,
-         'ema': training.ema_update(state['ema'], g_params, tr.ema_decay, finite)}
+         'ema': training.ema_update(state['ema'], g_params, config.train_tokenizer.ema_decay, finite)}
   return training.keep_if_finite(state, new, metrics, NONFINITE_WATCH,
                                  kept=('g_params', 'd_params', 'ema') if flat else ())
+
+
+def train_step(parts: Parts, config, state, frozen, batch, rng):
+  """One generator + discriminator update. `frozen`: the LPIPS and frozen discriminator states
+  (`build`'s third result). Returns (new state, metrics)."""
+  x = to_unit(batch['image'])
+  setup = _loss_setup(parts, config, frozen, state['step'], rng)
+
+  def g_loss_fn(g_params, g_rest, d_stats):
+    outs, aux = generator_outputs(parts, g_params, g_rest, x)
+    loss, (metrics, d_stats) = generator_loss(parts, config, setup, x, outs, aux, state['d_params'],
+                                              d_stats, frozen)
+    return loss, (metrics, outs['recon'], aux, d_stats)
+
+  (_, (metrics, recon, aux, d_stats)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
+      state['g_params'], state['g_rest'], state['d_stats'])
+  (d_loss, d_stats, lr_mean, lf_mean), d_grads = discriminator_grads(
+      parts, config, setup, x, recon, state['d_params'], d_stats, frozen)
+  return apply_updates(parts, config, state, g_grads, d_grads, metrics, aux, d_stats,
+                       (d_loss, lr_mean, lf_mean), setup['adv_w'])
 
 
 # what `keep_if_finite` checks each step and the logger names when it stops the run
