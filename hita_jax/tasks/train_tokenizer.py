@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hita_jax import checkpoint, config_lib, pretrained, sharding, training
+from hita_jax import checkpoint, config_lib, pretrained, sharding, staging, training
 from hita_jax.data.images import to_uint8, to_unit
 from hita_jax.data.sources import make_image_dataset
 from hita_jax.models import losses
@@ -308,6 +309,89 @@ def train_step(parts: Parts, config, state, frozen, batch, rng):
                        (d_loss, lr_mean, lf_mean), setup['adv_w'])
 
 
+class StagedTrainStep:
+  """`train_step` as three programs (`train_tokenizer.step_stages=3`), compiled side by side
+  (`staging`): the generator's forward, kept as a `jax.vjp` pullback; the losses on its outputs
+  (LPIPS, the discriminator's G term, the VQ terms) with their gradients with respect to those
+  outputs, and the discriminator's gradients; the pullback to the generator's gradients, both
+  optimizer steps and the EMA. The same arithmetic as the one program; XLA fuses each part on its
+  own. Called as step(state, frozen, batch, rng) -> (new state, metrics); the first call (or
+  `compile`) lowers and compiles the three programs for those arguments' shapes and shardings."""
+
+  def __init__(self, parts: Parts, config, parallel: bool = True):
+    self.parts, self.config, self.parallel = parts, config, parallel
+    self.options = config_lib.gpu_compiler_options(config.train_tokenizer.get('gpu_compiler_options'))
+    self.carry_g = staging.Carry()  # the pullback and the forward's aux, forward -> update
+    self.carry_d = staging.Carry()  # the discriminator's statistics, losses -> update
+    self.programs = None
+    self.timing = {}
+
+  def _forward(self, g_params, g_rest, batch):
+    x = to_unit(batch['image'])
+    outs, pullback, aux = jax.vjp(lambda p: generator_outputs(self.parts, p, g_rest, x), g_params,
+                                  has_aux=True)
+    return outs, aux.get('dinov2_patch_features'), self.carry_g.pack((aux, pullback), (g_params, g_rest, batch))
+
+  def _losses(self, outs, dino, d_params, d_stats, step, frozen, batch, rng):
+    x = to_unit(batch['image'])
+    setup = _loss_setup(self.parts, self.config, frozen, step, rng)
+    aux = {'dinov2_patch_features': dino}
+    (_, (metrics, d_stats)), cotangents = jax.value_and_grad(
+        lambda o: generator_loss(self.parts, self.config, setup, x, o, aux, d_params, d_stats, frozen),
+        has_aux=True)(outs)
+    d_out, d_grads = discriminator_grads(self.parts, self.config, setup, x, outs['recon'], d_params,
+                                         d_stats, frozen)
+    d_loss, d_stats, lr_mean, lf_mean = d_out
+    carried = self.carry_d.pack(d_stats, (d_params, d_stats))
+    return cotangents, d_grads, carried, (d_loss, lr_mean, lf_mean), metrics, setup['adv_w']
+
+  def _update(self, state, batch, carried_g, cotangents, d_grads, carried_d, d_out, metrics, adv_w):
+    aux, pullback = self.carry_g.unpack(carried_g, (state['g_params'], state['g_rest'], batch))
+    d_stats = self.carry_d.unpack(carried_d, (state['d_params'], state['d_stats']))
+    g_grads, = pullback(cotangents)
+    return apply_updates(self.parts, self.config, state, g_grads, d_grads, metrics, aux, d_stats,
+                         d_out, adv_w)
+
+  def compile(self, state, frozen, batch, rng):
+    """Lowers the three programs for these arguments (the later ones from the earlier ones'
+    shapes, with `staging.leading_axis_shardings`) and compiles them together. Returns self."""
+    t0 = time.perf_counter()
+    mesh = next(x.sharding.mesh for x in jax.tree.leaves(state)
+                if isinstance(getattr(x, 'sharding', None), jax.sharding.NamedSharding))
+    batch_sh = sharding.batch_sharding(mesh, config_lib.axis_rules(self.config), 4)
+    size = batch['image'].shape[0]
+    shard = lambda tree: staging.leading_axis_shardings(tree, batch_sh, size)
+    like = lambda tree: jax.tree.map(lambda a: a.sharding, tree)
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jit = functools.partial(jax.jit, compiler_options=self.options)
+    g_args = (state['g_params'], state['g_rest'], batch)
+    f_shapes = jax.eval_shape(self._forward, *g_args)
+    f_sh = shard(f_shapes)
+    forward = jit(self._forward, out_shardings=f_sh).lower(*g_args)
+    outs, dino, carried_g = staging.with_shardings(f_shapes, f_sh)
+    l_args = (outs, dino, state['d_params'], state['d_stats'], state['step'], frozen, batch, rng)
+    l_shapes = jax.eval_shape(self._losses, *l_args)
+    cot, d_grads, carried_d, d_out, metrics, adv_w = l_shapes
+    l_sh = (f_sh[0], like(state['d_params']), shard(carried_d),
+            rep, rep, rep)
+    losses_ = jit(self._losses, out_shardings=l_sh).lower(*l_args)
+    l_out = staging.with_shardings(l_shapes, l_sh)
+    update = jit(self._update, donate_argnums=(0,), out_shardings=(like(state), rep)).lower(
+        state, batch, carried_g, *l_out)
+    self.timing = {'lower_s': time.perf_counter() - t0}
+    self.programs, timing = staging.compile_all([forward, losses_, update], self.parallel)
+    self.timing.update(timing)
+    return self
+
+  def __call__(self, state, frozen, batch, rng):
+    if self.programs is None:
+      self.compile(state, frozen, batch, rng)
+    forward, losses_, update = self.programs
+    outs, dino, carried_g = forward(state['g_params'], state['g_rest'], batch)
+    l_out = losses_(outs, dino, state['d_params'], state['d_stats'], state['step'], frozen, batch, rng)
+    return update(state, batch, carried_g, *l_out)
+
+
 # what `keep_if_finite` checks each step and the logger names when it stops the run
 NONFINITE_WATCH = ('g_loss', 'd_loss', 'g_grad_norm', 'd_grad_norm')
 
@@ -363,6 +447,7 @@ def validate(config):
             ('train_tokenizer.lr_decay', tr.lr_decay, ['constant', 'cosine']),
             ('train_tokenizer.optimizer_layout', tr.optimizer_layout, ['auto', 'flat', 'per_leaf']),
             ('train_tokenizer.compute_dtype', tr.compute_dtype, ['float32', 'bfloat16', 'float16']),
+            ('train_tokenizer.step_stages', tr.get('step_stages', 1), [1, 3]),
             ('data.source', config.data.source, ['shapes', 'folder', 'tfds'])]
   for key, value, valid in checks:
     if value not in valid:
@@ -404,6 +489,23 @@ def resolve_optimizer_layout(layout: str, saved: str | None) -> str:
                   f"per_leaf): resume with --config.train_tokenizer.optimizer_layout={saved} or auto")
 
 
+def make_train_step(parts, config):
+  """The step the trainer runs, called as step(state, frozen, batch, rng): one jitted program
+  (`train_tokenizer.step_stages=1`) or `StagedTrainStep` (3)."""
+  stages = config.train_tokenizer.get('step_stages', 1)
+  if stages == 3:
+    return StagedTrainStep(parts, config)
+  return jit_train_step(parts, config)
+
+
+def compile_train_step(step, state, frozen, batch, rng):
+  """`make_train_step`'s step compiled ahead for these arguments -> a callable of the same
+  signature (what the benchmarks time as the compile)."""
+  if isinstance(step, StagedTrainStep):
+    return step.compile(state, frozen, batch, rng)
+  return step.lower(state, frozen, batch, rng).compile()
+
+
 def jit_train_step(parts, config):
   """`train_step` jitted as the trainer runs it: state donated, the config's XLA options on GPU
   (`train_tokenizer.gpu_compiler_options`). Called as step(state, frozen, batch, rng)."""
@@ -436,7 +538,7 @@ def run(config, workdir: str):
       seed=config.seed, train=True, process_index=jax.process_index(),
       process_count=jax.process_count())
   state, start = checkpoint.resume(mngr, state, data_iter)
-  step_fn = jit_train_step(parts, config)
+  step_fn = make_train_step(parts, config)
   logger = training.MetricLogger(workdir, total_steps=tr.num_steps, start_step=start,
                                  every=tr.log_every, images_per_step=tr.global_batch_size,
                                  line_keys=('g_loss', 'rec_loss', 'd_loss'), hparams=tr.to_dict(),

@@ -454,13 +454,15 @@ def bench_ar_trainer(size, batch, steps=20, attn='auto', profile_dir=None, hlo_o
   return out
 
 
-def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None):
+def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None, stages=None):
   """The `train_tokenizer` trainer's own jitted step (G with LPIPS + PatchGAN + VQ + VFM terms, then
   D) at full size on random images, random frozen towers (speed only)."""
   from hita_jax.tasks import train_tokenizer as tt
   config = config_lib.load_config(os.path.join(os.path.dirname(__file__), '..', '..', 'configs',
                                                f'tokenizer_{variant.lower()}.py'))
   config.train_tokenizer.global_batch_size = batch
+  if stages:
+    config.train_tokenizer.step_stages = stages
   config.init.allow_random_dinov2 = True
   config.tokenizer_loss.lpips_weights = 'random'
   mesh = sharding.make_mesh([('data', -1)])
@@ -469,12 +471,13 @@ def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None):
   build_s = time.perf_counter() - t0
   size = config.tokenizer.image_size
   r = np.random.RandomState(0)
-  batches = [{'image': jnp.asarray(r.randint(0, 256, (batch, size, size, 3)).astype(np.uint8))}
+  image_sh = sharding.batch_sharding(mesh, config_lib.axis_rules(config), 4)  # as the trainer's batches
+  batches = [{'image': jax.device_put(r.randint(0, 256, (batch, size, size, 3)).astype(np.uint8), image_sh)}
              for _ in range(2)]
-  step = tt.jit_train_step(parts, config)  # as train_tokenizer compiles it
+  step = tt.make_train_step(parts, config)  # as train_tokenizer compiles it
   key = jax.random.key(0)
   t0 = time.perf_counter()
-  compiled = step.lower(state, lp_state, batches[0], key).compile()
+  compiled = tt.compile_train_step(step, state, lp_state, batches[0], key)
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   state, m = compiled(state, lp_state, batches[0], key)
@@ -487,7 +490,8 @@ def bench_tok_trainer(batch, variant='V', steps=5, profile_dir=None):
   dt = (time.perf_counter() - t0) / steps
   out = dict(bench='train_tokenizer_step', variant=variant, image_size=size, batch=batch, step_s=dt,
              images_s=batch / dt, compile_s=compile_s, first_step_s=first, build_s=build_s,
-             g_loss=float(m['g_loss']))
+             g_loss=float(m['g_loss']), stages=config.train_tokenizer.step_stages,
+             **getattr(compiled, 'timing', {}))
   out.update(peak_memory())
   box = [state]
 
@@ -526,6 +530,8 @@ def main(argv=None):
                                   'inception', 'tok_trainer', 'cnn_train', 'gn_sums', 'hbm', 'train_attn',
                                   'fanin_compile', 'parallel_compile'])
   p.add_argument('--size', default='B', choices=sorted(GPT_SIZES))
+  p.add_argument('--stages', type=int, default=None, choices=[1, 3],
+                 help='tok_trainer: train_tokenizer.step_stages (default: the config\'s)')
   p.add_argument('--mode', default='threads', choices=['seq', 'threads'],
                  help='parallel_compile: compile the programs one after another or from a thread each')
   p.add_argument('--batch', type=int, default=64)
@@ -572,7 +578,7 @@ def main(argv=None):
   elif a.what == 'decode_matmul':
     res = bench_decode_matmul(a.size, a.batch, a.cfg, tune=a.tune)
   elif a.what == 'tok_trainer':
-    res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile)
+    res = bench_tok_trainer(a.batch, a.variant, profile_dir=a.profile, stages=a.stages)
   elif a.what == 'cnn_train':
     res = bench_cnn_train(a.batch, iters=a.iters)
   elif a.what == 'gn_sums':
