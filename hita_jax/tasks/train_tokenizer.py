@@ -332,17 +332,18 @@ class StagedTrainStep:
                                   has_aux=True)
     return outs, aux.get('dinov2_patch_features'), self.carry_g.pack((aux, pullback), (g_params, g_rest, batch))
 
-  def _losses(self, outs, dino, d_params, d_stats, step, frozen, batch, rng):
+  def _losses(self, outs, dino, d_params, d_stats_in, step, frozen, batch, rng):
     x = to_unit(batch['image'])
     setup = _loss_setup(self.parts, self.config, frozen, step, rng)
     aux = {'dinov2_patch_features': dino}
     (_, (metrics, d_stats)), cotangents = jax.value_and_grad(
-        lambda o: generator_loss(self.parts, self.config, setup, x, o, aux, d_params, d_stats, frozen),
-        has_aux=True)(outs)
+        lambda o: generator_loss(self.parts, self.config, setup, x, o, aux, d_params, d_stats_in,
+                                 frozen), has_aux=True)(outs)
     d_out, d_grads = discriminator_grads(self.parts, self.config, setup, x, outs['recon'], d_params,
                                          d_stats, frozen)
     d_loss, d_stats, lr_mean, lf_mean = d_out
-    carried = self.carry_d.pack(d_stats, (d_params, d_stats))
+    # statistics the discriminator left as they were (no adversarial term) are its inputs
+    carried = self.carry_d.pack(d_stats, (d_params, d_stats_in))
     return cotangents, d_grads, carried, (d_loss, lr_mean, lf_mean), metrics, setup['adv_w']
 
   def _update(self, state, batch, carried_g, cotangents, d_grads, carried_d, d_out, metrics, adv_w):
