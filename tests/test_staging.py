@@ -123,9 +123,13 @@ def test_three_programs_in_bf16_follow_the_fp32_step(quick_compile):
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(s16['g_params']))
 
 
-def test_three_programs_apply_nothing_on_a_non_finite_step(quick_compile):
-  """Black images give a non-finite LPIPS (0/0 normalisation): the staged step keeps G, D, the EMA
-  and the statistics as they were, bit for bit, and only advances the step."""
+def test_three_programs_apply_nothing_on_a_non_finite_step(quick_compile, monkeypatch):
+  """A NaN loss (made for an all-black batch, as in test_nonfinite.py): the staged step keeps G, D,
+  the statistics and both Adam states as they were, bit for bit, and only advances the step."""
+  from hita_jax.models import losses
+  real = losses.reconstruction_loss
+  monkeypatch.setattr(losses, 'reconstruction_loss',
+                      lambda x, recon: jnp.where(jnp.all(x == -1.0), jnp.nan, real(x, recon)))
   config = _config()
   config.train_tokenizer.step_stages = 3
   parts, state, frozen, _ = tt.build(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]))
