@@ -50,6 +50,18 @@ def test_two_arms_share_a_state_agree_and_are_timed_alternately(tmp_path, monkey
   assert summary['speedup_vs_first']['scan'] == pytest.approx(base['step_s'] / scan['step_s'])
 
 
+def test_a_staged_step_arm_shares_the_state_and_agrees(tmp_path, monkeypatch):
+  """train_tokenizer.step_stages=3 as an arm: no build of its own, the same first-step losses, its
+  programs' convolutions counted and their compiles listed."""
+  monkeypatch.setenv('OUT', str(tmp_path))
+  tok_ab.main(['--config', DEMO, '--batch', '2', '--steps', '1', '--rounds', '1',
+               '--arm', 'base:', '--arm', 'staged:train_tokenizer.step_stages=3'])
+  base, staged, _ = [json.loads(x) for x in open(tmp_path / 'tok_ab.jsonl')][2:]
+  assert staged['abstract_build'] and staged['shares_state_of'] == 'base'
+  assert len(staged['compile_each_s']) == 3 and staged['convolutions'] == base['convolutions']
+  assert all(d < 1e-5 for d in staged['loss_abs_diff_vs_first'].values()), staged
+
+
 @pytest.mark.slow  # ~1 min: two builds of the tiny trainer
 def test_a_tokenizer_only_arm_gets_the_graph_a_full_build_makes():
   """An arm differing from the first in parameter-keeping `tokenizer.*` switches reuses the first

@@ -53,16 +53,21 @@ def _flat(d: dict, prefix: str = '') -> dict:
   return out
 
 
+# keys that change how the step is compiled, not what it is built from
+STEP_ONLY_KEYS = ('train_tokenizer.step_stages',)
+
+
 def tokenizer_only_parts(parts, state, config0, config):
   """The step's parts for `config` from `parts` and `state` (built for `config0`) when the two
   configs differ only in `tokenizer.*` switches that keep the parameters (attn_impl, dinov2_scan,
-  cnn_norm_impl): the generator's graph definition from an abstract build (`nnx.eval_shape`: no
+  cnn_norm_impl) or in `STEP_ONLY_KEYS`: the generator's graph definition from an abstract build (`nnx.eval_shape`: no
   weights made, nothing compiled), everything else shared. None when the configs differ elsewhere
   or the parameters differ; such an arm is built in full."""
   from hita_jax.models.tokenizer import Tokenizer, trainable_filter
   from hita_jax.tasks.train_tokenizer import generator_config
   a, b = _flat(config0.to_dict()), _flat(config.to_dict())
-  if set(a) != set(b) or any(a[k] != b[k] for k in a if not k.startswith('tokenizer.')):
+  if set(a) != set(b) or any(a[k] != b[k] for k in a
+                             if not k.startswith('tokenizer.') and k not in STEP_ONLY_KEYS):
     return None
   tcfg = generator_config(config)  # as train_tokenizer.build makes it, in training mode
   tok = nnx.eval_shape(lambda: Tokenizer(tcfg, rngs=nnx.Rngs(params=0, dropout=1)))
@@ -122,11 +127,14 @@ def run_ab(arms: list[tuple[str, list[str]]], batch: int, config_spec: str, step
     shipped = trace_switch_values(switches)
     set_layer_switches(switches)  # this arm's trace only; the next arm traces with the shipped ones
     try:
-      compiled = tt.jit_train_step(parts, config).lower(state, frozen, batches[0], key).compile()
+      compiled = tt.compile_train_step(tt.make_train_step(parts, config), state, frozen, batches[0], key)
     finally:
       set_layer_switches(shipped)
     rec.update(compile_s=time.perf_counter() - t0, compile_cold=i == 0, shares_state_of=(
-        arms[share][0] if share is not None else None), convolutions=convolution_count(compiled.as_text()))
+        arms[share][0] if share is not None else None), convolutions=sum(
+            convolution_count(p.as_text()) for p in getattr(compiled, 'programs', None) or [compiled]))
+    if isinstance(compiled, tt.StagedTrainStep):  # its programs' compiles overlap: wall and each
+      rec.update(compile_each_s=compiled.timing['compile_each_s'])
     if progress:
       progress({'stage': 'compiled', **rec})
     built.append({'name': name, 'step': compiled, 'frozen': frozen, 'parts': parts, 'batches': batches,
