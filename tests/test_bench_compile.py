@@ -3,6 +3,7 @@ import re
 
 import jax
 import numpy as np
+import pytest
 
 from hita_jax.tools import bench_compile
 
@@ -25,3 +26,13 @@ def test_grouped_spelling_keeps_each_concatenate_small():
         params, params, mu).compile().as_text()
     widths[spelling] = max(m.count('%') for m in re.findall(r'concatenate\(([^)]*)\)', text))
   assert widths['one'] == 16 and widths['grouped'] <= 4, widths  # groups of ceil(sqrt(16))
+
+
+def test_parallel_compile_times_each_program_in_both_modes():
+  """bench parallel_compile on a two-level CNN: both modes compile both programs and say so."""
+  for mode in ('seq', 'threads'):
+    res = bench_compile.bench_parallel_compile(batches=(2, 1), image_size=16, mode=mode, ch_mult=(1, 2))
+    assert res['mode'] == mode and len(res['compile_each_s']) == 2
+    assert res['compile_wall_s'] > 0 and res['overlap'] > 0
+    if mode == 'seq':  # one after another: the wall is their sum
+      assert res['overlap'] == pytest.approx(1.0, abs=0.05)

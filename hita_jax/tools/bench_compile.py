@@ -99,7 +99,7 @@ def bench_parallel_compile(batches=(16, 12), image_size=336, mode='threads',
   training program per batch size (distinct convolution shapes: no autotune result shared), lowered
   first, then compiled one after another ('seq') or all at once from a thread each ('threads'); run
   each mode in its own process so neither sees the other's caches."""
-  import concurrent.futures
+  from hita_jax import staging
 
   params, rest, grad = cnn_grad_fn(ch_mult)
   fn = jax.jit(grad)
@@ -109,21 +109,10 @@ def bench_parallel_compile(batches=(16, 12), image_size=336, mode='threads',
     x = jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.float32)
     lowered.append(fn.lower(params, rest, x))
   lower_s = time.perf_counter() - t0
-
-  def compile_one(low):
-    t = time.perf_counter()
-    low.compile()
-    return time.perf_counter() - t
-
-  t0 = time.perf_counter()
-  if mode == 'seq':
-    each = [compile_one(low) for low in lowered]
-  elif mode == 'threads':
-    with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:
-      each = list(pool.map(compile_one, lowered))
-  else:
+  if mode not in ('seq', 'threads'):
     raise ValueError(f'mode {mode!r}: seq or threads')
-  wall = time.perf_counter() - t0
+  _, timing = staging.compile_all(lowered, parallel=mode == 'threads')
+  wall, each = timing['compile_wall_s'], timing['compile_each_s']
   return {'bench': 'parallel_compile', 'mode': mode, 'batches': list(batches), 'image_size': image_size,
           'ch_mult': list(ch_mult), 'lower_s': lower_s, 'compile_each_s': each, 'compile_wall_s': wall,
           'overlap': sum(each) / wall}
