@@ -11,7 +11,8 @@ training mode, in the official order (G step on the reconstruction, then D step 
 reconstruction and on the real images), updating the PatchGAN's BatchNorm statistics or the
 spectral-norm vectors (`d_stats`, checkpointed and resumed with the rest).
 
-One jitted step updates G and D from one forward pass. Params, optimizer state and EMA are born
+One jitted step updates G and D from one forward pass (`train_tokenizer.step_stages=3`: the same
+step as three programs compiled side by side, `StagedTrainStep`). Params, optimizer state and EMA are born
 sharded on the config's mesh; the batch is sharded over its `batch` axes. Checkpoints (async Orbax,
 latest-N + best) hold the whole state and the data iterator; a rerun resumes from the latest one.
 The EMA generator is exported as a params-only checkpoint that later stages load.
