@@ -1,6 +1,6 @@
 """The tokenizer step as three programs compiled side by side (`train_tokenizer.step_stages=3`,
-hita_jax/staging.py): the same updates as the one program, on one device and on an 8-device mesh,
-in fp32 and bf16, with nothing applied on a non-finite step."""
+hita_jax/staging.py): the same updates as the one program, on one device and (slow) on an 8-device
+mesh, in fp32 and bf16, with nothing applied on a non-finite step."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,15 +99,23 @@ def _assert_same(ref, got, rel=1e-5, atol=1e-5):
   assert int(s1['step']) == int(s3['step'])
 
 
-def test_three_programs_update_as_the_one_program_on_1_and_8_devices(quick_compile):
+def test_three_programs_update_as_the_one_program(quick_compile):
   """fp32: the staged step against the one program, two steps (the second from the first's state,
-  with the discriminator on), on one device and data-parallel over 8."""
+  with the discriminator on), on one device."""
   config = _config()
   one = sharding.make_mesh([('data', 1)], jax.devices()[:1])
   m1, s1, _ = _run(config, one, 1)
   m3, s3, step = _run(config, one, 3)
   _assert_same((m1, s1), (m3, s3))
   assert len(step.timing['compile_each_s']) == 3
+
+
+@pytest.mark.slow  # ~30 s: the staged step's three programs partitioned over 8 devices
+def test_three_programs_on_8_devices_update_as_the_one_program_on_1(quick_compile):
+  """Data-parallel over 8: the later programs are lowered before the earlier ones run, from
+  `leading_axis_shardings`; the same updates as the one program on one device."""
+  config = _config()
+  m1, s1, _ = _run(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]), 1)
   m8, s8, _ = _run(config, sharding.make_mesh('data=-1,fsdp=1'), 3)
   _assert_same((m1, s1), (m8, s8))
 
