@@ -13,7 +13,7 @@ LAYERS = [
     {'convert', 'checkpoint', 'pretrained', 'config_lib',   # weights (files -> models) and config schema;
      'cli'},                                                # the command lines' error contract (reads configs)
     {'data', 'metrics'},                                    # pixels, sources, codes; FID/IS/PSNR/FLOPs
-    {'training', 'tasks'},                                  # shared trainer plumbing, one module per task
+    {'training', 'staging', 'tasks'},                       # shared trainer plumbing, one module per task
     {'main'},                                               # the entry point
 ]
 BESIDE = {'tools'}  # tools may use anything but main

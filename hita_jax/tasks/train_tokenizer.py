@@ -376,9 +376,8 @@ class StagedTrainStep:
     outs, dino, carried_g = staging.with_shardings(f_shapes, f_sh)
     l_args = (outs, dino, state['d_params'], state['d_stats'], state['step'], frozen, batch, rng)
     l_shapes = jax.eval_shape(self._losses, *l_args)
-    cot, d_grads, carried_d, d_out, metrics, adv_w = l_shapes
-    l_sh = (f_sh[0], like(state['d_params']), shard(carried_d),
-            rep, rep, rep)
+    # cotangents like the outputs, D's gradients like its parameters, statistics, then scalars
+    l_sh = (f_sh[0], like(state['d_params']), shard(l_shapes[2]), rep, rep, rep)
     losses_ = jit(self._losses, out_shardings=l_sh).lower(*l_args)
     l_out = staging.with_shardings(l_shapes, l_sh)
     update = jit(self._update, donate_argnums=(0,), out_shardings=(like(state), rep)).lower(
