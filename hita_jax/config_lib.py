@@ -172,14 +172,14 @@ def base_tokenizer_config(variant: str, *, tiny: bool) -> mlc.ConfigDict:
       'export_every': (0, 'steps between EMA exports during training (0 = only at the end)'),
       'show_ema': (True, 'reconstruction grids from the EMA weights'),
       'max_nonfinite_steps': (10, 'stop after this many non-finite (skipped) steps in a row (0 = never)'),
-      # No fusion autotuner, cuBLAS GEMMs: the cold compile of the Hita-V/16 step 153.9 -> 125.2 s,
-      # step 0.1592 -> 0.1599 s (one H100, 2026-12-05 lease, `tools.tok_compile --from-export`);
-      # options of other platforms are not passed
       # 3: the step as three programs compiled side by side (forward, losses, backward + update;
       # train_tokenizer.StagedTrainStep), the same arithmetic. On an H100 (2026-12-07) no gain:
       # cold compile 133.9 s against 121.0, step +2.5 %, +4.9 GB (the programs' compiles overlap
       # but serialise in XLA); opt-in for backends where the split may pay. 1: one program
       'step_stages': (1, 'programs the training step is cut into: 1 or 3'),
+      # No fusion autotuner, cuBLAS GEMMs: the cold compile of the Hita-V/16 step 153.9 -> 125.2 s,
+      # step 0.1592 -> 0.1599 s (one H100, 2026-12-05 lease, `tools.tok_compile --from-export`);
+      # options of other platforms are not passed
       'gpu_compiler_options': ({'xla_gpu_experimental_enable_fusion_autotuner': False,
                                 'xla_gpu_enable_triton_gemm': False},
                                'XLA options of the training step on GPU'),

@@ -24,6 +24,8 @@ import time
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hita_jax import sharding
+
 
 class Carry:
   """Packs a pytree inside the producer's trace and rebuilds it inside the consumer's.
@@ -59,10 +61,7 @@ def leading_axis_shardings(tree, batch_sharding: NamedSharding, batch_size: int)
   axis where it is the global batch (and divides), replicated otherwise."""
   mesh = batch_sharding.mesh
   axes = batch_sharding.spec[0] if len(batch_sharding.spec) else None
-  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  shards = 1
-  for a in names:
-    shards *= mesh.shape[a]
+  shards = sharding.batch_shards(batch_sharding)
 
   def pick(a):
     if axes is not None and a.ndim and a.shape[0] == batch_size and batch_size % shards == 0:

@@ -73,8 +73,8 @@ def bench_fanin_compile(counts=(125, 250, 500), spellings=SPELLINGS) -> dict:
 
 
 def cnn_grad_fn(ch_mult=(1, 1, 2, 2, 4), dtype=jnp.bfloat16):
-  """(graph, abstract params, abstract rest, grad function) of the CNN encoder + decoder on an L2
-  loss; the weights are never materialised (only lowered and compiled)."""
+  """(abstract params, abstract rest, grad function) of the CNN encoder + decoder on an L2 loss;
+  the weights are never materialised (only lowered and compiled)."""
   from flax import nnx
   from hita_jax.models.cnn import CNNDecoder, CNNEncoder
 
