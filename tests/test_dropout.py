@@ -202,6 +202,12 @@ def test_hash_dropout_rows_sharding_bf16_and_gradient():
   loss = lambda x: jnp.sum(hash_dropout(x, 0.1, key, rows=33) * w)
   for fn in (jax.grad(loss), jax.jit(jax.grad(loss))):
     np.testing.assert_allclose(np.asarray(fn(x)), np.where(y != 0, np.asarray(w) * (y / np.where(y != 0, np.asarray(x), 1)), 0), rtol=1e-6)
+  # the bf16 backward: fp32's zeros, and fp32's values within one bf16 rounding
+  loss16 = lambda x: jnp.sum(hash_dropout(x, 0.1, key, rows=33).astype(jnp.float32) * w)
+  g32 = np.asarray(jax.grad(loss)(x))
+  g16 = np.asarray(jax.jit(jax.grad(loss16))(x.astype(jnp.bfloat16)), np.float32)
+  np.testing.assert_array_equal(g16 == 0, g32 == 0)
+  np.testing.assert_allclose(g16, g32, rtol=1e-2, atol=1e-6)
   assert dropout(x, 0.0, key, rng='hash') is x and dropout(x, 0.1, None, rng='hash') is x
   with pytest.raises(ValueError, match='dropout rng'):
     dropout(x, 0.1, key, rng='philox')

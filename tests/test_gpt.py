@@ -401,6 +401,99 @@ def test_triton_attention_in_bf16_is_the_fp32_result_within_bf16_rounding():
     assert np.abs(a - r).max() <= 0.03 * np.abs(r).max()
 
 
+def _xla_for_cudnn(calls):
+  """jax.nn.dot_product_attention with the cuDNN request served by its XLA implementation, so
+  that the CPU runs `causal_attention`'s cuDNN branch (pad to the block, is_causal, slice)."""
+  real = jax.nn.dot_product_attention
+
+  def on_cpu(*args, implementation=None, **kw):
+    calls.append(implementation)
+    return real(*args, implementation='xla', **kw)
+  return on_cpu
+
+
+def test_cudnn_causal_branch_in_bf16_is_the_fp32_result_within_bf16_rounding(monkeypatch):
+  """The GPU training default (attn_impl 'auto' -> 'cudnn'), its branch run on the CPU: bf16
+  q / k / v on a length the branch pads (70 -> 128) against the fp32 reference, output and
+  gradients within a few bf16 steps; then the whole bf16 model through it against the fp32 XLA
+  model (loss and every gradient)."""
+  from hita_jax.models.layers import attention, causal_attention, causal_mask
+  calls = []
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', _xla_for_cudnn(calls))
+  ks = jax.random.split(jax.random.key(11), 4)
+  q, k, v = (jax.random.normal(kk, (2, 70, 2, 16)) for kk in ks[:3])
+  do = jax.random.normal(ks[3], (2, 70, 2, 16))
+  ref_fn = lambda q, k, v: jnp.sum(attention(q, k, v, mask=causal_mask(70)) * do)
+  got_fn = lambda q, k, v: jnp.sum(causal_attention(q, k, v, impl='cudnn').astype(jnp.float32) * do)
+  ref, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(q, k, v)
+  bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+  out = causal_attention(*bf, impl='cudnn')
+  assert out.dtype == jnp.bfloat16 and out.shape == q.shape
+  assert calls == ['cudnn'], calls
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(attention(q, k, v, mask=causal_mask(70))), atol=3e-2)
+  _, b16_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(*bf)
+  for name, a, r in zip('qkv', b16_g, ref_g):
+    a, r = np.asarray(a, np.float32), np.asarray(r)
+    assert np.abs(a - r).max() <= 0.03 * np.abs(r).max(), name
+
+  cfg = tiny_cfg(n_head=2)
+  labels, qc, zc = codes(cfg)
+  out = {}
+  for impl, dt in (('xla', 'float32'), ('cudnn', 'bfloat16')):
+    m = random_gpt(dataclasses.replace(cfg, attn_impl=impl, dtype=dt), seed=5)
+    graphdef, params = nnx.split(m)
+    loss = lambda p: sum(nnx.merge(graphdef, p, copy=True).loss(labels, qc, zc))
+    out[impl] = jax.value_and_grad(loss)(params)
+  assert calls.count('cudnn') > 1 + cfg.n_layer - 1  # every layer of the bf16 model took the branch
+  assert float(out['cudnn'][0]) == pytest.approx(float(out['xla'][0]), rel=1e-2)
+  for a, r in zip(jax.tree.leaves(out['cudnn'][1]), jax.tree.leaves(out['xla'][1])):
+    a, r = np.asarray(a, np.float32), np.asarray(r)
+    np.testing.assert_allclose(a, r, atol=5e-2 * (float(np.abs(r).max()) + 1e-12))
+
+
+def test_splash_attention_in_bf16_is_the_fp32_result_within_bf16_rounding():
+  """The TPU default (Pallas splash kernel, interpret mode here) with bf16 inputs against the fp32
+  reference. Head dim 32: its scale 32**-0.5 is not exact in bf16, so the kernel's scaling of q in
+  q's dtype is part of what is checked."""
+  from hita_jax.models.layers import attention, causal_mask, splash_causal_attention
+  ks = jax.random.split(jax.random.key(12), 4)
+  q, k, v = (jax.random.normal(kk, (2, 70, 2, 32)) for kk in ks[:3])
+  do = jax.random.normal(ks[3], (2, 70, 2, 32))
+  ref_fn = lambda q, k, v: jnp.sum(attention(q, k, v, mask=causal_mask(70)) * do)
+  got_fn = lambda q, k, v: jnp.sum(splash_causal_attention(q, k, v, interpret=True).astype(jnp.float32) * do)
+  _, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(q, k, v)
+  bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+  out = splash_causal_attention(*bf, interpret=True)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(attention(q, k, v, mask=causal_mask(70))), atol=3e-2)
+  _, b16_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(*bf)
+  for name, a, r in zip('qkv', b16_g, ref_g):
+    a, r = np.asarray(a, np.float32), np.asarray(r)
+    assert np.abs(a - r).max() <= 0.03 * np.abs(r).max(), name
+
+
+@pytest.mark.gpu  # deselected by default (a skip would fail CI): JAX_PLATFORMS=cuda pytest -m gpu
+def test_cudnn_causal_kernel_against_the_reference_on_gpu():
+  """The real cuDNN kernel (device lease) at GPT-B's training length (569, padded to 576), head
+  dim 64: bf16 values and gradients within rounding of the fp32 reference."""
+  from hita_jax.models.layers import attention, causal_attention, causal_mask
+  ks = jax.random.split(jax.random.key(13), 4)
+  q, k, v = (jax.random.normal(kk, (2, 569, 4, 64)) for kk in ks[:3])
+  do = jax.random.normal(ks[3], q.shape)
+  ref_fn = lambda q, k, v: jnp.sum(attention(q, k, v, mask=causal_mask(569)) * do)
+  got_fn = lambda q, k, v: jnp.sum(causal_attention(q, k, v, impl='cudnn').astype(jnp.float32) * do)
+  _, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(q, k, v)
+  bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+  np.testing.assert_allclose(np.asarray(causal_attention(*bf, impl='cudnn'), np.float32),
+                             np.asarray(attention(q, k, v, mask=causal_mask(569))), atol=3e-2)
+  _, b16_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(*bf)
+  for name, a, r in zip('qkv', b16_g, ref_g):
+    a, r = np.asarray(a, np.float32), np.asarray(r)
+    assert np.abs(a - r).max() <= 0.03 * np.abs(r).max(), name
+
+
 def test_triton_attention_lowers_for_cuda_forward_and_backward():
   """The Triton kernels (forward, dq and dk/dv) lower through Pallas' Triton lowering for CUDA at
   GPT-B's training shape (569 rows padded to 576, 12 heads of 64): what the CPU can check before a
@@ -592,6 +685,12 @@ def test_gpt_logits_accumulate_in_fp32_and_backpropagate_in_the_operands_dtype()
   assert len(dots) == 3
   for e in dots[1:]:
     assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.bfloat16)}, e
+  # the bf16 backward's values: the cotangent rounded once to bf16, products accumulated in fp32,
+  # so each gradient is within a few bf16 steps of the fp32 gradient on the same operands
+  up = lambda a: a.astype(jnp.float32)
+  for a, r in zip(jax.grad(loss, argnums=(0, 1))(h16, w16), jax.grad(plain, argnums=(0, 1))(up(h16), up(w16))):
+    a, r = np.asarray(a, np.float32), np.asarray(r)
+    assert np.linalg.norm(a - r) <= 1e-2 * np.linalg.norm(r)
 
 
 def test_cross_entropy_negative_targets_count_from_the_end():

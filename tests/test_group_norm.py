@@ -399,7 +399,8 @@ def test_cnn_with_the_gpu_spelling_computes_what_it_computes_on_cpu(monkeypatch)
 def test_conv_bias_sums_equal_nnx_conv(spelling, monkeypatch):
   """layers.CONV_BIAS='sums' (the bias gradient as per-channel sums under a custom VJP): the same
   values and gradients as nnx.Conv in fp32 for a stride-1 SAME conv and a stride-2 VALID one;
-  in bf16 the forward is bit-equal and the gradients within bf16 error of the fp32 ones."""
+  in bf16 the forward is bit-equal and the gradients within bf16 error of nnx.Conv's bf16 ones
+  (against fp32: the next test and the whole CNN's)."""
   from hita_jax.models.layers import conv, conv_apply
   monkeypatch.setattr(layers, 'SPATIAL_SUM', spelling)
   for kw in (dict(), dict(stride=2, padding='VALID')):
@@ -425,6 +426,63 @@ def test_conv_bias_sums_equal_nnx_conv(spelling, monkeypatch):
   monkeypatch.setattr(layers, 'CONV_BIAS', 'fused')
   with pytest.raises(ValueError, match='CONV_BIAS must be one of'):
     conv_apply(m, x)
+
+
+def test_conv_bias_sums_in_bf16_stay_within_rounding_of_fp32(monkeypatch):
+  """CONV_BIAS='sums' with bf16 compute against the fp32 conv on the same (bf16-representable)
+  input: every gradient within bf16 error of fp32, and no further from it than nnx.Conv's bf16
+  gradients (the sums reduce in fp32)."""
+  from hita_jax.models.layers import conv, conv_apply
+  x16 = jax.random.normal(jax.random.key(3), (2, 9, 9, 8)).astype(jnp.bfloat16)
+  bias = 0.5 * jax.random.normal(jax.random.key(2), (16,))
+  w = jax.random.normal(jax.random.key(4), (2, 9, 9, 16))
+
+  def grads(dtype, impl):
+    monkeypatch.setattr(layers, 'CONV_BIAS', impl)
+    m = conv(8, 16, 3, dtype=dtype, rngs=nnx.Rngs(1))
+    m.bias[...] = bias
+    graph, params = nnx.split(m, nnx.Param)
+    f = lambda p, x: jnp.sum(conv_apply(nnx.merge(graph, p), x).astype(jnp.float32) * w)
+    gp, gx = jax.grad(f, argnums=(0, 1))(params, x16.astype(dtype))
+    return [np.asarray(a, np.float32) for a in jax.tree.leaves(gp)] + [np.asarray(gx, np.float32)]
+
+  ref = grads(jnp.float32, 'xla')
+  err = lambda gs: [float(np.abs(a - r).max()) / float(np.abs(r).max()) for a, r in zip(gs, ref)]
+  e_sums, e_xla = err(grads(jnp.bfloat16, 'sums')), err(grads(jnp.bfloat16, 'xla'))
+  assert max(e_sums) <= 2e-2, e_sums
+  for a, b in zip(e_sums, e_xla):
+    assert a <= 1.5 * b + 1e-3, (e_sums, e_xla)
+
+
+@pytest.mark.parametrize('impl,spelling,conv_bias', [
+    ('fused', 'split', 'xla'), ('fused_recompute', 'split', 'xla'), ('fused_nofold', 'split', 'xla'),
+    ('fused_recompute', 'split', 'sums'), ('fused_recompute', 'flat', 'xla')])
+def test_cnn_fast_paths_in_bf16_stay_within_rounding_of_fp32(impl, spelling, conv_bias, monkeypatch):
+  """The CNN encoder + decoder with bf16 compute through each fused-norm path (the conv1-bias fold
+  adds that bias in fp32 inside the norm, not after the bf16 conv), the GPU's sums spelling and
+  the conv bias sums: loss and gradients no further from the fp32 reference ('xla' norms, flat
+  sums) than the plain bf16 program ('xla' norms) is."""
+  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
+  x = jax.random.uniform(jax.random.key(6), (2, 16, 16, 3), minval=-1, maxval=1)
+
+  def run(norm_impl, dtype, spelling='flat', conv_bias='xla'):
+    monkeypatch.setattr(layers, 'SPATIAL_SUM', spelling)
+    monkeypatch.setattr(layers, 'CONV_BIAS', conv_bias)
+    kw = dict(ch=16, ch_mult=(1, 2), z_channels=32, groups=4, norm_impl=norm_impl, dtype=dtype,
+              rngs=nnx.Rngs(5))
+    graph, params, rest = nnx.split((CNNEncoder(num_res_blocks=1, **kw), CNNDecoder(num_res_blocks=1, **kw)),
+                                    nnx.Param, ...)
+    loss = lambda p: jnp.sum(jnp.sin(3 * (lambda e, d: d(e(x)))(*nnx.merge(graph, p, rest))).astype(jnp.float32))
+    val, g = jax.jit(jax.value_and_grad(loss))(params)
+    return float(val), [np.asarray(a, np.float32) for a in jax.tree.leaves(g)]
+
+  v32, g32 = run('xla', jnp.float32)
+  scale = max(float(np.abs(g).max()) for g in g32)
+  err = lambda gs: max(float(np.abs(a - b).max()) for a, b in zip(gs, g32)) / scale
+  v_plain, g_plain = run('xla', jnp.bfloat16)
+  v_fast, g_fast = run(impl, jnp.bfloat16, spelling, conv_bias)
+  assert abs(v_fast - v32) <= 3 * abs(v_plain - v32) + 1e-2 * abs(v32)
+  assert err(g_fast) <= 3 * err(g_plain) + 1e-3, (err(g_fast), err(g_plain))
 
 
 @pytest.mark.parametrize('conv_bias', layers.CONV_BIASES)

@@ -122,11 +122,26 @@ def test_three_programs_on_8_devices_update_as_the_one_program_on_1(quick_compil
 
 def test_three_programs_in_bf16_follow_the_fp32_step(quick_compile):
   """bf16 compute (the GPU recipe) through the staged step against the fp32 one program: the
-  losses within bf16's resolution, the codebooks' usage identical in kind."""
-  m32, _, _ = _run(_config('float32'), sharding.make_mesh([('data', 1)], jax.devices()[:1]), 1, steps=1)
-  m16, s16, _ = _run(_config('bfloat16'), sharding.make_mesh([('data', 1)], jax.devices()[:1]), 3, steps=1)
+  losses within bf16's resolution; the gradient norms (what the pullback carried between the
+  programs) as fp32's and as the one bf16 program's; the updated parameters no further from
+  fp32's than the one bf16 program's are."""
+  one = lambda: sharding.make_mesh([('data', 1)], jax.devices()[:1])
+  m32, s32, _ = _run(_config('float32'), one(), 1, steps=1)
+  m16, s16, _ = _run(_config('bfloat16'), one(), 3, steps=1)
+  m16_one, s16_one, _ = _run(_config('bfloat16'), one(), 1, steps=1)
   for k in ('g_loss', 'rec_loss', 'perceptual_loss', 'd_loss', 'vq_loss'):
     assert float(m16[0][k]) == pytest.approx(float(m32[0][k]), rel=3e-2, abs=1e-3), k
+  # the gradients the pullback carried between programs: their norms as fp32's, and the staged
+  # bf16 update as the one bf16 program's (only the programs' boundaries differ)
+  for k in ('g_grad_norm', 'd_grad_norm'):
+    assert float(m16[0][k]) == pytest.approx(float(m32[0][k]), rel=5e-2), k
+    assert float(m16[0][k]) == pytest.approx(float(m16_one[0][k]), rel=1e-2), k
+  for key in ('g_params', 'd_params'):
+    gap = lambda s1, s2: max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                             for a, b in zip(jax.tree.leaves(s1[key]), jax.tree.leaves(s2[key])))
+    # one Adam step moves a parameter by about the learning rate whichever program computed it;
+    # the staged bf16 update is no further from fp32's than the one bf16 program's is
+    assert gap(s16, s32) <= 1.5 * gap(s16_one, s32) + 1e-6, (key, gap(s16, s32), gap(s16_one, s32))
   assert int(m16[0]['nonfinite']) == 0
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(s16['g_params']))
 
