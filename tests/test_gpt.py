@@ -234,6 +234,23 @@ def test_segmented_decode_matches_one_loop_with_cfg(dtype):
     assert err < 0.05 * np.abs(np.asarray(ref_logits)).max(), err
 
 
+def test_lower_generate_lowers_the_program_generate_runs():
+  """`lower_generate` (bench sample --profile's source lines) lowers `generate`'s own jitted
+  program: its output's shape, its loops, and HLO whose instructions name the model's source
+  lines."""
+  from hita_jax.models.sampler import lower_generate
+  from hita_jax.tools import profile_summary
+  cfg = tiny_cfg()
+  m = random_gpt(cfg)
+  labels, key = jnp.array([1, 3]), jax.random.key(2)
+  seq = generate(m, labels, key, cfg_scale=1.5)
+  lowered = lower_generate(m, labels, key, cfg_scale=1.5)
+  assert lowered.out_info[0].shape == seq.shape and lowered.out_info[0].dtype == seq.dtype
+  assert 'stablehlo.while' in lowered.as_text()
+  sources = profile_summary.hlo_sources(lowered.compile().as_text())
+  assert any(src and 'hita_jax/models/gpt.py:' in src for src, _ in sources.values())
+
+
 def test_filters_and_sampling_statistics():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   f = np.asarray(filter_logits(logits, top_k=2))

@@ -150,6 +150,28 @@ def generate(model: GPT, labels, key, *, cfg_scale: float = 1.5, cfg_interval: i
   Compiles once per (batch, CFG on/off, sampling settings, length, kv_segments); the CFG scale
   itself is traced. `state` may be passed (e.g. a sharded `nnx.state(model)`) to avoid re-reading
   the module. `kv_segments`: see the module docstring (None / 0 = by platform)."""
+  args, static = _generate_args(model, labels, key, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                legacy_pos128_embedding=legacy_pos128_embedding,
+                                prefix_codes=prefix_codes, prefix_mask=prefix_mask, length=length,
+                                return_logits=return_logits, state=state, kv_segments=kv_segments)
+  seq, logits = _generate(*args, **static)
+  return (seq, logits) if return_logits else seq
+
+
+def lower_generate(model: GPT, labels, key, **kw):
+  """`generate`'s jitted program for these arguments, lowered (`.compile().as_text()` is the
+  optimized HLO a profile's kernels are named after; `bench sample --profile`)."""
+  args, static = _generate_args(model, labels, key, **kw)
+  return _generate.lower(*args, **static)
+
+
+def _generate_args(model: GPT, labels, key, *, cfg_scale: float = 1.5, cfg_interval: int = -1,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   legacy_pos128_embedding: bool = False, prefix_codes=None, prefix_mask=None,
+                   length: int | None = None, return_logits: bool = False, state: Any = None,
+                   kv_segments: int | None = None):
+  """`_generate`'s (arrays, static arguments) for `generate`'s arguments."""
   cfg = model.cfg
   length = length or (cfg.num_holistic + cfg.num_patches)
   labels = jnp.asarray(labels, jnp.int32)
@@ -170,14 +192,14 @@ def generate(model: GPT, labels, key, *, cfg_scale: float = 1.5, cfg_interval: i
       prefix_mask = jnp.pad(prefix_mask, ((0, 0), (0, length - prefix_mask.shape[1])))
   graphdef, st = nnx.split(model)
   st = st if state is None else state
-  seq, logits = _generate(graphdef, st, labels, key, jnp.float32(cfg_scale), prefix_codes, prefix_mask,
-                          use_cfg=cfg_scale > 1.0, temperature=float(temperature), top_k=int(top_k),
-                          top_p=float(top_p), cfg_interval=int(cfg_interval),
-                          legacy_pos128_embedding=bool(legacy_pos128_embedding), length=int(length),
-                          return_logits=return_logits,
-                          kv_segments=resolve_kv_segments(
-                              kv_segments, fused_attention=uses_fused_attention(model, b, cfg_scale)))
-  return (seq, logits) if return_logits else seq
+  args = (graphdef, st, labels, key, jnp.float32(cfg_scale), prefix_codes, prefix_mask)
+  static = dict(use_cfg=cfg_scale > 1.0, temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p), cfg_interval=int(cfg_interval),
+                legacy_pos128_embedding=bool(legacy_pos128_embedding), length=int(length),
+                return_logits=return_logits,
+                kv_segments=resolve_kv_segments(
+                    kv_segments, fused_attention=uses_fused_attention(model, b, cfg_scale)))
+  return args, static
 
 
 def decode_attn_impl_for(model: GPT, batch: int, cfg_scale: float) -> str:

@@ -44,7 +44,7 @@ from hita_jax.models.decode_matmul import DECODE_LAYER_IMPLS
 from hita_jax.models.gpt import GPT, GPT_SIZES, REMAT_POLICIES, GPTConfig
 from hita_jax.models.layers import ATTN_IMPLS
 from hita_jax.models.rope import apply_rope
-from hita_jax.models.sampler import decode_attn_impl_for, generate, resolve_kv_segments
+from hita_jax.models.sampler import decode_attn_impl_for, generate, lower_generate, resolve_kv_segments
 from hita_jax.tasks import train_ar as ar
 from hita_jax.tools import profile_summary
 from hita_jax.tools.ab import emit_jsonl, peak_memory
@@ -205,8 +205,11 @@ def bench_sample(size, batch, cfg_scale=1.5, repeats=2, profile_dir=None, kv_seg
              kv_segments=resolve_kv_segments(kv_segments, fused_attention=impl in KERNEL_IMPLS),
              decode_attn=impl, decode_layer=decode_layer)
   out.update(peak_memory())
-  # one run: an XL run is ~270k kernels, and three of them outlast a 100 s budget to parse
-  _maybe_profile(out, profile_dir, lambda: run(9), repeats=1)
+  # one run: an XL run is ~270k kernels, and three of them outlast a 100 s budget to parse; the
+  # kernels by source line need the program's optimized HLO (compiled once more, profile only)
+  hlo = lambda: lower_generate(model, labels, jax.random.key(9), cfg_scale=cfg_scale, state=state,
+                               kv_segments=kv_segments).compile().as_text()
+  _maybe_profile(out, profile_dir, lambda: run(9), repeats=1, hlo=hlo)
   return out
 
 
