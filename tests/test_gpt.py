@@ -418,6 +418,29 @@ def test_triton_attention_in_bf16_is_the_fp32_result_within_bf16_rounding():
     assert np.abs(a - r).max() <= 0.03 * np.abs(r).max()
 
 
+def _bf16_attention_near_fp32(fn, shape, seed):
+  """fn(q, k, v) (causal attention) on bf16 inputs against the fp32 reference on the same draws:
+  output within 3e-2 and each gradient within 3 % of its largest value (a few bf16 steps).
+  Returns fn's bf16 output."""
+  from hita_jax.models.layers import attention, causal_mask
+  t = shape[1]
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q, k, v = (jax.random.normal(kk, shape) for kk in ks[:3])
+  do = jax.random.normal(ks[3], shape)
+  ref_fn = lambda q, k, v: jnp.sum(attention(q, k, v, mask=causal_mask(t)) * do)
+  got_fn = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * do)
+  _, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(q, k, v)
+  bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+  out = fn(*bf)
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(attention(q, k, v, mask=causal_mask(t))), atol=3e-2)
+  _, b16_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(*bf)
+  for name, a, r in zip('qkv', b16_g, ref_g):
+    a, r = np.asarray(a, np.float32), np.asarray(r)
+    assert np.abs(a - r).max() <= 0.03 * np.abs(r).max(), name
+  return out
+
+
 def _xla_for_cudnn(calls):
   """jax.nn.dot_product_attention with the cuDNN request served by its XLA implementation, so
   that the CPU runs `causal_attention`'s cuDNN branch (pad to the block, is_causal, slice)."""
@@ -434,25 +457,12 @@ def test_cudnn_causal_branch_in_bf16_is_the_fp32_result_within_bf16_rounding(mon
   q / k / v on a length the branch pads (70 -> 128) against the fp32 reference, output and
   gradients within a few bf16 steps; then the whole bf16 model through it against the fp32 XLA
   model (loss and every gradient)."""
-  from hita_jax.models.layers import attention, causal_attention, causal_mask
+  from hita_jax.models.layers import causal_attention
   calls = []
   monkeypatch.setattr(jax.nn, 'dot_product_attention', _xla_for_cudnn(calls))
-  ks = jax.random.split(jax.random.key(11), 4)
-  q, k, v = (jax.random.normal(kk, (2, 70, 2, 16)) for kk in ks[:3])
-  do = jax.random.normal(ks[3], (2, 70, 2, 16))
-  ref_fn = lambda q, k, v: jnp.sum(attention(q, k, v, mask=causal_mask(70)) * do)
-  got_fn = lambda q, k, v: jnp.sum(causal_attention(q, k, v, impl='cudnn').astype(jnp.float32) * do)
-  ref, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(q, k, v)
-  bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
-  out = causal_attention(*bf, impl='cudnn')
-  assert out.dtype == jnp.bfloat16 and out.shape == q.shape
-  assert calls == ['cudnn'], calls
-  np.testing.assert_allclose(np.asarray(out, np.float32),
-                             np.asarray(attention(q, k, v, mask=causal_mask(70))), atol=3e-2)
-  _, b16_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(*bf)
-  for name, a, r in zip('qkv', b16_g, ref_g):
-    a, r = np.asarray(a, np.float32), np.asarray(r)
-    assert np.abs(a - r).max() <= 0.03 * np.abs(r).max(), name
+  out = _bf16_attention_near_fp32(functools.partial(causal_attention, impl='cudnn'), (2, 70, 2, 16), 11)
+  assert out.dtype == jnp.bfloat16 and out.shape == (2, 70, 2, 16)
+  assert calls == ['cudnn'] * 2, calls  # the bf16 output, then the gradient's forward
 
   cfg = tiny_cfg(n_head=2)
   labels, qc, zc = codes(cfg)
@@ -473,42 +483,18 @@ def test_splash_attention_in_bf16_is_the_fp32_result_within_bf16_rounding():
   """The TPU default (Pallas splash kernel, interpret mode here) with bf16 inputs against the fp32
   reference. Head dim 32: its scale 32**-0.5 is not exact in bf16, so the kernel's scaling of q in
   q's dtype is part of what is checked."""
-  from hita_jax.models.layers import attention, causal_mask, splash_causal_attention
-  ks = jax.random.split(jax.random.key(12), 4)
-  q, k, v = (jax.random.normal(kk, (2, 70, 2, 32)) for kk in ks[:3])
-  do = jax.random.normal(ks[3], (2, 70, 2, 32))
-  ref_fn = lambda q, k, v: jnp.sum(attention(q, k, v, mask=causal_mask(70)) * do)
-  got_fn = lambda q, k, v: jnp.sum(splash_causal_attention(q, k, v, interpret=True).astype(jnp.float32) * do)
-  _, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(q, k, v)
-  bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
-  out = splash_causal_attention(*bf, interpret=True)
+  from hita_jax.models.layers import splash_causal_attention
+  out = _bf16_attention_near_fp32(functools.partial(splash_causal_attention, interpret=True),
+                                  (2, 70, 2, 32), 12)
   assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float32),
-                             np.asarray(attention(q, k, v, mask=causal_mask(70))), atol=3e-2)
-  _, b16_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(*bf)
-  for name, a, r in zip('qkv', b16_g, ref_g):
-    a, r = np.asarray(a, np.float32), np.asarray(r)
-    assert np.abs(a - r).max() <= 0.03 * np.abs(r).max(), name
 
 
 @pytest.mark.gpu  # deselected by default (a skip would fail CI): JAX_PLATFORMS=cuda pytest -m gpu
 def test_cudnn_causal_kernel_against_the_reference_on_gpu():
   """The real cuDNN kernel (device lease) at GPT-B's training length (569, padded to 576), head
   dim 64: bf16 values and gradients within rounding of the fp32 reference."""
-  from hita_jax.models.layers import attention, causal_attention, causal_mask
-  ks = jax.random.split(jax.random.key(13), 4)
-  q, k, v = (jax.random.normal(kk, (2, 569, 4, 64)) for kk in ks[:3])
-  do = jax.random.normal(ks[3], q.shape)
-  ref_fn = lambda q, k, v: jnp.sum(attention(q, k, v, mask=causal_mask(569)) * do)
-  got_fn = lambda q, k, v: jnp.sum(causal_attention(q, k, v, impl='cudnn').astype(jnp.float32) * do)
-  _, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(q, k, v)
-  bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
-  np.testing.assert_allclose(np.asarray(causal_attention(*bf, impl='cudnn'), np.float32),
-                             np.asarray(attention(q, k, v, mask=causal_mask(569))), atol=3e-2)
-  _, b16_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(*bf)
-  for name, a, r in zip('qkv', b16_g, ref_g):
-    a, r = np.asarray(a, np.float32), np.asarray(r)
-    assert np.abs(a - r).max() <= 0.03 * np.abs(r).max(), name
+  from hita_jax.models.layers import causal_attention
+  _bf16_attention_near_fp32(functools.partial(causal_attention, impl='cudnn'), (2, 569, 4, 64), 13)
 
 
 def test_triton_attention_lowers_for_cuda_forward_and_backward():

@@ -430,8 +430,8 @@ def test_conv_bias_sums_equal_nnx_conv(spelling, monkeypatch):
 
 def test_conv_bias_sums_in_bf16_stay_within_rounding_of_fp32(monkeypatch):
   """CONV_BIAS='sums' with bf16 compute against the fp32 conv on the same (bf16-representable)
-  input: every gradient within bf16 error of fp32, and no further from it than nnx.Conv's bf16
-  gradients (the sums reduce in fp32)."""
+  input: every gradient within bf16 error of fp32, and within 1.5x nnx.Conv's bf16 gradients'
+  distance from it (the sums reduce in fp32)."""
   from hita_jax.models.layers import conv, conv_apply
   x16 = jax.random.normal(jax.random.key(3), (2, 9, 9, 8)).astype(jnp.bfloat16)
   bias = 0.5 * jax.random.normal(jax.random.key(2), (16,))
@@ -460,8 +460,8 @@ def test_conv_bias_sums_in_bf16_stay_within_rounding_of_fp32(monkeypatch):
 def test_cnn_fast_paths_in_bf16_stay_within_rounding_of_fp32(impl, spelling, conv_bias, monkeypatch):
   """The CNN encoder + decoder with bf16 compute through each fused-norm path (the conv1-bias fold
   adds that bias in fp32 inside the norm, not after the bf16 conv), the GPU's sums spelling and
-  the conv bias sums: loss and gradients no further from the fp32 reference ('xla' norms, flat
-  sums) than the plain bf16 program ('xla' norms) is."""
+  the conv bias sums: loss and gradients within 3x the plain bf16 program's ('xla' norms)
+  distance from the fp32 reference ('xla' norms, flat sums)."""
   from hita_jax.models.cnn import CNNDecoder, CNNEncoder
   x = jax.random.uniform(jax.random.key(6), (2, 16, 16, 3), minval=-1, maxval=1)
 
