@@ -31,14 +31,20 @@ def test_bad_arms_are_named():
 
 
 @pytest.mark.slow  # ~40 s: two tiny train_ar builds and compiles on the CPU
-def test_trainer_arms_time_train_ars_own_step():
+def test_trainer_arms_time_train_ars_own_step(monkeypatch):
   """--trainer: each arm is train_ar's jitted step under config overrides; the first step of each
-  runs on the same state, batch and key (hash and Threefry masks: nearby, different gradients)."""
+  runs on the same state, batch and key (hash and Threefry masks: nearby, different gradients).
+  An arm whose XLA options do not compile is reported and left out; the others are timed."""
   from hita_jax import config_lib
   config = config_lib.hita_recipe('B', 'tiny')
-  recs = gpt_ab.run_trainer_ab([('base', []), ('threefry', ['gpt.dropout_rng=threefry'])], 'B', 16,
-                               steps=1, rounds=2, config=config)
-  a, b, summary = recs
+  # the options reach the CPU compiler too, so an unknown one fails the third arm's compile
+  monkeypatch.setattr(config_lib, 'gpu_compiler_options', lambda o: dict(o) if o else None)
+  recs = gpt_ab.run_trainer_ab([('base', []), ('threefry', ['gpt.dropout_rng=threefry']),
+                                ('bad', ["train_ar.gpu_compiler_options={'no_such_xla_option': 1, 'x': 2}"])],
+                               'B', 16, steps=1, rounds=2, config=config)
+  a, b, bad, summary = recs
+  assert bad['arm'] == 'bad' and 'no_such_xla_option' in bad['failed'] and 'step_s' not in bad
+  assert set(summary['step_s']) == {'base', 'threefry'}
   assert (a['set'], b['set']) == ({}, {'gpt.dropout_rng': 'threefry'}) and a['trainer'] and summary['trainer']
   for r in (a, b):
     assert len(r['step_s_rounds']) == 2 and r['step_s'] > 0 and r['mfu'] > 0

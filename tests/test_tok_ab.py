@@ -16,6 +16,11 @@ def test_arms_parse_and_bad_ones_fail_before_any_build():
       'new', ['tokenizer.attn_impl=auto', 'tokenizer.dinov2_scan=True'])
   with pytest.raises(UserError, match='NAME:KEY=VALUE'):
     tok_ab.parse_arm('tokenizer.dinov2_scan=True')
+  # a dict or list value keeps its commas (XLA option sets as one arm item)
+  assert tok_ab.parse_arm("o:train_ar.gpu_compiler_options={'a': True, 'b': 2},x.y=[1, 2],z='p,q'") == (
+      'o', ["train_ar.gpu_compiler_options={'a': True, 'b': 2}", 'x.y=[1, 2]', "z='p,q'"])
+  with pytest.raises(UserError, match='unbalanced'):
+    tok_ab.parse_arm("o:train_ar.gpu_compiler_options={'a': True")
   with pytest.raises(UserError, match='must differ'):
     tok_ab.run_ab([('a', []), ('a', [])], 2, DEMO)
   # the second arm's typo is named before the first arm's build starts

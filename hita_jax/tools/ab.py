@@ -19,7 +19,28 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
   if not sep or not name:
     raise UserError(f'--arm {text!r}: write NAME:KEY=VALUE[,KEY=VALUE...] '
                     '(e.g. --arm scan:tokenizer.dinov2_scan=True; NAME: alone is the shipped config)')
-  return name, [item for item in rest.split(',') if item]
+  return name, [item for item in _split_items(rest) if item]
+
+
+def _split_items(text: str) -> list[str]:
+  """Splits at the commas outside brackets and quotes, so a value may be a dict or a list:
+  `train_ar.gpu_compiler_options={'a': True, 'b': 2},gpt.dropout_rng=hash` is two items."""
+  items, depth, quote, start = [], 0, '', 0
+  for i, ch in enumerate(text):
+    if quote:
+      quote = '' if ch == quote else quote
+    elif ch in '\'"':
+      quote = ch
+    elif ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth -= 1
+    elif ch == ',' and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  if depth or quote:
+    raise UserError(f'--arm item {text!r}: unbalanced brackets or quotes')
+  return items + [text[start:]]
 
 
 def apply_overrides(config, items: list[str], flag: str = '--set') -> dict:

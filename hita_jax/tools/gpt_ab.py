@@ -13,7 +13,9 @@ hita_jax.main` runs (AdamW, EMA, dropout, class drop, the config's XLA options; 
 built from the shipped config of `--size` with `KEY=VALUE` config overrides
 (`gpt.dropout_rng=threefry`, `train_ar.gpu_compiler_options=...`). Each arm keeps its own train
 state (built from the same seed); the first step of every arm runs on the same state, batch and
-key and its loss and gradient norm are reported beside the first arm's.
+key and its loss and gradient norm are reported beside the first arm's. An arm after the first
+whose step does not compile (an XLA option this backend rejects) is reported as `failed` and left
+out of the timing.
 
 Prints one JSON line per arm and a summary; with $OUT set also appends them to $OUT/gpt_ab.jsonl.
 """
@@ -126,7 +128,7 @@ def run_trainer_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3
       raise UserError(f'--arm {name}: {key} is set by train_ar in the trainer; use '
                       f'{TRAINER_SETS[key]}=... instead')
     configs.append((c, done))
-  built, records, batches, key = [], [], None, jax.random.key(0)
+  built, records, failed, batches, key = [], [], [], None, jax.random.key(0)
   for (name, _), (c, done) in zip(arms, configs):
     mesh = sharding.make_mesh(config_lib.mesh_spec(c, jax.device_count()))  # as train_ar.run
     t0 = time.perf_counter()
@@ -141,7 +143,13 @@ def run_trainer_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3
       batches = [training.global_batch({k: v for k, v in next(it).items() if k in shardings}, shardings)
                  for _ in range(2)]
     t0 = time.perf_counter()
-    compiled = ar.jit_train_step(parts, c).lower(state, None, batches[0], key).compile()
+    try:
+      compiled = ar.jit_train_step(parts, c).lower(state, None, batches[0], key).compile()
+    except Exception as e:  # an XLA option this backend rejects: the other arms still run
+      if not built:
+        raise
+      failed.append({**rec, 'failed': f'{type(e).__name__}: {str(e)[:400]}'})
+      continue
     rec['compile_s'] = time.perf_counter() - t0
     first = jax.tree.map(jnp.copy, state)
     _, m = compiled(first, None, batches[0], key)
@@ -151,6 +159,8 @@ def run_trainer_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3
   ref = records[0]['first_step']
   for rec in records[1:]:  # (the zero-initialised head makes the first loss log(vocab) for all)
     rec['first_step_abs_diff_vs_first'] = {k: abs(v - ref[k]) for k, v in rec['first_step'].items()}
+  if len(built) < 2:
+    raise UserError(f'only one arm compiled; the others failed: {failed}')
   times = {b['name']: [] for b in built}
   for _ in range(rounds):  # alternate, so drift hits every arm
     for b in built:
@@ -169,7 +179,7 @@ def run_trainer_ab(arms, size: str, batch: int, steps: int = 10, rounds: int = 3
     tok_s = batch * cfg.seq_len / rec['step_s'] / jax.device_count()  # per device, as train_ar.run
     rec.update(mfu=flops.mfu(tok_s, flops.gpt_train_flops_per_token(cfg, cfg.seq_len), peak),
                last_loss=b['last_loss'])
-  return records + [summary]
+  return records + failed + [summary]
 
 
 def main(argv=None):
