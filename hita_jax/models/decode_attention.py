@@ -13,9 +13,10 @@ each valid position once at full bandwidth and nothing past `length`:
   in Pallas interpret mode (tests on CPU).
 - 'pallas_write': the same kernel also writes the step's K / V row into the caches in place
   (aliased buffers) and takes that row from registers, so the cache write costs no kernel of its
-  own (the update slices were 7 % of a GPT-B decode step). Timed on an H200 (2026-12-04,
-  `bench sample --decode-attn pallas_write`): GPT-B/64 134.0 img/s against 133.9 with 'pallas',
-  no gain, so not 'auto''s pick.
+  own (the update slices were 7 % of a GPT-B decode step). Timed with `bench sample
+  --decode-attn pallas_write` against 'pallas', 64 images: on an H200 (2026-12-04) GPT-B no gain;
+  on an H100 (2026-12-07) B -4.8 %, L +1.3 %, XL +3.1 %, XXL -0.5 %. No rule by size fits those,
+  so not 'auto''s pick (`gpt.decode_attn_impl='pallas_write'` for XL).
 - 'auto': 'pallas' on GPU when the head dim is a power of two (Triton blocks are powers of two;
   every official size but GPT-2B, head dim 60, qualifies) and there are at least 128 (row, head)
   programs to fill the chip; 'xla' otherwise.
