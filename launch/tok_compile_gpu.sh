@@ -9,6 +9,8 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh group     # training.FLAT_CONCAT_GROUP=$GROUP (default 23)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh smaller   # tokenizer.dropout_rng=hash + dinov2_scan=True
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh all       # smaller + CONV_1X1=gemm + FLAT_CONCAT_GROUP=$GROUP
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh probe     # per $OPTION_SETS: which op kind the set breaks
+#                                                         # (python -m hita_jax.tools.xla_option_probe; ~1 min a set)
 # Each part fits one 10-minute device call; `options` reads the file `ship` wrote on the same machine.
 # PF_LOG=0: no per-fusion log (its lines cost priority fusion some time: for clean compile A/Bs);
 # DUMP_AUTOTUNE=0: no autotune log for ship / gemm1x1.
@@ -16,7 +18,7 @@ set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 OUT=${OUT:-/tmp}
 EXP=${EXP:-/tmp/tok_step.exp}
-part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller|all}
+part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller|all|probe}
 mkdir -p "$OUT/autotune"
 timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped beside the records
   local name=$1
@@ -64,5 +66,9 @@ case $part in
   smaller) timers smaller --set tokenizer.dropout_rng=hash --set tokenizer.dinov2_scan=True ;;
   all) timers all --set tokenizer.dropout_rng=hash --set tokenizer.dinov2_scan=True \
          --set layers.CONV_1X1=gemm --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
-  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all)" >&2; exit 2 ;;
+  # the two sets whose compiled step failed at its first call (IndexError: raw_hash_map<>::at)
+  probe) for opts in ${OPTION_SETS:-exnd:xla_gpu_exclude_nondeterministic_ops=true det:xla_gpu_deterministic_ops=true}; do
+           python3 -m hita_jax.tools.xla_option_probe --options "$opts" | cut -c1-400
+         done ;;
+  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all|probe)" >&2; exit 2 ;;
 esac

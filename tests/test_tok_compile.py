@@ -6,16 +6,16 @@ import re
 
 import pytest
 
-from hita_jax.tools import tok_compile
+from hita_jax.tools import ab, tok_compile
 from tests.conftest import ROOT
 
 
 def test_option_sets_parse_and_bad_ones_name_the_fix():
-  assert tok_compile._parse_option('default:') == ('default', {})
-  assert tok_compile._parse_option('x:xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=false') == (
+  assert ab.parse_xla_option_set('default:') == ('default', {})
+  assert ab.parse_xla_option_set('x:xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=false') == (
       'x', {'xla_gpu_autotune_level': 0, 'xla_gpu_enable_triton_gemm': False})
   with pytest.raises(ValueError, match='NAME:xla_option=value'):
-    tok_compile._parse_option('x:xla_gpu_autotune_level')
+    ab.parse_xla_option_set('x:xla_gpu_autotune_level')
 
 
 @pytest.mark.slow  # ~1.5 min: two compiles of the demo step for a device-side tool

@@ -22,6 +22,19 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
   return name, [item for item in _split_items(rest) if item]
 
 
+def parse_xla_option_set(text: str) -> tuple[str, dict]:
+  """'name:xla_option=value,...' -> (name, {option: value}), 'true' / 'false' as bools and digits as
+  ints; 'name:' is the empty set."""
+  name, _, rest = text.partition(':')
+  opts = {}
+  for item in filter(None, rest.split(',')):
+    k, sep, v = item.partition('=')
+    if not k or not sep:
+      raise ValueError(f'--options {text!r}: write NAME:xla_option=value[,...]')
+    opts[k.strip()] = {'true': True, 'false': False}.get(v.lower(), int(v) if v.lstrip('-').isdigit() else v)
+  return name, opts
+
+
 def _split_items(text: str) -> list[str]:
   """Splits at the commas outside brackets and quotes, so a value may be a dict or a list:
   `train_ar.gpu_compiler_options={'a': True, 'b': 2},gpt.dropout_rng=hash` is two items."""

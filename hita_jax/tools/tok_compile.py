@@ -46,23 +46,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from hita_jax import cli, config_lib, sharding
-from hita_jax.tools.ab import apply_overrides, emit_jsonl, set_layer_switches, split_layer_switches
+from hita_jax.tools.ab import (apply_overrides, emit_jsonl, parse_xla_option_set, set_layer_switches,
+                               split_layer_switches)
 
 
 def _emit(rec: dict):
   emit_jsonl(rec, 'tok_compile.jsonl')
-
-
-def _parse_option(text: str):
-  """'name:key=value,key=value' -> (name, {key: value}) with bools and ints parsed."""
-  name, _, rest = text.partition(':')
-  opts = {}
-  for item in filter(None, rest.split(',')):
-    k, _, v = item.partition('=')
-    if not k or not _:
-      raise ValueError(f'--options {text!r}: write NAME:xla_option=value[,...]')
-    opts[k.strip()] = {'true': True, 'false': False}.get(v.lower(), int(v) if v.lstrip('-').isdigit() else v)
-  return name, opts
 
 
 def custom_call_targets(stablehlo_text: str) -> list[str]:
@@ -118,7 +107,7 @@ def check_options(options: list[str]) -> list[tuple[str, dict]]:
   option costs a second, not a build and a failed compile); rejected ones are reported."""
   good = []
   for text in options or ['default:']:
-    name, opts = _parse_option(text)
+    name, opts = parse_xla_option_set(text)
     try:
       jax.jit(lambda x: x + 1).lower(jnp.float32(0)).compile(compiler_options=opts or None)
     except Exception as e:
