@@ -9,8 +9,9 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh group     # training.FLAT_CONCAT_GROUP=$GROUP (default 23)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh smaller   # tokenizer.dropout_rng=hash + dinov2_scan=True
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh all       # smaller + CONV_1X1=gemm + FLAT_CONCAT_GROUP=$GROUP
-#   OUT=/tmp/out bash launch/tok_compile_gpu.sh probe     # per $OPTION_SETS: which op kind the set breaks
-#                                                         # (python -m hita_jax.tools.xla_option_probe; ~1 min a set)
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh probe     # which op kind each of $OPTION_SETS breaks
+#     (python -m hita_jax.tools.xla_option_probe: 10 small programs x (base + each set), a process each,
+#     a few seconds a process; stops at $DEADLINE s, 420 by default, and still writes its summary)
 # Each part fits one 10-minute device call; `options` reads the file `ship` wrote on the same machine.
 # PF_LOG=0: no per-fusion log (its lines cost priority fusion some time: for clean compile A/Bs);
 # DUMP_AUTOTUNE=0: no autotune log for ship / gemm1x1.
@@ -67,8 +68,9 @@ case $part in
   all) timers all --set tokenizer.dropout_rng=hash --set tokenizer.dinov2_scan=True \
          --set layers.CONV_1X1=gemm --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
   # the two sets whose compiled step failed at its first call (IndexError: raw_hash_map<>::at)
-  probe) for opts in ${OPTION_SETS:-exnd:xla_gpu_exclude_nondeterministic_ops=true det:xla_gpu_deterministic_ops=true}; do
-           python3 -m hita_jax.tools.xla_option_probe --options "$opts" | cut -c1-400
-         done ;;
+  probe) # shellcheck disable=SC2086  # one word per set
+         python3 -m hita_jax.tools.xla_option_probe --deadline "${DEADLINE:-420}" \
+           --options ${OPTION_SETS:-exnd:xla_gpu_exclude_nondeterministic_ops=true det:xla_gpu_deterministic_ops=true} \
+           | cut -c1-400 ;;
   *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all|probe)" >&2; exit 2 ;;
 esac

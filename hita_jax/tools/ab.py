@@ -25,7 +25,10 @@ def parse_arm(text: str) -> tuple[str, list[str]]:
 def parse_xla_option_set(text: str) -> tuple[str, dict]:
   """'name:xla_option=value,...' -> (name, {option: value}), 'true' / 'false' as bools and digits as
   ints; 'name:' is the empty set."""
-  name, _, rest = text.partition(':')
+  name, colon, rest = text.partition(':')
+  if not colon or not name:
+    raise ValueError(f'--options {text!r}: write NAME:xla_option=value[,...] (NAME: alone is the '
+                     'empty set)')
   opts = {}
   for item in filter(None, rest.split(',')):
     k, sep, v = item.partition('=')

@@ -1,6 +1,6 @@
 """Which kind of op an XLA option set breaks: small programs of the op kinds the training steps are
-made of (cuDNN convolutions, cuBLAS products, cuDNN and XLA attention, scatter, reductions), each
-compiled with XLA's defaults and with the option set, run, and compared.
+made of (cuDNN convolutions, cuBLAS products, cuDNN and XLA attention, scatter, the VQ lookup,
+GroupNorm), each compiled and run with XLA's defaults and with each option set, and checked.
 
     python -m hita_jax.tools.xla_option_probe --options exnd:xla_gpu_exclude_nondeterministic_ops=true
 
@@ -10,24 +10,34 @@ Why: some options cut the tokenizer step's compile but the compiled step fails a
 step per guess costs minutes of device time; these programs compile in seconds and name the op
 kind, so the step can avoid it (e.g. `tokenizer.attn_impl=xla`) and keep the option.
 
-Each probe runs in its own process by default (an option may abort the process, not only raise),
-`--in-process` runs them in this one. One JSON line per probe, then a summary line; with $OUT set
-they are also appended to $OUT/xla_option_probe.jsonl. A probe's `status`:
-  ok        compiled and ran; every output within --rtol of the same function in fp32 on the CPU
-            (relative to the output's largest magnitude)
-  mismatch  ran, but an output differs by more than --rtol
-  failed    the compile or the run raised (`stage` says which, `error` the first line)
-  crashed   its process died without a record (`rc`, the tail of its stderr)
+Each (probe, set) runs in its own process by default: the set's compile is that process's first
+of the program, so no autotuning result of another compile is reused (XLA keeps them in memory
+per process; the persistent compilation cache, which would also bring XLA's autotune cache, is
+off), and a set that aborts the process is reported, not fatal. The parent stays off the GPU.
+`--in-process` runs everything in this process (quicker; probes sharing an op, e.g. the two 3x3
+convolutions' backward, then share its autotuning). The empty set `base` runs first for every
+probe: an op kind is charged to a set only where `base` is ok and the set is not.
+
+One JSON line per (probe, set), then a summary line (`broken_by`: set -> probes it breaks); with
+$OUT set they are also appended to $OUT/xla_option_probe.jsonl. A record's `status`:
+  ok        compiled and ran; every output finite and within --rtol of the same function in fp32
+            on the CPU (relative to the output's largest magnitude)
+  mismatch  ran, but an output differs by more than --rtol (or is not finite where the CPU's is)
+  failed    `stage` (compile: trace, lower and XLA compile; run; reference) raised: `error`
+  crashed   its process died, or ran past --timeout, without a record (`rc`, the fatal line, the
+            tail of its stderr)
   skipped   the op needs another backend (cuDNN attention off GPU)
-On the CPU backend `conv3x3_bias` mismatches under any option set: XLA's CPU compiler rounds a
-bf16 reduction after every add, so the bias gradient's long sum stalls (docs/PERFORMANCE.md,
-session 30); the GPU keeps such sums in fp32.
+  not_run   --deadline passed first
+On the CPU backend `conv3x3_bias` mismatches under any set: XLA's CPU compiler rounds a bf16
+reduction after every add, so the bias gradient's long sum stalls (docs/PERFORMANCE.md, session
+30); the GPU keeps such sums in fp32.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,13 +48,15 @@ import numpy as np
 
 from hita_jax import cli
 from hita_jax.errors import UserError
+from hita_jax.models.layers import padded_dot_product_attention
 from hita_jax.tools.ab import emit_jsonl, parse_xla_option_set
 
 BF16 = jnp.bfloat16
+BASE = 'base:'
 
 
 def _grads_of_square(fn, *args):
-  """value and gradients of sum(fn(*args)^2) / size in fp32: the forward and both backward ops."""
+  """value and gradients of mean(fn(*args)^2) in fp32: the forward and every backward op."""
   def loss(*a):
     y = fn(*a).astype(jnp.float32)
     return jnp.mean(y * y)
@@ -78,10 +90,12 @@ def _gemm(key):
 
 
 def _attention(impl):
+  """The tokenizer's unmasked attention as it calls it (`layers.padded_dot_product_attention`:
+  577 rows padded to cuDNN's block, padded keys masked by length), forward and backward."""
   def case(key):
     q, k, v = (jax.random.normal(kk, (2, 577, 16, 64), BF16) for kk in jax.random.split(key, 3))
     grads = lambda impl: lambda q, k, v: _grads_of_square(
-        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=impl), q, k, v)
+        lambda q, k, v: padded_dot_product_attention(q, k, v, implementation=impl), q, k, v)
     return grads(impl), (q, k, v), grads('xla')  # the CPU reference has no cuDNN
   return case
 
@@ -95,14 +109,16 @@ def _scatter_add(key):
 
 
 def _nearest_code(key):
-  """A VQ lookup: squared distances to a codebook, argmin, gather, and the gradient through the
-  straight-through estimator's distance term."""
-  kz, kc = jax.random.split(key)
-  z = jax.random.normal(kz, (16 * 441, 8), jnp.float32)
+  """A VQ lookup as the quantizer does it (fp32 distances at full precision, argmin, gather) and
+  the gradient of the codebook loss (a scatter-add). Each vector sits next to one code, so the
+  nearest code does not depend on the summation order."""
+  kj, kn, kc = jax.random.split(key, 3)
   codebook = jax.random.normal(kc, (16384, 8), jnp.float32)
+  z = codebook[jax.random.randint(kj, (16 * 441,), 0, 16384)] + 0.01 * jax.random.normal(kn, (16 * 441, 8))
 
   def fn(z, codebook):
-    d = (jnp.sum(z * z, 1, keepdims=True) - 2 * z @ codebook.T + jnp.sum(codebook * codebook, 1))
+    d = (jnp.sum(z * z, 1, keepdims=True) + jnp.sum(codebook * codebook, 1)
+         - 2 * jnp.einsum('nd,kd->nk', z, codebook, precision='highest'))
     idx = jnp.argmin(d, axis=1)
     return idx, jax.grad(lambda c: jnp.mean((z - c[idx]) ** 2))(codebook)
   return fn, (z, codebook), fn
@@ -138,15 +154,23 @@ PROBES = {
 
 def _max_rel_diff(got, want) -> float:
   """Largest |got - want| over the leaves, each relative to its leaf's largest |want|; integer
-  leaves (argmin indices) count the fraction of entries that differ."""
+  leaves (argmin indices) count the fraction of entries that differ. A non-finite value where the
+  reference is finite, or leaves of other shapes, is infinitely far."""
+  got, want = jax.tree.leaves(got), jax.tree.leaves(want)
+  if len(got) != len(want):
+    return float('inf')
   worst = 0.0
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for g, w in zip(got, want):
     g, w = np.asarray(g), np.asarray(w)
+    if g.shape != w.shape:
+      return float('inf')
     if np.issubdtype(w.dtype, np.integer):
       worst = max(worst, float(np.mean(g != w)))
       continue
     g, w = g.astype(np.float64), w.astype(np.float64)
-    worst = max(worst, float(np.max(np.abs(g - w)) / (np.max(np.abs(w)) + 1e-30)))
+    if not np.all(np.isfinite(g) | ~np.isfinite(w)):
+      return float('inf')
+    worst = max(worst, float(np.nanmax(np.abs(g - w), initial=0.0) / (np.max(np.abs(w), initial=0.0) + 1e-30)))
   return worst
 
 
@@ -160,12 +184,20 @@ def _reference(fn, args):
     return jax.device_get(jax.jit(fn)(*[jax.device_put(a, cpu) for a in wide]))
 
 
+def _error_text(e: BaseException) -> str:
+  """'Type: first line', and ' ... last line' where the message is longer (a runtime error's
+  last line is usually the failing op's own message)."""
+  lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+  text = f'{type(e).__name__}: {lines[0] if lines else ""}'
+  return (text + (f' ... {lines[-1]}' if len(lines) > 1 else ''))[:600]
+
+
 def probe(name: str, opts: dict, rtol: float) -> dict:
-  """One probe in this process -> its record (see the module docstring). The option set's
-  compile is the process's first of this program, so no autotuning result of another compile is
-  reused (XLA keeps them in memory per process)."""
+  """One probe with one option set in this process -> its record (see the module docstring)."""
+  jax.config.update('jax_enable_compilation_cache', False)  # cold: no executable, no autotune cache
   case, backends = PROBES[name]
-  rec = {'probe': name, 'backend': jax.default_backend()}
+  rec = {'probe': name, 'backend': jax.default_backend(), 'jax': jax.__version__,
+         'device': jax.devices()[0].device_kind}
   if backends and jax.default_backend() not in backends:
     return {**rec, 'status': 'skipped', 'reason': f'needs backend {backends[0]}'}
   fn, args, ref_fn = case(jax.random.key(0))
@@ -173,13 +205,14 @@ def probe(name: str, opts: dict, rtol: float) -> dict:
   try:
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile(compiler_options=opts or None)
-    rec['compile_s'] = time.perf_counter() - t0
+    rec['compile_s'] = time.perf_counter() - t0  # trace, lower and compile
     stage = 'run'
     got = jax.device_get(compiled(*args))
+    stage = 'reference'
+    want = _reference(ref_fn, args)
   except Exception as e:  # what the option set breaks: report it, go on with the next probe
-    first = str(e).splitlines()[0] if str(e) else ''
-    return {**rec, 'status': 'failed', 'stage': stage, 'error': f'{type(e).__name__}: {first}'}
-  diff = _max_rel_diff(got, _reference(ref_fn, args))
+    return {**rec, 'status': 'failed', 'stage': stage, 'error': _error_text(e)}
+  diff = _max_rel_diff(got, want)
   return {**rec, 'status': 'ok' if diff <= rtol else 'mismatch', 'max_rel_diff': diff}
 
 
@@ -188,52 +221,96 @@ def _child_command(name: str, options_text: str, rtol: float) -> list[str]:
           '--options', options_text, '--rtol', str(rtol)]
 
 
-def probe_in_child(name: str, options_text: str, rtol: float, timeout: float) -> dict:
-  """One probe in its own process: its record, or 'crashed' with the exit status and the tail
-  of its stderr when the process died (or ran past `timeout`) without writing one."""
-  env = {k: v for k, v in os.environ.items() if k != 'OUT'}  # the parent writes the records
-  try:
-    p = subprocess.run(_child_command(name, options_text, rtol), capture_output=True, text=True,
-                       timeout=timeout, env=env)
-  except subprocess.TimeoutExpired as e:
-    tail = (e.stderr or b'')[-600:]
-    return {'probe': name, 'status': 'crashed', 'rc': None, 'error': f'no record within {timeout:.0f} s',
-            'stderr_tail': tail.decode(errors='replace') if isinstance(tail, bytes) else tail}
-  for line in reversed(p.stdout.splitlines()):
+def _text(out) -> str:
+  return out.decode(errors='replace') if isinstance(out, bytes) else (out or '')
+
+
+def _last_record(stdout: str) -> dict | None:
+  for line in reversed(stdout.splitlines()):
     if line.startswith('{'):
       try:
         return json.loads(line)
       except json.JSONDecodeError:
-        break
-  return {'probe': name, 'status': 'crashed', 'rc': p.returncode, 'stderr_tail': p.stderr[-600:]}
+        return None
+  return None
+
+
+def _fatal_line(stderr: str) -> str | None:
+  """The first line of an abort's stderr that says why (glog's F lines, CHECK failures)."""
+  for line in stderr.splitlines():
+    if re.match(r'^F\d{4}|.*(Check failed|Fatal Python error|Segmentation fault)', line):
+      return line[:400]
+  return None
+
+
+def probe_in_child(name: str, options_text: str, rtol: float, timeout: float) -> dict:
+  """One probe with one set in its own process: its record (with the process's exit status), or
+  'crashed' when the process died, or ran past `timeout`, without writing one."""
+  env = {k: v for k, v in os.environ.items() if k not in ('OUT', 'JAX_COMPILATION_CACHE_DIR')}
+  try:
+    p = subprocess.run(_child_command(name, options_text, rtol), capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    stdout, stderr, rc, why = p.stdout, p.stderr, p.returncode, None
+  except subprocess.TimeoutExpired as e:
+    stdout, stderr, rc, why = _text(e.stdout), _text(e.stderr), None, f'no exit within {timeout:.0f} s'
+  rec = _last_record(stdout)
+  if rec is not None:
+    return {**rec, 'rc': rc}
+  return {'probe': name, 'status': 'crashed', 'rc': rc, 'error': why or _fatal_line(stderr),
+          'stderr_tail': stderr[-600:]}
 
 
 def check_option_set(options_text: str) -> tuple[str, dict]:
-  """The parsed set, after XLA accepted it on a one-op program; a rejected set is a UserError."""
+  """The parsed set, after XLA accepted it on a one-op CPU program (the parent never starts the
+  GPU, so every child has the whole device); a rejected or malformed set is a UserError."""
   try:
     name, opts = parse_xla_option_set(options_text)
   except ValueError as e:
     raise UserError(str(e)) from None
+  cpu = jax.devices('cpu')[0]
   try:
-    jax.jit(lambda x: x + 1).lower(jnp.float32(0)).compile(compiler_options=opts or None)
+    jax.jit(lambda x: x + 1).lower(jax.device_put(np.float32(0), cpu)).compile(compiler_options=opts or None)
   except Exception as e:
     raise UserError(f'--options {options_text!r}: this XLA rejects the set '
-                    f'({str(e).splitlines()[0]}); check the option names against '
+                    f'({str(e).strip().splitlines()[0]}); check the option names against '
                     "`strings libjax_common.so | grep '^xla_gpu_'` of the installed jaxlib") from None
   return name, opts
 
 
-def run(options_text: str, probes: list[str], rtol: float, in_process: bool, timeout: float) -> list[dict]:
-  name, opts = check_option_set(options_text)
+def broken_by(records: list[dict]) -> dict[str, list[str]]:
+  """set name -> the probes it breaks: not ok under the set, ok under `base`."""
+  base_ok = {r['probe'] for r in records if r['options'] == 'base' and r['status'] == 'ok'}
+  out = {}
+  for r in records:
+    if r['options'] != 'base':
+      out.setdefault(r['options'], [])
+      if r['probe'] in base_ok and r['status'] not in ('ok', 'skipped', 'not_run'):
+        out[r['options']].append(r['probe'])
+  return out
+
+
+def run(option_texts: list[str], probes: list[str], rtol: float, in_process: bool, timeout: float,
+        deadline: float = float('inf')) -> list[dict]:
+  """`base` and every set for each probe (the sets checked first); records, then the summary."""
+  sets = [(BASE, ('base', {}))] + [(t, check_option_set(t)) for t in option_texts]
+  names = [n for _, (n, _) in sets]
+  if len(set(names)) != len(names):
+    raise UserError(f'--options: set names must differ from each other and from "base", got {names}')
+  t_end = time.monotonic() + deadline
   records = []
   for p in probes:
-    rec = probe(p, opts, rtol) if in_process else probe_in_child(p, options_text, rtol, timeout)
-    rec = {**rec, 'options': name, 'xla': opts, 'jax': jax.__version__,
-           'device': jax.devices()[0].device_kind}
-    emit_jsonl(rec, 'xla_option_probe.jsonl')
-    records.append(rec)
-  summary = {'xla_option_probe': 'summary', 'options': name, 'xla': opts,
-             'status': {r['probe']: r['status'] for r in records}}
+    for text, (name, opts) in sets:
+      if time.monotonic() > t_end:
+        rec = {'probe': p, 'status': 'not_run'}
+      elif in_process:
+        rec = probe(p, opts, rtol)
+      else:
+        rec = probe_in_child(p, text, rtol, timeout)
+      rec = {**rec, 'options': name, 'xla': opts}
+      emit_jsonl(rec, 'xla_option_probe.jsonl')
+      records.append(rec)
+  summary = {'xla_option_probe': 'summary', 'broken_by': broken_by(records),
+             'status': {f"{r['probe']}/{r['options']}": r['status'] for r in records}}
   emit_jsonl(summary, 'xla_option_probe.jsonl')
   return records
 
@@ -241,21 +318,27 @@ def run(options_text: str, probes: list[str], rtol: float, in_process: bool, tim
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
-  p.add_argument('--options', required=True, help='NAME:xla_option=value[,...], the set to probe')
-  p.add_argument('--probes', nargs='*', default=list(PROBES), choices=list(PROBES), metavar='PROBE',
+  p.add_argument('--options', nargs='+', required=True,
+                 help='NAME:xla_option=value[,...] per set to probe (the empty set "base" always runs)')
+  p.add_argument('--probes', nargs='+', default=list(PROBES), choices=list(PROBES), metavar='PROBE',
                  help=f'which (default all): {", ".join(PROBES)}')
   p.add_argument('--rtol', type=float, default=0.05,
                  help="largest output difference from the CPU's fp32 values, relative to the "
                       "output's largest magnitude, still 'ok' (bf16 programs are ~1e-2 off)")
-  p.add_argument('--in-process', action='store_true', help='every probe in this process')
-  p.add_argument('--timeout', type=float, default=180.0, help='seconds a probe process may take')
+  p.add_argument('--in-process', action='store_true',
+                 help='everything in this process (probes sharing an op then share its autotuning)')
+  p.add_argument('--timeout', type=float, default=60.0, help='seconds one probe process may take')
+  p.add_argument('--deadline', type=float, default=float('inf'),
+                 help='seconds for the whole run; what is left is reported not_run (the summary is '
+                      'still written, e.g. before a device call ends)')
   p.add_argument('--child', default=None, choices=list(PROBES), help=argparse.SUPPRESS)
   a = p.parse_args(argv)
-  if a.child:  # one probe, its record on stdout for the parent
-    _, opts = parse_xla_option_set(a.options)
+  if a.child:  # one probe with one set, its record on stdout for the parent
+    (text,) = a.options
+    _, opts = parse_xla_option_set(text)
     print(json.dumps(probe(a.child, opts, a.rtol)), flush=True)
     return
-  run(a.options, a.probes, a.rtol, a.in_process, a.timeout)
+  run(a.options, a.probes, a.rtol, a.in_process, a.timeout, a.deadline)
 
 
 if __name__ == '__main__':
