@@ -9,6 +9,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 from hita_jax.errors import UserError
 
@@ -36,6 +37,18 @@ def parse_xla_option_set(text: str) -> tuple[str, dict]:
       raise ValueError(f'--options {text!r}: write NAME:xla_option=value[,...]')
     opts[k.strip()] = {'true': True, 'false': False}.get(v.lower(), int(v) if v.lstrip('-').isdigit() else v)
   return name, opts
+
+
+def xla_rejects(opts: dict, device=None) -> str | None:
+  """The first line of XLA's error when it refuses the option set on a one-op program (an unknown
+  option costs a second, not a build and a failed compile), else None. `device`: where to compile
+  (default JAX's; the CPU accepts and checks xla_gpu_* names too)."""
+  x = np.float32(0) if device is None else jax.device_put(np.float32(0), device)
+  try:
+    jax.jit(lambda x: x + 1).lower(x).compile(compiler_options=opts or None)
+  except Exception as e:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return None
 
 
 def _split_items(text: str) -> list[str]:

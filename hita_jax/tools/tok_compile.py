@@ -47,7 +47,7 @@ import numpy as np
 
 from hita_jax import cli, config_lib, sharding
 from hita_jax.tools.ab import (apply_overrides, emit_jsonl, parse_xla_option_set, set_layer_switches,
-                               split_layer_switches)
+                               split_layer_switches, xla_rejects)
 
 
 def _emit(rec: dict):
@@ -103,15 +103,14 @@ def op_census(text: str, top: int = 15) -> dict:
 
 
 def check_options(options: list[str]) -> list[tuple[str, dict]]:
-  """Parsed option sets that this XLA accepts (each tried on a one-op program first, so an unknown
-  option costs a second, not a build and a failed compile); rejected ones are reported."""
+  """Parsed option sets that this XLA accepts (each tried on a one-op program first:
+  `ab.xla_rejects`); rejected ones are reported."""
   good = []
   for text in options or ['default:']:
     name, opts = parse_xla_option_set(text)
-    try:
-      jax.jit(lambda x: x + 1).lower(jnp.float32(0)).compile(compiler_options=opts or None)
-    except Exception as e:
-      _emit({'stage': 'check_options', 'options': name, 'xla': opts, 'error': str(e).splitlines()[0]})
+    error = xla_rejects(opts)
+    if error:
+      _emit({'stage': 'check_options', 'options': name, 'xla': opts, 'error': error})
       continue
     good.append((name, opts))
   return good

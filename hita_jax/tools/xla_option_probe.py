@@ -49,7 +49,7 @@ import numpy as np
 from hita_jax import cli
 from hita_jax.errors import UserError
 from hita_jax.models.layers import padded_dot_product_attention
-from hita_jax.tools.ab import emit_jsonl, parse_xla_option_set
+from hita_jax.tools.ab import emit_jsonl, parse_xla_option_set, xla_rejects
 
 BF16 = jnp.bfloat16
 BASE = 'base:'
@@ -267,13 +267,11 @@ def check_option_set(options_text: str) -> tuple[str, dict]:
     name, opts = parse_xla_option_set(options_text)
   except ValueError as e:
     raise UserError(str(e)) from None
-  cpu = jax.devices('cpu')[0]
-  try:
-    jax.jit(lambda x: x + 1).lower(jax.device_put(np.float32(0), cpu)).compile(compiler_options=opts or None)
-  except Exception as e:
-    raise UserError(f'--options {options_text!r}: this XLA rejects the set '
-                    f'({str(e).strip().splitlines()[0]}); check the option names against '
-                    "`strings libjax_common.so | grep '^xla_gpu_'` of the installed jaxlib") from None
+  error = xla_rejects(opts, jax.devices('cpu')[0])
+  if error:
+    raise UserError(f'--options {options_text!r}: this XLA rejects the set ({error}); check the '
+                    "option names against `strings libjax_common.so | grep '^xla_gpu_'` of the "
+                    'installed jaxlib')
   return name, opts
 
 
