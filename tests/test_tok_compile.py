@@ -129,6 +129,13 @@ def test_layer_switches_split_from_config_overrides_and_are_checked(monkeypatch)
   _, group = ab.split_layer_switches(['training.FLAT_CONCAT_GROUP=23'])
   ab.set_layer_switches(group)
   assert group == {'training.FLAT_CONCAT_GROUP': 23} and training.FLAT_CONCAT_GROUP == 23
+  from hita_jax.models import lpips
+  monkeypatch.setattr(lpips, 'TAP_NORM', 'split')
+  _, tap = ab.split_layer_switches(['lpips.TAP_NORM=fused'])
+  ab.set_layer_switches(tap)
+  assert lpips.TAP_NORM == 'fused'
+  with pytest.raises(UserError, match='lpips.TAP_NORM must be one of'):
+    ab.split_layer_switches(['lpips.TAP_NORM=barrier'])
   with pytest.raises(UserError, match='layers.CONV_1X1 must be one of'):
     ab.split_layer_switches(['layers.CONV_1X1=cublas'])
   with pytest.raises(UserError, match='a trace switch is one of'):

@@ -131,6 +131,39 @@ def test_lpips_bf16_convolutions_agree_with_fp32():
   assert convs == ['bf16'] * 26, convs  # 13 VGG convolutions on each image
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_lpips_tap_norm_split_is_the_fused_arithmetic(dtype, monkeypatch):
+  """lpips.TAP_NORM='split' (the default: each tap's norm behind an optimization barrier, which
+  cuts XLA's GPU fusion work) gives the distance and the image gradient of 'fused' (the plain
+  expression), with the dropout on, in fp32 and with bf16 convolutions; the barrier is really in
+  the program, and a bad value is named."""
+  import jax
+  import jax.numpy as jnp
+
+  from hita_jax.models import lpips
+  rs = np.random.RandomState(1)
+  x = jnp.asarray(rs.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32))
+  y = jnp.clip(x + jnp.asarray(rs.normal(0, 0.3, x.shape).astype(np.float32)), -1, 1)
+  model = lpips.LPIPS(rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype))
+  key = jax.random.key(3)
+
+  def run(spelling):
+    monkeypatch.setattr(lpips, 'TAP_NORM', spelling)
+    fn = jax.jit(jax.value_and_grad(lambda v: jnp.sum(model(x, v, dropout_rng=key))))
+    return fn(y), str(jax.make_jaxpr(lambda v: model(x, v))(y))
+  (d_split, g_split), jaxpr_split = run('split')
+  (d_fused, g_fused), jaxpr_fused = run('fused')
+  assert jaxpr_split.count('optimization_barrier') == 10 and 'optimization_barrier' not in jaxpr_fused
+  np.testing.assert_allclose(d_split, d_fused, rtol=1e-6)
+  if dtype == 'float32':  # the same operations; XLA may order the fused backward's sums differently
+    np.testing.assert_allclose(g_split, g_fused, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(g_fused))))
+  else:  # where the backward's cotangents round to bf16 may move: within bf16 rounding
+    assert float(jnp.linalg.norm(g_split - g_fused) / jnp.linalg.norm(g_fused)) < 1e-2
+  monkeypatch.setattr(lpips, 'TAP_NORM', 'barrier')
+  with pytest.raises(ValueError, match='lpips.TAP_NORM must be one of'):
+    model(x, y)
+
+
 def test_optimizer_layout_follows_the_resumed_checkpoint(tmp_path):
   """A per-parameter-moments checkpoint (written before the flat layout existed, or with
   optimizer_layout=per_leaf): 'auto' resumes it in its own layout (so a run resumes whatever mesh

@@ -57,6 +57,15 @@ instruction_profiles {
       backend: CUDNN
     }
   }
+  config_profiles {
+    config {
+      backend: CUDNN
+    }
+    run_time {
+      seconds: 1
+      nanos: 1000000
+    }
+  }
 }
 """
 
@@ -81,9 +90,9 @@ def test_pass_times_sum_by_pass_after_the_marker(tmp_path, capsys):
 def test_autotune_summary_counts_configs_per_backend(tmp_path):
   res = xla_logs.autotune_summary(AUTOTUNE)
   assert res['CUBLASLT'] == {'instructions': 1, 'configs': 1, 'timed': 1, 'best_s': pytest.approx(9.44e-6),
-                             'max_configs': 1}
-  assert res['CUDNN'] == {'instructions': 1, 'configs': 3, 'timed': 2, 'best_s': pytest.approx(5e-5),
-                          'max_configs': 3}
+                             'max_configs': 1, 'timed_s': pytest.approx(9.44e-6)}
+  assert res['CUDNN'] == {'instructions': 1, 'configs': 4, 'timed': 3, 'best_s': pytest.approx(5e-5),
+                          'max_configs': 4, 'timed_s': pytest.approx(1.001112496)}
   with pytest.raises(UserError, match='no instruction_profiles'):
     xla_logs.autotune_summary('device: "x"\n')
 

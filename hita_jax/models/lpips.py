@@ -17,6 +17,26 @@ TAP_CHANNELS = (64, 128, 256, 512, 512)
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 
+# How a tap's per-pixel norm meets the tap. 'split' (default): the norm is computed behind an
+# optimization barrier, so XLA cannot fuse the channel reduction with the division, the squared
+# difference, the dropout and the head into one normalisation fusion. The arithmetic is the same
+# (the same fp32 reduction and division); what changes is the GPU compile: XLA's priority fusion
+# priced that fusion and its backward at ~0.1 s per decision, and with 'fused' it spent ~24 s of
+# its ~40 s in the Hita-V/16 step on LPIPS (H100 target, deviceless compile, 2026-12-07). 'fused'
+# keeps the single-fusion form for A/B runs (`--set lpips.TAP_NORM=fused`). Read at trace time.
+TAP_NORMS = ('split', 'fused')
+TAP_NORM = 'split'
+
+
+def unit_normalize(f):
+  """f / (||f||_channels + 1e-10), the LPIPS tap normalisation (see TAP_NORM)."""
+  if TAP_NORM not in TAP_NORMS:
+    raise ValueError(f'lpips.TAP_NORM must be one of {TAP_NORMS}, got {TAP_NORM!r}')
+  norm = jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + 1e-10
+  if TAP_NORM == 'split':
+    norm = jax.lax.optimization_barrier(norm)
+  return f / norm
+
 
 class LPIPS(nnx.Module):
 
@@ -57,9 +77,7 @@ class LPIPS(nnx.Module):
     terms = []
     keys = jax.random.split(dropout_rng, 5) if dropout_rng is not None else [None] * 5
     for i, (fx, fy) in enumerate(zip(self.features(x), self.features(y))):
-      nx = fx / (jnp.sqrt(jnp.sum(fx * fx, axis=-1, keepdims=True)) + 1e-10)
-      ny = fy / (jnp.sqrt(jnp.sum(fy * fy, axis=-1, keepdims=True)) + 1e-10)
-      d = (nx - ny) ** 2
+      d = (unit_normalize(fx) - unit_normalize(fy)) ** 2
       if keys[i] is not None and self.dropout > 0:
         keep = jax.random.bernoulli(keys[i], 1.0 - self.dropout, d.shape)
         d = jnp.where(keep, d / (1.0 - self.dropout), 0.0)

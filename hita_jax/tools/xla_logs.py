@@ -163,8 +163,9 @@ def fusion_times(lines, after: str | None = None) -> dict:
 
 def autotune_summary(text: str) -> dict:
   """Per backend: instructions autotuned, configs tried, configs timed, the sum of each
-  instruction's best time (s), from an autotune log's textproto. An instruction counts under the
-  backend of its first config."""
+  instruction's best time (s) and of every timed config's run (`timed_s`: the GPU time the timed
+  runs alone took; XLA also runs each config once untimed before), from an autotune log's
+  textproto. An instruction counts under the backend of its first config."""
   blocks = text.split('instruction_profiles {')[1:]
   if not blocks:
     raise UserError('no instruction_profiles in the autotune log (fix the argument: the file '
@@ -172,13 +173,17 @@ def autotune_summary(text: str) -> dict:
   out = {}
   for block in blocks:
     backends = re.findall(r'backend: (\w+)', block)
-    nanos = [int(x) for x in re.findall(r'nanos: (\d+)', block)]
+    # a run time is a Duration: seconds and / or nanos inside run_time { }
+    runs = [int(m.group(1) or 0) * 10**9 + int(m.group(2) or 0) for m in re.finditer(
+        r'run_time \{\s*(?:seconds: (\d+)\s*)?(?:nanos: (\d+)\s*)?\}', block)]
     row = out.setdefault(backends[0] if backends else '?',
-                         {'instructions': 0, 'configs': 0, 'timed': 0, 'best_s': 0.0, 'max_configs': 0})
+                         {'instructions': 0, 'configs': 0, 'timed': 0, 'best_s': 0.0, 'max_configs': 0,
+                          'timed_s': 0.0})
     row['instructions'] += 1
     row['configs'] += len(backends)
-    row['timed'] += len(nanos)
-    row['best_s'] += min(nanos, default=0) * 1e-9
+    row['timed'] += len(runs)
+    row['best_s'] += min(runs, default=0) * 1e-9
+    row['timed_s'] += sum(runs) * 1e-9
     row['max_configs'] = max(row['max_configs'], len(backends))
   return out
 
@@ -231,7 +236,8 @@ def main(argv=None):
     res = autotune_summary(''.join(_lines(a.log, 'the file --xla_gpu_dump_autotune_logs_to wrote')))
     for backend, r in res.items():
       print(f"{backend:10s} {r['instructions']:5d} instructions  {r['configs']:6d} configs "
-            f"({r['timed']} timed, at most {r['max_configs']} for one)  best times sum {r['best_s']:.3f} s")
+            f"({r['timed']} timed, at most {r['max_configs']} for one)  best times sum {r['best_s']:.3f} s, "
+            f"timed runs sum {r['timed_s']:.3f} s")
     print(json.dumps(res))
 
 
