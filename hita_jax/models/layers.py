@@ -145,10 +145,35 @@ class _Fp32Norm(nnx.Module):
     return self.norm(x.astype(jnp.float32)).astype(x.dtype)
 
 
+# How a LayerNorm's statistics meet its normalisation. 'split' (default): the row mean and variance
+# are computed behind an optimization barrier, so XLA cannot fuse the two reductions with the
+# normalisation into one (Triton) normalisation fusion. The arithmetic is nnx.LayerNorm's
+# (two-pass variance, y = (x - mean) * (rsqrt(var + eps) * scale) + bias, fp32); what changes is
+# the GPU compile: XLA's priority fusion priced those fusions and their backward slowly, and in the
+# Hita-V/16 step the transformers' LayerNorms cost it ~10 s of ~16 (H100 target, deviceless
+# compile, 2026-12-07; with lpips.TAP_NORM='split' it fell to ~6 s). It costs one more small kernel
+# per norm. 'fused' is nnx.LayerNorm itself, for A/B runs (`--set layers.LAYER_NORM=fused`).
+# Read at trace time.
+LAYER_NORMS = ('split', 'fused')
+LAYER_NORM = 'split'
+
+
 class LayerNorm(_Fp32Norm):
 
   def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(dim, epsilon=eps, rngs=rngs, **_norm_args())
+
+  def __call__(self, x):
+    if LAYER_NORM not in LAYER_NORMS:
+      raise ValueError(f'layers.LAYER_NORM must be one of {LAYER_NORMS}, got {LAYER_NORM!r}')
+    if LAYER_NORM == 'fused':
+      return super().__call__(x)
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)  # two-pass, as PyTorch
+    mean, var = jax.lax.optimization_barrier((mean, var))
+    mul = jax.lax.rsqrt(var + self.norm.epsilon) * self.norm.scale[...]
+    return ((xf - mean) * mul + self.norm.bias[...]).astype(x.dtype)
 
 
 NORM_IMPLS = ('fused', 'fused_recompute', 'fused_nofold', 'xla')
