@@ -9,6 +9,8 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh group     # training.FLAT_CONCAT_GROUP=$GROUP (default 23)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh smaller   # tokenizer.dropout_rng=hash + dinov2_scan=True
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh all       # smaller + CONV_1X1=gemm + FLAT_CONCAT_GROUP=$GROUP
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh norms     # the shipped step, then with the LayerNorms and
+#     LPIPS tap norms fused (the spelling before 2026-12-07), a process each
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh probe     # which op kind each of $OPTION_SETS breaks
 #     (python -m hita_jax.tools.xla_option_probe: 10 small programs x (base + each set), a process each,
 #     a few seconds a process; stops at $DEADLINE s, 420 by default, and still writes its summary)
@@ -19,7 +21,7 @@ set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 OUT=${OUT:-/tmp}
 EXP=${EXP:-/tmp/tok_step.exp}
-part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller|all|probe}
+part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller|all|norms|probe}
 mkdir -p "$OUT/autotune"
 timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped beside the records
   local name=$1
@@ -67,10 +69,12 @@ case $part in
   smaller) timers smaller --set tokenizer.dropout_rng=hash --set tokenizer.dinov2_scan=True ;;
   all) timers all --set tokenizer.dropout_rng=hash --set tokenizer.dinov2_scan=True \
          --set layers.CONV_1X1=gemm --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
+  norms) timers split
+         timers fused --set layers.LAYER_NORM=fused --set lpips.TAP_NORM=fused ;;
   # the two sets whose compiled step failed at its first call (IndexError: raw_hash_map<>::at)
   probe) # shellcheck disable=SC2086  # one word per set
          python3 -m hita_jax.tools.xla_option_probe --deadline "${DEADLINE:-420}" \
            --options ${OPTION_SETS:-exnd:xla_gpu_exclude_nondeterministic_ops=true det:xla_gpu_deterministic_ops=true} \
            | cut -c1-400 ;;
-  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all|probe)" >&2; exit 2 ;;
+  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all|norms|probe)" >&2; exit 2 ;;
 esac
