@@ -39,8 +39,7 @@ import numpy as np
 
 from hita_jax import cli, config_lib, sharding
 from hita_jax.errors import UserError
-from hita_jax.tools.ab import apply_overrides, set_layer_switches, split_layer_switches
-from hita_jax.tools.tok_compile import custom_call_targets, hlo_stats
+from hita_jax.tools.tok_compile import bench_config, custom_call_targets, hlo_stats
 
 DEFAULT_TARGET = os.path.join(os.path.dirname(__file__), 'gpu_targets', 'h100_sxm.txtpb')
 CUDNN_VERSION = 91900  # the device image's cuDNN (9.19), what the cuDNN attention lowering checks
@@ -70,16 +69,7 @@ def export_step(out: str, batch: int, variant: str, config_path: str | None, ove
   lowered for CUDA; returns the record."""
   from hita_jax.tasks import train_tokenizer as tt
   from hita_jax.tools.tok_compile import _step_for_export
-  config = config_lib.load_config(config_path or os.path.join(
-      os.path.dirname(__file__), '..', '..', 'configs', f'tokenizer_{variant.lower()}.py'))
-  config.train_tokenizer.global_batch_size = batch
-  config.init.allow_random_dinov2 = True
-  config.init.allow_random_dino_disc = True
-  config.tokenizer_loss.lpips_weights = 'random'
-  items, switches = split_layer_switches(list(overrides))
-  changed = apply_overrides(config, items)
-  set_layer_switches(switches)
-  changed.update(switches)
+  config, changed = bench_config(batch, variant, config_path, overrides)
   t0 = time.perf_counter()
   # one device: the step is compiled for one GPU (and a host with fake CPU devices would hold a
   # copy of the state per device)
@@ -214,7 +204,9 @@ def main(argv=None):
     options = _options(config_lib.load_config(
         os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'tokenizer_v.py')))
   with open(a.target) as f:
-    target, dropped = fit_target(f.read())
+    target = f.read()
+  # a child reads the target its parent fitted: nothing left to drop, no probe process to spawn
+  target, dropped = (target, []) if os.environ.get('_HITA_OFFLINE_CHILD') else fit_target(target)
   if not (a.timers or a.fusion_log) or os.environ.get('_HITA_OFFLINE_CHILD'):
     os.environ.update(_plugin_env())
     print(json.dumps({**compile_export(a.export, target, options), 'options': name,

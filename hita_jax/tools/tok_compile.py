@@ -200,12 +200,10 @@ def _profile(compiled, compiled_name, run_step, info, profile_dir):
          'sources': sources})
 
 
-def run(batch: int, variant: str, options: list[str], steps: int, config_path: str | None = None,
-        profile_dir: str | None = None, save_hlo: bool = False, export_path: str | None = None,
-        overrides: list[str] = ()):
-  from hita_jax.tasks import train_tokenizer as tt
-  jax.config.update('jax_enable_compilation_cache', False)  # cold compiles only
-  option_sets = check_options(options)
+def bench_config(batch: int, variant: str, config_path: str | None, overrides) -> tuple:
+  """The tokenizer config a compile measurement builds (random frozen towers, `batch` images),
+  with `overrides` applied: config items and trace switches (set here, before any trace) ->
+  (config, {what changed})."""
   config = config_lib.load_config(config_path or os.path.join(
       os.path.dirname(__file__), '..', '..', 'configs', f'tokenizer_{variant.lower()}.py'))
   config.train_tokenizer.global_batch_size = batch
@@ -214,8 +212,18 @@ def run(batch: int, variant: str, options: list[str], steps: int, config_path: s
   config.tokenizer_loss.lpips_weights = 'random'
   items, switches = split_layer_switches(list(overrides))
   changed = apply_overrides(config, items)
-  set_layer_switches(switches)  # before the step is traced
+  set_layer_switches(switches)
   changed.update(switches)
+  return config, changed
+
+
+def run(batch: int, variant: str, options: list[str], steps: int, config_path: str | None = None,
+        profile_dir: str | None = None, save_hlo: bool = False, export_path: str | None = None,
+        overrides: list[str] = ()):
+  from hita_jax.tasks import train_tokenizer as tt
+  jax.config.update('jax_enable_compilation_cache', False)  # cold compiles only
+  option_sets = check_options(options)
+  config, changed = bench_config(batch, variant, config_path, overrides)
   mesh = sharding.make_mesh([('data', -1)])
   # the step is jitted as the trainer jits it: each option set merges over these
   info = {'variant': variant, 'batch': batch, 'jax': jax.__version__, **({'set': changed} if changed else {}),
