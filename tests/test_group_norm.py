@@ -549,3 +549,60 @@ def test_tokenizer_quant_convs_follow_the_one_by_one_switch(monkeypatch):
     one = [ln for ln in text.splitlines() if 'stablehlo.convolution' in ln and '1x1x' in ln]
     assert bool(one) == (mode == 'conv'), mode
   np.testing.assert_allclose(out['gemm'], out['conv'], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('conv_bias,conv_1x1', [('xla', 'conv'), ('sums', 'gemm')])
+def test_conv_epilogue_apart_is_the_same_function(conv_bias, conv_1x1, monkeypatch):
+  """layers.CONV_EPILOGUE='xla' puts each biased convolution's output behind an optimization
+  barrier (so XLA's GPU compiler keeps one plain cuDNN call per convolution shape instead of
+  folding the bias / residual / ReLU into it): the CNN and LPIPS trace one barrier per biased
+  convolution and none with 'cudnn'; in fp32 the same loss and gradients; in bf16 within bf16
+  rounding of fp32, as the 'cudnn' program is; a bad value is named."""
+  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
+  from hita_jax.models.lpips import LPIPS
+  monkeypatch.setattr(layers, 'CONV_BIAS', conv_bias)
+  monkeypatch.setattr(layers, 'CONV_1X1', conv_1x1)
+
+  def build(dtype):
+    kw = dict(ch=16, ch_mult=(1, 2), z_channels=32, groups=4, dtype=dtype, rngs=nnx.Rngs(5))
+    return (CNNEncoder(num_res_blocks=1, **kw), CNNDecoder(num_res_blocks=1, **kw),
+            LPIPS(rngs=nnx.Rngs(7), dtype=dtype, dropout=0.0))
+
+  x = jax.random.uniform(jax.random.key(6), (2, 32, 32, 3), minval=-1, maxval=1)
+
+  def loss(graph, rest):
+    def f(p):
+      enc, dec, lp = nnx.merge(graph, p, rest)
+      y = dec(enc(x)).astype(jnp.float32)
+      return jnp.sum(jnp.sin(3 * y)) + jnp.sum(lp(x, jnp.tanh(y)))
+    return f
+
+  def run(mode, dtype):
+    monkeypatch.setattr(layers, 'CONV_EPILOGUE', mode)
+    graph, params, rest = nnx.split(build(dtype), nnx.Param, ...)
+    text = jax.jit(loss(graph, rest)).lower(params).as_text()
+    barriers = sum('optimization_barrier' in ln for ln in text.splitlines())
+    val, grads = jax.jit(jax.value_and_grad(loss(graph, rest)))(params)
+    return barriers, float(val), [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
+
+  base_barriers, v32, g32 = run('cudnn', jnp.float32)
+  barriers, v_apart, g_apart = run('xla', jnp.float32)
+  enc, dec, lp = build(jnp.float32)
+  # every biased conv the forward runs, LPIPS's twice (both images); a ResnetBlock's conv1 adds
+  # its bias inside the GroupNorm after it (no conv_apply)
+  cnn = [(path, m) for path, m in nnx.iter_graph((enc, dec))
+         if isinstance(m, nnx.Conv) and m.bias is not None and path[-1] != 'conv1']
+  assert any(tuple(m.kernel_size) == (1, 1) for _, m in cnn)
+  assert barriers - base_barriers == len(cnn) + 2 * len(lp.convs), (barriers, base_barriers)
+  np.testing.assert_allclose(v_apart, v32, rtol=1e-6)
+  scale = max(float(np.abs(g).max()) for g in g32)
+  for a, b in zip(g_apart, g32):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
+  _, v16, g16 = run('xla', jnp.bfloat16)
+  _, v16_base, g16_base = run('cudnn', jnp.bfloat16)
+  err = lambda gs: max(float(np.abs(a - b).max()) for a, b in zip(gs, g32)) / scale
+  assert abs(v16 - v32) <= 3 * abs(v16_base - v32) + 1e-2 * abs(v32)
+  assert err(g16) <= 3 * err(g16_base) + 1e-3, (err(g16), err(g16_base))
+  monkeypatch.setattr(layers, 'CONV_EPILOGUE', 'fused')
+  with pytest.raises(ValueError, match='CONV_EPILOGUE must be one of'):
+    layers.conv_apply(layers.conv(4, 4, 3, rngs=nnx.Rngs(0)), jnp.zeros((1, 4, 4, 4)))

@@ -85,7 +85,9 @@ def conv_without_bias(m: nnx.Conv, x):
   x, kernel = m.promote_dtype((x, m.kernel[...]), dtype=m.dtype)
   if _as_gemm(m):  # a 1x1 kernel pads nothing under SAME or VALID
     return jnp.einsum('nhwc,cd->nhwd', x, kernel[0, 0], precision=m.precision)
-  return m.conv_general_dilated(x, kernel, m.strides, m.padding,
+  strides = 1 if m.strides is None else m.strides
+  strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+  return m.conv_general_dilated(x, kernel, strides, m.padding,
                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=m.precision)
 
 
@@ -100,15 +102,33 @@ CONV_BIASES = ('xla', 'sums')
 CONV_BIAS = 'xla'
 
 
+# Where a convolution's bias (and the residual or ReLU after it) is applied (`conv_apply`).
+# 'cudnn': as written; XLA's GPU compiler folds them into the cuDNN call where it can, so one
+# convolution shape runs as up to three cuDNN graphs (plain, + bias, + bias + side input; + ReLU
+# in LPIPS), and its autotuner times each graph's ~50 engine configurations apart. 'xla': the
+# convolution's output passes an optimization barrier, so every convolution of a shape is the
+# same plain cuDNN call and the adds fuse into XLA's next kernel (the Hita-V/16 step: 116 -> 94
+# distinct cuDNN calls, docs/PERFORMANCE.md session 34). Read when a program is traced.
+CONV_EPILOGUES = ('cudnn', 'xla')
+CONV_EPILOGUE = 'cudnn'
+
+
 def conv_apply(m: nnx.Conv, x):
-  """`m(x)`, with the bias gradient per CONV_BIAS and 1x1 kernels per CONV_1X1."""
+  """`m(x)`, with the bias gradient per CONV_BIAS, 1x1 kernels per CONV_1X1 and the bias add per
+  CONV_EPILOGUE."""
   if CONV_BIAS not in CONV_BIASES:
     raise ValueError(f'layers.CONV_BIAS must be one of {CONV_BIASES}, got {CONV_BIAS!r}')
+  if CONV_EPILOGUE not in CONV_EPILOGUES:
+    raise ValueError(f'layers.CONV_EPILOGUE must be one of {CONV_EPILOGUES}, got {CONV_EPILOGUE!r}')
+  apart = CONV_EPILOGUE == 'xla' and _plain(m, x)
   if CONV_BIAS == 'sums' and m.bias is not None:
-    return channel_bias_add(conv_without_bias(m, x), m.bias[...])
-  if not (_as_gemm(m) and _plain(m, x)):
+    y = conv_without_bias(m, x)
+    return channel_bias_add(jax.lax.optimization_barrier(y) if apart else y, m.bias[...])
+  if not (apart or (_as_gemm(m) and _plain(m, x))):
     return m(x)
-  y = conv_without_bias(m, x)  # the 1x1 product
+  y = conv_without_bias(m, x)  # the 1x1 product or the plain convolution
+  if apart:
+    y = jax.lax.optimization_barrier(y)
   # nnx.Conv's bias add: the bias promoted to the compute dtype, then added
   return y if m.bias is None else y + m.bias[...].astype(m.dtype or x.dtype)
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hita_jax.models import layers
+
 VGG16_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512)
 TAP_CHANNELS = (64, 128, 256, 512, 512)
 SHIFT = (-0.030, -0.088, -0.188)
@@ -68,7 +70,7 @@ class LPIPS(nnx.Module):
         # staged under jit, falls back to a generic reduce_window that has no gradient).
         h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
         continue
-      h = jax.nn.relu(self.convs[ci](h))
+      h = jax.nn.relu(layers.conv_apply(self.convs[ci], h))
       ci += 1
     return taps[:5]
 
