@@ -11,17 +11,20 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh all       # smaller + CONV_1X1=gemm + FLAT_CONCAT_GROUP=$GROUP
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh norms     # the shipped step, then with the LayerNorms and
 #     LPIPS tap norms fused (the spelling before 2026-12-07), a process each
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh epilogue  # layers.CONV_EPILOGUE=xla (one plain cuDNN call
+#     per convolution shape), then the shipped step, a process each, with the autotuner's timeline
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh probe     # which op kind each of $OPTION_SETS breaks
 #     (python -m hita_jax.tools.xla_option_probe: 10 small programs x (base + each set), a process each,
 #     a few seconds a process; stops at $DEADLINE s, 420 by default, and still writes its summary)
 # Each part fits one 10-minute device call; `options` reads the file `ship` wrote on the same machine.
 # PF_LOG=0: no per-fusion log (its lines cost priority fusion some time: for clean compile A/Bs);
-# DUMP_AUTOTUNE=0: no autotune log for ship / gemm1x1.
+# DUMP_AUTOTUNE=0: no autotune log for ship / gemm1x1. TIMELINE=1: the autotuner's VLOG lines and
+# `xla_logs timeline` (its enumeration / compile / serial timing phases).
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 OUT=${OUT:-/tmp}
 EXP=${EXP:-/tmp/tok_step.exp}
-part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller|all|norms|probe}
+part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller|all|norms|epilogue|probe}
 mkdir -p "$OUT/autotune"
 timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped beside the records
   local name=$1
@@ -29,11 +32,14 @@ timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped be
   # priority_fusion=2 logs each fusion (with its producer's metadata): ~2 lines a fusion
   local vmodule=gpu_compiler=1,hlo_pass_pipeline=1
   [ "${PF_LOG:-1}" = 1 ] && vmodule=$vmodule,priority_fusion=2
+  [ "${TIMELINE:-0}" = 1 ] && vmodule=$vmodule,config_assigner=1,autotuner=2,config_runner=2
   TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=$vmodule \
     timeout "${TIMEOUT:-280}" python3 -m hita_jax.tools.tok_compile --batch 16 --variant V --steps 5 "$@" \
     >"$OUT/$name.out" 2>"$OUT/$name.err"
   grep '^{' "$OUT/$name.out" | grep -v '"stage": "lower"' | cut -c1-400
   python3 -m hita_jax.tools.xla_logs passes "$OUT/$name.err" --after '=== tok_compile: compile' --top 4
+  [ "${TIMELINE:-0}" = 1 ] && python3 -m hita_jax.tools.xla_logs timeline "$OUT/$name.err" \
+    --after '=== tok_compile: compile' | cut -c1-400
   [ "${PF_LOG:-1}" = 1 ] && python3 -m hita_jax.tools.xla_logs fusion "$OUT/$name.err" \
     --after '=== tok_compile: compile' --top 12 >"$OUT/$name.fusion.txt" && head -30 "$OUT/$name.fusion.txt" | cut -c1-240
   gzip -f "$OUT/$name.err"
@@ -71,10 +77,17 @@ case $part in
          --set layers.CONV_1X1=gemm --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
   norms) timers split
          timers fused --set layers.LAYER_NORM=fused --set lpips.TAP_NORM=fused ;;
+  epilogue) for arm in epi:xla ship:cudnn; do
+              name=${arm%%:*}
+              TIMELINE=1 timers "$name" --set "layers.CONV_EPILOGUE=${arm#*:}" \
+                --options "$name:xla_gpu_dump_autotune_logs_to=$OUT/autotune/$name.txt"
+              python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/$name.txt" | cut -c1-400
+              gzip -f "$OUT/autotune/$name.txt"
+            done ;;
   # the two sets whose compiled step failed at its first call (IndexError: raw_hash_map<>::at)
   probe) # shellcheck disable=SC2086  # one word per set
          python3 -m hita_jax.tools.xla_option_probe --deadline "${DEADLINE:-420}" \
            --options ${OPTION_SETS:-exnd:xla_gpu_exclude_nondeterministic_ops=true det:xla_gpu_deterministic_ops=true} \
            | cut -c1-400 ;;
-  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all|norms|probe)" >&2; exit 2 ;;
+  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all|norms|epilogue|probe)" >&2; exit 2 ;;
 esac

@@ -142,3 +142,35 @@ def test_layer_switches_split_from_config_overrides_and_are_checked(monkeypatch)
     ab.split_layer_switches(['layers.NO_SUCH=1'])
   with pytest.raises(UserError, match='is a count >= 0'):
     ab.split_layer_switches(['training.FLAT_CONCAT_GROUP=-1'])
+
+
+def test_cudnn_convs_counts_each_distinct_call_once():
+  """The autotuner's unit: cuDNN convolutions with the same shapes, window and epilogue count once;
+  a different epilogue (bias + ReLU) or operand shape is another call."""
+  cfg = ('window={{size=3x3 pad=1_1x1_1}}, dim_labels=b01f_o01i->b01f, '
+         'custom_call_target="__cudnn$conv{kind}", backend_config={{"cudnn_conv_backend_config":'
+         '{{"activation_mode":"{act}","conv_result_scale":1,"side_input_scale":0}}}}')
+  text = '\n'.join([
+      'ENTRY %main {',
+      '  %p0 = bf16[2,8,8,4]{3,2,1,0} parameter(0)',
+      '  %p1 = bf16[4,3,3,4]{3,2,1,0} parameter(1)',
+      '  %p2 = bf16[4]{0} parameter(2)',
+      '  %p3 = bf16[2,8,8,16]{3,2,1,0} parameter(3)',
+      '  %w2 = bf16[4,3,3,16]{3,2,1,0} parameter(4)',
+      '  %c0 = (bf16[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), '
+      + cfg.format(kind='Forward', act='kNone'),
+      '  %c1 = (bf16[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1), '
+      + cfg.format(kind='Forward', act='kNone'),
+      '  %c2 = (bf16[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1, %p2), '
+      + cfg.format(kind='BiasActivationForward', act='kRelu'),
+      '  %c3 = (bf16[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%p0, %p1, %p2), '
+      + cfg.format(kind='BiasActivationForward', act='kNone'),
+      '  %c4 = (bf16[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%p3, %w2), '
+      + cfg.format(kind='Forward', act='kNone'),
+      '  %g = bf16[2,8,8,4]{3,2,1,0} custom-call(%p0), custom_call_target="__cublas$lt$matmul"',
+      '}'])
+  convs = tok_compile.cudnn_convs(text)
+  assert {k: len(v) for k, v in convs.items()} == {'convForward': 2, 'convBiasActivationForward': 2}
+  assert tok_compile.hlo_stats(text)['cudnn_convs'] == {'convBiasActivationForward': 2,
+                                                        'convForward': 2}
+  assert 'cudnn_convs' not in tok_compile.hlo_stats('ENTRY %main {\n}')

@@ -138,3 +138,43 @@ def test_fusion_times_charge_each_gap_to_the_fused_producer(tmp_path, capsys):
   assert out['computations'][0]['name'] == 'main.7'
   with pytest.raises(UserError, match='priority_fusion=2'):
     xla_logs.fusion_times(LOG.splitlines())
+
+
+TIMELINE = """\
+I1207 10:00:00.000000   100 config_assigner.cc:133] Finding configs for 2 unique instructions.
+=== tok_compile: compile ship
+I1207 10:00:01.000000   100 config_assigner.cc:133] Finding configs for 3 unique instructions.
+I1207 10:00:01.000000   100 config_assigner.cc:341] Getting tuned config for HLO: %cudnn-conv.1 = (bf16[16,336,336,128]{3,2,1,0}, u8[0]{0}) custom-call(...)
+I1207 10:00:01.500000   100 config_assigner.cc:341] Getting tuned config for HLO: %cudnn-conv.2 = (bf16[16,21,21,512]{3,2,1,0}, u8[0]{0}) custom-call(...)
+I1207 10:00:01.700000   201 autotuner.cc:228] Using runner 0
+I1207 10:00:01.800000   201 config_runner.cc:89] Validating outputs via clustering across 40 config(s).
+I1207 10:00:02.000000   100 config_assigner.cc:341] Getting tuned config for HLO: %cudnn-conv.3 = (bf16[16,84,84,256]{3,2,1,0}, u8[0]{0}) custom-call(...)
+I1207 10:00:02.100000   202 autotuner.cc:228] Using runner 0
+I1207 10:00:03.800000   201 autotuner.cc:252] cudnn : algorithm { algo_id: 3 } (2.1 ms)
+I1207 10:00:03.800010   201 autotuner.cc:252] cudnn : algorithm { algo_id: 7 } (2.4 ms)
+I1207 10:00:03.900000   202 config_runner.cc:89] Validating outputs via clustering across 12 config(s).
+I1207 10:00:04.400000   202 autotuner.cc:252] cudnn : algorithm { algo_id: 1 } (0.1 ms)
+I1207 10:00:04.500000   203 autotuner.cc:187] Found only one supported config: cudnn : algorithm { algo_id: 0 }
+"""
+
+
+def test_autotune_timeline_splits_enumeration_compiles_and_serial_timing(tmp_path, capsys):
+  """The autotuner's phases from its VLOG timestamps: the compiling thread's enumeration gaps,
+  the candidate compiles' completion times and the serial timing windows (from 'Validating' to
+  the first profile line after it), relative to the first autotuner line after the marker."""
+  res = xla_logs.autotune_timeline(TIMELINE.splitlines(), after='=== tok_compile: compile ship')
+  assert res['instructions'] == 3
+  assert res['enumerate'] == {'first_last_s': [0.0, 1.0], 'gaps_sum_s': 1.0, 'max_gap_s': 0.5}
+  assert res['compiled'] == {'count': 2, 'first_last_s': [0.7, 1.1]}
+  assert res['timed']['count'] == 2 and res['timed']['first_last_s'] == [0.8, 2.9]
+  assert res['timed']['windows_sum_s'] == pytest.approx(2.0 + 0.5)
+  assert res['timed']['max_window_s'] == pytest.approx(2.0)
+  assert res['span_s'] == pytest.approx(3.4)  # to the last profile line ('Found only' is not one)
+  path = tmp_path / 'err'
+  path.write_text(TIMELINE)
+  xla_logs.main(['timeline', str(path)])
+  out = capsys.readouterr().out.splitlines()
+  assert json.loads(out[-1])['instructions'] == 3 and out[0].startswith('3 instructions')
+  xla_logs.main(['timeline', str(path), '--after', '=== tok_compile: compile ship'])
+  xla_logs.main(['timeline', str(tmp_path / 'err'), '--after', 'Found only'])  # nothing after it
+  assert 'no autotuner lines' in capsys.readouterr().out

@@ -61,11 +61,37 @@ def custom_call_targets(stablehlo_text: str) -> list[str]:
 
 def hlo_stats(text: str) -> dict:
   """Counts in an optimized HLO module's text: instructions, fusions (kernels XLA generates),
-  custom calls (cuBLAS / cuDNN / Triton), while loops."""
-  return {'instructions': len(re.findall(r'^\s+(?:ROOT )?%?[\w.-]+ = ', text, re.M)),
-          'fusions': len(re.findall(r' fusion\(', text)),
-          'custom_calls': len(re.findall(r' custom-call\(', text)),
-          'whiles': len(re.findall(r' while\(', text))}
+  custom calls (cuBLAS / cuDNN / Triton), while loops, and the distinct cuDNN convolutions by
+  kind (`cudnn_convs`, what XLA's GPU autotuner times one by one)."""
+  stats = {'instructions': len(re.findall(r'^\s+(?:ROOT )?%?[\w.-]+ = ', text, re.M)),
+           'fusions': len(re.findall(r' fusion\(', text)),
+           'custom_calls': len(re.findall(r' custom-call\(', text)),
+           'whiles': len(re.findall(r' while\(', text))}
+  convs = cudnn_convs(text)
+  if convs:
+    stats['cudnn_convs'] = {kind: len(keys) for kind, keys in sorted(convs.items())}
+  return stats
+
+
+_DEF = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (\(?[a-z0-9]+\[[0-9,]*\])', re.M)
+_CUDNN_CONV = re.compile(r'^\s*(?:ROOT )?%?[\w.\-]+ = \(?([a-z0-9]+\[[0-9,]*\]).*? custom-call\(([^)]*)\)'
+                         r'(.*custom_call_target="__cudnn\$(conv\w*)".*)$', re.M)
+
+
+def cudnn_convs(text: str) -> dict:
+  """{cuDNN call kind ('convForward', 'convBiasActivationForward', 'convBackwardInput', ...): the
+  set of distinct calls} in an optimized GPU HLO module. Two calls are the same when their result
+  and operand shapes, window, dimension labels, groups and fused epilogue (activation, scales)
+  agree: the autotuner tunes each such call once, over all of cuDNN's engine configurations."""
+  shapes = dict(_DEF.findall(text))
+  out: dict = {}
+  for result, operands, rest, kind in _CUDNN_CONV.findall(text):
+    ops = tuple(shapes.get(o.strip().lstrip('%'), o.strip()) for o in operands.split(',') if o.strip())
+    attrs = tuple(re.findall(r'(window=\{[^}]*\}|dim_labels=[\w>-]+|feature_group_count=\d+|'
+                             r'"activation_mode":"\w+"|"conv_result_scale":[^,}]+|'
+                             r'"side_input_scale":[^,}]+|"leakyrelu_alpha":[^,}]+)', rest))
+    out.setdefault(kind, set()).add((result, ops, attrs))
+  return out
 
 
 _LOC_DEF = re.compile(r'^(#loc\d+) = loc\((.*)\)$', re.M)

@@ -3,6 +3,7 @@
     python -m hita_jax.tools.xla_logs passes ERR[.gz] [--after '=== tok_compile: compile ship']
     python -m hita_jax.tools.xla_logs autotune AUTOTUNE_LOG.txt
     python -m hita_jax.tools.xla_logs fusion ERR[.gz] [--after ...]
+    python -m hita_jax.tools.xla_logs timeline ERR[.gz] [--after ...]
 
 `passes` reads the stderr of a compile run with
 `TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,hlo_pass_pipeline=1` (e.g. `tok_compile`,
@@ -24,6 +25,16 @@ re-pricing it caused; it is charged to the producer's source (its metadata's sou
 the log prints it, e.g. with the compile option `xla_hlo_print_inline_stack_frames=true`, else its
 op_name with the numbers dropped). Per computation: the time before the first fusion (the initial
 pricing of every instruction) and after it; then the top producers and sources.
+
+`timeline` reads the stderr of a compile run with
+`TF_CPP_VMODULE=config_assigner=1,autotuner=2,config_runner=2`: the GPU autotuner's phases from
+glog's timestamps. The compiling thread asks cuDNN / cuBLAS for each distinct instruction's
+candidate configurations in turn ('Getting tuned config', one line an instruction: the gaps are
+that enumeration, plan building included); each instruction's candidates then compile on XLA's
+thread pool ('Using runner' when they are done) and are timed one instruction at a time under one
+lock ('Validating outputs' when an instruction's timing starts after its input buffers are made;
+its per-configuration lines when it ends). Reported: the span of each phase, the enumeration gaps'
+sum, and the sum of the serial timing windows.
 
 Each prints a short table and one JSON line.
 """
@@ -188,6 +199,49 @@ def autotune_summary(text: str) -> dict:
   return out
 
 
+def autotune_timeline(lines, after: str | None = None) -> dict:
+  """The GPU autotuner's phases from its VLOG lines' timestamps (see the module docstring)."""
+  gets, done, starts, profiled = [], [], [], []
+  started = after is None
+  t0 = None
+  for line in lines:
+    if not started:
+      started = after in line
+      continue
+    t = _glog_seconds(line)
+    if t is None or '] ' not in line:
+      continue
+    where, msg = line.split('] ', 1)
+    if 'config_assigner.cc' in where and msg.startswith(('Finding configs for', 'Getting tuned config')):
+      t0 = t if t0 is None else t0
+      if msg.startswith('Getting tuned config'):
+        gets.append(t)
+    elif 'autotuner.cc' in where and msg.startswith('Using runner'):
+      done.append(t)
+    elif 'config_runner.cc' in where and msg.startswith('Validating outputs'):
+      starts.append(t)
+    elif 'autotuner.cc' in where and not msg.startswith(('Using ', 'Autotun', 'Found only')):
+      profiled.append(t)  # a configuration's profile, logged when its instruction's timing ends
+  if t0 is None:
+    return {'instructions': 0}
+  # each timing window: from its start to the first profile line after it (the windows are serial)
+  windows = []
+  for i, s in enumerate(starts):
+    nxt = starts[i + 1] if i + 1 < len(starts) else float('inf')
+    ends = [p for p in profiled if s <= p < nxt]
+    windows.append((ends[0] if ends else s) - s)
+  gaps = [b - a for a, b in zip(gets, gets[1:])]
+  last = max([t0] + gets + done + starts + profiled)
+  rel = lambda xs: [round(xs[0] - t0, 3), round(xs[-1] - t0, 3)] if xs else None
+  return {'instructions': len(gets), 'span_s': round(last - t0, 3),
+          'enumerate': {'first_last_s': rel(gets), 'gaps_sum_s': round(sum(gaps), 3),
+                        'max_gap_s': round(max(gaps, default=0.0), 3)},
+          'compiled': {'count': len(done), 'first_last_s': rel(done)},
+          'timed': {'count': len(starts), 'first_last_s': rel(starts),
+                    'windows_sum_s': round(sum(windows), 3),
+                    'max_window_s': round(max(windows, default=0.0), 3)}}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
@@ -202,6 +256,9 @@ def main(argv=None):
   a3.add_argument('log')
   a3.add_argument('--after', default=None, help='start after the first line containing this text')
   a3.add_argument('--top', type=int, default=15)
+  a4 = sub.add_parser('timeline')
+  a4.add_argument('log')
+  a4.add_argument('--after', default=None, help='start after the first line containing this text')
   a = p.parse_args(argv)
   if a.cmd == 'passes':
     res = pass_times(_lines(a.log), a.after)
@@ -232,6 +289,20 @@ def main(argv=None):
                       'by_source': {k: [round(v[0], 3), v[1]] for k, v in ranked[:a.top]},
                       'by_opcode': {k: [round(v[0], 3), v[1]] for k, v in
                                     sorted(res['by_opcode'].items(), key=lambda kv: -kv[1][0])[:a.top]}}))
+  elif a.cmd == 'timeline':
+    res = autotune_timeline(_lines(a.log, 'the stderr of a compile run with config_assigner=1,'
+                                          'autotuner=2,config_runner=2'), a.after)
+    if res['instructions']:
+      e, c, t = res['enumerate'], res['compiled'], res['timed']
+      print(f"{res['instructions']} instructions, autotuner span {res['span_s']:.2f} s")
+      print(f"  enumeration (compiling thread): {e['gaps_sum_s']:.2f} s over {e['first_last_s']}, "
+            f"longest {e['max_gap_s']:.3f} s")
+      print(f"  candidate compiles done: {c['count']} over {c['first_last_s']}")
+      print(f"  timing (serial): {t['windows_sum_s']:.2f} s in {t['count']} windows over "
+            f"{t['first_last_s']}, longest {t['max_window_s']:.3f} s")
+    else:
+      print('no autotuner lines (run with TF_CPP_VMODULE=config_assigner=1,autotuner=2,config_runner=2)')
+    print(json.dumps(res))
   else:
     res = autotune_summary(''.join(_lines(a.log, 'the file --xla_gpu_dump_autotune_logs_to wrote')))
     for backend, r in res.items():
