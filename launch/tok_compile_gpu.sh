@@ -11,8 +11,9 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh all       # smaller + CONV_1X1=gemm + FLAT_CONCAT_GROUP=$GROUP
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh norms     # the shipped step, then with the LayerNorms and
 #     LPIPS tap norms fused (the spelling before 2026-12-07), a process each
-#   OUT=/tmp/out bash launch/tok_compile_gpu.sh epilogue  # layers.CONV_EPILOGUE=xla (one plain cuDNN call
-#     per convolution shape), then the shipped step, a process each, with the autotuner's timeline
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh epilogue  # layers.CONV_EPILOGUE=xla with
+#     CONV_INPUT_GRAD=forward (one cuDNN call per convolution shape), the shipped step, then
+#     CONV_EPILOGUE=xla alone, a process each, with the autotuner's timeline (~8 min)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh probe     # which op kind each of $OPTION_SETS breaks
 #     (python -m hita_jax.tools.xla_option_probe: 10 small programs x (base + each set), a process each,
 #     a few seconds a process; stops at $DEADLINE s, 420 by default, and still writes its summary)
@@ -77,9 +78,11 @@ case $part in
          --set layers.CONV_1X1=gemm --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
   norms) timers split
          timers fused --set layers.LAYER_NORM=fused --set lpips.TAP_NORM=fused ;;
-  epilogue) for arm in epi:xla ship:cudnn; do
-              name=${arm%%:*}
-              TIMELINE=1 timers "$name" --set "layers.CONV_EPILOGUE=${arm#*:}" \
+  # both: CONV_EPILOGUE=xla and CONV_INPUT_GRAD=forward (84 distinct cuDNN calls against 116)
+  epilogue) for arm in both:xla:forward ship:cudnn:xla epi:xla:xla; do
+              name=${arm%%:*}; rest=${arm#*:}
+              TIMELINE=1 timers "$name" --set "layers.CONV_EPILOGUE=${rest%%:*}" \
+                --set "layers.CONV_INPUT_GRAD=${rest#*:}" \
                 --options "$name:xla_gpu_dump_autotune_logs_to=$OUT/autotune/$name.txt"
               python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/$name.txt" | cut -c1-400
               gzip -f "$OUT/autotune/$name.txt"

@@ -606,3 +606,61 @@ def test_conv_epilogue_apart_is_the_same_function(conv_bias, conv_1x1, monkeypat
   monkeypatch.setattr(layers, 'CONV_EPILOGUE', 'fused')
   with pytest.raises(ValueError, match='CONV_EPILOGUE must be one of'):
     layers.conv_apply(layers.conv(4, 4, 3, rngs=nnx.Rngs(0)), jnp.zeros((1, 4, 4, 4)))
+
+
+def test_conv_input_grad_as_forward_is_the_same_function(monkeypatch):
+  """layers.CONV_INPUT_GRAD='forward' computes a stride-1 SAME convolution's input gradient as the
+  forward convolution of dy with the rotated, channel-swapped kernel (behind barriers): the
+  traced backward has the barriers; the encoder + decoder + LPIPS give the same loss and
+  gradients in fp32 as autodiff, and in bf16 stay within bf16 rounding of fp32 as autodiff's bf16
+  program does; non-SAME, strided and 1x1 convolutions keep autodiff; a bad value is named."""
+  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
+  from hita_jax.models.lpips import LPIPS
+  monkeypatch.setattr(layers, 'CONV_EPILOGUE', 'xla')
+
+  def build(dtype):
+    kw = dict(ch=16, ch_mult=(1, 2), z_channels=32, groups=4, dtype=dtype, rngs=nnx.Rngs(5))
+    return (CNNEncoder(num_res_blocks=1, **kw), CNNDecoder(num_res_blocks=1, **kw),
+            LPIPS(rngs=nnx.Rngs(7), dtype=dtype, dropout=0.0))
+
+  x = jax.random.uniform(jax.random.key(6), (2, 32, 32, 3), minval=-1, maxval=1)
+
+  def loss(graph, rest):
+    def f(p):
+      enc, dec, lp = nnx.merge(graph, p, rest)
+      y = dec(enc(x)).astype(jnp.float32)
+      return jnp.sum(jnp.sin(3 * y)) + jnp.sum(lp(x, jnp.tanh(y)))
+    return f
+
+  def run(mode, dtype):
+    monkeypatch.setattr(layers, 'CONV_INPUT_GRAD', mode)
+    graph, params, rest = nnx.split(build(dtype), nnx.Param, ...)
+    grad = jax.jit(jax.value_and_grad(loss(graph, rest)))
+    barriers = grad.lower(params).as_text().count('optimization_barrier')
+    val, grads = grad(params)
+    return barriers, float(val), [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
+
+  b32, v32, g32 = run('xla', jnp.float32)
+  b_fwd, v_fwd, g_fwd = run('forward', jnp.float32)
+  assert b_fwd > b32  # two more a SAME 3x3 conv's backward
+  np.testing.assert_allclose(v_fwd, v32, rtol=1e-6)
+  scale = max(float(np.abs(g).max()) for g in g32)
+  for a, b in zip(g_fwd, g32):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+  _, v16, g16 = run('forward', jnp.bfloat16)
+  _, v16_base, g16_base = run('xla', jnp.bfloat16)
+  err = lambda gs: max(float(np.abs(a - b).max()) for a, b in zip(gs, g32)) / scale
+  assert abs(v16 - v32) <= 3 * abs(v16_base - v32) + 1e-2 * abs(v32)
+  assert err(g16) <= 3 * err(g16_base) + 1e-3, (err(g16), err(g16_base))
+  # which convolutions take it: stride-1 SAME odd kernels wider than 1 only
+  monkeypatch.setattr(layers, 'CONV_INPUT_GRAD', 'forward')
+  z = jnp.ones((1, 6, 6, 4))
+  for conv, takes in [(layers.conv(4, 4, 3, rngs=nnx.Rngs(0)), True),
+                      (layers.conv(4, 4, 1, rngs=nnx.Rngs(0)), False),
+                      (layers.conv(4, 4, 3, stride=2, rngs=nnx.Rngs(0)), False),
+                      (layers.conv(4, 4, 3, padding='VALID', rngs=nnx.Rngs(0)), False)]:
+    text = jax.jit(jax.grad(lambda z: jnp.sum(layers.conv_without_bias(conv, z)))).lower(z).as_text()
+    assert ('optimization_barrier' in text) == takes, conv.kernel_size
+  monkeypatch.setattr(layers, 'CONV_INPUT_GRAD', 'transpose')
+  with pytest.raises(ValueError, match='CONV_INPUT_GRAD must be one of'):
+    layers.conv_apply(layers.conv(4, 4, 3, rngs=nnx.Rngs(0)), jnp.zeros((1, 4, 4, 4)))
