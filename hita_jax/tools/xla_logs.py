@@ -66,16 +66,37 @@ def _lines(path: str, what: str = 'the stderr of a compile run'):
     raise UserError(f'{path} could not be read ({e}); fix the log argument') from e
 
 
+def _after(lines, after: str | None):
+  """The lines after the first one containing `after` (every line when it is None)."""
+  started = after is None
+  for line in lines:
+    if started:
+      yield line
+    else:
+      started = after in line
+  if not started:
+    raise UserError(f'no line of the log contains {after!r} (fix --after, or leave it out)')
+
+
+def _timed(lines):
+  """(seconds, line) for each glog line, the clock carried on past midnight."""
+  day, last = 0.0, None
+  for line in lines:
+    t = _glog_seconds(line)
+    if t is None:
+      continue
+    if last is not None and t + day < last - 43200:  # the log crossed midnight
+      day += 86400.0
+    last = t + day
+    yield last, line
+
+
 def pass_times(lines, after: str | None = None) -> dict:
   """{'passes': {name: [seconds, calls]}, 'stages': {(stage, module): seconds}} from XLA's pass
   timer lines; with `after`, only the lines after the first one containing it."""
   passes = collections.defaultdict(lambda: [0.0, 0])
   stages = collections.defaultdict(float)
-  started = after is None
-  for line in lines:
-    if not started:
-      started = after in line
-      continue
+  for line in _after(lines, after):
     m = _PASS.search(line)
     if m:
       p = passes[m.group(1)]
@@ -85,8 +106,6 @@ def pass_times(lines, after: str | None = None) -> dict:
     m = _STAGE.search(line)
     if m:
       stages[(m.group(1), m.group(2))] += float(m.group(3)) * _UNITS[m.group(4)]
-  if not started:
-    raise UserError(f'no line of the log contains {after!r} (fix --after, or leave it out)')
   return {'passes': dict(passes), 'stages': dict(stages)}
 
 
@@ -122,21 +141,8 @@ def fusion_times(lines, after: str | None = None) -> dict:
   by_source = collections.defaultdict(lambda: [0.0, 0])
   by_opcode = collections.defaultdict(lambda: [0.0, 0])
   top = []  # (seconds, producer name, source)
-  started = after is None
   prev = None  # (time, opcode, source, name) of the last 'Fusing' line of the current computation
-  day = 0.0
-  last_t = None
-  for line in lines:
-    if not started:
-      started = after in line
-      continue
-    t = _glog_seconds(line)
-    if t is None:
-      continue
-    if last_t is not None and t + day < last_t - 43200:  # the log crossed midnight
-      day += 86400.0
-    t += day
-    last_t = t
+  for t, line in _timed(_after(lines, after)):
     m = _START.search(line)
     if m:
       comps.append([m.group(1), t, None, t, 0])
@@ -159,8 +165,6 @@ def fusion_times(lines, after: str | None = None) -> dict:
     comp[3] = t
     comp[4] += 1
     prev = (t, opcode, source, m.group(1))
-  if not started:
-    raise UserError(f'no line of the log contains {after!r} (fix --after, or leave it out)')
   if not comps:
     raise UserError('no priority-fusion lines in the log (run the compile with '
                     'TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=priority_fusion=2)')
@@ -202,14 +206,9 @@ def autotune_summary(text: str) -> dict:
 def autotune_timeline(lines, after: str | None = None) -> dict:
   """The GPU autotuner's phases from its VLOG lines' timestamps (see the module docstring)."""
   gets, done, starts, profiled = [], [], [], []
-  started = after is None
   t0 = None
-  for line in lines:
-    if not started:
-      started = after in line
-      continue
-    t = _glog_seconds(line)
-    if t is None or '] ' not in line:
+  for t, line in _timed(_after(lines, after)):
+    if '] ' not in line:
       continue
     where, msg = line.split('] ', 1)
     if 'config_assigner.cc' in where and msg.startswith(('Finding configs for', 'Getting tuned config')):
