@@ -551,6 +551,32 @@ def test_tokenizer_quant_convs_follow_the_one_by_one_switch(monkeypatch):
   np.testing.assert_allclose(out['gemm'], out['conv'], rtol=1e-5, atol=1e-5)
 
 
+def _cnn_lpips(dtype):
+  """A tiny CNN encoder + decoder and LPIPS (no dropout), and a loss of their parameters: the
+  reconstruction's sin-sum plus LPIPS against the input (every conv kind the tokenizer trains)."""
+  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
+  from hita_jax.models.lpips import LPIPS
+  kw = dict(ch=16, ch_mult=(1, 2), z_channels=32, groups=4, dtype=dtype, rngs=nnx.Rngs(5))
+  model = (CNNEncoder(num_res_blocks=1, **kw), CNNDecoder(num_res_blocks=1, **kw),
+           LPIPS(rngs=nnx.Rngs(7), dtype=dtype, dropout=0.0))
+  x = jax.random.uniform(jax.random.key(6), (2, 32, 32, 3), minval=-1, maxval=1)
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(p):
+    enc, dec, lp = nnx.merge(graph, p, rest)
+    y = dec(enc(x)).astype(jnp.float32)
+    return jnp.sum(jnp.sin(3 * y)) + jnp.sum(lp(x, jnp.tanh(y)))
+  return model, loss, params
+
+
+def _assert_bf16_as_close(v16, g16, v16_base, g16_base, v32, g32):
+  """A bf16 program's loss and gradients are as close to fp32 as the default bf16 program's."""
+  scale = max(float(np.abs(g).max()) for g in g32)
+  err = lambda gs: max(float(np.abs(a - b).max()) for a, b in zip(gs, g32)) / scale
+  assert abs(v16 - v32) <= 3 * abs(v16_base - v32) + 1e-2 * abs(v32)
+  assert err(g16) <= 3 * err(g16_base) + 1e-3, (err(g16), err(g16_base))
+
+
 @pytest.mark.parametrize('conv_bias,conv_1x1', [('xla', 'conv'), ('sums', 'gemm')])
 def test_conv_epilogue_apart_is_the_same_function(conv_bias, conv_1x1, monkeypatch):
   """layers.CONV_EPILOGUE='xla' puts each biased convolution's output behind an optimization
@@ -558,36 +584,20 @@ def test_conv_epilogue_apart_is_the_same_function(conv_bias, conv_1x1, monkeypat
   folding the bias / residual / ReLU into it): the CNN and LPIPS trace one barrier per biased
   convolution and none with 'cudnn'; in fp32 the same loss and gradients; in bf16 within bf16
   rounding of fp32, as the 'cudnn' program is; a bad value is named."""
-  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
-  from hita_jax.models.lpips import LPIPS
   monkeypatch.setattr(layers, 'CONV_BIAS', conv_bias)
   monkeypatch.setattr(layers, 'CONV_1X1', conv_1x1)
 
-  def build(dtype):
-    kw = dict(ch=16, ch_mult=(1, 2), z_channels=32, groups=4, dtype=dtype, rngs=nnx.Rngs(5))
-    return (CNNEncoder(num_res_blocks=1, **kw), CNNDecoder(num_res_blocks=1, **kw),
-            LPIPS(rngs=nnx.Rngs(7), dtype=dtype, dropout=0.0))
-
-  x = jax.random.uniform(jax.random.key(6), (2, 32, 32, 3), minval=-1, maxval=1)
-
-  def loss(graph, rest):
-    def f(p):
-      enc, dec, lp = nnx.merge(graph, p, rest)
-      y = dec(enc(x)).astype(jnp.float32)
-      return jnp.sum(jnp.sin(3 * y)) + jnp.sum(lp(x, jnp.tanh(y)))
-    return f
-
   def run(mode, dtype):
     monkeypatch.setattr(layers, 'CONV_EPILOGUE', mode)
-    graph, params, rest = nnx.split(build(dtype), nnx.Param, ...)
-    text = jax.jit(loss(graph, rest)).lower(params).as_text()
+    _, loss, params = _cnn_lpips(dtype)
+    text = jax.jit(loss).lower(params).as_text()
     barriers = sum('optimization_barrier' in ln for ln in text.splitlines())
-    val, grads = jax.jit(jax.value_and_grad(loss(graph, rest)))(params)
+    val, grads = jax.jit(jax.value_and_grad(loss))(params)
     return barriers, float(val), [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
 
   base_barriers, v32, g32 = run('cudnn', jnp.float32)
   barriers, v_apart, g_apart = run('xla', jnp.float32)
-  enc, dec, lp = build(jnp.float32)
+  (enc, dec, lp), _, _ = _cnn_lpips(jnp.float32)
   # every biased conv the forward runs, LPIPS's twice (both images); a ResnetBlock's conv1 adds
   # its bias inside the GroupNorm after it (no conv_apply)
   cnn = [(path, m) for path, m in nnx.iter_graph((enc, dec))
@@ -598,11 +608,7 @@ def test_conv_epilogue_apart_is_the_same_function(conv_bias, conv_1x1, monkeypat
   scale = max(float(np.abs(g).max()) for g in g32)
   for a, b in zip(g_apart, g32):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
-  _, v16, g16 = run('xla', jnp.bfloat16)
-  _, v16_base, g16_base = run('cudnn', jnp.bfloat16)
-  err = lambda gs: max(float(np.abs(a - b).max()) for a, b in zip(gs, g32)) / scale
-  assert abs(v16 - v32) <= 3 * abs(v16_base - v32) + 1e-2 * abs(v32)
-  assert err(g16) <= 3 * err(g16_base) + 1e-3, (err(g16), err(g16_base))
+  _assert_bf16_as_close(*run('xla', jnp.bfloat16)[1:], *run('cudnn', jnp.bfloat16)[1:], v32, g32)
   monkeypatch.setattr(layers, 'CONV_EPILOGUE', 'fused')
   with pytest.raises(ValueError, match='CONV_EPILOGUE must be one of'):
     layers.conv_apply(layers.conv(4, 4, 3, rngs=nnx.Rngs(0)), jnp.zeros((1, 4, 4, 4)))
@@ -614,28 +620,12 @@ def test_conv_input_grad_as_forward_is_the_same_function(monkeypatch):
   traced backward has the barriers; the encoder + decoder + LPIPS give the same loss and
   gradients in fp32 as autodiff, and in bf16 stay within bf16 rounding of fp32 as autodiff's bf16
   program does; non-SAME, strided and 1x1 convolutions keep autodiff; a bad value is named."""
-  from hita_jax.models.cnn import CNNDecoder, CNNEncoder
-  from hita_jax.models.lpips import LPIPS
   monkeypatch.setattr(layers, 'CONV_EPILOGUE', 'xla')
-
-  def build(dtype):
-    kw = dict(ch=16, ch_mult=(1, 2), z_channels=32, groups=4, dtype=dtype, rngs=nnx.Rngs(5))
-    return (CNNEncoder(num_res_blocks=1, **kw), CNNDecoder(num_res_blocks=1, **kw),
-            LPIPS(rngs=nnx.Rngs(7), dtype=dtype, dropout=0.0))
-
-  x = jax.random.uniform(jax.random.key(6), (2, 32, 32, 3), minval=-1, maxval=1)
-
-  def loss(graph, rest):
-    def f(p):
-      enc, dec, lp = nnx.merge(graph, p, rest)
-      y = dec(enc(x)).astype(jnp.float32)
-      return jnp.sum(jnp.sin(3 * y)) + jnp.sum(lp(x, jnp.tanh(y)))
-    return f
 
   def run(mode, dtype):
     monkeypatch.setattr(layers, 'CONV_INPUT_GRAD', mode)
-    graph, params, rest = nnx.split(build(dtype), nnx.Param, ...)
-    grad = jax.jit(jax.value_and_grad(loss(graph, rest)))
+    _, loss, params = _cnn_lpips(dtype)
+    grad = jax.jit(jax.value_and_grad(loss))
     barriers = grad.lower(params).as_text().count('optimization_barrier')
     val, grads = grad(params)
     return barriers, float(val), [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
@@ -647,11 +637,7 @@ def test_conv_input_grad_as_forward_is_the_same_function(monkeypatch):
   scale = max(float(np.abs(g).max()) for g in g32)
   for a, b in zip(g_fwd, g32):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
-  _, v16, g16 = run('forward', jnp.bfloat16)
-  _, v16_base, g16_base = run('xla', jnp.bfloat16)
-  err = lambda gs: max(float(np.abs(a - b).max()) for a, b in zip(gs, g32)) / scale
-  assert abs(v16 - v32) <= 3 * abs(v16_base - v32) + 1e-2 * abs(v32)
-  assert err(g16) <= 3 * err(g16_base) + 1e-3, (err(g16), err(g16_base))
+  _assert_bf16_as_close(*run('forward', jnp.bfloat16)[1:], *run('xla', jnp.bfloat16)[1:], v32, g32)
   # which convolutions take it: stride-1 SAME odd kernels wider than 1 only
   monkeypatch.setattr(layers, 'CONV_INPUT_GRAD', 'forward')
   z = jnp.ones((1, 6, 6, 4))

@@ -71,9 +71,8 @@ CONV_1X1 = 'conv'
 def _as_gemm(m: nnx.Conv) -> bool:
   if CONV_1X1 not in CONV_1X1S:
     raise ValueError(f'layers.CONV_1X1 must be one of {CONV_1X1S}, got {CONV_1X1!r}')
-  strides = 1 if m.strides is None else m.strides
-  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-  return CONV_1X1 == 'gemm' and tuple(m.kernel_size) == (1, 1) and all(st == 1 for st in strides)
+  return (CONV_1X1 == 'gemm' and tuple(m.kernel_size) == (1, 1)
+          and all(st == 1 for st in _strides(m)))
 
 
 def conv_without_bias(m: nnx.Conv, x):
@@ -165,7 +164,7 @@ CONV_BIAS = 'xla'
 # convolution shape runs as up to three cuDNN graphs (plain, + bias, + bias + side input; + ReLU
 # in LPIPS), and its autotuner times each graph's ~50 engine configurations apart. 'xla': the
 # convolution's output passes an optimization barrier, so every convolution of a shape is the
-# same plain cuDNN call and the adds fuse into XLA's next kernel (the Hita-V/16 step: 116 -> 94
+# same plain cuDNN call and the adds fuse into XLA's next kernel (the Hita-V/16 step: 116 -> 95
 # distinct cuDNN calls, docs/PERFORMANCE.md session 34). Read when a program is traced.
 CONV_EPILOGUES = ('cudnn', 'xla')
 CONV_EPILOGUE = 'cudnn'
@@ -178,18 +177,20 @@ def conv_apply(m: nnx.Conv, x):
     raise ValueError(f'layers.CONV_BIAS must be one of {CONV_BIASES}, got {CONV_BIAS!r}')
   if CONV_EPILOGUE not in CONV_EPILOGUES:
     raise ValueError(f'layers.CONV_EPILOGUE must be one of {CONV_EPILOGUES}, got {CONV_EPILOGUE!r}')
+  sums = CONV_BIAS == 'sums' and m.bias is not None
   apart = CONV_EPILOGUE == 'xla' and _plain(m, x)
-  if CONV_BIAS == 'sums' and m.bias is not None:
-    y = conv_without_bias(m, x)
-    return channel_bias_add(jax.lax.optimization_barrier(y) if apart else y, m.bias[...])
   own = _plain(m, x) and (_as_gemm(m) or _input_grad_as_forward(m, _strides(m)))
-  if not (apart or own):
+  if not (sums or apart or own):
     return m(x)
   y = conv_without_bias(m, x)  # the 1x1 product, the plain convolution or its own input gradient
   if apart:
     y = jax.lax.optimization_barrier(y)
+  if m.bias is None:
+    return y
+  if sums:
+    return channel_bias_add(y, m.bias[...])
   # nnx.Conv's bias add: the bias promoted to the compute dtype, then added
-  return y if m.bias is None else y + m.bias[...].astype(m.dtype or x.dtype)
+  return y + m.bias[...].astype(m.dtype or x.dtype)
 
 
 @jax.custom_vjp
