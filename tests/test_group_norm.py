@@ -577,76 +577,21 @@ def _assert_bf16_as_close(v16, g16, v16_base, g16_base, v32, g32):
   assert err(g16) <= 3 * err(g16_base) + 1e-3, (err(g16), err(g16_base))
 
 
-@pytest.mark.parametrize('conv_bias,conv_1x1', [('xla', 'conv'), ('sums', 'gemm')])
-def test_conv_epilogue_apart_is_the_same_function(conv_bias, conv_1x1, monkeypatch):
-  """layers.CONV_EPILOGUE='xla' puts each biased convolution's output behind an optimization
-  barrier (so XLA's GPU compiler keeps one plain cuDNN call per convolution shape instead of
-  folding the bias / residual / ReLU into it): the CNN and LPIPS trace one barrier per biased
-  convolution and none with 'cudnn'; in fp32 the same loss and gradients; in bf16 within bf16
-  rounding of fp32, as the 'cudnn' program is; a bad value is named."""
-  monkeypatch.setattr(layers, 'CONV_BIAS', conv_bias)
-  monkeypatch.setattr(layers, 'CONV_1X1', conv_1x1)
-
-  def run(mode, dtype):
-    monkeypatch.setattr(layers, 'CONV_EPILOGUE', mode)
+def test_conv_switches_on_the_cnn_and_lpips_are_the_same_function(monkeypatch):
+  """CONV_BIAS='sums' with CONV_1X1='gemm' on the encoder + decoder + LPIPS (whose VGG convs go
+  through conv_apply too): the same loss and gradients as the defaults in fp32, and in bf16 within
+  bf16 rounding of fp32 as the defaults' bf16 program is."""
+  def run(conv_bias, conv_1x1, dtype):
+    monkeypatch.setattr(layers, 'CONV_BIAS', conv_bias)
+    monkeypatch.setattr(layers, 'CONV_1X1', conv_1x1)
     _, loss, params = _cnn_lpips(dtype)
-    text = jax.jit(loss).lower(params).as_text()
-    barriers = sum('optimization_barrier' in ln for ln in text.splitlines())
     val, grads = jax.jit(jax.value_and_grad(loss))(params)
-    return barriers, float(val), [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
+    return float(val), [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
 
-  base_barriers, v32, g32 = run('cudnn', jnp.float32)
-  barriers, v_apart, g_apart = run('xla', jnp.float32)
-  (enc, dec, lp), _, _ = _cnn_lpips(jnp.float32)
-  # every biased conv the forward runs, LPIPS's twice (both images); a ResnetBlock's conv1 adds
-  # its bias inside the GroupNorm after it (no conv_apply)
-  cnn = [(path, m) for path, m in nnx.iter_graph((enc, dec))
-         if isinstance(m, nnx.Conv) and m.bias is not None and path[-1] != 'conv1']
-  assert any(tuple(m.kernel_size) == (1, 1) for _, m in cnn)
-  assert barriers - base_barriers == len(cnn) + 2 * len(lp.convs), (barriers, base_barriers)
-  np.testing.assert_allclose(v_apart, v32, rtol=1e-6)
+  v32, g32 = run('xla', 'conv', jnp.float32)
+  v_sw, g_sw = run('sums', 'gemm', jnp.float32)
+  np.testing.assert_allclose(v_sw, v32, rtol=1e-6)
   scale = max(float(np.abs(g).max()) for g in g32)
-  for a, b in zip(g_apart, g32):
+  for a, b in zip(g_sw, g32):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale)
-  _assert_bf16_as_close(*run('xla', jnp.bfloat16)[1:], *run('cudnn', jnp.bfloat16)[1:], v32, g32)
-  monkeypatch.setattr(layers, 'CONV_EPILOGUE', 'fused')
-  with pytest.raises(ValueError, match='CONV_EPILOGUE must be one of'):
-    layers.conv_apply(layers.conv(4, 4, 3, rngs=nnx.Rngs(0)), jnp.zeros((1, 4, 4, 4)))
-
-
-def test_conv_input_grad_as_forward_is_the_same_function(monkeypatch):
-  """layers.CONV_INPUT_GRAD='forward' computes a stride-1 SAME convolution's input gradient as the
-  forward convolution of dy with the rotated, channel-swapped kernel (behind barriers): the
-  traced backward has the barriers; the encoder + decoder + LPIPS give the same loss and
-  gradients in fp32 as autodiff, and in bf16 stay within bf16 rounding of fp32 as autodiff's bf16
-  program does; non-SAME, strided and 1x1 convolutions keep autodiff; a bad value is named."""
-  monkeypatch.setattr(layers, 'CONV_EPILOGUE', 'xla')
-
-  def run(mode, dtype):
-    monkeypatch.setattr(layers, 'CONV_INPUT_GRAD', mode)
-    _, loss, params = _cnn_lpips(dtype)
-    grad = jax.jit(jax.value_and_grad(loss))
-    barriers = grad.lower(params).as_text().count('optimization_barrier')
-    val, grads = grad(params)
-    return barriers, float(val), [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
-
-  b32, v32, g32 = run('xla', jnp.float32)
-  b_fwd, v_fwd, g_fwd = run('forward', jnp.float32)
-  assert b_fwd > b32  # two more a SAME 3x3 conv's backward
-  np.testing.assert_allclose(v_fwd, v32, rtol=1e-6)
-  scale = max(float(np.abs(g).max()) for g in g32)
-  for a, b in zip(g_fwd, g32):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
-  _assert_bf16_as_close(*run('forward', jnp.bfloat16)[1:], *run('xla', jnp.bfloat16)[1:], v32, g32)
-  # which convolutions take it: stride-1 SAME odd kernels wider than 1 only
-  monkeypatch.setattr(layers, 'CONV_INPUT_GRAD', 'forward')
-  z = jnp.ones((1, 6, 6, 4))
-  for conv, takes in [(layers.conv(4, 4, 3, rngs=nnx.Rngs(0)), True),
-                      (layers.conv(4, 4, 1, rngs=nnx.Rngs(0)), False),
-                      (layers.conv(4, 4, 3, stride=2, rngs=nnx.Rngs(0)), False),
-                      (layers.conv(4, 4, 3, padding='VALID', rngs=nnx.Rngs(0)), False)]:
-    text = jax.jit(jax.grad(lambda z: jnp.sum(layers.conv_without_bias(conv, z)))).lower(z).as_text()
-    assert ('optimization_barrier' in text) == takes, conv.kernel_size
-  monkeypatch.setattr(layers, 'CONV_INPUT_GRAD', 'transpose')
-  with pytest.raises(ValueError, match='CONV_INPUT_GRAD must be one of'):
-    layers.conv_apply(layers.conv(4, 4, 3, rngs=nnx.Rngs(0)), jnp.zeros((1, 4, 4, 4)))
+  _assert_bf16_as_close(*run('sums', 'gemm', jnp.bfloat16), *run('xla', 'conv', jnp.bfloat16), v32, g32)

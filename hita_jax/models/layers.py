@@ -84,68 +84,13 @@ def conv_without_bias(m: nnx.Conv, x):
   x, kernel = m.promote_dtype((x, m.kernel[...]), dtype=m.dtype)
   if _as_gemm(m):  # a 1x1 kernel pads nothing under SAME or VALID
     return jnp.einsum('nhwc,cd->nhwd', x, kernel[0, 0], precision=m.precision)
-  strides = _strides(m)
-  if _input_grad_as_forward(m, strides):
-    return _same_conv(x, kernel, m.precision)
-  return m.conv_general_dilated(x, kernel, strides, m.padding,
+  return m.conv_general_dilated(x, kernel, _strides(m), m.padding,
                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=m.precision)
 
 
 def _strides(m: nnx.Conv) -> tuple:
   strides = 1 if m.strides is None else m.strides
   return (strides,) * 2 if isinstance(strides, int) else tuple(strides)
-
-
-# How a stride-1 'SAME' convolution's input gradient is computed (odd kernels wider than 1, in
-# `conv_without_bias`, so the CNN's conv1s, and every CNN / LPIPS conv under CONV_INPUT_GRAD or
-# CONV_EPILOGUE='xla' through `conv_apply`). 'xla': autodiff's transposed convolution, which XLA's
-# GPU compiler turns into a cuDNN backward-data call. 'forward': the same sum written as the
-# forward convolution of dy with the kernel flipped and its channel axes swapped (the flipped kernel
-# and the result behind optimization barriers, so XLA keeps it a plain forward call). A CxC
-# convolution's input gradient is then the same cuDNN call as the forward convolution of that
-# shape, and XLA's autotuner tunes one call instead of two (docs/PERFORMANCE.md session 34).
-# Read when a program is traced.
-CONV_INPUT_GRADS = ('xla', 'forward')
-CONV_INPUT_GRAD = 'xla'
-
-
-def _input_grad_as_forward(m: nnx.Conv, strides: tuple) -> bool:
-  if CONV_INPUT_GRAD not in CONV_INPUT_GRADS:
-    raise ValueError(f'layers.CONV_INPUT_GRAD must be one of {CONV_INPUT_GRADS}, '
-                     f'got {CONV_INPUT_GRAD!r}')
-  k = tuple(m.kernel_size)
-  return (CONV_INPUT_GRAD == 'forward' and m.padding == 'SAME' and all(st == 1 for st in strides)
-          and len(k) == 2 and k[0] == k[1] and k[0] % 2 == 1 and k[0] > 1
-          and m.conv_general_dilated is jax.lax.conv_general_dilated)
-
-
-def _nhwc_conv(x, kernel, precision):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', precision=precision,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _same_conv(x, kernel, precision):
-  """A stride-1 'SAME' NHWC convolution (odd square kernel) whose input gradient is a forward
-  convolution (CONV_INPUT_GRAD='forward')."""
-  return _nhwc_conv(x, kernel, precision)
-
-
-def _same_conv_fwd(x, kernel, precision):
-  return _nhwc_conv(x, kernel, precision), (x, kernel)
-
-
-def _same_conv_bwd(precision, res, dy):
-  x, kernel = res
-  # SAME with an odd kernel pads (k-1)/2 on each side, so the transpose is SAME with the kernel
-  # rotated 180 degrees and its in / out channels swapped
-  flipped = jax.lax.optimization_barrier(jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-  dx = jax.lax.optimization_barrier(_nhwc_conv(dy, flipped, precision))
-  dkernel, = jax.vjp(lambda w: _nhwc_conv(x, w, precision), kernel)[1](dy)
-  return dx.astype(x.dtype), dkernel
-
-
-_same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
 
 
 # The CNN convolutions' bias gradient (`conv_apply`). 'xla': nnx.Conv adds its bias and autodiff
@@ -159,32 +104,15 @@ CONV_BIASES = ('xla', 'sums')
 CONV_BIAS = 'xla'
 
 
-# Where a convolution's bias (and the residual or ReLU after it) is applied (`conv_apply`).
-# 'cudnn': as written; XLA's GPU compiler folds them into the cuDNN call where it can, so one
-# convolution shape runs as up to three cuDNN graphs (plain, + bias, + bias + side input; + ReLU
-# in LPIPS), and its autotuner times each graph's ~50 engine configurations apart. 'xla': the
-# convolution's output passes an optimization barrier, so every convolution of a shape is the
-# same plain cuDNN call and the adds fuse into XLA's next kernel (the Hita-V/16 step: 116 -> 95
-# distinct cuDNN calls, docs/PERFORMANCE.md session 34). Read when a program is traced.
-CONV_EPILOGUES = ('cudnn', 'xla')
-CONV_EPILOGUE = 'cudnn'
-
-
 def conv_apply(m: nnx.Conv, x):
-  """`m(x)`, with the bias gradient per CONV_BIAS, 1x1 kernels per CONV_1X1, the bias add per
-  CONV_EPILOGUE and the input gradient per CONV_INPUT_GRAD."""
+  """`m(x)`, with the bias gradient per CONV_BIAS and 1x1 kernels per CONV_1X1."""
   if CONV_BIAS not in CONV_BIASES:
     raise ValueError(f'layers.CONV_BIAS must be one of {CONV_BIASES}, got {CONV_BIAS!r}')
-  if CONV_EPILOGUE not in CONV_EPILOGUES:
-    raise ValueError(f'layers.CONV_EPILOGUE must be one of {CONV_EPILOGUES}, got {CONV_EPILOGUE!r}')
   sums = CONV_BIAS == 'sums' and m.bias is not None
-  apart = CONV_EPILOGUE == 'xla' and _plain(m, x)
-  own = _plain(m, x) and (_as_gemm(m) or _input_grad_as_forward(m, _strides(m)))
-  if not (sums or apart or own):
+  gemm = _plain(m, x) and _as_gemm(m)
+  if not (sums or gemm):
     return m(x)
-  y = conv_without_bias(m, x)  # the 1x1 product, the plain convolution or its own input gradient
-  if apart:
-    y = jax.lax.optimization_barrier(y)
+  y = conv_without_bias(m, x)  # the 1x1 product or the plain convolution
   if m.bias is None:
     return y
   if sums:

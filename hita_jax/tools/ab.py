@@ -102,8 +102,6 @@ def apply_overrides(config, items: list[str], flag: str = '--set') -> dict:
 # name -> (module, the module's tuple of allowed values, or int for a count >= 0).
 TRACE_SWITCHES = {'layers.CONV_1X1': ('hita_jax.models.layers', 'CONV_1X1S'),
                   'layers.CONV_BIAS': ('hita_jax.models.layers', 'CONV_BIASES'),
-                  'layers.CONV_EPILOGUE': ('hita_jax.models.layers', 'CONV_EPILOGUES'),
-                  'layers.CONV_INPUT_GRAD': ('hita_jax.models.layers', 'CONV_INPUT_GRADS'),
                   'layers.SPATIAL_SUM': ('hita_jax.models.layers', 'SPATIAL_SUMS'),
                   'layers.LAYER_NORM': ('hita_jax.models.layers', 'LAYER_NORMS'),
                   'lpips.TAP_NORM': ('hita_jax.models.lpips', 'TAP_NORMS'),
