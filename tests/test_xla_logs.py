@@ -150,10 +150,11 @@ I1207 10:00:01.700000   201 autotuner.cc:228] Using runner 0
 I1207 10:00:01.800000   201 config_runner.cc:89] Validating outputs via clustering across 40 config(s).
 I1207 10:00:02.000000   100 config_assigner.cc:341] Getting tuned config for HLO: %cudnn-conv.3 = (bf16[16,84,84,256]{3,2,1,0}, u8[0]{0}) custom-call(...)
 I1207 10:00:02.100000   202 autotuner.cc:228] Using runner 0
-I1207 10:00:03.800000   201 autotuner.cc:252] cudnn : algorithm { algo_id: 3 } (2.1 ms)
-I1207 10:00:03.800010   201 autotuner.cc:252] cudnn : algorithm { algo_id: 7 } (2.4 ms)
+I1207 10:00:03.790000   201 config_runner.cc:216] Output clustering formed 2 cluster(s); selected cluster 0 with 1 member(s), trusted=false
+I1207 10:00:03.800000   201 autotuner.cc:253] {CUDNN :  duration: 2.1ms, scratch_bytes: 4194576}
+I1207 10:00:03.800010   201 autotuner.cc:253] {CUDNN :  WRONG RESULTS: Output disagrees with winning cluster (member of cluster 1 of 2; winning cluster has 1 member(s), trusted=0).
 I1207 10:00:03.900000   202 config_runner.cc:89] Validating outputs via clustering across 12 config(s).
-I1207 10:00:04.400000   202 autotuner.cc:252] cudnn : algorithm { algo_id: 1 } (0.1 ms)
+I1207 10:00:04.400000   202 autotuner.cc:253] {CUDNN :  duration: 75.5ms, scratch_bytes: 0}
 I1207 10:00:04.500000   203 autotuner.cc:187] Found only one supported config: cudnn : algorithm { algo_id: 0 }
 """
 
@@ -170,11 +171,17 @@ def test_autotune_timeline_splits_enumeration_compiles_and_serial_timing(tmp_pat
   assert res['timed']['windows_sum_s'] == pytest.approx(2.0 + 0.5)
   assert res['timed']['max_window_s'] == pytest.approx(2.0)
   assert res['span_s'] == pytest.approx(3.4)  # to the last profile line ('Found only' is not one)
+  # per configuration: two timed (2.1 ms, 75.5 ms), one rejected; the windows' 2.5 s beyond the runs
+  k = res['configs']
+  assert (k['timed'], k['wrong_results'], k['failed']) == (2, 1, 0)
+  assert k['runs_s'] == pytest.approx(0.078, abs=1e-3) and k['slow_50ms'] == [1, pytest.approx(0.0755, abs=1e-3)]
+  assert k['beyond_run_ms'] == pytest.approx(1e3 * (2.5 - 0.0776) / 3, abs=0.01)
   path = tmp_path / 'err'
   path.write_text(TIMELINE)
   xla_logs.main(['timeline', str(path)])
   out = capsys.readouterr().out.splitlines()
   assert json.loads(out[-1])['instructions'] == 3 and out[0].startswith('3 instructions')
+  assert '2 timed' in out[4] and '1 wrong results' in out[4] and 'ms a configuration beyond its run' in out[4]
   xla_logs.main(['timeline', str(path), '--after', '=== tok_compile: compile ship'])
   xla_logs.main(['timeline', str(tmp_path / 'err'), '--after', 'Found only'])  # nothing after it
   assert 'no autotuner lines' in capsys.readouterr().out

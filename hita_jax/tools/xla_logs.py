@@ -34,7 +34,11 @@ that enumeration, plan building included); each instruction's candidates then co
 thread pool ('Using runner' when they are done) and are timed one instruction at a time under one
 lock ('Validating outputs' when an instruction's timing starts after its input buffers are made;
 its per-configuration lines when it ends). Reported: the span of each phase, the enumeration gaps'
-sum, and the sum of the serial timing windows.
+sum, the sum of the serial timing windows, and per configuration: how many were timed, rejected as
+wrong results or failed, the sum of their logged run times, those of 50 ms or more, and the window
+time per configuration beyond its logged run (XLA's GpuProfiler runs each configuration once
+untimed first, with redzone checks, then once timed, and compares its output with the others': at
+autotune level 4 these checks are on; below 4 there is no 'Validating' line and no window).
 
 Each prints a short table and one JSON line.
 """
@@ -203,9 +207,13 @@ def autotune_summary(text: str) -> dict:
   return out
 
 
+_DURATION = re.compile(r'duration: ([\d.]+)(ns|us|ms|s)\b')
+
+
 def autotune_timeline(lines, after: str | None = None) -> dict:
   """The GPU autotuner's phases from its VLOG lines' timestamps (see the module docstring)."""
   gets, done, starts, profiled = [], [], [], []
+  runs, wrong, failed = [], 0, 0
   t0 = None
   for t, line in _timed(_after(lines, after)):
     if '] ' not in line:
@@ -221,6 +229,13 @@ def autotune_timeline(lines, after: str | None = None) -> dict:
       starts.append(t)
     elif 'autotuner.cc' in where and not msg.startswith(('Using ', 'Autotun', 'Found only')):
       profiled.append(t)  # a configuration's profile, logged when its instruction's timing ends
+      d = _DURATION.search(msg)
+      if d:
+        runs.append(float(d.group(1)) * {'ns': 1e-9, **_UNITS}[d.group(2)])
+      elif 'WRONG RESULTS' in msg:
+        wrong += 1
+      else:
+        failed += 1
   if t0 is None:
     return {'instructions': 0}
   # each timing window: from its start to the first profile line after it (the windows are serial)
@@ -232,13 +247,21 @@ def autotune_timeline(lines, after: str | None = None) -> dict:
   gaps = [b - a for a, b in zip(gets, gets[1:])]
   last = max([t0] + gets + done + starts + profiled)
   rel = lambda xs: [round(xs[0] - t0, 3), round(xs[-1] - t0, 3)] if xs else None
+  n_configs = len(runs) + wrong + failed
+  slow = [r for r in runs if r >= 0.05]
   return {'instructions': len(gets), 'span_s': round(last - t0, 3),
           'enumerate': {'first_last_s': rel(gets), 'gaps_sum_s': round(sum(gaps), 3),
                         'max_gap_s': round(max(gaps, default=0.0), 3)},
           'compiled': {'count': len(done), 'first_last_s': rel(done)},
           'timed': {'count': len(starts), 'first_last_s': rel(starts),
                     'windows_sum_s': round(sum(windows), 3),
-                    'max_window_s': round(max(windows, default=0.0), 3)}}
+                    'max_window_s': round(max(windows, default=0.0), 3)},
+          'configs': {'timed': len(runs), 'wrong_results': wrong, 'failed': failed,
+                      'runs_s': round(sum(runs), 3), 'slow_50ms': [len(slow), round(sum(slow), 3)],
+                      # the windows' time beyond each timed run: the untimed run, the checks, the
+                      # plan / executable set-up (and the unlogged runs of rejected configurations)
+                      'beyond_run_ms': (round(1e3 * (sum(windows) - sum(runs)) / n_configs, 3)
+                                        if n_configs and starts else None)}}
 
 
 def main(argv=None):
@@ -299,6 +322,11 @@ def main(argv=None):
       print(f"  candidate compiles done: {c['count']} over {c['first_last_s']}")
       print(f"  timing (serial): {t['windows_sum_s']:.2f} s in {t['count']} windows over "
             f"{t['first_last_s']}, longest {t['max_window_s']:.3f} s")
+      k = res['configs']
+      beyond = '' if k['beyond_run_ms'] is None else f", {k['beyond_run_ms']:.2f} ms a configuration beyond its run"
+      print(f"  configurations: {k['timed']} timed ({k['runs_s']:.2f} s of logged runs; "
+            f"{k['slow_50ms'][0]} of >= 50 ms: {k['slow_50ms'][1]:.2f} s), {k['wrong_results']} wrong results, "
+            f"{k['failed']} failed{beyond}")
     else:
       print('no autotuner lines (run with TF_CPP_VMODULE=config_assigner=1,autotuner=2,config_runner=2)')
     print(json.dumps(res))
