@@ -11,6 +11,10 @@
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh all       # smaller + CONV_1X1=gemm + FLAT_CONCAT_GROUP=$GROUP
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh norms     # the shipped step, then with the LayerNorms and
 #     LPIPS tap norms fused (the spelling before 2026-12-07), a process each
+#   OUT=/tmp/out bash launch/tok_compile_gpu.sh errata    # the shipped step with its autotune log,
+#     then again with the cuDNN engines that never came within $WITHIN (1.5) x of an instruction's
+#     best excluded (xla_logs errata -> $CUDNN_ERRATA_JSON_FILE), a process each, with the timeline
+#     (~6 min)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh probe     # which op kind each of $OPTION_SETS breaks
 #     (python -m hita_jax.tools.xla_option_probe: 10 small programs x (base + each set), a process each,
 #     a few seconds a process; stops at $DEADLINE s, 420 by default, and still writes its summary)
@@ -22,7 +26,7 @@ set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 OUT=${OUT:-/tmp}
 EXP=${EXP:-/tmp/tok_step.exp}
-part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller|all|norms|probe}
+part=${1:?usage: tok_compile_gpu.sh ship|options|gemm1x1|scan|group|smaller|all|norms|errata|probe}
 mkdir -p "$OUT/autotune"
 timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped beside the records
   local name=$1
@@ -75,10 +79,20 @@ case $part in
          --set layers.CONV_1X1=gemm --set "training.FLAT_CONCAT_GROUP=${GROUP:-23}" ;;
   norms) timers split
          timers fused --set layers.LAYER_NORM=fused --set lpips.TAP_NORM=fused ;;
+  errata) TIMELINE=1 timers ship --options "ship:xla_gpu_dump_autotune_logs_to=$OUT/autotune/ship.txt"
+          python3 -m hita_jax.tools.xla_logs errata "$OUT/autotune/ship.txt" --within "${WITHIN:-1.5}" \
+            --out "$OUT/errata.json" | cut -c1-400
+          export CUDNN_ERRATA_JSON_FILE=$OUT/errata.json  # read once, when cuDNN first builds a plan
+          TIMELINE=1 timers errata --options "errata:xla_gpu_dump_autotune_logs_to=$OUT/autotune/errata.txt"
+          unset CUDNN_ERRATA_JSON_FILE
+          for name in ship errata; do
+            python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/$name.txt" | cut -c1-400
+            gzip -f "$OUT/autotune/$name.txt"
+          done ;;
   # the two sets whose compiled step failed at its first call (IndexError: raw_hash_map<>::at)
   probe) # shellcheck disable=SC2086  # one word per set
          python3 -m hita_jax.tools.xla_option_probe --deadline "${DEADLINE:-420}" \
            --options ${OPTION_SETS:-exnd:xla_gpu_exclude_nondeterministic_ops=true det:xla_gpu_deterministic_ops=true} \
            | cut -c1-400 ;;
-  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all|norms|probe)" >&2; exit 2 ;;
+  *) echo "unknown part $part (ship|options|gemm1x1|scan|group|smaller|all|norms|errata|probe)" >&2; exit 2 ;;
 esac

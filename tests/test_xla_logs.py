@@ -185,3 +185,68 @@ def test_autotune_timeline_splits_enumeration_compiles_and_serial_timing(tmp_pat
   xla_logs.main(['timeline', str(path), '--after', '=== tok_compile: compile ship'])
   xla_logs.main(['timeline', str(tmp_path / 'err'), '--after', 'Found only'])  # nothing after it
   assert 'no autotuner lines' in capsys.readouterr().out
+
+
+def _instruction(target: str, configs) -> str:
+  """One autotune-log instruction in XLA 0.11.2's textproto: cuDNN configs (engine, run ns)."""
+  rows = ''.join(f"""  config_profiles {{
+    config {{
+      backend: CUDNN
+      backend_config {{
+        algorithm {{
+          algo_id: {algo}
+          tuning_knobs {{
+            key: 2
+            value: 3
+          }}
+        }}
+      }}
+    }}
+    run_time {{
+      {f'seconds: {ns // 10**9}' if ns >= 10**9 else ''}
+      nanos: {ns % 10**9}
+    }}
+  }}
+""" for algo, ns in configs)
+  return (f'instruction_profiles {{\n  hlo_fingerprint: "x"\n{rows}'
+          f'  hlo_text: "%cudnn-conv.1 = (bf16[16,84,84,128]{{3,2,1,0}}, u8[0]{{0}}) custom-call(%a, %b), '
+          f'custom_call_target=\\"__cudnn${target}\\", metadata={{}}"\n}}\n')
+
+
+ERRATA_LOG = ('per_backend_versions {\n  key: "CUDNN"\n  value: "9.19.0"\n}\n'
+              + _instruction('convForward', [(62, 100_000), (62, 140_000), (28, 1_400_000_000), (22, 160_000)])
+              + _instruction('convForward', [(62, 200_000), (22, 900_000), (45, 250_000)])
+              + _instruction('convBackwardFilter', [(65, 50_000), (28, 500_000)])
+              # fused calls are left alone, however slow
+              + _instruction('convBiasActivationForward', [(41, 10_000), (7, 9_000_000)]))
+
+
+def test_errata_cut_engines_never_near_the_best_of_their_kind(tmp_path, capsys):
+  """Per plain convolution kind, an engine stays if any configuration of it came within `within`
+  x the best of some instruction; the others become cudnn-frontend rules (operation tag + engine,
+  no version bounds); the fused kind is skipped."""
+  res = xla_logs.cudnn_errata(ERRATA_LOG, within=1.5)
+  rules = {(r['operation'], r['engine']) for r in res['errata']['rules']}
+  # forward: 62 wins both; 45 is 1.25x of the second's best; 22 is 1.6x / 4.5x; 28 is never close.
+  # backward filter: 28 is 10x. Fused 7 (900x) stays: its tags are not ConvFwd_engN_.
+  assert rules == {('ConvFwd', 22), ('ConvFwd', 28), ('ConvBwdFilter', 28)}
+  assert all(set(r) == {'rule_id', 'operation', 'engine'} for r in res['errata']['rules'])
+  assert res['errata']['rules'][0]['rule_id'].startswith('hita_jax_cudnn91900_')
+  k = res['summary']
+  assert (k['cudnn_version'], k['plain_configs'], k['engines'], k['engines_cut'], k['configs_cut']) == \
+      (91900, 9, 6, 3, 4)
+  assert k['runs_cut_s'] == pytest.approx(1.4 + 160e-6 + 900e-6 + 500e-6, abs=1e-3)  # rounded to ms
+  # a looser bound keeps 22 (1.6x of the first's best is within 2)
+  assert ('ConvFwd', 22) not in {(r['operation'], r['engine'])
+                                 for r in xla_logs.cudnn_errata(ERRATA_LOG, within=2.0)['errata']['rules']}
+  log, out = tmp_path / 'autotune.txt', tmp_path / 'errata.json'
+  log.write_text(ERRATA_LOG)
+  xla_logs.main(['errata', str(log), '--out', str(out)])
+  assert json.loads(out.read_text()) == res['errata']
+  assert '3 of 6 engines cut' in capsys.readouterr().out
+  with pytest.raises(UserError, match='within must be >= 1'):
+    xla_logs.cudnn_errata(ERRATA_LOG, within=0.5)
+  with pytest.raises(UserError, match='names no cuDNN version'):
+    xla_logs.cudnn_errata(ERRATA_LOG.split('}\n', 1)[1])
+  with pytest.raises(UserError, match='no instruction_profiles'):
+    xla_logs.cudnn_errata('device: "x"\n')

@@ -4,6 +4,7 @@
     python -m hita_jax.tools.xla_logs autotune AUTOTUNE_LOG.txt
     python -m hita_jax.tools.xla_logs fusion ERR[.gz] [--after ...]
     python -m hita_jax.tools.xla_logs timeline ERR[.gz] [--after ...]
+    python -m hita_jax.tools.xla_logs errata AUTOTUNE_LOG.txt --out errata.json [--within 1.5]
 
 `passes` reads the stderr of a compile run with
 `TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,hlo_pass_pipeline=1` (e.g. `tok_compile`,
@@ -39,6 +40,18 @@ wrong results or failed, the sum of their logged run times, those of 50 ms or mo
 time per configuration beyond its logged run (XLA's GpuProfiler runs each configuration once
 untimed first, with redzone checks, then once timed, and compares its output with the others': at
 autotune level 4 these checks are on; below 4 there is no 'Validating' line and no window).
+
+`errata` reads an autotune log too and writes a cuDNN errata file (the JSON cudnn-frontend reads
+from `$CUDNN_ERRATA_JSON_FILE`; XLA applies it to each plan it builds, before the autotuner sees
+the configuration) that excludes, for the plain convolution kinds (forward, backward data,
+backward filter), every cuDNN engine none of whose configurations came within `--within` times
+the best time of any instruction of that kind in the log. Each timed configuration costs the
+autotuner ~5 ms beyond its run (docs/PERFORMANCE.md session 35), so engines that never win are
+compile time only. The rules match an engine id whatever the cuDNN version (their ids name the
+log's), so regenerate the file for another cuDNN or GPU; they apply to every convolution of the
+process (the fused bias + activation calls are left alone: their
+operation graphs' tags are not the plain ones). An experiment: time it cold against the shipped
+step on one host (`launch/tok_compile_gpu.sh errata`).
 
 Each prints a short table and one JSON line.
 """
@@ -264,6 +277,57 @@ def autotune_timeline(lines, after: str | None = None) -> dict:
                                         if n_configs and starts else None)}}
 
 
+# XLA's custom-call target -> cudnn-frontend's operation tag (the prefix of its plan tags)
+_CUDNN_OPS = {'convForward': 'ConvFwd', 'convBackwardInput': 'ConvBwdData',
+              'convBackwardFilter': 'ConvBwdFilter'}
+
+
+def cudnn_errata(text: str, within: float = 1.5) -> dict:
+  """The errata file (see the module docstring) and what it removes, from an autotune log."""
+  blocks = text.split('instruction_profiles {')[1:]
+  if not blocks:
+    raise UserError('no instruction_profiles in the autotune log (fix the argument: the file '
+                    '--xla_gpu_dump_autotune_logs_to wrote)')
+  if not within >= 1.0:
+    raise UserError(f'--within must be >= 1 (a multiple of the best time), got {within}')
+  version = re.search(r'key: "CUDNN"\s*value: "(\d+)\.(\d+)\.(\d+)"', text)
+  if not version:
+    raise UserError('the autotune log names no cuDNN version (per_backend_versions "CUDNN"): '
+                    'pass a log from --xla_gpu_dump_autotune_logs_to of a cuDNN build')
+  cudnn = int(version.group(1)) * 10000 + int(version.group(2)) * 100 + int(version.group(3))
+  engines = {}  # (operation, engine) -> [configurations, competitive, run seconds]
+  total = 0
+  for block in blocks:
+    target = re.search(r'custom_call_target=\\?"__cudnn\$(\w+)', block)
+    if 'backend: CUDNN' not in block or not target or target.group(1) not in _CUDNN_OPS:
+      continue
+    rows = []
+    for cp in block.split('config_profiles {')[1:]:
+      algo = re.search(r'algo_id: (\d+)', cp)
+      run = re.search(r'run_time \{\s*(?:seconds: (\d+)\s*)?(?:nanos: (\d+)\s*)?\}', cp)
+      if run:
+        rows.append((int(algo.group(1)) if algo else 0, int(run.group(1) or 0) + int(run.group(2) or 0) * 1e-9))
+    if not rows:
+      continue
+    best = min(t for _, t in rows)
+    for algo, t in rows:
+      e = engines.setdefault((_CUDNN_OPS[target.group(1)], algo), [0, 0, 0.0])
+      e[0] += 1
+      e[1] += t <= within * best
+      e[2] += t
+      total += 1
+  cut = sorted(k for k, e in engines.items() if not e[1])
+  # no cudnn_version_start / _end: cudnn-frontend compares them with the CUDNN_VERSION XLA was
+  # built against, not the runtime cuDNN the log names; the rule id carries that one instead
+  rules = [{'rule_id': f'hita_jax_cudnn{cudnn}_{op}_eng{eng}', 'operation': op, 'engine': eng}
+           for op, eng in cut]
+  return {'errata': {'version': 1, 'rules': rules},
+          'summary': {'cudnn_version': cudnn, 'within': within, 'plain_configs': total,
+                      'engines': len(engines), 'engines_cut': len(cut),
+                      'configs_cut': sum(engines[k][0] for k in cut),
+                      'runs_cut_s': round(sum(engines[k][2] for k in cut), 3)}}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=cli.VERBOSITY_HELP)
@@ -281,6 +345,12 @@ def main(argv=None):
   a4 = sub.add_parser('timeline')
   a4.add_argument('log')
   a4.add_argument('--after', default=None, help='start after the first line containing this text')
+  a5 = sub.add_parser('errata')
+  a5.add_argument('log')
+  a5.add_argument('--out', required=True, help='the errata JSON to write')
+  a5.add_argument('--within', type=float, default=1.5,
+                  help='keep an engine if any configuration of it came within this multiple of an '
+                       "instruction's best time")
   a = p.parse_args(argv)
   if a.cmd == 'passes':
     res = pass_times(_lines(a.log), a.after)
@@ -330,6 +400,15 @@ def main(argv=None):
     else:
       print('no autotuner lines (run with TF_CPP_VMODULE=config_assigner=1,autotuner=2,config_runner=2)')
     print(json.dumps(res))
+  elif a.cmd == 'errata':
+    res = cudnn_errata(''.join(_lines(a.log, 'the file --xla_gpu_dump_autotune_logs_to wrote')), a.within)
+    with open(a.out, 'w') as f:
+      json.dump(res['errata'], f, indent=1)
+    k = res['summary']
+    print(f"{k['engines_cut']} of {k['engines']} engines cut (never within {k['within']}x of the best): "
+          f"{k['configs_cut']} of {k['plain_configs']} plain-convolution configurations, "
+          f"{k['runs_cut_s']:.2f} s of their runs; cuDNN {k['cudnn_version']}; wrote {a.out}")
+    print(json.dumps(k))
   else:
     res = autotune_summary(''.join(_lines(a.log, 'the file --xla_gpu_dump_autotune_logs_to wrote')))
     for backend, r in res.items():
