@@ -13,8 +13,8 @@
 #     LPIPS tap norms fused (the spelling before 2026-12-07), a process each
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh errata    # the shipped step with its autotune log,
 #     then again with the cuDNN engines that never came within $WITHIN (1.5) x of an instruction's
-#     best excluded (xla_logs errata -> $CUDNN_ERRATA_JSON_FILE), a process each, with the timeline
-#     (~6 min)
+#     best excluded (xla_logs errata -> $CUDNN_ERRATA_JSON_FILE; KNOBS=1: their knob settings too),
+#     a process each, with the timeline (~6 min)
 #   OUT=/tmp/out bash launch/tok_compile_gpu.sh probe     # which op kind each of $OPTION_SETS breaks
 #     (python -m hita_jax.tools.xla_option_probe: 10 small programs x (base + each set), a process each,
 #     a few seconds a process; stops at $DEADLINE s, 420 by default, and still writes its summary)
@@ -80,8 +80,9 @@ case $part in
   norms) timers split
          timers fused --set layers.LAYER_NORM=fused --set lpips.TAP_NORM=fused ;;
   errata) TIMELINE=1 timers ship --options "ship:xla_gpu_dump_autotune_logs_to=$OUT/autotune/ship.txt"
+          knobs=(); [ "${KNOBS:-0}" = 1 ] && knobs=(--knobs)
           python3 -m hita_jax.tools.xla_logs errata "$OUT/autotune/ship.txt" --within "${WITHIN:-1.5}" \
-            --out "$OUT/errata.json" | cut -c1-400
+            "${knobs[@]}" --out "$OUT/errata.json" | cut -c1-400
           export CUDNN_ERRATA_JSON_FILE=$OUT/errata.json  # read once, when cuDNN first builds a plan
           TIMELINE=1 timers errata --options "errata:xla_gpu_dump_autotune_logs_to=$OUT/autotune/errata.txt"
           unset CUDNN_ERRATA_JSON_FILE

@@ -188,7 +188,8 @@ def test_autotune_timeline_splits_enumeration_compiles_and_serial_timing(tmp_pat
 
 
 def _instruction(target: str, configs) -> str:
-  """One autotune-log instruction in XLA 0.11.2's textproto: cuDNN configs (engine, run ns)."""
+  """One autotune-log instruction in XLA 0.11.2's textproto: cuDNN configs (engine, run ns[,
+  knob 2's value])."""
   rows = ''.join(f"""  config_profiles {{
     config {{
       backend: CUDNN
@@ -197,7 +198,11 @@ def _instruction(target: str, configs) -> str:
           algo_id: {algo}
           tuning_knobs {{
             key: 2
-            value: 3
+            value: {knob[0] if knob else 3}
+          }}
+          tuning_knobs {{
+            key: 13
+            value: 1
           }}
         }}
       }}
@@ -207,7 +212,7 @@ def _instruction(target: str, configs) -> str:
       nanos: {ns % 10**9}
     }}
   }}
-""" for algo, ns in configs)
+""" for algo, ns, *knob in configs)
   return (f'instruction_profiles {{\n  hlo_fingerprint: "x"\n{rows}'
           f'  hlo_text: "%cudnn-conv.1 = (bf16[16,84,84,128]{{3,2,1,0}}, u8[0]{{0}}) custom-call(%a, %b), '
           f'custom_call_target=\\"__cudnn${target}\\", metadata={{}}"\n}}\n')
@@ -244,9 +249,34 @@ def test_errata_cut_engines_never_near_the_best_of_their_kind(tmp_path, capsys):
   xla_logs.main(['errata', str(log), '--out', str(out)])
   assert json.loads(out.read_text()) == res['errata']
   assert '3 of 6 engines cut' in capsys.readouterr().out
+  assert res['summary']['knob_rules'] == 0  # engine rules only without --knobs
   with pytest.raises(UserError, match='within must be >= 1'):
     xla_logs.cudnn_errata(ERRATA_LOG, within=0.5)
   with pytest.raises(UserError, match='names no cuDNN version'):
     xla_logs.cudnn_errata(ERRATA_LOG.split('}\n', 1)[1])
   with pytest.raises(UserError, match='no instruction_profiles'):
     xla_logs.cudnn_errata('device: "x"\n')
+
+
+def test_errata_knob_rules_cut_settings_and_never_a_kept_one():
+  """With knobs, a kept engine's settings that never came near the best become rules listing
+  their knobs ('_k2=30', as cudnn-frontend matches substrings of 'ConvFwd_eng62_k2=30_k13=1'),
+  unless the rule would match a kept setting too ('_k2=3' is in '_k2=30')."""
+  log = ('per_backend_versions {\n  key: "CUDNN"\n  value: "9.19.0"\n}\n'
+         + _instruction('convForward', [(62, 100_000, 3), (62, 900_000, 30), (62, 800_000, 7)])
+         + _instruction('convForward', [(62, 50_000, 30), (62, 400_000, 3), (62, 300_000, 5), (1, 9_000_000, 3)]))
+  res = xla_logs.cudnn_errata(log, within=1.5, knobs=True)
+  rules = res['errata']['rules']
+  # engine 1 never close: an engine rule. Engine 62: k2=3 and k2=30 each won once (kept); k2=7
+  # and k2=5 never did, and their rules match neither kept tag
+  assert rules[0] == {'rule_id': 'hita_jax_cudnn91900_ConvFwd_eng1', 'operation': 'ConvFwd', 'engine': 1}
+  assert sorted(r['knob'] for r in rules[1:]) == [['_k2=5', '_k13=1'], ['_k2=7', '_k13=1']]
+  assert rules[1]['rule_id'] == 'hita_jax_cudnn91900_ConvFwd_eng62_k2=5_k13=1'
+  k = res['summary']
+  assert (k['engines_cut'], k['knob_rules'], k['knob_rules_dropped'], k['configs_cut'], k['plain_configs']) == \
+      (1, 2, 0, 3, 7)
+  # a never-close k2=3 beside a winning k2=30: its rule would block k2=30 too, so it is left out
+  clash = ('per_backend_versions {\n  key: "CUDNN"\n  value: "9.19.0"\n}\n'
+           + _instruction('convForward', [(62, 100_000, 30), (62, 900_000, 3)]))
+  res = xla_logs.cudnn_errata(clash, within=1.5, knobs=True)
+  assert res['errata']['rules'] == [] and res['summary']['knob_rules_dropped'] == 1

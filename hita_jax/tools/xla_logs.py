@@ -45,7 +45,10 @@ autotune level 4 these checks are on; below 4 there is no 'Validating' line and 
 from `$CUDNN_ERRATA_JSON_FILE`; XLA applies it to each plan it builds, before the autotuner sees
 the configuration) that excludes, for the plain convolution kinds (forward, backward data,
 backward filter), every cuDNN engine none of whose configurations came within `--within` times
-the best time of any instruction of that kind in the log. Each timed configuration costs the
+the best time of any instruction of that kind in the log; with `--knobs`, also each knob setting
+of a kept engine that never did (a rule lists the setting's knobs, which cudnn-frontend matches
+as substrings of the plan tag 'ConvFwd_eng62_k2=3_k13=1...'; a rule that would also match a
+kept setting is left out). Each timed configuration costs the
 autotuner ~5 ms beyond its run (docs/PERFORMANCE.md session 35), so engines that never win are
 compile time only. The rules match an engine id whatever the cuDNN version (their ids name the
 log's), so regenerate the file for another cuDNN or GPU; they apply to every convolution of the
@@ -282,8 +285,15 @@ _CUDNN_OPS = {'convForward': 'ConvFwd', 'convBackwardInput': 'ConvBwdData',
               'convBackwardFilter': 'ConvBwdFilter'}
 
 
-def cudnn_errata(text: str, within: float = 1.5) -> dict:
-  """The errata file (see the module docstring) and what it removes, from an autotune log."""
+def _knob_tag(knobs) -> str:
+  """A configuration's knobs as cudnn-frontend writes them into a plan tag ('_k<type>=<value>')."""
+  return ''.join(f'_k{k}={v}' for k, v in knobs)
+
+
+def cudnn_errata(text: str, within: float = 1.5, knobs: bool = False) -> dict:
+  """The errata file (see the module docstring) and what it removes, from an autotune log. With
+  `knobs`, also each knob setting of a kept engine that never came within `within` x of the best,
+  unless its rule would also match a kept configuration's tag."""
   blocks = text.split('instruction_profiles {')[1:]
   if not blocks:
     raise UserError('no instruction_profiles in the autotune log (fix the argument: the file '
@@ -295,8 +305,7 @@ def cudnn_errata(text: str, within: float = 1.5) -> dict:
     raise UserError('the autotune log names no cuDNN version (per_backend_versions "CUDNN"): '
                     'pass a log from --xla_gpu_dump_autotune_logs_to of a cuDNN build')
   cudnn = int(version.group(1)) * 10000 + int(version.group(2)) * 100 + int(version.group(3))
-  engines = {}  # (operation, engine) -> [configurations, competitive, run seconds]
-  total = 0
+  stats = {}  # (operation, engine, knobs) -> [configurations, competitive, run seconds]
   for block in blocks:
     target = re.search(r'custom_call_target=\\?"__cudnn\$(\w+)', block)
     if 'backend: CUDNN' not in block or not target or target.group(1) not in _CUDNN_OPS:
@@ -306,26 +315,48 @@ def cudnn_errata(text: str, within: float = 1.5) -> dict:
       algo = re.search(r'algo_id: (\d+)', cp)
       run = re.search(r'run_time \{\s*(?:seconds: (\d+)\s*)?(?:nanos: (\d+)\s*)?\}', cp)
       if run:
-        rows.append((int(algo.group(1)) if algo else 0, int(run.group(1) or 0) + int(run.group(2) or 0) * 1e-9))
-    if not rows:
-      continue
-    best = min(t for _, t in rows)
-    for algo, t in rows:
-      e = engines.setdefault((_CUDNN_OPS[target.group(1)], algo), [0, 0, 0.0])
+        setting = tuple((int(k), int(v)) for k, v in re.findall(
+            r'tuning_knobs \{\s*key: (-?\d+)\s*value: (-?\d+)', cp))
+        rows.append(((_CUDNN_OPS[target.group(1)], int(algo.group(1)) if algo else 0, setting),
+                     int(run.group(1) or 0) + int(run.group(2) or 0) * 1e-9))
+    best = min((t for _, t in rows), default=0.0)
+    for key, t in rows:
+      e = stats.setdefault(key, [0, 0, 0.0])
       e[0] += 1
       e[1] += t <= within * best
       e[2] += t
-      total += 1
+  engines = {}
+  for (op, eng, _), e in stats.items():
+    agg = engines.setdefault((op, eng), [0, 0, 0.0])
+    agg[:] = [agg[0] + e[0], agg[1] + e[1], agg[2] + e[2]]
   cut = sorted(k for k, e in engines.items() if not e[1])
   # no cudnn_version_start / _end: cudnn-frontend compares them with the CUDNN_VERSION XLA was
   # built against, not the runtime cuDNN the log names; the rule id carries that one instead
   rules = [{'rule_id': f'hita_jax_cudnn{cudnn}_{op}_eng{eng}', 'operation': op, 'engine': eng}
            for op, eng in cut]
+  cut_keys = [k for k in stats if k[:2] in set(cut)]
+  dropped = 0
+  if knobs:
+    kept = [k for k, e in stats.items() if e[1]]
+    for key in sorted(k for k, e in stats.items() if not e[1] and k[:2] not in set(cut)):
+      op, eng, setting = key
+      subs = [f'_k{k}={v}' for k, v in setting]
+      # cudnn-frontend matches each knob as a substring of the tag: '_k2=3' is also in '_k2=30'
+      clash = any(o == op and g == eng and all(x in _knob_tag(s) for x in subs)
+                  for o, g, s in kept)
+      if not subs or clash:
+        dropped += 1
+        continue
+      rules.append({'rule_id': f'hita_jax_cudnn{cudnn}_{op}_eng{eng}{_knob_tag(setting)}',
+                    'operation': op, 'engine': eng, 'knob': subs})
+      cut_keys.append(key)
   return {'errata': {'version': 1, 'rules': rules},
-          'summary': {'cudnn_version': cudnn, 'within': within, 'plain_configs': total,
+          'summary': {'cudnn_version': cudnn, 'within': within, 'knobs': knobs,
+                      'plain_configs': sum(e[0] for e in stats.values()),
                       'engines': len(engines), 'engines_cut': len(cut),
-                      'configs_cut': sum(engines[k][0] for k in cut),
-                      'runs_cut_s': round(sum(engines[k][2] for k in cut), 3)}}
+                      'knob_rules': len(rules) - len(cut), 'knob_rules_dropped': dropped,
+                      'configs_cut': sum(stats[k][0] for k in cut_keys),
+                      'runs_cut_s': round(sum(stats[k][2] for k in cut_keys), 3)}}
 
 
 def main(argv=None):
@@ -351,6 +382,8 @@ def main(argv=None):
   a5.add_argument('--within', type=float, default=1.5,
                   help='keep an engine if any configuration of it came within this multiple of an '
                        "instruction's best time")
+  a5.add_argument('--knobs', action='store_true',
+                  help="also exclude a kept engine's knob settings that never came within --within")
   a = p.parse_args(argv)
   if a.cmd == 'passes':
     res = pass_times(_lines(a.log), a.after)
@@ -401,12 +434,14 @@ def main(argv=None):
       print('no autotuner lines (run with TF_CPP_VMODULE=config_assigner=1,autotuner=2,config_runner=2)')
     print(json.dumps(res))
   elif a.cmd == 'errata':
-    res = cudnn_errata(''.join(_lines(a.log, 'the file --xla_gpu_dump_autotune_logs_to wrote')), a.within)
+    res = cudnn_errata(''.join(_lines(a.log, 'the file --xla_gpu_dump_autotune_logs_to wrote')), a.within,
+                       a.knobs)
     with open(a.out, 'w') as f:
       json.dump(res['errata'], f, indent=1)
     k = res['summary']
-    print(f"{k['engines_cut']} of {k['engines']} engines cut (never within {k['within']}x of the best): "
-          f"{k['configs_cut']} of {k['plain_configs']} plain-convolution configurations, "
+    print(f"{k['engines_cut']} of {k['engines']} engines cut (never within {k['within']}x of the best), "
+          f"{k['knob_rules']} knob settings ({k['knob_rules_dropped']} left: no knobs, or a rule would match "
+          f"a kept one): {k['configs_cut']} of {k['plain_configs']} plain-convolution configurations, "
           f"{k['runs_cut_s']:.2f} s of their runs; cuDNN {k['cudnn_version']}; wrote {a.out}")
     print(json.dumps(k))
   else:
