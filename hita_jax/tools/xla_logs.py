@@ -61,6 +61,7 @@ Each prints a short table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -196,21 +197,32 @@ def fusion_times(lines, after: str | None = None) -> dict:
       'by_source': dict(by_source), 'by_opcode': dict(by_opcode), 'top': top[:50]}
 
 
+# a run time is a Duration: seconds and / or nanos inside run_time { }
+_RUN_TIME = re.compile(r'run_time \{\s*(?:seconds: (\d+)\s*)?(?:nanos: (\d+)\s*)?\}')
+
+
+def _run_ns(m: re.Match) -> int:
+  return int(m.group(1) or 0) * 10**9 + int(m.group(2) or 0)
+
+
+def _instruction_blocks(text: str) -> list[str]:
+  """An autotune log's textproto, one string per instruction_profiles entry."""
+  blocks = text.split('instruction_profiles {')[1:]
+  if not blocks:
+    raise UserError('no instruction_profiles in the autotune log (fix the argument: the file '
+                    '--xla_gpu_dump_autotune_logs_to wrote)')
+  return blocks
+
+
 def autotune_summary(text: str) -> dict:
   """Per backend: instructions autotuned, configs tried, configs timed, the sum of each
   instruction's best time (s) and of every timed config's run (`timed_s`: the GPU time the timed
   runs alone took; XLA also runs each config once untimed before), from an autotune log's
   textproto. An instruction counts under the backend of its first config."""
-  blocks = text.split('instruction_profiles {')[1:]
-  if not blocks:
-    raise UserError('no instruction_profiles in the autotune log (fix the argument: the file '
-                    '--xla_gpu_dump_autotune_logs_to wrote)')
   out = {}
-  for block in blocks:
+  for block in _instruction_blocks(text):
     backends = re.findall(r'backend: (\w+)', block)
-    # a run time is a Duration: seconds and / or nanos inside run_time { }
-    runs = [int(m.group(1) or 0) * 10**9 + int(m.group(2) or 0) for m in re.finditer(
-        r'run_time \{\s*(?:seconds: (\d+)\s*)?(?:nanos: (\d+)\s*)?\}', block)]
+    runs = [_run_ns(m) for m in _RUN_TIME.finditer(block)]
     row = out.setdefault(backends[0] if backends else '?',
                          {'instructions': 0, 'configs': 0, 'timed': 0, 'best_s': 0.0, 'max_configs': 0,
                           'timed_s': 0.0})
@@ -258,8 +270,8 @@ def autotune_timeline(lines, after: str | None = None) -> dict:
   windows = []
   for i, s in enumerate(starts):
     nxt = starts[i + 1] if i + 1 < len(starts) else float('inf')
-    ends = [p for p in profiled if s <= p < nxt]
-    windows.append((ends[0] if ends else s) - s)
+    j = bisect.bisect_left(profiled, s)  # profiled is in log (time) order
+    windows.append((profiled[j] if j < len(profiled) and profiled[j] < nxt else s) - s)
   gaps = [b - a for a, b in zip(gets, gets[1:])]
   last = max([t0] + gets + done + starts + profiled)
   rel = lambda xs: [round(xs[0] - t0, 3), round(xs[-1] - t0, 3)] if xs else None
@@ -285,19 +297,16 @@ _CUDNN_OPS = {'convForward': 'ConvFwd', 'convBackwardInput': 'ConvBwdData',
               'convBackwardFilter': 'ConvBwdFilter'}
 
 
-def _knob_tag(knobs) -> str:
+def _knob_parts(knobs) -> list[str]:
   """A configuration's knobs as cudnn-frontend writes them into a plan tag ('_k<type>=<value>')."""
-  return ''.join(f'_k{k}={v}' for k, v in knobs)
+  return [f'_k{k}={v}' for k, v in knobs]
 
 
 def cudnn_errata(text: str, within: float = 1.5, knobs: bool = False) -> dict:
   """The errata file (see the module docstring) and what it removes, from an autotune log. With
   `knobs`, also each knob setting of a kept engine that never came within `within` x of the best,
   unless its rule would also match a kept configuration's tag."""
-  blocks = text.split('instruction_profiles {')[1:]
-  if not blocks:
-    raise UserError('no instruction_profiles in the autotune log (fix the argument: the file '
-                    '--xla_gpu_dump_autotune_logs_to wrote)')
+  blocks = _instruction_blocks(text)
   if not within >= 1.0:
     raise UserError(f'--within must be >= 1 (a multiple of the best time), got {within}')
   version = re.search(r'key: "CUDNN"\s*value: "(\d+)\.(\d+)\.(\d+)"', text)
@@ -313,12 +322,12 @@ def cudnn_errata(text: str, within: float = 1.5, knobs: bool = False) -> dict:
     rows = []
     for cp in block.split('config_profiles {')[1:]:
       algo = re.search(r'algo_id: (\d+)', cp)
-      run = re.search(r'run_time \{\s*(?:seconds: (\d+)\s*)?(?:nanos: (\d+)\s*)?\}', cp)
+      run = _RUN_TIME.search(cp)
       if run:
         setting = tuple((int(k), int(v)) for k, v in re.findall(
             r'tuning_knobs \{\s*key: (-?\d+)\s*value: (-?\d+)', cp))
         rows.append(((_CUDNN_OPS[target.group(1)], int(algo.group(1)) if algo else 0, setting),
-                     int(run.group(1) or 0) + int(run.group(2) or 0) * 1e-9))
+                     _run_ns(run) * 1e-9))
     best = min((t for _, t in rows), default=0.0)
     for key, t in rows:
       e = stats.setdefault(key, [0, 0, 0.0])
@@ -334,20 +343,23 @@ def cudnn_errata(text: str, within: float = 1.5, knobs: bool = False) -> dict:
   # built against, not the runtime cuDNN the log names; the rule id carries that one instead
   rules = [{'rule_id': f'hita_jax_cudnn{cudnn}_{op}_eng{eng}', 'operation': op, 'engine': eng}
            for op, eng in cut]
-  cut_keys = [k for k in stats if k[:2] in set(cut)]
+  cut_engines = set(cut)
+  cut_keys = [k for k in stats if k[:2] in cut_engines]
   dropped = 0
   if knobs:
-    kept = [k for k, e in stats.items() if e[1]]
-    for key in sorted(k for k, e in stats.items() if not e[1] and k[:2] not in set(cut)):
+    kept_tags = collections.defaultdict(list)  # (operation, engine) -> kept settings' knob tags
+    for (op, eng, setting), e in stats.items():
+      if e[1]:
+        kept_tags[(op, eng)].append(''.join(_knob_parts(setting)))
+    for key in sorted(k for k, e in stats.items() if not e[1] and k[:2] not in cut_engines):
       op, eng, setting = key
-      subs = [f'_k{k}={v}' for k, v in setting]
+      subs = _knob_parts(setting)
       # cudnn-frontend matches each knob as a substring of the tag: '_k2=3' is also in '_k2=30'
-      clash = any(o == op and g == eng and all(x in _knob_tag(s) for x in subs)
-                  for o, g, s in kept)
+      clash = any(all(x in tag for x in subs) for tag in kept_tags[(op, eng)])
       if not subs or clash:
         dropped += 1
         continue
-      rules.append({'rule_id': f'hita_jax_cudnn{cudnn}_{op}_eng{eng}{_knob_tag(setting)}',
+      rules.append({'rule_id': f'hita_jax_cudnn{cudnn}_{op}_eng{eng}{"".join(subs)}',
                     'operation': op, 'engine': eng, 'knob': subs})
       cut_keys.append(key)
   return {'errata': {'version': 1, 'rules': rules},
