@@ -552,8 +552,9 @@ def test_tokenizer_quant_convs_follow_the_one_by_one_switch(monkeypatch):
 
 
 def _cnn_lpips(dtype):
-  """A tiny CNN encoder + decoder and LPIPS (no dropout), and a loss of their parameters: the
-  reconstruction's sin-sum plus LPIPS against the input (every conv kind the tokenizer trains)."""
+  """A tiny CNN encoder + decoder and LPIPS (no dropout): a loss of their parameters (the
+  reconstruction's sin-sum plus LPIPS against the input: every conv kind the tokenizer trains),
+  and the parameters."""
   from hita_jax.models.cnn import CNNDecoder, CNNEncoder
   from hita_jax.models.lpips import LPIPS
   kw = dict(ch=16, ch_mult=(1, 2), z_channels=32, groups=4, dtype=dtype, rngs=nnx.Rngs(5))
@@ -566,7 +567,7 @@ def _cnn_lpips(dtype):
     enc, dec, lp = nnx.merge(graph, p, rest)
     y = dec(enc(x)).astype(jnp.float32)
     return jnp.sum(jnp.sin(3 * y)) + jnp.sum(lp(x, jnp.tanh(y)))
-  return model, loss, params
+  return loss, params
 
 
 def _assert_bf16_as_close(v16, g16, v16_base, g16_base, v32, g32):
@@ -584,7 +585,7 @@ def test_conv_switches_on_the_cnn_and_lpips_are_the_same_function(monkeypatch):
   def run(conv_bias, conv_1x1, dtype):
     monkeypatch.setattr(layers, 'CONV_BIAS', conv_bias)
     monkeypatch.setattr(layers, 'CONV_1X1', conv_1x1)
-    _, loss, params = _cnn_lpips(dtype)
+    loss, params = _cnn_lpips(dtype)
     val, grads = jax.jit(jax.value_and_grad(loss))(params)
     return float(val), [np.asarray(g, np.float32) for g in jax.tree.leaves(grads)]
 
