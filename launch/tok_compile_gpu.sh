@@ -35,6 +35,8 @@ timers() {  # name, then tok_compile arguments; stderr (XLA's timers) gzipped be
   local vmodule=gpu_compiler=1,hlo_pass_pipeline=1
   [ "${PF_LOG:-1}" = 1 ] && vmodule=$vmodule,priority_fusion=2
   [ "${TIMELINE:-0}" = 1 ] && vmodule=$vmodule,config_assigner=1,autotuner=2,config_runner=2
+  # cuda_dnn=4: a line per cuDNN plan an errata file excludes ('Exclude engine (runtime): <tag>')
+  [ "${DNN_LOG:-0}" = 1 ] && vmodule=$vmodule,cuda_dnn=4
   TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=$vmodule \
     timeout "${TIMEOUT:-280}" python3 -m hita_jax.tools.tok_compile --batch 16 --variant V --steps 5 "$@" \
     >"$OUT/$name.out" 2>"$OUT/$name.err"
@@ -84,8 +86,11 @@ case $part in
           python3 -m hita_jax.tools.xla_logs errata "$OUT/autotune/ship.txt" --within "${WITHIN:-1.5}" \
             "${knobs[@]}" --out "$OUT/errata.json" | cut -c1-400
           export CUDNN_ERRATA_JSON_FILE=$OUT/errata.json  # read once, when cuDNN first builds a plan
-          TIMELINE=1 timers errata --options "errata:xla_gpu_dump_autotune_logs_to=$OUT/autotune/errata.txt"
+          DNN_LOG=1 TIMELINE=1 timers errata --options "errata:xla_gpu_dump_autotune_logs_to=$OUT/autotune/errata.txt"
           unset CUDNN_ERRATA_JSON_FILE
+          # the plans the file removed, per operation tag: proof its rules match XLA's plan tags
+          echo "excluded plans (runtime errata), by operation:"
+          zcat "$OUT/errata.err.gz" | grep -o 'Exclude engine (runtime): [A-Za-z]*' | sort | uniq -c
           for name in ship errata; do
             python3 -m hita_jax.tools.xla_logs autotune "$OUT/autotune/$name.txt" | cut -c1-400
             gzip -f "$OUT/autotune/$name.txt"

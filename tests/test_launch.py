@@ -99,3 +99,13 @@ def test_ab_bench_refuses_a_missing_older_tree():
   assert r.returncode != 0 and 'OLD=' in r.stderr
   r = _bash(os.path.join(LAUNCH, 'ab_bench_gpu.sh'), 'gpt_train', env={'OLD': '/nonexistent.tar.gz'})
   assert r.returncode == 2 and 'cannot unpack /nonexistent.tar.gz' in r.stderr
+
+
+def test_offline_wheels_refuses_an_empty_folder_and_bad_commands(tmp_path):
+  script = os.path.join(LAUNCH, 'offline_wheels.sh')
+  r = _bash(script, 'install', str(tmp_path))
+  assert r.returncode == 2 and f'no wheels in {tmp_path}' in r.stderr
+  r = _bash(script, 'unpack', str(tmp_path))
+  assert r.returncode == 2 and "unknown command 'unpack'" in r.stderr
+  r = _bash(script)
+  assert r.returncode == 2 and 'usage:' in r.stderr
