@@ -19,7 +19,9 @@ PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 man
            manylinux2014_x86_64 manylinux1_x86_64 any)
 
 cmd=${1:-}; dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || die "usage: offline_wheels.sh download DIR [--official] | install DIR [TARGET]"
+if [ -z "$cmd" ] || [ -z "$dir" ]; then
+  die "usage: offline_wheels.sh download DIR [--official] | install DIR [TARGET]"
+fi
 case $cmd in
   download)
     official=0; [ "${3:-}" = --official ] && official=1

@@ -184,11 +184,13 @@ def test_hash_dropout_rng_trains_and_leaves_eval_and_parameters_alone():
       return jnp.mean((out['recon'] - x) ** 2) + out['vq']
     loss, grads = jax.value_and_grad(loss_fn)(params)
     assert np.isfinite(float(loss)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-    assert float(loss_fn(params)) == float(loss)
+    # the same masks again: value_and_grad's primal and a plain call may round differently (seen
+    # on an AMD EPYC host with 8 fake devices: 1 ulp), other masks move the loss by ~1 %
+    np.testing.assert_allclose(float(loss_fn(params)), float(loss), rtol=1e-6)
     out[rng] = (params, eval_recon, float(loss))
   for a, b in zip(jax.tree.leaves(out['threefry'][0]), jax.tree.leaves(out['hash'][0])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(out['threefry'][1], out['hash'][1])
-  assert out['threefry'][2] != out['hash'][2]
+  assert abs(out['threefry'][2] - out['hash'][2]) > 1e-4 * abs(out['hash'][2])
   with pytest.raises(UserError, match='dropout_rng'):
     tiny_tokenizer('V', dropout_rng='philox')
