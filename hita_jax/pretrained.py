@@ -32,6 +32,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from hita_jax import checkpoint
+from hita_jax.sharding import create_jitted
 from hita_jax.convert import dino_disc as dino_disc_convert
 from hita_jax.convert import dinov2 as dinov2_convert
 from hita_jax.convert import gpt as gpt_convert
@@ -130,7 +131,7 @@ def load_tokenizer(cfg: TokenizerConfig, weights: str | None = None, *, key: str
     sd = load_state_dict_file(weights, key=key)
   if sd is not None and not (dinov2 or allow_random_dinov2 or _has_dinov2(sd)):
     raise _no_dinov2(weights)
-  model = Tokenizer(cfg, rngs=nnx.Rngs(seed))
+  model = create_jitted(lambda: Tokenizer(cfg, rngs=nnx.Rngs(seed)))
   if sd is not None:
     tokenizer_convert.load_official_tokenizer(model, sd)
     if not dinov2 and _has_dinov2(sd):
@@ -144,7 +145,7 @@ def load_tokenizer(cfg: TokenizerConfig, weights: str | None = None, *, key: str
 
 def load_gpt(cfg: GPTConfig, weights: str | None = None, *, key: str = 'ema', seed: int = 0) -> GPT:
   """A GPT for `cfg`, from an official file or a hita_jax params export (random without weights)."""
-  model = GPT(cfg, rngs=nnx.Rngs(seed))
+  model = create_jitted(lambda: GPT(cfg, rngs=nnx.Rngs(seed)))
   if weights:
     if os.path.isdir(weights):
       checkpoint.load_params(weights, model)
@@ -244,7 +245,7 @@ def tokenizer_adam_state(cfg: TokenizerConfig, ckpt: dict, filt):
   n_dinov2 = len(jax.tree.leaves(nnx.state(
       nnx.eval_shape(lambda: Tokenizer(cfg, rngs=nnx.Rngs(0))).dinov2, nnx.Param)))
   moments = tokenizer_convert.official_adam_moments(entry(ckpt, 'model'), ckpt['optimizer'], n_dinov2)
-  return adam_moments_as_params(moments, lambda: Tokenizer(cfg, rngs=nnx.Rngs(0)),
+  return adam_moments_as_params(moments, lambda: create_jitted(lambda: Tokenizer(cfg, rngs=nnx.Rngs(0))),
                                 tokenizer_convert.load_official_tokenizer, filt)
 
 
@@ -271,7 +272,7 @@ def load_gpt_training_checkpoint(cfg: GPTConfig, path: str) -> dict:
                                                                       path=path)}
 
   def as_gpt(sd):
-    model = GPT(cfg, rngs=nnx.Rngs(0))
+    model = create_jitted(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     gpt_convert.load_official_gpt(model, sd)
     return model
 
@@ -281,7 +282,7 @@ def load_gpt_training_checkpoint(cfg: GPTConfig, path: str) -> dict:
   if 'model' in ckpt and isinstance(ckpt.get('optimizer'), dict) and ckpt['optimizer'].get('state'):
     out['adam'] = adam_moments_as_params(
         gpt_convert.official_adamw_moments(model_sd, ckpt['optimizer']),
-        lambda: GPT(cfg, rngs=nnx.Rngs(0)), gpt_convert.load_official_gpt)
+        lambda: create_jitted(lambda: GPT(cfg, rngs=nnx.Rngs(0))), gpt_convert.load_official_gpt)
   return out
 
 

@@ -150,6 +150,16 @@ def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh, rules: Rul
   return nnx.merge(graphdef, state)
 
 
+def create_jitted(make_module: Callable[[], nnx.Module]) -> nnx.Module:
+  """Builds the module's variables in one jitted init on the default device. Built eagerly, each
+  initializer runs op by op and compiles once per distinct shape: a tiny tokenizer's 263 compiles
+  took 65 s of a 78 s load on the 2-core CPU machine, weights loaded over them afterwards."""
+  with cheap_tracer_probes():
+    graphdef, _ = nnx.split(nnx.eval_shape(make_module))
+    state = jax.jit(lambda: nnx.split(make_module())[1])()
+  return nnx.merge(graphdef, state)
+
+
 def put(x, target: jax.sharding.Sharding):
   """jax.device_put that also works across processes: an array held whole by this process (read
   from a file, made on its first device) becomes a global array from the shards each process

@@ -18,6 +18,7 @@ from hita_jax.data import codes
 from hita_jax.models.gpt import gpt_config_from
 from hita_jax.models.tokenizer import Tokenizer
 from hita_jax.pretrained import TOKENIZER_EXPORT_FILTER
+from hita_jax.sharding import create_jitted
 from tests.conftest import ROOT
 from tests.multiprocess import run_main
 
@@ -51,7 +52,7 @@ def runs(tmp_path_factory):
   extraction: {processes: {task: workdir}}."""
   root = tmp_path_factory.mktemp('multiprocess')
   config = config_lib.load_config(AR)
-  tok = Tokenizer(config_lib.tokenizer_config_from(config.tokenizer), rngs=nnx.Rngs(0))
+  tok = create_jitted(lambda: Tokenizer(config_lib.tokenizer_config_from(config.tokenizer), rngs=nnx.Rngs(0)))
   tok_export = save_params(str(root / 'tok'), tok, filt=TOKENIZER_EXPORT_FILTER, config={})
   out = {}
   for n in (1, 2):

@@ -70,7 +70,9 @@ def _config(dtype='float32', **loss):
   return config
 
 
-def _run(config, mesh, stages, steps=2, images=None):
+def _run(config, mesh, stages, steps=2, images=None, first=None):
+  """`steps` steps from a fresh build: each step's metrics and the final state (host copies); with
+  a `first` dict, the state after the first step is put in it too."""
   config.train_tokenizer.step_stages = stages
   parts, state, frozen, _ = tt.build(config, mesh)
   rules = config_lib.axis_rules(config)
@@ -83,6 +85,8 @@ def _run(config, mesh, stages, steps=2, images=None):
     batch = {'image': jax.device_put(np.asarray(x, np.uint8), sharding.batch_sharding(mesh, rules, 4))}
     state, metrics = step(state, frozen, batch, jax.random.key(0))
     out.append(jax.device_get(metrics))
+    if i == 0 and first is not None:
+      first.update(jax.device_get({k: state[k] for k in ('g_params', 'd_params')}))
   return out, jax.device_get(state), step
 
 
@@ -99,36 +103,24 @@ def _assert_same(ref, got, rel=1e-5, atol=1e-5):
   assert int(s1['step']) == int(s3['step'])
 
 
-def test_three_programs_update_as_the_one_program(quick_compile):
+def test_three_programs_update_as_the_one_program_in_fp32_and_follow_it_in_bf16(quick_compile):
   """fp32: the staged step against the one program, two steps (the second from the first's state,
-  with the discriminator on), on one device."""
-  config = _config()
-  one = sharding.make_mesh([('data', 1)], jax.devices()[:1])
-  m1, s1, _ = _run(config, one, 1)
-  m3, s3, step = _run(config, one, 3)
+  with the discriminator on), on one device. bf16 compute (the GPU recipe) through the staged step
+  against that fp32 one program's first step: the losses within bf16's resolution; the gradient
+  norms (what the pullback carried between the programs) as fp32's and as the one bf16 program's;
+  the updated parameters no further from fp32's than the one bf16 program's are. (One test: the
+  fp32 one-program run is both halves' reference, built and compiled once.)"""
+  one = lambda: sharding.make_mesh([('data', 1)], jax.devices()[:1])
+  s32 = {}
+  m1, s1, _ = _run(_config('float32'), one(), 1, first=s32)
+  m3, s3, step = _run(_config('float32'), one(), 3)
   _assert_same((m1, s1), (m3, s3))
   assert len(step.timing['compile_each_s']) == 3
 
-
-@pytest.mark.slow  # ~30 s: the staged step's three programs partitioned over 8 devices
-def test_three_programs_on_8_devices_update_as_the_one_program_on_1(quick_compile):
-  """Data-parallel over 8: the later programs are lowered before the earlier ones run, from
-  `leading_axis_shardings`; the same updates as the one program on one device."""
-  config = _config()
-  m1, s1, _ = _run(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]), 1)
-  m8, s8, _ = _run(config, sharding.make_mesh('data=-1,fsdp=1'), 3)
-  _assert_same((m1, s1), (m8, s8))
-
-
-def test_three_programs_in_bf16_follow_the_fp32_step(quick_compile):
-  """bf16 compute (the GPU recipe) through the staged step against the fp32 one program: the
-  losses within bf16's resolution; the gradient norms (what the pullback carried between the
-  programs) as fp32's and as the one bf16 program's; the updated parameters no further from
-  fp32's than the one bf16 program's are."""
-  one = lambda: sharding.make_mesh([('data', 1)], jax.devices()[:1])
-  m32, s32, _ = _run(_config('float32'), one(), 1, steps=1)
-  m16, s16, _ = _run(_config('bfloat16'), one(), 3, steps=1)
-  m16_one, s16_one, _ = _run(_config('bfloat16'), one(), 1, steps=1)
+  m32 = m1
+  s16, s16_one = {}, {}
+  m16, _, _ = _run(_config('bfloat16'), one(), 3, steps=1, first=s16)
+  m16_one, _, _ = _run(_config('bfloat16'), one(), 1, steps=1, first=s16_one)
   for k in ('g_loss', 'rec_loss', 'perceptual_loss', 'd_loss', 'vq_loss'):
     assert float(m16[0][k]) == pytest.approx(float(m32[0][k]), rel=3e-2, abs=1e-3), k
   # the gradients the pullback carried between programs: their norms as fp32's, and the staged
@@ -144,6 +136,16 @@ def test_three_programs_in_bf16_follow_the_fp32_step(quick_compile):
     assert gap(s16, s32) <= 1.5 * gap(s16_one, s32) + 1e-6, (key, gap(s16, s32), gap(s16_one, s32))
   assert int(m16[0]['nonfinite']) == 0
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(s16['g_params']))
+
+
+@pytest.mark.slow  # ~30 s: the staged step's three programs partitioned over 8 devices
+def test_three_programs_on_8_devices_update_as_the_one_program_on_1(quick_compile):
+  """Data-parallel over 8: the later programs are lowered before the earlier ones run, from
+  `leading_axis_shardings`; the same updates as the one program on one device."""
+  config = _config()
+  m1, s1, _ = _run(config, sharding.make_mesh([('data', 1)], jax.devices()[:1]), 1)
+  m8, s8, _ = _run(config, sharding.make_mesh('data=-1,fsdp=1'), 3)
+  _assert_same((m1, s1), (m8, s8))
 
 
 def test_three_programs_apply_nothing_on_a_non_finite_step(quick_compile, monkeypatch):

@@ -28,43 +28,39 @@ def test_arms_parse_and_bad_ones_fail_before_any_build():
     tok_ab.run_ab([('a', []), ('b', ['tokenizer.dinov2_scn=True'])], 2, DEMO)
 
 
-@pytest.mark.slow  # ~2 min: two builds and compiles of the demo step for a device-side tool
-def test_two_arms_share_a_state_agree_and_are_timed_alternately(tmp_path, monkeypatch):
+@pytest.mark.slow  # ~2.5 min: a build and three compiles of the demo step for a device-side tool
+def test_arms_share_a_state_agree_and_are_timed_alternately(tmp_path, monkeypatch):
+  """Three arms from one build: the base, a graph switch with a layers switch (the scan and 1x1
+  convolutions as products), and `train_tokenizer.step_stages=3` (its programs' convolutions counted
+  and their compiles listed)."""
   monkeypatch.setenv('OUT', str(tmp_path))
   tok_ab.main(['--config', DEMO, '--batch', '2', '--steps', '2', '--rounds', '2',
-               '--arm', 'base:', '--arm', 'scan:tokenizer.dinov2_scan=True,layers.CONV_1X1=gemm'])
+               '--arm', 'base:', '--arm', 'scan:tokenizer.dinov2_scan=True,layers.CONV_1X1=gemm',
+               '--arm', 'staged:train_tokenizer.step_stages=3'])
   from hita_jax.models import layers
   assert layers.CONV_1X1 == 'conv'  # the arm's layers switch held for its own trace only
   recs = [json.loads(x) for x in open(tmp_path / 'tok_ab.jsonl')]
-  assert [(r['stage'], r['arm']) for r in recs[:2]] == [('compiled', 'base'), ('compiled', 'scan')]
-  base, scan, summary = recs[2:]
-  assert (base['arm'], scan['arm']) == ('base', 'scan')
+  assert [(r['stage'], r['arm']) for r in recs[:3]] == [
+      ('compiled', 'base'), ('compiled', 'scan'), ('compiled', 'staged')]
+  base, scan, staged, summary = recs[3:]
+  assert (base['arm'], scan['arm'], staged['arm']) == ('base', 'scan', 'staged')
   assert scan['set'] == {'tokenizer.dinov2_scan': True, 'layers.CONV_1X1': 'gemm'} and base['set'] == {}
   assert 0 < scan['convolutions'] < base['convolutions']  # its 1x1 convolutions became products
   assert base['compile_cold'] and not scan['compile_cold']
   # the scan stacks weights inside the call, and the products take the 1x1 kernels as they are:
-  # same parameters, so one donated state serves both
+  # same parameters, so one donated state serves all three
   assert scan['shares_state_of'] == 'base' and base['shares_state_of'] is None
   assert scan['abstract_build'] and not base['abstract_build']  # only its graph was made
+  assert staged['abstract_build'] and staged['shares_state_of'] == 'base'
+  assert len(staged['compile_each_s']) == 3 and staged['convolutions'] == base['convolutions']
   # same state, batch and key: fp32 losses equal up to the programs' different fusions
   assert set(base['first_step']) >= {'g_loss', 'rec_loss'}
-  assert all(d < 1e-5 for d in scan['loss_abs_diff_vs_first'].values()), scan
-  for r in (base, scan):
+  for r in (scan, staged):
+    assert all(d < 1e-5 for d in r['loss_abs_diff_vs_first'].values()), r
+  for r in (base, scan, staged):
     assert len(r['step_s_rounds']) == 2 and r['step_s'] == min(r['step_s_rounds']) > 0
   assert summary['speedup_vs_first']['base'] == 1.0
   assert summary['speedup_vs_first']['scan'] == pytest.approx(base['step_s'] / scan['step_s'])
-
-
-def test_a_staged_step_arm_shares_the_state_and_agrees(tmp_path, monkeypatch):
-  """train_tokenizer.step_stages=3 as an arm: no build of its own, the same first-step losses, its
-  programs' convolutions counted and their compiles listed."""
-  monkeypatch.setenv('OUT', str(tmp_path))
-  tok_ab.main(['--config', DEMO, '--batch', '2', '--steps', '1', '--rounds', '1',
-               '--arm', 'base:', '--arm', 'staged:train_tokenizer.step_stages=3'])
-  base, staged, _ = [json.loads(x) for x in open(tmp_path / 'tok_ab.jsonl')][2:]
-  assert staged['abstract_build'] and staged['shares_state_of'] == 'base'
-  assert len(staged['compile_each_s']) == 3 and staged['convolutions'] == base['convolutions']
-  assert all(d < 1e-5 for d in staged['loss_abs_diff_vs_first'].values()), staged
 
 
 @pytest.mark.slow  # ~1 min: two builds of the tiny trainer

@@ -61,7 +61,8 @@ def test_training_forward_losses_and_gradients():
         jnp.linalg.norm(out['dinov2_patch_features'], axis=-1))
     return (jnp.mean((out['recon'] - x) ** 2) + out['vq'] + out['commit'] + jnp.mean(1 - cos)), out
 
-  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest)
+  # jitted: one compile instead of op-by-op dispatch of a forward and backward (~4x faster on CPU)
+  (loss, out), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, rest)
   assert np.isfinite(float(loss))
   assert out['vfm_prediction'].shape == (2, m.cfg.vfm_grid ** 2, m.cfg.vfm_out_dim)
   assert float(out['vq']) > 0 and np.isclose(float(out['commit']), 0.25 * float(out['vq']), rtol=1e-5)

@@ -5,6 +5,7 @@ from flax import nnx
 
 from hita_jax import config_lib
 from hita_jax.models.tokenizer import Tokenizer
+from hita_jax.sharding import create_jitted
 
 
 def tiny_tokenizer_config(variant='V', **overrides):
@@ -12,7 +13,8 @@ def tiny_tokenizer_config(variant='V', **overrides):
 
 
 def tiny_tokenizer(variant='V', seed=0, **overrides):
-  return Tokenizer(tiny_tokenizer_config(variant, **overrides), rngs=nnx.Rngs(seed))
+  # jitted init: one compile (cached across tests) instead of one per initializer shape
+  return create_jitted(lambda: Tokenizer(tiny_tokenizer_config(variant, **overrides), rngs=nnx.Rngs(seed)))
 
 
 def random_images(b=2, size=64, seed=0):

@@ -168,7 +168,9 @@ def check_tokenizer(d: str, name: str, rep: Report):
     return all(n in ref for n in names)
 
   # Encoder side, end to end from the images.
-  pre_hol, pre_patch, aux = model.encode_pre_quant(images, return_intermediates=True)
+  # Jitted as a user's model runs (and one compile instead of op-by-op dispatch: ~3x faster on CPU).
+  encode = nnx.jit(lambda m, x: m.encode_pre_quant(x, return_intermediates=True))
+  pre_hol, pre_patch, aux = encode(model, images)
   gh, gw = aux['cnn_encoder_out'].shape[1:3]
   enc = {
       'cnn_encoder_out': nchw(aux['cnn_encoder_out']),
@@ -203,7 +205,8 @@ def check_tokenizer(d: str, name: str, rep: Report):
   patch_ids = jnp.asarray(ref['patch_indices'], jnp.int32).reshape(b, gh, gw)
   hol_q = model.holistic_quantizer.lookup(hol_ids)
   patch_q = model.patch_quantizer.lookup(patch_ids)
-  recon, inter = model.decode_latents(hol_q, patch_q, return_intermediates=True)
+  recon, inter = nnx.jit(lambda m, h, p: m.decode_latents(h, p, return_intermediates=True))(
+      model, hol_q, patch_q)
   dec = {
       'dequant_patch': nchw(patch_q), 'dequant_holistic': hol_q,
       'postquant_patch': nchw(inter['postquant_patch']),
@@ -217,7 +220,8 @@ def check_tokenizer(d: str, name: str, rep: Report):
     rep.array('recon', nchw(recon), ref['recon'], kind='stage', image=True,
               label='recon (from saved code ids)')
     if 'decoder_cnn_input' in ref:
-      rep.array('recon', nchw(model.cnn_decoder(jnp.asarray(ref['decoder_cnn_input']).transpose(0, 2, 3, 1))),
+      cnn_decode = nnx.jit(lambda m, z: m.cnn_decoder(z))
+      rep.array('recon', nchw(cnn_decode(model, jnp.asarray(ref['decoder_cnn_input']).transpose(0, 2, 3, 1))),
                 ref['recon'], kind='stage', image=True, label='recon (CNN decoder stage)')
   if have('recon_eval_resized'):
     size = ref['recon_eval_resized'].shape[-2:]

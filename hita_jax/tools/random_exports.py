@@ -23,6 +23,7 @@ from flax import nnx
 
 from hita_jax import cli, config_lib, pretrained
 from hita_jax.errors import UserError
+from hita_jax.sharding import create_jitted
 from hita_jax.models.gpt import GPT, GPT_SIZES, gpt_config_from
 from hita_jax.models.tokenizer import Tokenizer
 
@@ -36,14 +37,14 @@ def write(out: str, size: str = 'B', variant: str = 'V', ref_images: int = 10_00
   seconds = {}
   t = time.time()
   if not os.path.exists(os.path.join(paths['gpt'], 'params')):
-    gpt = GPT(gpt_config_from(config.gpt), rngs=nnx.Rngs(0))
+    gpt = create_jitted(lambda: GPT(gpt_config_from(config.gpt), rngs=nnx.Rngs(0)))
     gpt.head[...] = jax.random.normal(jax.random.key(1), gpt.head.shape) * 0.02
     pretrained.save_gpt(paths['gpt'], gpt, legacy_pos128_embedding=False,
                         metadata={'random_weights': True})
   seconds['gpt_s'] = time.time() - t
   t = time.time()
   if not os.path.exists(os.path.join(paths['tokenizer'], 'params')):
-    tok = Tokenizer(config_lib.tokenizer_config_from(config.tokenizer), rngs=nnx.Rngs(2))
+    tok = create_jitted(lambda: Tokenizer(config_lib.tokenizer_config_from(config.tokenizer), rngs=nnx.Rngs(2)))
     pretrained.save_tokenizer(paths['tokenizer'], tok, metadata={'random_weights': True})
   seconds['tokenizer_s'] = time.time() - t
   t = time.time()
