@@ -166,11 +166,13 @@ def read_training_checkpoint(path: str | None) -> dict | None:
 
 def adam_moments_as_params(moments, make_module, load, filt=nnx.Param):
   """(count, {official: exp_avg}, {official: exp_avg_sq}) -> (count, mu, nu) in our parameter
-  layout: each moment set is loaded into a scratch module by the model's own official loader."""
+  layout: each moment set is loaded into a copy of one scratch module by the model's own official
+  loader (one build for both)."""
   count, exp_avg, exp_avg_sq = moments
+  scratch = make_module()
 
   def as_params(sd):
-    module = make_module()
+    module = nnx.clone(scratch)
     load(module, sd)
     return nnx.state(module, filt)
   return count, as_params(exp_avg), as_params(exp_avg_sq)
@@ -271,8 +273,10 @@ def load_gpt_training_checkpoint(cfg: GPTConfig, path: str) -> dict:
   ckpt = read_training_checkpoint(path) or {'model': pick_state_dict(load_torch_checkpoint(path), key=None,
                                                                       path=path)}
 
+  template = create_jitted(lambda: GPT(cfg, rngs=nnx.Rngs(0)))  # one build for every entry
+
   def as_gpt(sd):
-    model = create_jitted(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.clone(template)
     gpt_convert.load_official_gpt(model, sd)
     return model
 
@@ -282,7 +286,7 @@ def load_gpt_training_checkpoint(cfg: GPTConfig, path: str) -> dict:
   if 'model' in ckpt and isinstance(ckpt.get('optimizer'), dict) and ckpt['optimizer'].get('state'):
     out['adam'] = adam_moments_as_params(
         gpt_convert.official_adamw_moments(model_sd, ckpt['optimizer']),
-        lambda: create_jitted(lambda: GPT(cfg, rngs=nnx.Rngs(0))), gpt_convert.load_official_gpt)
+        lambda: template, gpt_convert.load_official_gpt)
   return out
 
 

@@ -44,7 +44,8 @@ def write(out: str, size: str = 'B', variant: str = 'V', ref_images: int = 10_00
   seconds['gpt_s'] = time.time() - t
   t = time.time()
   if not os.path.exists(os.path.join(paths['tokenizer'], 'params')):
-    tok = create_jitted(lambda: Tokenizer(config_lib.tokenizer_config_from(config.tokenizer), rngs=nnx.Rngs(2)))
+    tcfg = config_lib.tokenizer_config_from(config.tokenizer)
+    tok = create_jitted(lambda: Tokenizer(tcfg, rngs=nnx.Rngs(2)))
     pretrained.save_tokenizer(paths['tokenizer'], tok, metadata={'random_weights': True})
   seconds['tokenizer_s'] = time.time() - t
   t = time.time()
